@@ -1,0 +1,1 @@
+//! Root filesystems: overlay and copy backends (see issue 2).

@@ -1,0 +1,1 @@
+//! Layer unpack (see issue 2).

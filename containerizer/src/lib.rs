@@ -1,0 +1,3 @@
+//! caisson's containerizer: the library that does the work (no gRPC, no global state).
+pub mod image;
+pub mod sys;

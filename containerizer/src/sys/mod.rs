@@ -1,0 +1,2 @@
+//! Raw syscalls: the only module where `unsafe` is allowed. Each block carries a `// SAFETY:` note.
+pub mod mount;

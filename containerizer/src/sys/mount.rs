@@ -1,0 +1,1 @@
+//! Mount syscalls (new mount API with fallback to mount(2)).
