@@ -1,1 +1,1 @@
-//! Root filesystems: overlay and copy backends (see issue 2).
+//! Root filesystems: overlay and copy backends.
