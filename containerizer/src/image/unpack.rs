@@ -1,39 +1,874 @@
-//! TEMPORARY stub until the real unpacker lands (helper branch `unpack`).
-use std::path::Path;
-#[derive(Debug, thiserror::Error)]
-pub enum UnpackError {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
+//! Layer unpack: stream a (possibly compressed) OCI/Docker layer tarball into a fresh directory,
+//! hashing the uncompressed stream (the diff_id) on the way and converting OCI whiteouts into
+//! overlayfs form so the directory can serve directly as an overlay lower layer.
+//!
+//! Safety model: `dest` is a private, initially empty directory and only this function writes to
+//! it, so the only adversary is the archive itself. Every entry path is cleaned (no absolute paths,
+//! no `..`), every parent directory is checked with `lstat` (refusing symlinks) before anything is
+//! created under it, and final components are created with `O_EXCL`/`O_NOFOLLOW` semantics, so
+//! nothing is ever written outside `dest`. Known-safe directories are cached and the cache is
+//! invalidated whenever a directory is removed or replaced.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
+
+use filetime::FileTime;
+use flate2::read::MultiGzDecoder;
+use nix::sys::stat::{Mode, SFlag};
+use sha2::{Digest, Sha256};
+use tar::EntryType;
+use xattr::FileExt as _;
+
+/// Size of the I/O buffers: large enough that per-call overhead (hashing, syscalls) is noise.
+const BUF_SIZE: usize = 256 * 1024;
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+/// Extended attribute marking an overlayfs directory as opaque.
+pub const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+
+/// How to unpack a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnpackOptions {
+    /// Upper bound on the uncompressed stream size in bytes (decompression bombs).
     pub max_size: u64,
+    /// Apply the uid/gid recorded in the archive (needs root / CAP_CHOWN).
     pub preserve_ownership: bool,
 }
+
+impl Default for UnpackOptions {
+    fn default() -> Self {
+        Self {
+            max_size: 64 << 30,
+            preserve_ownership: true,
+        }
+    }
+}
+
+/// What an unpack produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnpackStats {
+    /// `sha256:<hex>` of the uncompressed tar stream (the layer's diff_id).
     pub diff_id: String,
+    /// Size in bytes of the uncompressed tar stream.
     pub size: u64,
+    /// Number of archive members processed (extension headers not counted).
     pub entries: u64,
 }
-pub fn unpack_layer<R: std::io::Read>(
-    _reader: R,
-    _dest: &Path,
-    _opts: &UnpackOptions,
-) -> Result<UnpackStats, UnpackError> {
-    unimplemented!()
-}
+
+/// Compression of a layer blob, detected from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     None,
     Gzip,
     Zstd,
 }
+
 impl Compression {
-    pub fn detect(m: &[u8]) -> Compression {
-        if m.starts_with(&[0x1f, 0x8b]) {
+    /// Detect the compression from the magic bytes at the start of a blob (media types are not
+    /// trusted: docker archives often mislabel layers).
+    pub fn detect(magic: &[u8]) -> Compression {
+        if magic.starts_with(&[0x1f, 0x8b]) {
             Compression::Gzip
-        } else if m.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             Compression::Zstd
         } else {
             Compression::None
         }
     }
+}
+
+/// Why a layer could not be unpacked. `entry` fields hold the archive path as written in the tar.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error(
+        "layer is corrupt or truncated ({compression:?} stream, after entry {after:?}): {source}"
+    )]
+    Stream {
+        compression: Compression,
+        after: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer expands to more than the limit of {limit} bytes (decompression bomb?)")]
+    TooLarge { limit: u64 },
+    #[error("entry {entry:?}: refused: {reason}")]
+    UnsafePath { entry: String, reason: String },
+    #[error("entry {entry:?}: refused hard link to {target:?}: {reason}")]
+    UnsafeLink {
+        entry: String,
+        target: String,
+        reason: String,
+    },
+    #[error("entry {entry:?}: unsupported entry type {kind}")]
+    Unsupported { entry: String, kind: String },
+    #[error("entry {entry:?}: malformed header: {source}")]
+    Header {
+        entry: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("entry {entry:?}: data truncated: header says {expected} bytes, stream had {got}")]
+    Truncated {
+        entry: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("entry {entry:?}: {action} {path}: {source}")]
+    Write {
+        entry: String,
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Unpack the layer blob `reader` (gzip, zstd or plain tar) into the existing empty directory
+/// `dest`. Reads `reader` to its very end, so a caller hashing the compressed bytes through its
+/// own reader sees all of them.
+pub fn unpack_layer<R: Read>(
+    reader: R,
+    dest: &Path,
+    opts: &UnpackOptions,
+) -> Result<UnpackStats, UnpackError> {
+    let mut reader = reader;
+    let mut head = Vec::with_capacity(4);
+    let compression;
+    {
+        let mut magic = [0u8; 4];
+        let mut got = 0;
+        while got < magic.len() {
+            match reader.read(&mut magic[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(UnpackError::Stream {
+                        compression: Compression::None,
+                        after: String::new(),
+                        source,
+                    })
+                }
+            }
+        }
+        head.extend_from_slice(&magic[..got]);
+        compression = Compression::detect(&head);
+    }
+    let input = io::Cursor::new(head).chain(reader);
+    let stream_err = |after: &str, source: io::Error| UnpackError::Stream {
+        compression,
+        after: after.to_string(),
+        source,
+    };
+    let decoder = match compression {
+        Compression::None => Decoder::Plain(input),
+        Compression::Gzip => Decoder::Gzip(MultiGzDecoder::new(input)),
+        Compression::Zstd => {
+            Decoder::Zstd(zstd::stream::read::Decoder::new(input).map_err(|e| stream_err("", e))?)
+        }
+    };
+    let exceeded = Rc::new(Cell::new(false));
+    let mut hashing = HashingReader {
+        inner: decoder,
+        hasher: Sha256::new(),
+        count: 0,
+        limit: opts.max_size,
+        exceeded: exceeded.clone(),
+    };
+    let map_stream = |after: &str, e: io::Error| {
+        if exceeded.get() {
+            UnpackError::TooLarge {
+                limit: opts.max_size,
+            }
+        } else {
+            stream_err(after, e)
+        }
+    };
+
+    let mut extractor = Extractor::new(dest, opts);
+    let mut last_entry = String::new();
+    {
+        let mut buffered = BufReader::with_capacity(BUF_SIZE, &mut hashing);
+        {
+            let mut archive = tar::Archive::new(&mut buffered);
+            let entries = archive.entries().map_err(|e| map_stream(&last_entry, e))?;
+            for entry in entries {
+                let mut entry = entry.map_err(|e| map_stream(&last_entry, e))?;
+                last_entry = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+                extractor
+                    .extract(&mut entry, &last_entry)
+                    .map_err(|e| match e {
+                        // Read errors surface while copying file data; the bomb flag tells them apart.
+                        UnpackError::Stream { source, .. } => map_stream(&last_entry, source),
+                        other => other,
+                    })?;
+            }
+        }
+        // Bytes after the end-of-archive blocks still belong to the diff_id.
+        io::copy(&mut buffered, &mut io::sink()).map_err(|e| map_stream(&last_entry, e))?;
+    }
+    // And the compressed reader must be consumed to its end for the caller's digest.
+    hashing
+        .inner
+        .drain_input()
+        .map_err(|e| map_stream(&last_entry, e))?;
+    extractor.finish()?;
+
+    let stats = UnpackStats {
+        diff_id: format!("sha256:{}", hex::encode(hashing.hasher.finalize())),
+        size: hashing.count,
+        entries: extractor.entries,
+    };
+    tracing::debug!(
+        dest = %dest.display(),
+        ?compression,
+        diff_id = %stats.diff_id,
+        size = stats.size,
+        entries = stats.entries,
+        "unpacked layer"
+    );
+    Ok(stats)
+}
+
+enum Decoder<R: Read> {
+    Plain(R),
+    Gzip(MultiGzDecoder<R>),
+    Zstd(zstd::stream::read::Decoder<'static, BufReader<R>>),
+}
+
+impl<R: Read> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoder::Plain(r) => r.read(buf),
+            Decoder::Gzip(r) => r.read(buf),
+            Decoder::Zstd(r) => r.read(buf),
+        }
+    }
+}
+
+impl<R: Read> Decoder<R> {
+    /// Read whatever the decoder left of the raw input (normally nothing: both decoders read
+    /// until input EOF looking for further members/frames).
+    fn drain_input(&mut self) -> io::Result<u64> {
+        match self {
+            Decoder::Plain(_) => Ok(0),
+            Decoder::Gzip(r) => io::copy(r.get_mut(), &mut io::sink()),
+            Decoder::Zstd(r) => io::copy(r.get_mut(), &mut io::sink()),
+        }
+    }
+}
+
+/// Hashes and counts the uncompressed stream, failing as soon as it crosses `limit`.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+    limit: u64,
+    exceeded: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        if self.count > self.limit {
+            self.exceeded.set(true);
+            return Err(io::Error::other("layer size limit exceeded"));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Metadata applied to directories at the end, once their content is written (creating
+/// children changes a directory's mtime, and a read-only mode could block creating them).
+#[derive(Debug, Clone, Copy)]
+struct DirMeta {
+    mode: u32,
+    mtime: FileTime,
+    owner: Option<(u32, u32)>,
+}
+
+struct Extractor<'a> {
+    dest: &'a Path,
+    opts: &'a UnpackOptions,
+    /// Relative paths of directories known to be real directories (not symlinks) inside dest.
+    safe_dirs: HashSet<PathBuf>,
+    dirs: HashMap<PathBuf, DirMeta>,
+    buf: Vec<u8>,
+    entries: u64,
+}
+
+/// What a tar entry becomes on disk.
+enum Kind {
+    File,
+    Dir,
+    Symlink(OsString),
+    HardLink(PathBuf),
+    Device(SFlag, u64),
+}
+
+impl<'a> Extractor<'a> {
+    fn new(dest: &'a Path, opts: &'a UnpackOptions) -> Self {
+        let mut safe_dirs = HashSet::new();
+        safe_dirs.insert(PathBuf::new());
+        Self {
+            dest,
+            opts,
+            safe_dirs,
+            dirs: HashMap::new(),
+            buf: vec![0; BUF_SIZE],
+            entries: 0,
+        }
+    }
+
+    fn extract<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let header_err = |source| UnpackError::Header {
+            entry: name.to_string(),
+            source,
+        };
+        let etype = entry.header().entry_type();
+        if etype.is_pax_global_extensions() {
+            return Ok(());
+        }
+        self.entries += 1;
+        let path = entry.path().map_err(header_err)?;
+        let rel = clean_path(&path).map_err(|reason| UnpackError::UnsafePath {
+            entry: name.to_string(),
+            reason: reason.to_string(),
+        })?;
+        let Some(file_name) = rel.file_name().map(|n| n.to_owned()) else {
+            // The layer root ("./"): dest belongs to the caller, keep its metadata.
+            return Ok(());
+        };
+        let file_name_bytes = file_name.as_bytes();
+
+        if file_name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            return self.whiteout(&rel, file_name_bytes, name);
+        }
+
+        let header = entry.header();
+        let mode = header.mode().map_err(header_err)? & 0o7777;
+        let mut mtime = FileTime::from_unix_time(header.mtime().map_err(header_err)? as i64, 0);
+        let owner = if self.opts.preserve_ownership {
+            let uid = header.uid().map_err(header_err)?;
+            let gid = header.gid().map_err(header_err)?;
+            let uid =
+                u32::try_from(uid).map_err(|_| header_err(io::Error::other("uid out of range")))?;
+            let gid =
+                u32::try_from(gid).map_err(|_| header_err(io::Error::other("gid out of range")))?;
+            Some((uid, gid))
+        } else {
+            None
+        };
+        let kind = match etype {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Kind::File,
+            EntryType::Directory => Kind::Dir,
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| header_err(io::Error::other("symlink without a target")))?;
+                Kind::Symlink(OsString::from_vec(target.into_owned()))
+            }
+            EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(header_err)?
+                    .ok_or_else(|| header_err(io::Error::other("hard link without a target")))?;
+                Kind::HardLink(target.into_owned())
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let major = header.device_major().map_err(header_err)?.unwrap_or(0);
+                let minor = header.device_minor().map_err(header_err)?.unwrap_or(0);
+                let flag = match etype {
+                    EntryType::Char => SFlag::S_IFCHR,
+                    EntryType::Block => SFlag::S_IFBLK,
+                    _ => SFlag::S_IFIFO,
+                };
+                Kind::Device(flag, nix::sys::stat::makedev(major.into(), minor.into()))
+            }
+            other => {
+                return Err(UnpackError::Unsupported {
+                    entry: name.to_string(),
+                    kind: format!("{other:?}"),
+                })
+            }
+        };
+
+        let mut xattrs = Vec::new();
+        if let Some(pax) = entry.pax_extensions().map_err(header_err)? {
+            for ext in pax {
+                let ext = ext.map_err(header_err)?;
+                let Ok(key) = ext.key() else { continue };
+                if let Some(xname) = key.strip_prefix(PAX_XATTR_PREFIX) {
+                    if xname.starts_with("trusted.overlay.") {
+                        // Would let a layer forge overlay metadata (redirects, metacopy).
+                        tracing::warn!(entry = name, xattr = xname, "dropping overlay xattr");
+                        continue;
+                    }
+                    xattrs.push((xname.to_string(), ext.value_bytes().to_vec()));
+                } else if key == "mtime" {
+                    if let Some(t) = ext.value().ok().and_then(parse_pax_time) {
+                        mtime = t;
+                    }
+                }
+            }
+        }
+
+        self.ensure_parents(&rel, name)?;
+        let abs = self.dest.join(&rel);
+        let meta = Meta {
+            mode,
+            mtime,
+            owner,
+            xattrs: &xattrs,
+        };
+        match kind {
+            Kind::File => self.write_file(entry, &rel, &abs, &meta, name),
+            Kind::Dir => self.make_dir(&rel, &abs, &meta, name),
+            Kind::Symlink(target) => self.make_symlink(&rel, &abs, &target, &meta, name),
+            Kind::HardLink(target) => self.make_hard_link(&rel, &abs, &target, name),
+            Kind::Device(flag, dev) => self.make_node(&rel, &abs, flag, dev, &meta, name),
+        }
+    }
+
+    /// Make sure every parent of `rel` is a real directory inside dest, creating missing ones.
+    fn ensure_parents(&mut self, rel: &Path, name: &str) -> Result<(), UnpackError> {
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        if self.safe_dirs.contains(parent) {
+            return Ok(());
+        }
+        let mut cur = PathBuf::new();
+        for comp in parent.components() {
+            cur.push(comp);
+            if self.safe_dirs.contains(&cur) {
+                continue;
+            }
+            let abs = self.dest.join(&cur);
+            match fs::symlink_metadata(&abs) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) => {
+                    let what = if m.file_type().is_symlink() {
+                        "a symlink"
+                    } else {
+                        "not a directory"
+                    };
+                    return Err(UnpackError::UnsafePath {
+                        entry: name.to_string(),
+                        reason: format!("parent {} is {what}", cur.display()),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::DirBuilder::new()
+                        .mode(0o755)
+                        .create(&abs)
+                        .map_err(|e| write_err(name, "creating parent directory", &abs, e))?;
+                }
+                Err(e) => return Err(write_err(name, "inspecting", &abs, e)),
+            }
+            self.safe_dirs.insert(cur.clone());
+        }
+        Ok(())
+    }
+
+    /// Remove whatever is at `rel` (a later entry replaces an earlier one).
+    fn remove_existing(&mut self, rel: &Path, abs: &Path, name: &str) -> Result<(), UnpackError> {
+        match fs::symlink_metadata(abs) {
+            Ok(m) if m.is_dir() => {
+                // remove_dir_all does not follow symlinks inside the tree.
+                fs::remove_dir_all(abs).map_err(|e| write_err(name, "removing", abs, e))?;
+                self.safe_dirs.retain(|p| !p.starts_with(rel));
+                self.dirs.retain(|p, _| !p.starts_with(rel));
+            }
+            Ok(_) => fs::remove_file(abs).map_err(|e| write_err(name, "removing", abs, e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(write_err(name, "inspecting", abs, e)),
+        }
+        Ok(())
+    }
+
+    fn whiteout(&mut self, rel: &Path, file_name: &[u8], name: &str) -> Result<(), UnpackError> {
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        if file_name == OPAQUE_WHITEOUT.as_bytes() {
+            // The parent itself must be a real directory: create/check it like any parent.
+            self.ensure_parents(&parent.join("x"), name)?;
+            let abs = self.dest.join(parent);
+            xattr::set(&abs, OVERLAY_OPAQUE_XATTR, b"y")
+                .map_err(|e| write_err(name, "marking opaque", &abs, e))?;
+            return Ok(());
+        }
+        if file_name.starts_with(b".wh..wh.") {
+            // AUFS bookkeeping (e.g. .wh..wh.plnk); meaningless for overlay.
+            tracing::debug!(entry = name, "skipping aufs metadata entry");
+            return Ok(());
+        }
+        let target = &file_name[WHITEOUT_PREFIX.len()..];
+        if target.is_empty() || target == b"." || target == b".." {
+            return Err(UnpackError::UnsafePath {
+                entry: name.to_string(),
+                reason: "whiteout of an invalid name".to_string(),
+            });
+        }
+        let rel = parent.join(OsStr::from_bytes(target));
+        self.ensure_parents(&rel, name)?;
+        let abs = self.dest.join(&rel);
+        self.remove_existing(&rel, &abs, name)?;
+        nix::sys::stat::mknod(&abs, SFlag::S_IFCHR, Mode::empty(), 0)
+            .map_err(|e| write_err(name, "creating whiteout", &abs, e.into()))?;
+        Ok(())
+    }
+
+    fn write_file<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        rel: &Path,
+        abs: &Path,
+        meta: &Meta<'_>,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(abs)
+        };
+        let mut file = match open() {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.remove_existing(rel, abs, name)?;
+                open().map_err(|e| write_err(name, "creating", abs, e))?
+            }
+            Err(e) => return Err(write_err(name, "creating", abs, e)),
+        };
+        let expected = entry.size();
+        let mut got = 0u64;
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(UnpackError::Stream {
+                        compression: Compression::None,
+                        after: name.to_string(),
+                        source,
+                    })
+                }
+            };
+            file.write_all(&self.buf[..n])
+                .map_err(|e| write_err(name, "writing", abs, e))?;
+            got += n as u64;
+        }
+        if got != expected {
+            return Err(UnpackError::Truncated {
+                entry: name.to_string(),
+                expected,
+                got,
+            });
+        }
+        apply_fd_meta(&file, meta, name, abs)
+    }
+
+    fn make_dir(
+        &mut self,
+        rel: &Path,
+        abs: &Path,
+        meta: &Meta<'_>,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let builder = {
+            let mut b = fs::DirBuilder::new();
+            b.mode(0o700);
+            b
+        };
+        match builder.create(abs) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let is_dir = fs::symlink_metadata(abs)
+                    .map_err(|e| write_err(name, "inspecting", abs, e))?
+                    .is_dir();
+                // A directory over an existing directory merges; anything else is replaced.
+                if !is_dir {
+                    self.remove_existing(rel, abs, name)?;
+                    builder
+                        .create(abs)
+                        .map_err(|e| write_err(name, "creating directory", abs, e))?;
+                }
+            }
+            Err(e) => return Err(write_err(name, "creating directory", abs, e)),
+        }
+        for (key, value) in meta.xattrs {
+            set_xattr_path(abs, key, value, true, name)?;
+        }
+        self.safe_dirs.insert(rel.to_path_buf());
+        self.dirs.insert(
+            rel.to_path_buf(),
+            DirMeta {
+                mode: meta.mode,
+                mtime: meta.mtime,
+                owner: meta.owner,
+            },
+        );
+        Ok(())
+    }
+
+    fn make_symlink(
+        &mut self,
+        rel: &Path,
+        abs: &Path,
+        target: &OsStr,
+        meta: &Meta<'_>,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        // The target is stored verbatim: it is never followed here.
+        if let Err(e) = std::os::unix::fs::symlink(target, abs) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(write_err(name, "creating symlink", abs, e));
+            }
+            self.remove_existing(rel, abs, name)?;
+            std::os::unix::fs::symlink(target, abs)
+                .map_err(|e| write_err(name, "creating symlink", abs, e))?;
+        }
+        apply_path_meta(abs, meta, false, name)
+    }
+
+    fn make_node(
+        &mut self,
+        rel: &Path,
+        abs: &Path,
+        flag: SFlag,
+        dev: u64,
+        meta: &Meta<'_>,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let mknod = || nix::sys::stat::mknod(abs, flag, Mode::empty(), dev);
+        if let Err(e) = mknod() {
+            if e != nix::errno::Errno::EEXIST {
+                return Err(write_err(name, "creating node", abs, e.into()));
+            }
+            self.remove_existing(rel, abs, name)?;
+            mknod().map_err(|e| write_err(name, "creating node", abs, e.into()))?;
+        }
+        apply_path_meta(abs, meta, true, name)
+    }
+
+    fn make_hard_link(
+        &mut self,
+        rel: &Path,
+        abs: &Path,
+        target: &Path,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let refuse = |reason: String| UnpackError::UnsafeLink {
+            entry: name.to_string(),
+            target: target.display().to_string(),
+            reason,
+        };
+        let target_rel = clean_path(target).map_err(|r| refuse(r.to_string()))?;
+        if target_rel.as_os_str().is_empty() {
+            return Err(refuse("target is the layer root".to_string()));
+        }
+        if target_rel == rel {
+            return Err(refuse("link to itself".to_string()));
+        }
+        // Every parent of the target must be a known or verified real directory.
+        let mut cur = PathBuf::new();
+        for comp in target_rel.parent().unwrap_or(Path::new("")).components() {
+            cur.push(comp);
+            if self.safe_dirs.contains(&cur) {
+                continue;
+            }
+            match fs::symlink_metadata(self.dest.join(&cur)) {
+                Ok(m) if m.is_dir() => {
+                    self.safe_dirs.insert(cur.clone());
+                }
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(refuse(format!("{} is a symlink", cur.display())))
+                }
+                Ok(_) => return Err(refuse(format!("{} is not a directory", cur.display()))),
+                Err(_) => return Err(refuse("target does not exist in this layer".to_string())),
+            }
+        }
+        let target_abs = self.dest.join(&target_rel);
+        match fs::symlink_metadata(&target_abs) {
+            Ok(m) if m.is_dir() => return Err(refuse("target is a directory".to_string())),
+            Ok(_) => {}
+            Err(_) => return Err(refuse("target does not exist in this layer".to_string())),
+        }
+        // linkat without AT_SYMLINK_FOLLOW: a symlink target is linked itself, never followed.
+        if let Err(e) = fs::hard_link(&target_abs, abs) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(write_err(name, "creating hard link", abs, e));
+            }
+            self.remove_existing(rel, abs, name)?;
+            fs::hard_link(&target_abs, abs)
+                .map_err(|e| write_err(name, "creating hard link", abs, e))?;
+        }
+        Ok(())
+    }
+
+    /// Apply the deferred directory metadata.
+    fn finish(&mut self) -> Result<(), UnpackError> {
+        for (rel, meta) in self.dirs.drain() {
+            let abs = self.dest.join(&rel);
+            let name = rel.display().to_string();
+            let dir = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&abs)
+                .map_err(|e| write_err(&name, "opening directory", &abs, e))?;
+            if let Some((uid, gid)) = meta.owner {
+                std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))
+                    .map_err(|e| write_err(&name, "chown", &abs, e))?;
+            }
+            dir.set_permissions(fs::Permissions::from_mode(meta.mode))
+                .map_err(|e| write_err(&name, "chmod", &abs, e))?;
+            filetime::set_file_handle_times(&dir, Some(meta.mtime), Some(meta.mtime))
+                .map_err(|e| write_err(&name, "setting times", &abs, e))?;
+        }
+        Ok(())
+    }
+}
+
+struct Meta<'x> {
+    mode: u32,
+    mtime: FileTime,
+    owner: Option<(u32, u32)>,
+    xattrs: &'x [(String, Vec<u8>)],
+}
+
+fn write_err(entry: &str, action: &'static str, path: &Path, source: io::Error) -> UnpackError {
+    UnpackError::Write {
+        entry: entry.to_string(),
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Metadata through an open regular file: chown first (it clears setuid bits and file
+/// capabilities), then mode, then xattrs, then times.
+fn apply_fd_meta(file: &File, meta: &Meta<'_>, name: &str, abs: &Path) -> Result<(), UnpackError> {
+    if let Some((uid, gid)) = meta.owner {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))
+            .map_err(|e| write_err(name, "chown", abs, e))?;
+    }
+    file.set_permissions(fs::Permissions::from_mode(meta.mode))
+        .map_err(|e| write_err(name, "chmod", abs, e))?;
+    for (key, value) in meta.xattrs {
+        if let Err(e) = file.set_xattr(key, value) {
+            xattr_error(abs, key, e, true, name)?;
+        }
+    }
+    filetime::set_file_handle_times(file, Some(meta.mtime), Some(meta.mtime))
+        .map_err(|e| write_err(name, "setting times", abs, e))
+}
+
+/// Metadata by path for symlinks and device nodes, never following a symlink.
+fn apply_path_meta(
+    abs: &Path,
+    meta: &Meta<'_>,
+    chmod: bool,
+    name: &str,
+) -> Result<(), UnpackError> {
+    if let Some((uid, gid)) = meta.owner {
+        std::os::unix::fs::lchown(abs, Some(uid), Some(gid))
+            .map_err(|e| write_err(name, "chown", abs, e))?;
+    }
+    if chmod {
+        // Only called for nodes we just created (not symlinks), so following is harmless.
+        fs::set_permissions(abs, fs::Permissions::from_mode(meta.mode))
+            .map_err(|e| write_err(name, "chmod", abs, e))?;
+    }
+    for (key, value) in meta.xattrs {
+        set_xattr_path(abs, key, value, false, name)?;
+    }
+    filetime::set_symlink_file_times(abs, meta.mtime, meta.mtime)
+        .map_err(|e| write_err(name, "setting times", abs, e))
+}
+
+fn set_xattr_path(
+    abs: &Path,
+    key: &str,
+    value: &[u8],
+    user_ok: bool,
+    name: &str,
+) -> Result<(), UnpackError> {
+    // xattr::set operates on a symlink itself, never on its target.
+    match xattr::set(abs, key, value) {
+        Ok(()) => Ok(()),
+        Err(e) => xattr_error(abs, key, e, user_ok, name),
+    }
+}
+
+/// Decide whether a failed xattr is fatal: filesystems without xattr support and `user.*`
+/// attributes on symlinks/devices (which Linux forbids) are skipped with a warning.
+fn xattr_error(
+    abs: &Path,
+    key: &str,
+    e: io::Error,
+    user_ok: bool,
+    name: &str,
+) -> Result<(), UnpackError> {
+    let unsupported = e.raw_os_error() == Some(libc::EOPNOTSUPP);
+    let forbidden_user =
+        !user_ok && key.starts_with("user.") && e.raw_os_error() == Some(libc::EPERM);
+    if unsupported || forbidden_user {
+        tracing::warn!(entry = name, xattr = key, error = %e, "skipping xattr");
+        Ok(())
+    } else {
+        Err(write_err(name, "setting xattr", abs, e))
+    }
+}
+
+/// PAX times are decimal seconds with an optional fraction ("1700000000.123456789").
+fn parse_pax_time(value: &str) -> Option<FileTime> {
+    let (secs, frac) = match value.split_once('.') {
+        Some((s, f)) => (s, f),
+        None => (value, ""),
+    };
+    let secs: i64 = secs.parse().ok()?;
+    let mut nanos = 0u32;
+    if !frac.is_empty() {
+        let digits: String = frac.chars().take(9).collect();
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        nanos = format!("{digits:0<9}").parse().ok()?;
+    }
+    if secs < 0 && nanos > 0 {
+        // Negative fractional times are rare; keep whole seconds rather than mis-rounding.
+        nanos = 0;
+    }
+    Some(FileTime::from_unix_time(secs, nanos))
+}
+
+/// Clean an archive path into a relative path inside the layer: `.` components dropped,
+/// absolute paths and `..` refused.
+fn clean_path(path: &Path) -> Result<PathBuf, &'static str> {
+    let mut out = PathBuf::new();
+    for comp in path.components() {
+        match comp {
+            Component::Normal(c) => out.push(c),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("path contains a '..' component"),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path"),
+        }
+    }
+    Ok(out)
 }

@@ -1,1 +1,160 @@
-//! Mount syscalls (new mount API with fallback to mount(2)).
+//! Mount syscalls: the new mount API (`fsopen`/`fsconfig`/`fsmount`/`move_mount`, which has no
+//! one-page limit on options) plus thin wrappers over `mount(2)` and `umount2(2)`.
+//!
+//! libc exposes only the syscall numbers of the new API, so the constants below are copied from
+//! `<linux/mount.h>` (stable kernel ABI).
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::mount::{MntFlags, MsFlags};
+
+const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a mount argument"))
+}
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A filesystem context from `fsopen(2)`: configure it key by key, create the superblock, then
+/// turn it into a detached mount with [`FsContext::mount`].
+#[derive(Debug)]
+pub struct FsContext {
+    fd: OwnedFd,
+}
+
+impl FsContext {
+    /// `fsopen(fstype, FSOPEN_CLOEXEC)`. `ENOSYS` means a kernel older than 5.2.
+    pub fn open(fstype: &str) -> io::Result<Self> {
+        let name = cstring(fstype.as_bytes())?;
+        // SAFETY: `name` is a valid NUL-terminated string that outlives the call; fsopen reads it
+        // and takes no other pointer.
+        let ret = check(unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC) })?;
+        // SAFETY: on success fsopen returns a fresh file descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) };
+        Ok(Self { fd })
+    }
+
+    /// `fsconfig(FSCONFIG_SET_STRING, key, value)`.
+    pub fn set_string(&self, key: &str, value: &OsStr) -> io::Result<()> {
+        let key = cstring(key.as_bytes())?;
+        let value = cstring(value.as_bytes())?;
+        // SAFETY: the fd is owned by self and open; `key` and `value` are valid NUL-terminated
+        // strings that outlive the call; aux must be 0 for FSCONFIG_SET_STRING.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                self.fd.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0 as libc::c_int,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// `fsconfig(FSCONFIG_CMD_CREATE)`: build the superblock from the configuration.
+    pub fn create(&self) -> io::Result<()> {
+        // SAFETY: the fd is owned by self and open; CMD_CREATE takes no key, value or aux.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                self.fd.as_raw_fd(),
+                FSCONFIG_CMD_CREATE,
+                std::ptr::null::<libc::c_char>(),
+                std::ptr::null::<libc::c_void>(),
+                0 as libc::c_int,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// `fsmount(2)`: a detached mount of the created superblock (freed if the fd is dropped
+    /// before it is attached with [`move_mount_to`]).
+    pub fn mount(&self) -> io::Result<OwnedFd> {
+        // SAFETY: the fd is owned by self and open; fsmount takes no pointers.
+        let ret = check(unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                self.fd.as_raw_fd(),
+                FSMOUNT_CLOEXEC,
+                0 as libc::c_uint,
+            )
+        })?;
+        // SAFETY: on success fsmount returns a fresh file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) })
+    }
+
+    /// The kernel's messages about this context (why a parameter or the create was refused),
+    /// joined with "; ". Empty if there are none.
+    pub fn messages(&self) -> String {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        // Each read returns one message; the log ends with ENODATA.
+        while let Ok(n) = nix::unistd::read(&self.fd, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&buf[..n]).trim_end().to_string());
+        }
+        out.join("; ")
+    }
+}
+
+/// Attach a detached mount (from [`FsContext::mount`]) at `target`.
+pub fn move_mount_to(mount: &OwnedFd, target: &Path) -> io::Result<()> {
+    let target = cstring(target.as_os_str().as_bytes())?;
+    let empty = c"";
+    // SAFETY: `mount` is an open fd we borrow for the call; `empty` and `target` are valid
+    // NUL-terminated strings that outlive the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mount.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })?;
+    Ok(())
+}
+
+/// Classic `mount(2)` of a filesystem without a source device (overlay, tmpfs, ...). `data` is
+/// limited by the kernel to one page.
+pub fn mount_nodev(fstype: &str, target: &Path, data: &str) -> io::Result<()> {
+    nix::mount::mount(
+        Some(fstype),
+        target,
+        Some(fstype),
+        MsFlags::empty(),
+        Some(data),
+    )
+    .map_err(io::Error::from)
+}
+
+/// `umount2(target)`, lazily (`MNT_DETACH`) when `detach` is set. Never follows a symlink at
+/// `target`.
+pub fn unmount(target: &Path, detach: bool) -> io::Result<()> {
+    let mut flags = MntFlags::UMOUNT_NOFOLLOW;
+    if detach {
+        flags |= MntFlags::MNT_DETACH;
+    }
+    nix::mount::umount2(target, flags).map_err(io::Error::from)
+}
