@@ -38,6 +38,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    containerizer::sys::default_sigpipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))

@@ -125,13 +125,15 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, String>
         });
     match media_type.as_str() {
         OCI_MANIFEST | DOCKER_MANIFEST => {
-            let m: ImageManifest = serde_json::from_slice(bytes)
+            let mut m: ImageManifest = serde_json::from_slice(bytes)
                 .map_err(|e| format!("malformed {media_type} manifest: {e}"))?;
+            m.media_type = media_type;
             Ok(Parsed::Image(m))
         }
         OCI_INDEX | DOCKER_LIST => {
-            let i: Index = serde_json::from_slice(bytes)
+            let mut i: Index = serde_json::from_slice(bytes)
                 .map_err(|e| format!("malformed {media_type} index: {e}"))?;
+            i.media_type = media_type;
             Ok(Parsed::Index(i))
         }
         DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED => Err(

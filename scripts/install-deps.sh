@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what caisson's tests, demo and benchmarks need on Debian (idempotent).
+set -euo pipefail
+PKGS=(busybox-static umoci skopeo docker-registry apache2-utils containernetworking-plugins
+      runc crun hyperfine iproute2 jq iptables)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# Debian starts docker-registry as a service on :5000 on install; the tests start their own.
+if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
+  systemctl stop docker-registry || true
+fi
+command -v cargo >/dev/null || { echo "cargo (rustup) is required" >&2; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need, checks format and lints, builds, and runs
+# every test (unit and end-to-end). Run as root on Debian.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --bins
+cargo test --workspace -- --test-threads=2
