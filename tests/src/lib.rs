@@ -214,7 +214,13 @@ impl Registry {
     /// Pushes an image with skopeo (`format`: "oci" or "v2s2").
     pub fn push(&self, src: &str, repo_tag: &str, format: &str, creds: Option<&str>) -> Result<()> {
         let mut c = Command::new("skopeo");
-        c.args(["copy", "--quiet", "--dest-tls-verify=false", "--format", format]);
+        c.args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--format",
+            format,
+        ]);
         if let Some(creds) = creds {
             c.args(["--dest-creds", creds]);
         }
@@ -236,7 +242,10 @@ impl Drop for Registry {
 pub fn busybox_layout(parent: &Path, tag: &str) -> Result<PathBuf> {
     let layout = parent.join("oci");
     if !layout.join("index.json").exists() {
-        run(Command::new("umoci").arg("init").arg("--layout").arg(&layout))?;
+        run(Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(&layout))?;
     }
     let img = format!("{}:{tag}", layout.display());
     run(Command::new("umoci").args(["new", "--image", &img]))?;
@@ -247,7 +256,9 @@ pub fn busybox_layout(parent: &Path, tag: &str) -> Result<PathBuf> {
     let bin = bundle.join("rootfs/bin");
     std::fs::create_dir_all(&bin)?;
     std::fs::copy("/bin/busybox", bin.join("busybox"))?;
-    for applet in ["sh", "ls", "cat", "echo", "true", "false", "sleep", "id", "hostname"] {
+    for applet in [
+        "sh", "ls", "cat", "echo", "true", "false", "sleep", "id", "hostname",
+    ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }
     std::fs::create_dir_all(bundle.join("rootfs/etc"))?;
@@ -271,7 +282,11 @@ pub fn busybox_layout(parent: &Path, tag: &str) -> Result<PathBuf> {
 }
 
 /// Adds a layer to `layout:tag` with umoci: runs `change` on the unpacked rootfs, then repacks.
-pub fn umoci_layer(layout: &Path, tag: &str, change: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub fn umoci_layer(
+    layout: &Path,
+    tag: &str,
+    change: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let img = format!("{}:{tag}", layout.display());
     let bundle = layout.with_file_name(format!("bundle-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&bundle);
@@ -363,7 +378,8 @@ impl LayoutWriter {
             manifests
                 .into_iter()
                 .map(|mut m| {
-                    m["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+                    m["annotations"] =
+                        serde_json::json!({"org.opencontainers.image.ref.name": tag});
                     m
                 })
                 .collect()
@@ -394,7 +410,11 @@ impl RawTar {
         }
         h.set_entry_type(kind);
         h.set_size(size);
-        h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         h.set_uid(0);
         h.set_gid(0);
         h.set_mtime(1_700_000_000);

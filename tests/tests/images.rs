@@ -21,7 +21,10 @@ fn assert_busybox_tree(dir: &Path) {
     assert_eq!(m.len(), host.len(), "busybox size");
     assert_eq!(fs::read(&bb).unwrap(), fs::read("/bin/busybox").unwrap());
     assert!(m.permissions().mode() & 0o111 != 0, "busybox executable");
-    assert_eq!(fs::read_link(dir.join("bin/sh")).unwrap().to_str(), Some("busybox"));
+    assert_eq!(
+        fs::read_link(dir.join("bin/sh")).unwrap().to_str(),
+        Some("busybox")
+    );
     assert_eq!(
         fs::read_to_string(dir.join("etc/motd")).unwrap(),
         "hello from caisson tests\n"
@@ -48,7 +51,10 @@ fn pull_oci_and_docker_v2s2_from_a_real_registry() {
     let v2 = format!("{}/test/busybox:v2s2", reg.addr);
     let id1 = c.ok(&["pull", &oci]);
     let i1 = c.inspect(&oci);
-    assert_eq!(i1["ManifestMediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        i1["ManifestMediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
     let id2 = c.ok(&["pull", &v2]);
     assert_eq!(id1, id2, "same config, same image id");
     // One layer on disk, shared by both tags.
@@ -95,7 +101,10 @@ fn pull_oci_and_docker_v2s2_from_a_real_registry() {
     // Unknown image and unknown registry host: clear errors, exit 125.
     let (code, _, err) = c.run(&["pull", &format!("{}/test/nope:1", reg.addr)]);
     assert_eq!(code, 125);
-    assert!(err.contains("not found") && err.contains("test/nope"), "{err}");
+    assert!(
+        err.contains("not found") && err.contains("test/nope"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -106,10 +115,18 @@ fn multi_platform_index_selects_host_or_requested_platform() {
     let tmp = tempfile::tempdir().unwrap();
     let w = LayoutWriter::new(&tmp.path().join("multi")).unwrap();
     let amd = w
-        .image(&[RawTar::new().file("arch", b"amd64\n").finish()], "amd64", &["/arch"])
+        .image(
+            &[RawTar::new().file("arch", b"amd64\n").finish()],
+            "amd64",
+            &["/arch"],
+        )
         .unwrap();
     let arm = w
-        .image(&[RawTar::new().file("arch", b"arm64\n").finish()], "arm64", &["/arch"])
+        .image(
+            &[RawTar::new().file("arch", b"arm64\n").finish()],
+            "arm64",
+            &["/arch"],
+        )
         .unwrap();
     w.index(vec![amd, arm], "multi", true).unwrap();
     let reg = Registry::start().unwrap();
@@ -179,7 +196,10 @@ fn whiteouts_from_umoci_layers_become_overlay_whiteouts() {
     let l2 = c.layer_dir(name, 2);
     for gone in ["data/gone", "etc/motd"] {
         let m = fs::symlink_metadata(l2.join(gone)).unwrap();
-        assert!(m.file_type().is_char_device(), "{gone} is a whiteout device");
+        assert!(
+            m.file_type().is_char_device(),
+            "{gone} is a whiteout device"
+        );
         assert_eq!(m.rdev(), 0, "{gone} is 0:0");
     }
     assert!(!l2.join("data/.wh.gone").exists());
@@ -199,7 +219,10 @@ fn docker_archive_oci_archive_and_layout_load_the_same_image() {
         "copy",
         "--quiet",
         &src,
-        &format!("docker-archive:{}:example.com/team/bb:1.0", docker_tar.display()),
+        &format!(
+            "docker-archive:{}:example.com/team/bb:1.0",
+            docker_tar.display()
+        ),
     ]))
     .unwrap();
     run(Command::new("skopeo").args([
@@ -295,7 +318,11 @@ fn basic_auth_registry_with_creds_and_auth_file() {
         .env("REGISTRY_AUTH_FILE", &auth)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Minimal base64 (standard alphabet) for the auth file, to keep test deps small.
@@ -367,7 +394,10 @@ fn registry_errors_and_hangs_are_clear_and_bounded() {
     let (code, _, err) = c.run(&["pull", "--timeout", "1", &format!("{addr}/x/y:1")]);
     assert_eq!(code, 125);
     assert!(t.elapsed() < Duration::from_secs(20), "timeout honoured");
-    assert!(err.contains("in time") || err.contains("timed out"), "{err}");
+    assert!(
+        err.contains("in time") || err.contains("timed out"),
+        "{err}"
+    );
 
     // Nothing listening.
     let port = free_port();
@@ -385,8 +415,16 @@ fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("dotdot", RawTar::new().file("../evil", b"x").finish(), "../evil"),
-        ("absolute", RawTar::new().file("/evil", b"x").finish(), "/evil"),
+        (
+            "dotdot",
+            RawTar::new().file("../evil", b"x").finish(),
+            "../evil",
+        ),
+        (
+            "absolute",
+            RawTar::new().file("/evil", b"x").finish(),
+            "/evil",
+        ),
         (
             "symlink-escape",
             RawTar::new()
@@ -412,9 +450,16 @@ fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
         assert_eq!(code, 125, "{name}");
         assert!(err.contains(entry), "{name}: {err}");
         assert!(err.contains("localhost/"), "{name} names the image: {err}");
-        assert!(err.contains("layer sha256:"), "{name} names the layer: {err}");
+        assert!(
+            err.contains("layer sha256:"),
+            "{name} names the layer: {err}"
+        );
         assert_eq!(c.images_json().len(), 0, "{name}");
-        assert!(c.tmp_entries().is_empty(), "{name}: tmp {:?}", c.tmp_entries());
+        assert!(
+            c.tmp_entries().is_empty(),
+            "{name}: tmp {:?}",
+            c.tmp_entries()
+        );
         assert!(!tmp.path().join("evil").exists() && !Path::new("/evil").exists());
         assert!(!Path::new("/tmp/evil").exists());
     }
@@ -423,11 +468,19 @@ fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
     let dir = tmp.path().join("corrupt");
     let w = LayoutWriter::new(&dir).unwrap();
     let m = w
-        .image(&[RawTar::new().file("f", &[7u8; 10000]).finish()], "amd64", &["/x"])
+        .image(
+            &[RawTar::new().file("f", &[7u8; 10000]).finish()],
+            "amd64",
+            &["/x"],
+        )
         .unwrap();
     w.index(vec![m.clone()], "t", false).unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(dir.join("blobs/sha256").join(&m["digest"].as_str().unwrap()[7..])).unwrap(),
+        &fs::read(
+            dir.join("blobs/sha256")
+                .join(&m["digest"].as_str().unwrap()[7..]),
+        )
+        .unwrap(),
     )
     .unwrap();
     let layer = dir
@@ -440,7 +493,10 @@ fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
     let c = Caisson::new();
     let (code, _, err) = c.run(&["load", "-i", dir.to_str().unwrap()]);
     assert_eq!(code, 125);
-    assert!(err.contains("layer sha256:") || err.contains("blob sha256:"), "{err}");
+    assert!(
+        err.contains("layer sha256:") || err.contains("blob sha256:"),
+        "{err}"
+    );
     assert_eq!(c.layer_count(), 0);
     assert!(c.tmp_entries().is_empty());
 
@@ -456,7 +512,11 @@ fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
     let w = LayoutWriter::new(&dir).unwrap();
     let zeros = vec![0u8; 64 << 20];
     let m = w
-        .image(&[RawTar::new().file("zeros", &zeros).finish()], "amd64", &["/x"])
+        .image(
+            &[RawTar::new().file("zeros", &zeros).finish()],
+            "amd64",
+            &["/x"],
+        )
         .unwrap();
     w.index(vec![m], "t", false).unwrap();
     let (code, _, err) = c.run(&[
@@ -467,7 +527,10 @@ fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
         dir.to_str().unwrap(),
     ]);
     assert_eq!(code, 125);
-    assert!(err.to_lowercase().contains("size") || err.contains("bomb"), "{err}");
+    assert!(
+        err.to_lowercase().contains("size") || err.contains("bomb"),
+        "{err}"
+    );
     assert_eq!(c.layer_count(), 0);
     assert!(c.tmp_entries().is_empty());
 }
@@ -496,8 +559,13 @@ fn pull_killed_midway_leaves_nothing_half_visible() {
     let m = w.image(&layers, "amd64", &["/x"]).unwrap();
     w.index(vec![m], "big", false).unwrap();
     let reg = Registry::start().unwrap();
-    reg.push(&format!("oci:{}:big", w.dir.display()), "test/big:1", "oci", None)
-        .unwrap();
+    reg.push(
+        &format!("oci:{}:big", w.dir.display()),
+        "test/big:1",
+        "oci",
+        None,
+    )
+    .unwrap();
     let name = format!("{}/test/big:1", reg.addr);
     let c = Caisson::new();
     for delay_ms in [30u64, 150] {
@@ -517,7 +585,11 @@ fn pull_killed_midway_leaves_nothing_half_visible() {
         let f = c.layer_dir(&name, i).join(format!("blob{i}"));
         assert_eq!(fs::metadata(&f).unwrap().len(), 16 << 20);
     }
-    assert!(c.tmp_entries().is_empty(), "stale work cleaned: {:?}", c.tmp_entries());
+    assert!(
+        c.tmp_entries().is_empty(),
+        "stale work cleaned: {:?}",
+        c.tmp_entries()
+    );
     assert_eq!(c.layer_count(), 3);
 }
 
@@ -530,13 +602,21 @@ fn prune_removes_untagged_images_and_unused_layers() {
     let w = LayoutWriter::new(&tmp.path().join("p")).unwrap();
     let shared = RawTar::new().file("shared", b"s").finish();
     let a = w
-        .image(&[shared.clone(), RawTar::new().file("a", b"a").finish()], "amd64", &["/a"])
+        .image(
+            &[shared.clone(), RawTar::new().file("a", b"a").finish()],
+            "amd64",
+            &["/a"],
+        )
         .unwrap();
     w.index(vec![a], "a", false).unwrap();
     let c = Caisson::new();
     c.ok(&["load", "-i", w.dir.to_str().unwrap()]);
     let b = w
-        .image(&[shared, RawTar::new().file("b", b"b").finish()], "amd64", &["/b"])
+        .image(
+            &[shared, RawTar::new().file("b", b"b").finish()],
+            "amd64",
+            &["/b"],
+        )
         .unwrap();
     w.index(vec![b], "b", false).unwrap();
     c.ok(&["load", "-i", w.dir.to_str().unwrap()]);
@@ -547,6 +627,8 @@ fn prune_removes_untagged_images_and_unused_layers() {
     assert_eq!(c.images_json().len(), 1);
     c.ok(&["rmi", "localhost/p:b"]);
     assert_eq!(c.layer_count(), 0);
-    let blobs = fs::read_dir(c.root.path().join("blobs/sha256")).unwrap().count();
+    let blobs = fs::read_dir(c.root.path().join("blobs/sha256"))
+        .unwrap()
+        .count();
     assert_eq!(blobs, 0);
 }

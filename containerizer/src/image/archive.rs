@@ -474,7 +474,7 @@ async fn load_oci(
                 Error::Io { context, source } => arch_err(format!("{context}: {source}")),
                 other => other,
             })?;
-        let config_bytes = read_blob(&files, &manifest.config).map_err(|m| arch_err(m))?;
+        let config_bytes = read_blob(&files, &manifest.config).map_err(&arch_err)?;
         let resolved = Resolved {
             image,
             manifest_bytes,

@@ -178,7 +178,7 @@ fn fetch_layer(
     let layer_err = |source| Error::Layer {
         image: image.into(),
         digest: desc.digest.clone(),
-        source,
+        source: Box::new(source),
     };
     let stats = {
         let mut tracked = ProgressReader {

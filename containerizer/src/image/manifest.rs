@@ -83,6 +83,8 @@ pub struct Index {
 }
 
 #[derive(Debug, Clone)]
+// Short-lived parse result: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Parsed {
     Image(ImageManifest),
     Index(Index),

@@ -59,7 +59,7 @@ pub enum Error {
         image: String,
         digest: String,
         #[source]
-        source: unpack::UnpackError,
+        source: Box<unpack::UnpackError>,
     },
     #[error("{path}: {message}")]
     Archive { path: PathBuf, message: String },

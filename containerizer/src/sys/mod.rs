@@ -6,6 +6,9 @@ pub mod mount;
 pub fn default_sigpipe() {
     // SAFETY: SIG_DFL installs no handler code; called at start-up before threads exist.
     let _ = unsafe {
-        nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
     };
 }
