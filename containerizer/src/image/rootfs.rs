@@ -652,6 +652,10 @@ fn copy_meta(src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::unpack::tests::{require_root, snapshot, TarW};
+    use crate::image::unpack::{unpack_layer, UnpackOptions};
+    use std::os::unix::fs::FileTypeExt;
+    use tar::EntryType;
 
     #[test]
     fn mountinfo_unescapes_mount_points() {
@@ -661,5 +665,281 @@ mod tests {
             parse_mountinfo_points(info),
             vec![PathBuf::from("/mnt/with space"), PathBuf::from("/proc")]
         );
+    }
+
+    fn unpack_into(base: &Path, name: &str, tar: Vec<u8>) -> PathBuf {
+        let dir = base.join(name);
+        fs::create_dir(&dir).unwrap();
+        unpack_layer(&tar[..], &dir, &UnpackOptions::default()).unwrap();
+        dir
+    }
+
+    /// Three layers: L1 a base tree; L2 deletes a/gone (whiteout), makes b opaque and adds b/new,
+    /// adds hard links; L3 overwrites c.txt and deletes the whole dir d.
+    fn three_layers(base: &Path) -> Vec<PathBuf> {
+        let l1 = {
+            let mut t = TarW::new();
+            t.dir("a/")
+                .file("a/keep", b"keep")
+                .file("a/gone", b"gone")
+                .dir("b/")
+                .file("b/old", b"old")
+                .dir("b/olddir/")
+                .file("c.txt", b"c1")
+                .dir("d/")
+                .file("d/x", b"x")
+                .link(EntryType::Symlink, "lnk", "a/keep")
+                .node(EntryType::Char, "null", 1, 3)
+                .add(b"a/xattr", EntryType::Regular, b"", |h| h.set_mode(0o640));
+            unpack_into(base, "l1", t.finish())
+        };
+        let l2 = {
+            let mut t = TarW::new();
+            t.file("a/.wh.gone", b"")
+                .dir("b/")
+                .file("b/.wh..wh..opq", b"")
+                .file("b/new", b"new")
+                .file("h1", b"hard")
+                .link(EntryType::Link, "h2", "h1");
+            unpack_into(base, "l2", t.finish())
+        };
+        let l3 = {
+            let mut t = TarW::new();
+            t.add(b"c.txt", EntryType::Regular, b"c3", |h| {
+                h.set_mode(0o4711);
+                h.set_uid(42);
+            })
+            .file(".wh.d", b"");
+            unpack_into(base, "l3", t.finish())
+        };
+        vec![l1, l2, l3]
+    }
+
+    fn assert_merged_view(root: &Path) {
+        assert_eq!(fs::read(root.join("a/keep")).unwrap(), b"keep");
+        assert!(
+            fs::symlink_metadata(root.join("a/gone")).is_err(),
+            "whiteout"
+        );
+        assert!(fs::symlink_metadata(root.join("b/old")).is_err(), "opaque");
+        assert!(
+            fs::symlink_metadata(root.join("b/olddir")).is_err(),
+            "opaque"
+        );
+        assert_eq!(fs::read(root.join("b/new")).unwrap(), b"new");
+        assert_eq!(fs::read(root.join("c.txt")).unwrap(), b"c3");
+        let c = fs::metadata(root.join("c.txt")).unwrap();
+        assert_eq!((c.mode() & 0o7777, c.uid()), (0o4711, 42));
+        assert!(
+            fs::symlink_metadata(root.join("d")).is_err(),
+            "whiteout of a dir"
+        );
+        assert_eq!(
+            fs::read_link(root.join("lnk")).unwrap(),
+            Path::new("a/keep")
+        );
+        assert!(fs::symlink_metadata(root.join("null"))
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        let (h1, h2) = (
+            fs::metadata(root.join("h1")).unwrap(),
+            fs::metadata(root.join("h2")).unwrap(),
+        );
+        assert_eq!(h1.ino(), h2.ino(), "hard links stay linked");
+    }
+
+    fn is_mounted_under(dir: &Path) -> bool {
+        let info = fs::read("/proc/self/mountinfo").unwrap();
+        parse_mountinfo_points(&info)
+            .iter()
+            .any(|p| p.starts_with(dir))
+    }
+
+    #[test]
+    fn root_overlay_three_layers_merged_view_and_upper_writes() {
+        if !require_root("root_overlay_three_layers_merged_view_and_upper_writes") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let lowers = three_layers(tmp.path());
+        for force_legacy_mount in [false, true] {
+            let cdir = tmp.path().join(format!("c-{force_legacy_mount}"));
+            fs::create_dir(&cdir).unwrap();
+            let opts = CreateOptions { force_legacy_mount };
+            let rootfs = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap();
+            let want = if force_legacy_mount {
+                MountApi::Legacy
+            } else {
+                MountApi::NewApi
+            };
+            assert_eq!(rootfs.mount_api, Some(want));
+            assert_eq!(rootfs.path, fs::canonicalize(&cdir).unwrap().join("merged"));
+            assert!(is_mounted_under(&rootfs.path));
+            assert_merged_view(&rootfs.path);
+
+            fs::write(rootfs.path.join("written"), b"w").unwrap();
+            fs::write(rootfs.path.join("a/keep"), b"changed").unwrap();
+            fs::remove_file(rootfs.path.join("b/new")).unwrap();
+            let upper = rootfs.upper.clone().unwrap();
+            assert_eq!(fs::read(upper.join("written")).unwrap(), b"w");
+            assert_eq!(fs::read(upper.join("a/keep")).unwrap(), b"changed");
+            assert_eq!(
+                fs::read(lowers[0].join("a/keep")).unwrap(),
+                b"keep",
+                "lower untouched"
+            );
+            assert_eq!(
+                fs::read(lowers[1].join("b/new")).unwrap(),
+                b"new",
+                "lower untouched"
+            );
+
+            remove(&cdir).unwrap();
+            assert!(!is_mounted_under(&rootfs.path));
+            assert!(!cdir.exists());
+            remove(&cdir).unwrap();
+        }
+    }
+
+    /// 120 layers, each adding f<i> and overwriting "common".
+    fn many_layers(base: &Path, n: usize) -> Vec<PathBuf> {
+        (0..n)
+            .map(|i| {
+                let mut t = TarW::new();
+                t.file(&format!("f{i}"), b"")
+                    .file("common", i.to_string().as_bytes());
+                unpack_into(
+                    base,
+                    &format!("layer-with-a-longish-name-{i:04}"),
+                    t.finish(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn root_overlay_120_layers_new_api_and_fallback() {
+        if !require_root("root_overlay_120_layers_new_api_and_fallback") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let lowers = many_layers(tmp.path(), 120);
+        let total: usize = lowers.iter().map(|l| l.as_os_str().len() + 1).sum();
+        assert!(
+            total > 4096,
+            "the plain lowerdir string would not fit in a page"
+        );
+        for force_legacy_mount in [false, true] {
+            let cdir = tmp.path().join(format!("c-{force_legacy_mount}"));
+            fs::create_dir(&cdir).unwrap();
+            let opts = CreateOptions { force_legacy_mount };
+            let rootfs = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap();
+            for i in 0..120 {
+                assert!(rootfs.path.join(format!("f{i}")).exists(), "f{i}");
+            }
+            assert_eq!(
+                fs::read(rootfs.path.join("common")).unwrap(),
+                b"119",
+                "top wins"
+            );
+            remove(&cdir).unwrap();
+            assert!(!is_mounted_under(&cdir) && !cdir.exists());
+        }
+    }
+
+    #[test]
+    fn root_overlay_fallback_refuses_too_many_layers_clearly() {
+        if !require_root("root_overlay_fallback_refuses_too_many_layers_clearly") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let lowers = many_layers(tmp.path(), 300);
+        let cdir = tmp.path().join("c");
+        fs::create_dir(&cdir).unwrap();
+        let opts = CreateOptions {
+            force_legacy_mount: true,
+        };
+        let err = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap_err();
+        assert!(
+            matches!(err, RootfsError::OptionsTooLong { layers: 300, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("6.8"), "{err}");
+        remove(&cdir).unwrap();
+        // The new API takes them all.
+        fs::create_dir(&cdir).unwrap();
+        let rootfs =
+            create_with(&lowers, &cdir, Backend::Overlay, &CreateOptions::default()).unwrap();
+        assert_eq!(fs::read(rootfs.path.join("common")).unwrap(), b"299");
+        remove(&cdir).unwrap();
+        assert!(!is_mounted_under(&cdir) && !cdir.exists());
+    }
+
+    #[test]
+    fn root_copy_backend_matches_overlay() {
+        if !require_root("root_copy_backend_matches_overlay") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let lowers = three_layers(tmp.path());
+        let (co, cc) = (tmp.path().join("co"), tmp.path().join("cc"));
+        fs::create_dir(&co).unwrap();
+        fs::create_dir(&cc).unwrap();
+        let ov = create(&lowers, &co, Backend::Overlay).unwrap();
+        let cp = create(&lowers, &cc, Backend::Copy).unwrap();
+        assert_eq!(cp.backend, Backend::Copy);
+        assert_eq!(cp.path, fs::canonicalize(&cc).unwrap().join("rootfs"));
+        assert_merged_view(&cp.path);
+        assert_eq!(snapshot(&ov.path), snapshot(&cp.path));
+        assert!(xattr::get(cp.path.join("b"), OVERLAY_OPAQUE_XATTR)
+            .unwrap()
+            .is_none());
+        remove(&co).unwrap();
+        remove(&cc).unwrap();
+        assert!(!co.exists() && !cc.exists());
+    }
+
+    #[test]
+    fn root_remove_detaches_busy_mount_and_never_follows_symlinks() {
+        if !require_root("root_remove_detaches_busy_mount_and_never_follows_symlinks") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let lowers = three_layers(tmp.path());
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("precious"), b"p").unwrap();
+        let cdir = tmp.path().join("c");
+        fs::create_dir(&cdir).unwrap();
+        let rootfs = create(&lowers, &cdir, Backend::Overlay).unwrap();
+        std::os::unix::fs::symlink(&outside, rootfs.path.join("escape")).unwrap();
+        std::os::unix::fs::symlink(&outside, cdir.join("escape2")).unwrap();
+        // An open file keeps the mount busy: plain umount fails with EBUSY.
+        let busy = fs::File::open(rootfs.path.join("a/keep")).unwrap();
+        remove(&cdir).unwrap();
+        drop(busy);
+        assert!(!is_mounted_under(&cdir));
+        assert!(!cdir.exists());
+        assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
+        assert_eq!(fs::read(lowers[0].join("a/keep")).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn root_overlay_supported_here() {
+        if !require_root("root_overlay_supported_here") {
+            return;
+        }
+        assert!(overlay_supported());
+    }
+
+    #[test]
+    fn missing_layer_is_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = create(&[tmp.path().join("nope")], tmp.path(), Backend::Copy).unwrap_err();
+        assert!(matches!(err, RootfsError::Layer { .. }), "{err:?}");
+        assert!(err.to_string().contains("nope"));
+        let err = create(&[], tmp.path(), Backend::Overlay).unwrap_err();
+        assert!(matches!(err, RootfsError::NoLayers));
     }
 }
