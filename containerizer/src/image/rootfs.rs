@@ -356,11 +356,27 @@ pub fn overlay_supported() -> bool {
 /// Unmount everything mounted inside `container_dir` and delete it. Idempotent: a missing dir is
 /// success. Never follows symlinks out of the dir while deleting.
 pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
-    let dir = match fs::canonicalize(container_dir) {
+    // Resolve the parent only: if container_dir itself were a symlink, we remove the link, not
+    // what it points to.
+    let resolved = match (container_dir.parent(), container_dir.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => {
+            fs::canonicalize(parent).map(|p| p.join(name))
+        }
+        _ => fs::canonicalize(container_dir),
+    };
+    let dir = match resolved {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err("resolving", container_dir)(e)),
     };
+    match fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return fs::remove_file(&dir).map_err(io_err("deleting", &dir));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("inspecting", &dir)(e)),
+    }
     // Several rounds: mounts can be stacked on the same mount point.
     for _ in 0..16 {
         let mut mounts = mounts_under(&dir).map_err(io_err("reading", Path::new(MOUNTINFO)))?;
@@ -923,6 +939,20 @@ mod tests {
         assert!(!cdir.exists());
         assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
         assert_eq!(fs::read(lowers[0].join("a/keep")).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn remove_of_a_symlinked_container_dir_removes_only_the_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("keep"), b"k").unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        remove(&link).unwrap();
+        assert!(fs::symlink_metadata(&link).is_err());
+        assert_eq!(fs::read(target.join("keep")).unwrap(), b"k");
+        remove(&tmp.path().join("never-existed")).unwrap();
     }
 
     #[test]

@@ -488,16 +488,32 @@ impl<'a> Extractor<'a> {
     /// Remove whatever is at `rel` (a later entry replaces an earlier one).
     fn remove_existing(&mut self, rel: &Path, abs: &Path, name: &str) -> Result<(), UnpackError> {
         match fs::symlink_metadata(abs) {
-            Ok(m) if m.is_dir() => {
-                // remove_dir_all does not follow symlinks inside the tree.
-                fs::remove_dir_all(abs).map_err(|e| write_err(name, "removing", abs, e))?;
-                self.safe_dirs.retain(|p| !p.starts_with(rel));
-                self.dirs.retain(|p, _| !p.starts_with(rel));
-            }
+            Ok(m) if m.is_dir() => self
+                .remove_tree(rel, abs)
+                .map_err(|e| write_err(name, "removing", abs, e))?,
             Ok(_) => fs::remove_file(abs).map_err(|e| write_err(name, "removing", abs, e))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(write_err(name, "inspecting", abs, e)),
         }
+        Ok(())
+    }
+
+    /// Delete a directory tree, dropping each removed dir from the caches on the way. Walking
+    /// the tree ourselves (rather than scanning the caches) keeps the cost proportional to what
+    /// is removed, so a layer replacing many dirs cannot make unpack quadratic.
+    fn remove_tree(&mut self, rel: &Path, abs: &Path) -> io::Result<()> {
+        for ent in fs::read_dir(abs)? {
+            let ent = ent?;
+            // d_type/lstat: a symlink is reported as a symlink and removed, never followed.
+            if ent.file_type()?.is_dir() {
+                self.remove_tree(&rel.join(ent.file_name()), &ent.path())?;
+            } else {
+                fs::remove_file(ent.path())?;
+            }
+        }
+        fs::remove_dir(abs)?;
+        self.safe_dirs.remove(rel);
+        self.dirs.remove(rel);
         Ok(())
     }
 
