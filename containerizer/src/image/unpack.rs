@@ -28,6 +28,9 @@ use xattr::FileExt as _;
 
 /// Size of the I/O buffers: large enough that per-call overhead (hashing, syscalls) is noise.
 const BUF_SIZE: usize = 256 * 1024;
+/// Most bytes tar may read between two entries (headers, GNU long names, PAX records, which it
+/// holds in memory), plus read-ahead slack of one buffer.
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
@@ -100,6 +103,10 @@ pub enum UnpackError {
     },
     #[error("layer expands to more than the limit of {limit} bytes (decompression bomb?)")]
     TooLarge { limit: u64 },
+    #[error(
+        "extension headers (long names, PAX records) after entry {after:?} exceed {limit} bytes"
+    )]
+    HeadersTooLarge { after: String, limit: u64 },
     #[error("entry {entry:?}: refused: {reason}")]
     UnsafePath { entry: String, reason: String },
     #[error("entry {entry:?}: refused hard link to {target:?}: {reason}")]
@@ -176,18 +183,23 @@ pub fn unpack_layer<R: Read>(
             Decoder::Zstd(zstd::stream::read::Decoder::new(input).map_err(|e| stream_err("", e))?)
         }
     };
-    let exceeded = Rc::new(Cell::new(false));
+    let limits = Rc::new(Limits::default());
     let mut hashing = HashingReader {
         inner: decoder,
         hasher: Sha256::new(),
         count: 0,
         limit: opts.max_size,
-        exceeded: exceeded.clone(),
+        limits: limits.clone(),
     };
     let map_stream = |after: &str, e: io::Error| {
-        if exceeded.get() {
+        if limits.size_exceeded.get() {
             UnpackError::TooLarge {
                 limit: opts.max_size,
+            }
+        } else if limits.header_exceeded.get() {
+            UnpackError::HeadersTooLarge {
+                after: after.to_string(),
+                limit: MAX_HEADER_BYTES,
             }
         } else {
             stream_err(after, e)
@@ -200,8 +212,15 @@ pub fn unpack_layer<R: Read>(
         let mut buffered = BufReader::with_capacity(BUF_SIZE, &mut hashing);
         {
             let mut archive = tar::Archive::new(&mut buffered);
-            let entries = archive.entries().map_err(|e| map_stream(&last_entry, e))?;
-            for entry in entries {
+            let mut entries = archive.entries().map_err(|e| map_stream(&last_entry, e))?;
+            loop {
+                // Inside next(), tar reads headers and buffers long names / PAX records whole:
+                // bound those bytes so a huge extension header cannot exhaust memory.
+                limits.header_bytes.set(0);
+                limits.header_guard.set(true);
+                let next = entries.next();
+                limits.header_guard.set(false);
+                let Some(entry) = next else { break };
                 let mut entry = entry.map_err(|e| map_stream(&last_entry, e))?;
                 last_entry = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
                 extractor
@@ -211,6 +230,8 @@ pub fn unpack_layer<R: Read>(
                         UnpackError::Stream { source, .. } => map_stream(&last_entry, source),
                         other => other,
                     })?;
+                // Skip data of non-file entries now, outside the header guard.
+                io::copy(&mut entry, &mut io::sink()).map_err(|e| map_stream(&last_entry, e))?;
             }
         }
         // Bytes after the end-of-archive blocks still belong to the diff_id.
@@ -268,13 +289,24 @@ impl<R: Read> Decoder<R> {
     }
 }
 
+/// Limit state shared between the reader (deep inside tar) and the unpack loop, which tells
+/// the two limit errors apart from genuine stream errors.
+#[derive(Default)]
+struct Limits {
+    size_exceeded: Cell<bool>,
+    /// While set, bytes read count towards `header_bytes`.
+    header_guard: Cell<bool>,
+    header_bytes: Cell<u64>,
+    header_exceeded: Cell<bool>,
+}
+
 /// Hashes and counts the uncompressed stream, failing as soon as it crosses `limit`.
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     count: u64,
     limit: u64,
-    exceeded: Rc<Cell<bool>>,
+    limits: Rc<Limits>,
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -282,8 +314,16 @@ impl<R: Read> Read for HashingReader<R> {
         let n = self.inner.read(buf)?;
         self.count += n as u64;
         if self.count > self.limit {
-            self.exceeded.set(true);
+            self.limits.size_exceeded.set(true);
             return Err(io::Error::other("layer size limit exceeded"));
+        }
+        if self.limits.header_guard.get() {
+            let h = self.limits.header_bytes.get() + n as u64;
+            self.limits.header_bytes.set(h);
+            if h > MAX_HEADER_BYTES {
+                self.limits.header_exceeded.set(true);
+                return Err(io::Error::other("header size limit exceeded"));
+            }
         }
         self.hasher.update(&buf[..n]);
         Ok(n)
@@ -1595,6 +1635,32 @@ pub(crate) mod tests {
             preserve_ownership: false,
         };
         unpack_layer(&blob[..], tmp2.path(), &opts).unwrap();
+    }
+
+    #[test]
+    fn huge_extension_header_is_refused() {
+        let mut t = TarW::new();
+        t.file("first", b"")
+            .pax(&[("comment", &vec![b'x'; 20 << 20])])
+            .file("second", b"");
+        let blob = gzip(&t.finish());
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = UnpackOptions {
+            preserve_ownership: false,
+            ..Default::default()
+        };
+        let err = unpack_layer(&blob[..], tmp.path(), &opts).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::HeadersTooLarge { after, .. } if after == "first"),
+            "{err:?}"
+        );
+        // Large data in a non-file entry is skipped without being held in memory.
+        let mut t = TarW::new();
+        t.add(b"dir/", EntryType::Directory, &vec![0u8; 20 << 20], |_| {})
+            .file("after", b"a");
+        let tmp = tempfile::tempdir().unwrap();
+        unpack_layer(&gzip(&t.finish())[..], tmp.path(), &opts).unwrap();
+        assert_eq!(fs::read(tmp.path().join("after")).unwrap(), b"a");
     }
 
     /// Counts what the unpacker pulled from the raw blob.
