@@ -256,18 +256,11 @@ fn mount_new_api(
     // overlay's lower order is TOP first; ours is bottom first.
     for (i, layer) in layers.iter().rev().enumerate() {
         if let Err(e) = ctx.set_string("lowerdir+", layer.as_os_str()) {
+            // Before 6.8 the key is unknown ("Unknown parameter 'lowerdir+'"). Any EINVAL on
+            // the first layer falls back; mount(2) then reports a real problem on its own.
             if i == 0 && e.raw_os_error() == Some(libc::EINVAL) {
-                let detail = ctx.messages();
-                if detail.contains("lowerdir+") || detail.contains("nknown parameter") {
-                    return Ok(false);
-                }
-                return Err(RootfsError::Mount {
-                    target: merged.to_path_buf(),
-                    layers: layers.len(),
-                    api: MountApi::NewApi,
-                    detail: format!("{detail} (layer {})", layer.display()),
-                    source: e,
-                });
+                tracing::debug!(kernel = %ctx.messages(), "overlay lowerdir+ refused");
+                return Ok(false);
             }
             let detail = format!("{} (layer {})", ctx.messages(), layer.display());
             return Err(RootfsError::Mount {
@@ -890,6 +883,26 @@ mod tests {
         assert_eq!(fs::read(rootfs.path.join("common")).unwrap(), b"299");
         remove(&cdir).unwrap();
         assert!(!is_mounted_under(&cdir) && !cdir.exists());
+    }
+
+    #[test]
+    fn root_overlay_paths_with_separators_work() {
+        if !require_root("root_overlay_paths_with_separators_work") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut t = TarW::new();
+        t.file("hello", b"hi");
+        let lower = unpack_into(tmp.path(), "we:ird,na=me\\x", t.finish());
+        for force_legacy_mount in [false, true] {
+            let cdir = tmp.path().join(format!("c:{force_legacy_mount},x"));
+            fs::create_dir(&cdir).unwrap();
+            let opts = CreateOptions { force_legacy_mount };
+            let rootfs = create_with(&[lower.clone()], &cdir, Backend::Overlay, &opts).unwrap();
+            assert_eq!(fs::read(rootfs.path.join("hello")).unwrap(), b"hi");
+            remove(&cdir).unwrap();
+            assert!(!is_mounted_under(&cdir) && !cdir.exists());
+        }
     }
 
     #[test]
