@@ -898,7 +898,8 @@ mod tests {
             let cdir = tmp.path().join(format!("c:{force_legacy_mount},x"));
             fs::create_dir(&cdir).unwrap();
             let opts = CreateOptions { force_legacy_mount };
-            let rootfs = create_with(&[lower.clone()], &cdir, Backend::Overlay, &opts).unwrap();
+            let rootfs =
+                create_with(std::slice::from_ref(&lower), &cdir, Backend::Overlay, &opts).unwrap();
             assert_eq!(fs::read(rootfs.path.join("hello")).unwrap(), b"hi");
             remove(&cdir).unwrap();
             assert!(!is_mounted_under(&cdir) && !cdir.exists());
