@@ -28,6 +28,9 @@ use xattr::FileExt as _;
 
 /// Size of the I/O buffers: large enough that per-call overhead (hashing, syscalls) is noise.
 const BUF_SIZE: usize = 256 * 1024;
+/// Most bytes tar may read between two entries (headers, GNU long names, PAX records, which it
+/// holds in memory), plus read-ahead slack of one buffer.
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
@@ -100,6 +103,10 @@ pub enum UnpackError {
     },
     #[error("layer expands to more than the limit of {limit} bytes (decompression bomb?)")]
     TooLarge { limit: u64 },
+    #[error(
+        "extension headers (long names, PAX records) after entry {after:?} exceed {limit} bytes"
+    )]
+    HeadersTooLarge { after: String, limit: u64 },
     #[error("entry {entry:?}: refused: {reason}")]
     UnsafePath { entry: String, reason: String },
     #[error("entry {entry:?}: refused hard link to {target:?}: {reason}")]
@@ -171,23 +178,28 @@ pub fn unpack_layer<R: Read>(
     };
     let decoder = match compression {
         Compression::None => Decoder::Plain(input),
-        Compression::Gzip => Decoder::Gzip(MultiGzDecoder::new(input)),
+        Compression::Gzip => Decoder::Gzip(Box::new(MultiGzDecoder::new(input))),
         Compression::Zstd => {
             Decoder::Zstd(zstd::stream::read::Decoder::new(input).map_err(|e| stream_err("", e))?)
         }
     };
-    let exceeded = Rc::new(Cell::new(false));
+    let limits = Rc::new(Limits::default());
     let mut hashing = HashingReader {
         inner: decoder,
         hasher: Sha256::new(),
         count: 0,
         limit: opts.max_size,
-        exceeded: exceeded.clone(),
+        limits: limits.clone(),
     };
     let map_stream = |after: &str, e: io::Error| {
-        if exceeded.get() {
+        if limits.size_exceeded.get() {
             UnpackError::TooLarge {
                 limit: opts.max_size,
+            }
+        } else if limits.header_exceeded.get() {
+            UnpackError::HeadersTooLarge {
+                after: after.to_string(),
+                limit: MAX_HEADER_BYTES,
             }
         } else {
             stream_err(after, e)
@@ -200,8 +212,15 @@ pub fn unpack_layer<R: Read>(
         let mut buffered = BufReader::with_capacity(BUF_SIZE, &mut hashing);
         {
             let mut archive = tar::Archive::new(&mut buffered);
-            let entries = archive.entries().map_err(|e| map_stream(&last_entry, e))?;
-            for entry in entries {
+            let mut entries = archive.entries().map_err(|e| map_stream(&last_entry, e))?;
+            loop {
+                // Inside next(), tar reads headers and buffers long names / PAX records whole:
+                // bound those bytes so a huge extension header cannot exhaust memory.
+                limits.header_bytes.set(0);
+                limits.header_guard.set(true);
+                let next = entries.next();
+                limits.header_guard.set(false);
+                let Some(entry) = next else { break };
                 let mut entry = entry.map_err(|e| map_stream(&last_entry, e))?;
                 last_entry = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
                 extractor
@@ -211,6 +230,8 @@ pub fn unpack_layer<R: Read>(
                         UnpackError::Stream { source, .. } => map_stream(&last_entry, source),
                         other => other,
                     })?;
+                // Skip data of non-file entries now, outside the header guard.
+                io::copy(&mut entry, &mut io::sink()).map_err(|e| map_stream(&last_entry, e))?;
             }
         }
         // Bytes after the end-of-archive blocks still belong to the diff_id.
@@ -241,7 +262,8 @@ pub fn unpack_layer<R: Read>(
 
 enum Decoder<R: Read> {
     Plain(R),
-    Gzip(MultiGzDecoder<R>),
+    // Boxed: the gzip state is large and this enum lives on the stack.
+    Gzip(Box<MultiGzDecoder<R>>),
     Zstd(zstd::stream::read::Decoder<'static, BufReader<R>>),
 }
 
@@ -267,13 +289,24 @@ impl<R: Read> Decoder<R> {
     }
 }
 
+/// Limit state shared between the reader (deep inside tar) and the unpack loop, which tells
+/// the two limit errors apart from genuine stream errors.
+#[derive(Default)]
+struct Limits {
+    size_exceeded: Cell<bool>,
+    /// While set, bytes read count towards `header_bytes`.
+    header_guard: Cell<bool>,
+    header_bytes: Cell<u64>,
+    header_exceeded: Cell<bool>,
+}
+
 /// Hashes and counts the uncompressed stream, failing as soon as it crosses `limit`.
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     count: u64,
     limit: u64,
-    exceeded: Rc<Cell<bool>>,
+    limits: Rc<Limits>,
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -281,8 +314,16 @@ impl<R: Read> Read for HashingReader<R> {
         let n = self.inner.read(buf)?;
         self.count += n as u64;
         if self.count > self.limit {
-            self.exceeded.set(true);
+            self.limits.size_exceeded.set(true);
             return Err(io::Error::other("layer size limit exceeded"));
+        }
+        if self.limits.header_guard.get() {
+            let h = self.limits.header_bytes.get() + n as u64;
+            self.limits.header_bytes.set(h);
+            if h > MAX_HEADER_BYTES {
+                self.limits.header_exceeded.set(true);
+                return Err(io::Error::other("header size limit exceeded"));
+            }
         }
         self.hasher.update(&buf[..n]);
         Ok(n)
@@ -403,7 +444,7 @@ impl<'a> Extractor<'a> {
             other => {
                 return Err(UnpackError::Unsupported {
                     entry: name.to_string(),
-                    kind: format!("{other:?}"),
+                    kind: format!("'{}'", other.as_byte().escape_ascii()),
                 })
             }
         };
@@ -487,16 +528,32 @@ impl<'a> Extractor<'a> {
     /// Remove whatever is at `rel` (a later entry replaces an earlier one).
     fn remove_existing(&mut self, rel: &Path, abs: &Path, name: &str) -> Result<(), UnpackError> {
         match fs::symlink_metadata(abs) {
-            Ok(m) if m.is_dir() => {
-                // remove_dir_all does not follow symlinks inside the tree.
-                fs::remove_dir_all(abs).map_err(|e| write_err(name, "removing", abs, e))?;
-                self.safe_dirs.retain(|p| !p.starts_with(rel));
-                self.dirs.retain(|p, _| !p.starts_with(rel));
-            }
+            Ok(m) if m.is_dir() => self
+                .remove_tree(rel, abs)
+                .map_err(|e| write_err(name, "removing", abs, e))?,
             Ok(_) => fs::remove_file(abs).map_err(|e| write_err(name, "removing", abs, e))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(write_err(name, "inspecting", abs, e)),
         }
+        Ok(())
+    }
+
+    /// Delete a directory tree, dropping each removed dir from the caches on the way. Walking
+    /// the tree ourselves (rather than scanning the caches) keeps the cost proportional to what
+    /// is removed, so a layer replacing many dirs cannot make unpack quadratic.
+    fn remove_tree(&mut self, rel: &Path, abs: &Path) -> io::Result<()> {
+        for ent in fs::read_dir(abs)? {
+            let ent = ent?;
+            // d_type/lstat: a symlink is reported as a symlink and removed, never followed.
+            if ent.file_type()?.is_dir() {
+                self.remove_tree(&rel.join(ent.file_name()), &ent.path())?;
+            } else {
+                fs::remove_file(ent.path())?;
+            }
+        }
+        fs::remove_dir(abs)?;
+        self.safe_dirs.remove(rel);
+        self.dirs.remove(rel);
         Ok(())
     }
 
@@ -871,4 +928,795 @@ fn clean_path(path: &Path) -> Result<PathBuf, &'static str> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use tar::Header;
+
+    /// Root-needing tests: must run under CI, may be skipped (loudly) elsewhere.
+    pub(crate) fn require_root(test: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        if std::env::var_os("CI").is_some() {
+            panic!("{test} needs root and CI is set: refusing to skip");
+        }
+        eprintln!("skipping {test}: needs root");
+        false
+    }
+
+    /// Builds tars entry by entry, including what `tar::Builder` would refuse.
+    pub(crate) struct TarW {
+        b: tar::Builder<Vec<u8>>,
+    }
+
+    pub(crate) const MTIME: u64 = 1_600_000_000;
+
+    impl TarW {
+        pub(crate) fn new() -> Self {
+            Self {
+                b: tar::Builder::new(Vec::new()),
+            }
+        }
+
+        pub(crate) fn add(
+            &mut self,
+            name: &[u8],
+            ty: EntryType,
+            data: &[u8],
+            f: impl FnOnce(&mut Header),
+        ) -> &mut Self {
+            let mut h = Header::new_gnu();
+            if name.len() > 100 {
+                // GNU long name record, written by hand so any bytes pass through.
+                let mut l = Header::new_gnu();
+                l.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+                l.set_entry_type(EntryType::GNULongName);
+                l.set_size(name.len() as u64 + 1);
+                l.set_mode(0o644);
+                l.set_cksum();
+                let mut data = name.to_vec();
+                data.push(0);
+                self.b.append(&l, &data[..]).unwrap();
+                h.as_old_mut().name[..4].copy_from_slice(b"long");
+            } else {
+                h.as_old_mut().name[..name.len()].copy_from_slice(name);
+            }
+            h.set_entry_type(ty);
+            h.set_size(data.len() as u64);
+            h.set_mode(if ty == EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            h.set_mtime(MTIME);
+            h.set_uid(0);
+            h.set_gid(0);
+            f(&mut h);
+            h.set_cksum();
+            self.b.append(&h, data).unwrap();
+            self
+        }
+
+        pub(crate) fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
+            self.add(name.as_bytes(), EntryType::Regular, data, |_| {})
+        }
+
+        pub(crate) fn dir(&mut self, name: &str) -> &mut Self {
+            self.add(name.as_bytes(), EntryType::Directory, b"", |_| {})
+        }
+
+        pub(crate) fn link(&mut self, ty: EntryType, name: &str, target: &str) -> &mut Self {
+            self.add(name.as_bytes(), ty, b"", |h| {
+                h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+            })
+        }
+
+        pub(crate) fn node(
+            &mut self,
+            ty: EntryType,
+            name: &str,
+            major: u32,
+            minor: u32,
+        ) -> &mut Self {
+            self.add(name.as_bytes(), ty, b"", |h| {
+                h.set_device_major(major).unwrap();
+                h.set_device_minor(minor).unwrap();
+            })
+        }
+
+        /// A PAX extended header applying to the next entry.
+        pub(crate) fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+            let mut data = Vec::new();
+            for (k, v) in records {
+                let body = k.len() + v.len() + 3; // ' ', '=', '\n'
+                let mut len = body + 1;
+                while len != body + len.to_string().len() {
+                    len = body + len.to_string().len();
+                }
+                data.extend_from_slice(format!("{len} {k}=").as_bytes());
+                data.extend_from_slice(v);
+                data.push(b'\n');
+            }
+            self.add(b"PaxHeaders/x", EntryType::XHeader, &data, |_| {})
+        }
+
+        pub(crate) fn finish(&mut self) -> Vec<u8> {
+            self.b.finish().unwrap();
+            self.b.get_ref().clone()
+        }
+    }
+
+    pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    pub(crate) fn sha(data: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    }
+
+    /// Everything about a tree that unpack/rootfs must preserve, one line per path.
+    pub(crate) fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+            let mut names: Vec<_> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            for name in names {
+                let p = dir.join(&name);
+                let m = fs::symlink_metadata(&p).unwrap();
+                let ft = m.file_type();
+                let what = if ft.is_dir() {
+                    "dir".to_string()
+                } else if ft.is_symlink() {
+                    format!("symlink->{}", fs::read_link(&p).unwrap().display())
+                } else if ft.is_file() {
+                    format!("file nlink={} {}", m.nlink(), sha(&fs::read(&p).unwrap()))
+                } else if ft.is_char_device() {
+                    format!("char {:x}", m.rdev())
+                } else if ft.is_block_device() {
+                    format!("block {:x}", m.rdev())
+                } else {
+                    "fifo".to_string()
+                };
+                let mut xattrs: Vec<String> = xattr::list(&p)
+                    .unwrap()
+                    .filter(|n| !n.as_bytes().starts_with(b"trusted.overlay."))
+                    .map(|n| {
+                        let v = xattr::get(&p, &n).unwrap().unwrap_or_default();
+                        format!("{}={}", n.to_string_lossy(), String::from_utf8_lossy(&v))
+                    })
+                    .collect();
+                xattrs.sort();
+                let mode = if ft.is_symlink() {
+                    0
+                } else {
+                    m.mode() & 0o7777
+                };
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    format!(
+                        "{what} mode={mode:o} owner={}:{} mtime={} xattrs={xattrs:?}",
+                        m.uid(),
+                        m.gid(),
+                        m.mtime()
+                    ),
+                );
+                if ft.is_dir() {
+                    walk(root, &p, out);
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(root, root, &mut out);
+        out
+    }
+
+    fn unpack_bytes(data: &[u8], dest: &Path) -> Result<UnpackStats, UnpackError> {
+        unpack_layer(data, dest, &UnpackOptions::default())
+    }
+
+    /// A layer exercising every entry type and metadata kind.
+    fn rich_tar() -> Vec<u8> {
+        let long = format!("deep/{}/file", "n".repeat(120));
+        let pax_long = format!("pax/{}/file", "p".repeat(150));
+        let mut t = TarW::new();
+        t.dir("bin/")
+            .add(b"bin/su", EntryType::Regular, b"#!suid", |h| {
+                h.set_mode(0o4755);
+                h.set_uid(1234);
+                h.set_gid(5678);
+                h.set_mtime(1_500_000_000);
+            })
+            .add(b"tmp/", EntryType::Directory, b"", |h| {
+                h.set_mode(0o1777);
+                h.set_mtime(1_400_000_000);
+            })
+            .add(b"tmp/inner", EntryType::Regular, b"x", |h| h.set_mode(0o600))
+            .file("etc/hosts", b"127.0.0.1 localhost\n")
+            .link(EntryType::Symlink, "etc/link", "../bin/su")
+            .link(EntryType::Symlink, "abs", "/etc/passwd")
+            .link(EntryType::Link, "bin/su-hard", "bin/su")
+            .node(EntryType::Char, "dev/null", 1, 3)
+            .node(EntryType::Block, "dev/loop0", 7, 0)
+            .node(EntryType::Fifo, "dev/fifo", 0, 0)
+            .file(&long, b"long gnu name")
+            .pax(&[
+                ("path", pax_long.as_bytes()),
+                ("SCHILY.xattr.user.color", b"blue"),
+                ("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"),
+                ("SCHILY.xattr.trusted.overlay.redirect", b"/etc"),
+                ("mtime", b"1700000000.5"),
+            ])
+            .file("placeholder", b"pax long name")
+            .pax(&[("SCHILY.xattr.user.dir", b"yes")])
+            .dir("xdir/");
+        t.finish()
+    }
+
+    #[test]
+    fn detect_compression() {
+        assert_eq!(Compression::detect(&[0x1f, 0x8b, 8, 0]), Compression::Gzip);
+        assert_eq!(
+            Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Compression::Zstd
+        );
+        assert_eq!(Compression::detect(b"bin/"), Compression::None);
+        assert_eq!(Compression::detect(&[0x1f]), Compression::None);
+        assert_eq!(Compression::detect(&[]), Compression::None);
+    }
+
+    #[test]
+    fn pax_time_parsing() {
+        assert_eq!(
+            parse_pax_time("12.5"),
+            Some(FileTime::from_unix_time(12, 500_000_000))
+        );
+        assert_eq!(parse_pax_time("12"), Some(FileTime::from_unix_time(12, 0)));
+        assert_eq!(parse_pax_time("x"), None);
+    }
+
+    #[test]
+    fn root_formats_give_same_tree_and_diff_id() {
+        if !require_root("root_formats_give_same_tree_and_diff_id") {
+            return;
+        }
+        let plain = rich_tar();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut trees = Vec::new();
+        for (name, blob) in [
+            ("plain", plain.clone()),
+            ("gzip", gzip(&plain)),
+            ("zstd", zstd::encode_all(&plain[..], 3).unwrap()),
+        ] {
+            let dest = tmp.path().join(name);
+            fs::create_dir(&dest).unwrap();
+            let stats = unpack_bytes(&blob, &dest).unwrap();
+            assert_eq!(stats.diff_id, sha(&plain), "{name}");
+            assert_eq!(stats.size, plain.len() as u64, "{name}");
+            assert_eq!(stats.entries, 14, "{name}");
+            trees.push(snapshot(&dest));
+        }
+        assert_eq!(trees[0], trees[1]);
+        assert_eq!(trees[0], trees[2]);
+    }
+
+    #[test]
+    fn root_metadata_file_by_file() {
+        if !require_root("root_metadata_file_by_file") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        unpack_bytes(&rich_tar(), d).unwrap();
+        let meta = |p: &str| fs::symlink_metadata(d.join(p)).unwrap();
+
+        let su = meta("bin/su");
+        assert_eq!(su.mode() & 0o7777, 0o4755, "setuid kept after chown");
+        assert_eq!((su.uid(), su.gid()), (1234, 5678));
+        assert_eq!(su.mtime(), 1_500_000_000);
+        assert_eq!(su.nlink(), 2);
+        assert_eq!(meta("bin/su-hard").ino(), su.ino());
+
+        let tmpdir = meta("tmp");
+        assert!(tmpdir.is_dir());
+        assert_eq!(tmpdir.mode() & 0o7777, 0o1777);
+        assert_eq!(
+            tmpdir.mtime(),
+            1_400_000_000,
+            "dir mtime set after its content"
+        );
+        assert_eq!(meta("tmp/inner").mode() & 0o7777, 0o600);
+        assert_eq!(meta("bin").mtime(), MTIME as i64);
+        // Implicit parents get 0755.
+        assert_eq!(meta("etc").mode() & 0o7777, 0o755);
+
+        assert_eq!(
+            fs::read_link(d.join("etc/link")).unwrap(),
+            Path::new("../bin/su")
+        );
+        assert_eq!(
+            fs::read_link(d.join("abs")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+        assert_eq!(meta("abs").mtime(), MTIME as i64);
+
+        let null = meta("dev/null");
+        assert!(null.file_type().is_char_device());
+        assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
+        assert_eq!(null.mode() & 0o7777, 0o644);
+        let lp = meta("dev/loop0");
+        assert!(lp.file_type().is_block_device());
+        assert_eq!(lp.rdev(), nix::sys::stat::makedev(7, 0));
+        assert!(meta("dev/fifo").file_type().is_fifo());
+
+        let long = format!("deep/{}/file", "n".repeat(120));
+        assert_eq!(fs::read(d.join(long)).unwrap(), b"long gnu name");
+        let pax_long = d.join(format!("pax/{}/file", "p".repeat(150)));
+        assert_eq!(fs::read(&pax_long).unwrap(), b"pax long name");
+        assert!(!d.join("placeholder").exists());
+        assert_eq!(
+            xattr::get(&pax_long, "user.color").unwrap().unwrap(),
+            b"blue"
+        );
+        assert!(xattr::get(&pax_long, "security.capability")
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            xattr::get(&pax_long, "trusted.overlay.redirect").unwrap(),
+            None
+        );
+        let pm = fs::metadata(&pax_long).unwrap();
+        assert_eq!((pm.mtime(), pm.mtime_nsec()), (1_700_000_000, 500_000_000));
+        assert_eq!(
+            xattr::get(d.join("xdir"), "user.dir").unwrap().unwrap(),
+            b"yes"
+        );
+    }
+
+    #[test]
+    fn root_ownership_not_preserved_when_disabled() {
+        if !require_root("root_ownership_not_preserved_when_disabled") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = UnpackOptions {
+            preserve_ownership: false,
+            ..Default::default()
+        };
+        unpack_layer(&rich_tar()[..], tmp.path(), &opts).unwrap();
+        assert_eq!(fs::metadata(tmp.path().join("bin/su")).unwrap().uid(), 0);
+    }
+
+    #[test]
+    fn root_whiteouts_become_overlay_form() {
+        if !require_root("root_whiteouts_become_overlay_form") {
+            return;
+        }
+        let mut t = TarW::new();
+        t.dir("a/")
+            .file("a/.wh.gone", b"")
+            .file("a/replaced", b"data")
+            .file("a/.wh.replaced", b"")
+            .dir("a/sub/")
+            .file("a/sub/x", b"")
+            .file("a/.wh.sub", b"")
+            .dir("b/")
+            .file("b/.wh..wh..opq", b"")
+            .file("b/keep", b"k")
+            .file("c/.wh..wh..opq", b"")
+            .file(".wh..wh.plnk", b"");
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let stats = unpack_bytes(&t.finish(), d).unwrap();
+        assert_eq!(stats.entries, 12);
+        for w in ["a/gone", "a/replaced", "a/sub"] {
+            let m = fs::symlink_metadata(d.join(w)).unwrap();
+            assert!(m.file_type().is_char_device(), "{w}");
+            assert_eq!(m.rdev(), 0, "{w}");
+        }
+        for not in ["a/.wh.gone", "b/.wh..wh..opq", ".wh..wh.plnk", "a/sub/x"] {
+            assert!(fs::symlink_metadata(d.join(not)).is_err(), "{not}");
+        }
+        assert_eq!(
+            xattr::get(d.join("b"), OVERLAY_OPAQUE_XATTR)
+                .unwrap()
+                .unwrap(),
+            b"y"
+        );
+        assert_eq!(
+            xattr::get(d.join("c"), OVERLAY_OPAQUE_XATTR)
+                .unwrap()
+                .unwrap(),
+            b"y"
+        );
+        assert_eq!(xattr::get(d.join("a"), OVERLAY_OPAQUE_XATTR).unwrap(), None);
+        assert_eq!(fs::read(d.join("b/keep")).unwrap(), b"k");
+    }
+
+    #[test]
+    fn root_duplicates_later_wins() {
+        if !require_root("root_duplicates_later_wins") {
+            return;
+        }
+        let mut t = TarW::new();
+        t.file("f", b"one")
+            .file("f", b"two")
+            .dir("d/")
+            .file("d/a", b"a")
+            .add(b"d/", EntryType::Directory, b"", |h| h.set_mode(0o700))
+            .file("d/b", b"b")
+            .dir("x/")
+            .file("x/inner", b"")
+            .file("x", b"file over dir")
+            .file("y", b"")
+            .dir("y/")
+            .link(EntryType::Symlink, "s", "/nowhere")
+            .file("s", b"file over symlink");
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        unpack_bytes(&t.finish(), d).unwrap();
+        assert_eq!(fs::read(d.join("f")).unwrap(), b"two");
+        assert_eq!(fs::read(d.join("d/a")).unwrap(), b"a", "dirs merge");
+        assert_eq!(fs::read(d.join("d/b")).unwrap(), b"b");
+        assert_eq!(fs::metadata(d.join("d")).unwrap().mode() & 0o7777, 0o700);
+        assert_eq!(fs::read(d.join("x")).unwrap(), b"file over dir");
+        assert!(fs::symlink_metadata(d.join("y")).unwrap().is_dir());
+        assert_eq!(fs::read(d.join("s")).unwrap(), b"file over symlink");
+    }
+
+    /// Everything in `root` except the subtree `skip`.
+    fn outside_snapshot(root: &Path, skip: &Path) -> BTreeMap<PathBuf, String> {
+        let rel = skip.strip_prefix(root).unwrap();
+        snapshot(root)
+            .into_iter()
+            .filter(|(p, _)| !p.starts_with(rel) || p == rel)
+            .map(|(p, v)| if p == rel { (p, String::new()) } else { (p, v) })
+            .collect()
+    }
+
+    #[test]
+    fn root_hostile_corpus_is_refused() {
+        if !require_root("root_hostile_corpus_is_refused") {
+            return;
+        }
+        type Case = (&'static str, Box<dyn Fn(&mut TarW)>, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                "dotdot",
+                Box::new(|t| {
+                    t.file("../evil", b"x");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "dotdot-inner",
+                Box::new(|t| {
+                    t.file("a/../../evil", b"x");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "absolute",
+                Box::new(|t| {
+                    t.file("/tmp/evil", b"x");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "gnu-long-dotdot",
+                Box::new(|t| {
+                    let name = format!("{}/../../../evil", "a/".repeat(60));
+                    t.file(&name, b"x");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "pax-path-dotdot",
+                Box::new(|t| {
+                    t.pax(&[("path", b"../outside/evil")])
+                        .file("innocent", b"x");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "symlink-parent-relative",
+                Box::new(|t| {
+                    t.link(EntryType::Symlink, "up", "..").file("up/evil", b"x");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "symlink-parent-absolute",
+                Box::new(|t| {
+                    t.link(EntryType::Symlink, "out", "/")
+                        .file("out/evil", b"x");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "dir-replaced-by-symlink",
+                Box::new(|t| {
+                    t.dir("d/")
+                        .file("d/ok", b"")
+                        .link(EntryType::Symlink, "d", "..")
+                        .file("d/evil", b"x");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "symlink-parent-dir-entry",
+                Box::new(|t| {
+                    t.link(EntryType::Symlink, "up", "..").dir("up/evildir/");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "symlink-parent-device",
+                Box::new(|t| {
+                    t.link(EntryType::Symlink, "up", "..").node(
+                        EntryType::Char,
+                        "up/evilnode",
+                        1,
+                        3,
+                    );
+                }),
+                "UnsafePath",
+            ),
+            (
+                "whiteout-through-symlink",
+                Box::new(|t| {
+                    t.link(EntryType::Symlink, "up", "..")
+                        .file("up/.wh.outside", b"");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "opaque-through-symlink",
+                Box::new(|t| {
+                    t.link(EntryType::Symlink, "up", "..")
+                        .file("up/.wh..wh..opq", b"");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "whiteout-dotdot-name",
+                Box::new(|t| {
+                    t.file(".wh...", b"");
+                }),
+                "UnsafePath",
+            ),
+            (
+                "hardlink-absolute",
+                Box::new(|t| {
+                    t.link(EntryType::Link, "h", "/etc/passwd");
+                }),
+                "UnsafeLink",
+            ),
+            (
+                "hardlink-dotdot",
+                Box::new(|t| {
+                    t.link(EntryType::Link, "h", "../outside/secret");
+                }),
+                "UnsafeLink",
+            ),
+            (
+                "hardlink-through-symlink",
+                Box::new(|t| {
+                    t.link(EntryType::Symlink, "up", "..").link(
+                        EntryType::Link,
+                        "h",
+                        "up/outside/secret",
+                    );
+                }),
+                "UnsafeLink",
+            ),
+            (
+                "hardlink-missing",
+                Box::new(|t| {
+                    t.link(EntryType::Link, "h", "not-yet");
+                }),
+                "UnsafeLink",
+            ),
+            (
+                "hardlink-self",
+                Box::new(|t| {
+                    t.file("h", b"").link(EntryType::Link, "h", "h");
+                }),
+                "UnsafeLink",
+            ),
+            (
+                "unsupported-type",
+                Box::new(|t| {
+                    t.add(b"vol", EntryType::new(b'V'), b"", |_| {});
+                }),
+                "Unsupported",
+            ),
+        ];
+        for (name, build, want) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let outside = tmp.path().join("outside");
+            fs::create_dir(&outside).unwrap();
+            fs::write(outside.join("secret"), b"secret").unwrap();
+            // dest two levels down, so "../" and "../../" land in watched places.
+            let dest = tmp.path().join("store/dest");
+            fs::create_dir_all(&dest).unwrap();
+            let before = outside_snapshot(tmp.path(), &dest);
+            let mut t = TarW::new();
+            build(&mut t);
+            let err = unpack_bytes(&t.finish(), &dest).expect_err(name);
+            let dbg = format!("{err:?}");
+            assert!(dbg.starts_with(want), "{name}: got {dbg}");
+            assert!(err.to_string().contains("entry"), "{name}: {err}");
+            assert_eq!(before, outside_snapshot(tmp.path(), &dest), "{name}");
+            assert!(!Path::new("/tmp/evil").exists() && !Path::new("/evil").exists());
+            assert!(!Path::new("/evildir").exists() && !Path::new("/evilnode").exists());
+        }
+    }
+
+    #[test]
+    fn corrupt_and_truncated_streams_are_errors() {
+        let mut t = TarW::new();
+        let big: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        t.file("big", &big).file("after", b"x");
+        let plain = t.finish();
+        let gz = gzip(&plain);
+        let zs = zstd::encode_all(&plain[..], 3).unwrap();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("gzip-truncated", gz[..gz.len() / 2].to_vec()),
+            ("gzip-no-trailer", gz[..gz.len() - 4].to_vec()),
+            ("gzip-garbage", {
+                let mut g = gz.clone();
+                for b in &mut g[100..200] {
+                    *b ^= 0x5a;
+                }
+                g
+            }),
+            ("zstd-truncated", zs[..zs.len() / 2].to_vec()),
+            ("plain-truncated-data", plain[..100_000].to_vec()),
+            ("plain-truncated-header", plain[..300].to_vec()),
+            ("plain-bad-checksum", {
+                let mut p = plain.clone();
+                p[0] ^= 1;
+                p
+            }),
+        ];
+        for (name, blob) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let opts = UnpackOptions {
+                preserve_ownership: false,
+                ..Default::default()
+            };
+            let err = unpack_layer(&blob[..], tmp.path(), &opts).expect_err(name);
+            assert!(
+                matches!(
+                    err,
+                    UnpackError::Stream { .. } | UnpackError::Truncated { .. }
+                ),
+                "{name}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn decompression_bomb_is_refused() {
+        let zeros = vec![0u8; 8 << 20];
+        let mut t = TarW::new();
+        t.file("zeros", &zeros);
+        let blob = gzip(&t.finish());
+        assert!(blob.len() < 100_000);
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = UnpackOptions {
+            max_size: 1 << 20,
+            preserve_ownership: false,
+        };
+        let err = unpack_layer(&blob[..], tmp.path(), &opts).unwrap_err();
+        assert!(
+            matches!(err, UnpackError::TooLarge { limit } if limit == 1 << 20),
+            "{err:?}"
+        );
+        // Aborted early: not the whole 8 MiB file was written.
+        let written = fs::metadata(tmp.path().join("zeros"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(written <= 1 << 20, "{written}");
+        // The exact size passes.
+        let tmp2 = tempfile::tempdir().unwrap();
+        let plain_len = (8 << 20) + 512 + 1024;
+        let opts = UnpackOptions {
+            max_size: plain_len,
+            preserve_ownership: false,
+        };
+        unpack_layer(&blob[..], tmp2.path(), &opts).unwrap();
+    }
+
+    #[test]
+    fn huge_extension_header_is_refused() {
+        let mut t = TarW::new();
+        t.file("first", b"")
+            .pax(&[("comment", &vec![b'x'; 20 << 20])])
+            .file("second", b"");
+        let blob = gzip(&t.finish());
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = UnpackOptions {
+            preserve_ownership: false,
+            ..Default::default()
+        };
+        let err = unpack_layer(&blob[..], tmp.path(), &opts).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::HeadersTooLarge { after, .. } if after == "first"),
+            "{err:?}"
+        );
+        // Large data in a non-file entry is skipped without being held in memory.
+        let mut t = TarW::new();
+        t.add(b"dir/", EntryType::Directory, &vec![0u8; 20 << 20], |_| {})
+            .file("after", b"a");
+        let tmp = tempfile::tempdir().unwrap();
+        unpack_layer(&gzip(&t.finish())[..], tmp.path(), &opts).unwrap();
+        assert_eq!(fs::read(tmp.path().join("after")).unwrap(), b"a");
+    }
+
+    /// Counts what the unpacker pulled from the raw blob.
+    struct Counting<'a> {
+        data: &'a [u8],
+        pos: usize,
+    }
+    impl Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.data.len() - self.pos).min(7919);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn input_is_read_to_the_end() {
+        let mut t = TarW::new();
+        t.file("a", b"hello");
+        let mut plain = t.finish();
+        // Docker pads tars to a 10 KiB record; that padding is part of the diff_id.
+        plain.resize(10240, 0);
+        let opts = UnpackOptions {
+            preserve_ownership: false,
+            ..Default::default()
+        };
+        for blob in [
+            plain.clone(),
+            gzip(&plain),
+            zstd::encode_all(&plain[..], 1).unwrap(),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut r = Counting {
+                data: &blob,
+                pos: 0,
+            };
+            let stats = unpack_layer(&mut r, tmp.path(), &opts).unwrap();
+            assert_eq!(r.pos, blob.len());
+            assert_eq!(stats.diff_id, sha(&plain));
+            assert_eq!(stats.size, 10240);
+            assert_eq!(stats.entries, 1);
+        }
+        // Two concatenated gzip members are one valid stream.
+        let mut two = gzip(&plain[..512]);
+        two.extend(gzip(&plain[512..]));
+        let tmp = tempfile::tempdir().unwrap();
+        let stats = unpack_layer(&two[..], tmp.path(), &opts).unwrap();
+        assert_eq!(stats.diff_id, sha(&plain));
+    }
+
+    #[test]
+    fn empty_input_is_an_empty_layer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stats = unpack_layer(&b""[..], tmp.path(), &UnpackOptions::default()).unwrap();
+        assert_eq!(stats.entries, 0);
+        assert_eq!(stats.diff_id, sha(b""));
+    }
 }
