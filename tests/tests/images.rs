@@ -632,3 +632,93 @@ fn prune_removes_untagged_images_and_unused_layers() {
         .count();
     assert_eq!(blobs, 0);
 }
+
+/// A pulled multi-layer image becomes an overlay root with the merged view (whiteouts applied,
+/// writes in the upper dir), and the copy backend gives the same view; removal leaves no mount.
+#[test]
+fn pulled_image_becomes_overlay_and_copy_rootfs() {
+    use containerizer::image::{rootfs, Store};
+    if !tools() || !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(tmp.path(), "fs").unwrap();
+    umoci_layer(&layout, "fs", |root| {
+        fs::create_dir_all(root.join("data"))?;
+        fs::write(root.join("data/gone"), "x")?;
+        fs::write(root.join("data/kept"), "y")?;
+        Ok(())
+    })
+    .unwrap();
+    umoci_layer(&layout, "fs", |root| {
+        fs::remove_file(root.join("data/gone"))?;
+        fs::write(root.join("data/kept"), "z")?;
+        Ok(())
+    })
+    .unwrap();
+    let reg = Registry::start().unwrap();
+    reg.push(
+        &format!("oci:{}:fs", layout.display()),
+        "t/fs:1",
+        "v2s2",
+        None,
+    )
+    .unwrap();
+    let c = Caisson::new();
+    let name = format!("{}/t/fs:1", reg.addr);
+    c.ok(&["pull", &name]);
+
+    let store = Store::open(c.root.path()).unwrap();
+    let rec = store.resolve(&name).unwrap();
+    let mut views = Vec::new();
+    for (i, backend) in [rootfs::Backend::Overlay, rootfs::Backend::Copy]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = c.root.path().join(format!("containers/c{i}"));
+        fs::create_dir_all(&dir).unwrap();
+        let r = store.create_rootfs(&rec, &dir, backend).unwrap();
+        assert!(
+            !r.path.join("data/gone").exists(),
+            "{backend:?}: whiteout applied"
+        );
+        assert_eq!(fs::read_to_string(r.path.join("data/kept")).unwrap(), "z");
+        assert_busybox_tree(&r.path);
+        fs::write(r.path.join("etc/new"), "w").unwrap();
+        if let Some(upper) = &r.upper {
+            assert_eq!(fs::read_to_string(upper.join("etc/new")).unwrap(), "w");
+        }
+        let mut names: Vec<String> = walk(&r.path);
+        names.sort();
+        views.push(names);
+        // The image is in use while the container exists.
+        let (code, _, err) = c.run(&["rmi", &name]);
+        assert_eq!(code, 1);
+        assert!(err.contains("in use"), "{err}");
+        rootfs::remove(&dir).unwrap();
+        assert!(!dir.exists());
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(c.root.path().to_str().unwrap()),
+            "mount leaked"
+        );
+    }
+    assert_eq!(views[0], views[1], "overlay and copy show the same tree");
+    c.ok(&["rmi", &name]);
+    assert_eq!(c.layer_count(), 0);
+}
+
+fn walk(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}

@@ -420,6 +420,21 @@ impl Store {
             .collect()
     }
 
+    /// Builds a container's root filesystem from `record` in `container_dir` (an existing empty
+    /// dir, normally `containers/<id>/`), and marks the image as in use by it.
+    pub fn create_rootfs(
+        &self,
+        record: &ImageRecord,
+        container_dir: &Path,
+        backend: super::rootfs::Backend,
+    ) -> Result<super::rootfs::Rootfs> {
+        let lowers = self.layer_dirs(record)?;
+        let rootfs = super::rootfs::create(&lowers, container_dir, backend)?;
+        fs::write(container_dir.join("image-id"), &record.id)
+            .ctx(|| format!("writing image-id in {}", container_dir.display()))?;
+        Ok(rootfs)
+    }
+
     /// Image ids used by containers (from `containers/<id>/image-id`), with the containers.
     fn images_in_use(&self) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
