@@ -305,6 +305,14 @@ pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// How a hand-made layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
 /// Writes blobs into an OCI layout by hand (for indexes and hostile layers).
 pub struct LayoutWriter {
     pub dir: PathBuf,
@@ -328,16 +336,37 @@ impl LayoutWriter {
     /// Writes an image made of the given uncompressed layer tars (gzip-compressed here) and
     /// returns the manifest descriptor JSON.
     pub fn image(&self, layers: &[Vec<u8>], arch: &str, cmd: &[&str]) -> Result<serde_json::Value> {
+        let layers: Vec<(Vec<u8>, Compression)> =
+            layers.iter().map(|l| (l.clone(), Compression::Gzip)).collect();
+        self.image_with(&layers, arch, cmd)
+    }
+
+    /// Like [`LayoutWriter::image`], choosing each layer's compression.
+    pub fn image_with(
+        &self,
+        layers: &[(Vec<u8>, Compression)],
+        arch: &str,
+        cmd: &[&str],
+    ) -> Result<serde_json::Value> {
         let mut descs = Vec::new();
         let mut diff_ids = Vec::new();
-        for tar in layers {
+        for (tar, compression) in layers {
             diff_ids.push(sha256(tar));
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            gz.write_all(tar)?;
-            let (d, size) = self.blob(&gz.finish()?)?;
-            descs.push(serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": d, "size": size}));
+            let (blob, media_type) = match compression {
+                Compression::None => (tar.clone(), "application/vnd.oci.image.layer.v1.tar"),
+                Compression::Gzip => {
+                    let mut gz =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    gz.write_all(tar)?;
+                    (gz.finish()?, "application/vnd.oci.image.layer.v1.tar+gzip")
+                }
+                Compression::Zstd => (
+                    zstd::encode_all(&tar[..], 3)?,
+                    "application/vnd.oci.image.layer.v1.tar+zstd",
+                ),
+            };
+            let (d, size) = self.blob(&blob)?;
+            descs.push(serde_json::json!({"mediaType": media_type, "digest": d, "size": size}));
         }
         let config = serde_json::json!({
             "architecture": arch, "os": "linux",

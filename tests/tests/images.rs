@@ -568,16 +568,28 @@ fn pull_killed_midway_leaves_nothing_half_visible() {
     .unwrap();
     let name = format!("{}/test/big:1", reg.addr);
     let c = Caisson::new();
-    for delay_ms in [30u64, 150] {
-        let mut child = c.cmd().args(["pull", "-q", &name]).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
-        let (code, out, _) = c.run(&["images", "--json"]);
-        assert_eq!(code, 0);
-        let v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-        assert!(v.is_empty() || v[0]["Names"][0] == name.as_str(), "{v:?}");
-    }
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // First kill: while the first layers are being unpacked into work dirs.
+    let mut child = c.cmd().args(["pull", "-q", &name]).spawn().unwrap();
+    wait_for("a work dir", &|| !c.tmp_entries().is_empty());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(c.images_json().is_empty(), "no image after a killed pull");
+    // Second kill: after at least one layer was committed, before the image is recorded.
+    let mut child = c.cmd().args(["pull", "-q", &name]).spawn().unwrap();
+    wait_for("a committed layer", &|| c.layer_count() >= 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (code, out, _) = c.run(&["images", "--json"]);
+    assert_eq!(code, 0);
+    let v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(v.is_empty() || c.layer_count() == 3, "image visible only when whole: {v:?}");
     c.ok(&["pull", "-q", &name]);
     let v = c.inspect(&name);
     assert_eq!(v["Layers"].as_array().unwrap().len(), 3);
@@ -721,4 +733,46 @@ fn walk(root: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// gzip, zstd and uncompressed layers in one image, through a real registry.
+#[test]
+fn gzip_zstd_and_plain_layers() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = LayoutWriter::new(&tmp.path().join("mixed")).unwrap();
+    let m = w
+        .image_with(
+            &[
+                (RawTar::new().dir("d").file("d/gz", b"gzip layer").finish(), Compression::Gzip),
+                (RawTar::new().file("d/zst", b"zstd layer").finish(), Compression::Zstd),
+                (RawTar::new().file("d/plain", b"plain layer").finish(), Compression::None),
+            ],
+            "amd64",
+            &["/x"],
+        )
+        .unwrap();
+    w.index(vec![m], "mixed", false).unwrap();
+    let reg = Registry::start().unwrap();
+    reg.push(&format!("oci:{}:mixed", w.dir.display()), "t/mixed:1", "oci", None)
+        .unwrap();
+    let c = Caisson::new();
+    let name = format!("{}/t/mixed:1", reg.addr);
+    c.ok(&["pull", &name]);
+    let layers = c.inspect(&name)["Layers"].clone();
+    let types: Vec<&str> = layers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["media_type"].as_str().unwrap())
+        .collect();
+    assert!(types[1].ends_with("+zstd") && types[2].ends_with(".tar"), "{types:?}");
+    for (i, (f, want)) in [("d/gz", "gzip layer"), ("d/zst", "zstd layer"), ("d/plain", "plain layer")]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(fs::read_to_string(c.layer_dir(&name, i).join(f)).unwrap(), *want);
+    }
 }

@@ -51,7 +51,6 @@ pub struct HashingReader<R> {
     hasher: Sha256,
     count: u64,
     limit: Option<u64>,
-    on_bytes: Option<Box<dyn FnMut(u64) + Send>>,
 }
 
 impl<R: Read> HashingReader<R> {
@@ -61,14 +60,7 @@ impl<R: Read> HashingReader<R> {
             hasher: Sha256::new(),
             count: 0,
             limit,
-            on_bytes: None,
         }
-    }
-
-    /// Calls `f` with the size of each chunk read (for progress display).
-    pub fn with_progress(mut self, f: Box<dyn FnMut(u64) + Send>) -> Self {
-        self.on_bytes = Some(f);
-        self
     }
 
     /// Reads whatever is left (so the digest covers the whole blob) and returns digest and size.
@@ -91,9 +83,6 @@ impl<R: Read> Read for HashingReader<R> {
                     format!("blob is larger than its declared size of {limit} bytes"),
                 ));
             }
-        }
-        if let Some(f) = self.on_bytes.as_mut() {
-            f(n as u64);
         }
         Ok(n)
     }
