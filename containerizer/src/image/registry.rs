@@ -11,6 +11,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
+use oci_client::RegistryOperation;
 use oci_client::{Client, Reference};
 use std::io::Read;
 use std::sync::{Arc, Once};
@@ -48,7 +49,7 @@ fn map_err(image: &ImageRef, e: OciDistributionError) -> Error {
         OciDistributionError::AuthenticationFailure(message) => Error::Unauthorized {
             image: image_s,
             registry,
-            message,
+            message: format!("the token server refused the credentials: {message}"),
         },
         OciDistributionError::UnauthorizedError { url } => Error::Unauthorized {
             image: image_s,
@@ -172,6 +173,29 @@ impl BlobOpener for RegistryBlobs {
     }
 }
 
+/// Fetches the manifest `reference` names, first authenticating when there are credentials.
+///
+/// oci-client fetches bearer tokens lazily and ignores a failed token request (its
+/// `get_auth_token` drops the error of `_auth`): the request then goes out without credentials
+/// and a wrong password looks exactly like no credentials. Calling `auth` first surfaces the
+/// token server's refusal (`AuthenticationFailure`) and caches the token (or, for a Basic
+/// challenge, the credentials) for every later request of this pull.
+async fn first_manifest(
+    client: &Client,
+    reference: &Reference,
+    auth: &RegistryAuth,
+) -> std::result::Result<(Vec<u8>, String), OciDistributionError> {
+    if matches!(auth, RegistryAuth::Basic(..)) {
+        client
+            .auth(reference, auth, RegistryOperation::Pull)
+            .await?;
+    }
+    let (bytes, digest) = client
+        .pull_manifest_raw(reference, auth, manifest::ACCEPTED)
+        .await?;
+    Ok((bytes.to_vec(), digest))
+}
+
 /// Pulls `image` into `store` and returns its record.
 pub async fn pull(
     store: &Store,
@@ -191,9 +215,7 @@ pub async fn pull(
     let plain_http = opts.tls_verify.is_none() && image.is_loopback();
     let mut client = client(opts, plain_http);
     let reference = image.oci().clone();
-    let first = client
-        .pull_manifest_raw(&reference, &auth, manifest::ACCEPTED)
-        .await;
+    let first = first_manifest(&client, &reference, &auth).await;
     let (bytes, digest) = match first {
         // podman's --tls-verify=false also allows plain HTTP: fall back when TLS fails.
         Err(OciDistributionError::RequestError(e))
@@ -203,8 +225,7 @@ pub async fn pull(
         {
             tracing::info!(%image, "TLS connection failed, retrying over plain HTTP");
             client = self::client(opts, true);
-            client
-                .pull_manifest_raw(&reference, &auth, manifest::ACCEPTED)
+            first_manifest(&client, &reference, &auth)
                 .await
                 .map_err(|e| map_err(image, e))?
         }
