@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// Mount the root filesystem read-only.
     #[arg(long = "read-only")]
     read_only: bool,
+    /// Write the container id to this file.
+    #[arg(long)]
+    cidfile: Option<PathBuf>,
     /// The first argument is a prepared root filesystem directory, not an image.
     #[arg(long)]
     rootfs: bool,
@@ -244,6 +247,9 @@ fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
     let spec = build_spec(&a)?;
     let rt = Runtime::new(root);
     let mut launched = rt.launch(spec)?;
+    if let Some(f) = &a.cidfile {
+        std::fs::write(f, &launched.id).with_context(|| format!("writing {}", f.display()))?;
+    }
     if a.detach {
         println!("{}", launched.id);
         drop(launched);

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a command in a new container.
-    Run(containers::RunArgs),
+    Run(Box<containers::RunArgs>),
     /// List containers.
     Ps(containers::PsArgs),
     /// Show a container's output.
@@ -48,7 +48,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run(a) => containers::run(&cli.root, a),
+        Cmd::Run(a) => containers::run(&cli.root, *a),
         Cmd::Ps(a) => containers::ps(&cli.root, a),
         Cmd::Logs(a) => containers::logs(&cli.root, a),
         Cmd::Kill(a) => containers::kill(&cli.root, a),

@@ -335,7 +335,7 @@ fn mask(p: &str) -> Result<(), ChildError> {
     }
 }
 
-fn mount_proc_dev_sys(root: &Path, network: NetworkMode) -> Result<(), ChildError> {
+fn mount_proc_dev_sys(root: &Path, _network: NetworkMode) -> Result<(), ChildError> {
     let none: Option<&str> = None;
     let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     let proc_ = root.join("proc");
@@ -426,7 +426,7 @@ fn mount_proc_dev_sys(root: &Path, network: NetworkMode) -> Result<(), ChildErro
         nosuid_noexec_nodev | MsFlags::MS_RDONLY,
         none,
     );
-    if sysfs.is_err() || network == NetworkMode::Host && sysfs.is_err() {
+    if sysfs.is_err() {
         // Without a network namespace of our own, sysfs may refuse a new mount: bind the host's.
         bind(Path::new("/sys"), &sys_, true)?;
     }
@@ -440,10 +440,10 @@ fn mount_etc_files(root: &Path, dir: &TaskDir, readonly: bool) -> Result<(), Chi
     }
     for f in ["hostname", "hosts", "resolv.conf"] {
         let target = resolve_in_root(root, &format!("/etc/{f}"));
-        if fs::symlink_metadata(&target).is_err() {
-            if readonly || fs::File::create(&target).is_err() {
-                continue;
-            }
+        if fs::symlink_metadata(&target).is_err()
+            && (readonly || fs::File::create(&target).is_err())
+        {
+            continue;
         }
         bind(&dir.etc().join(f), &target, false)?;
     }
@@ -565,7 +565,7 @@ fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<Ids, ChildEr
     } else if !name.is_empty() {
         groups = groups_file
             .iter()
-            .filter(|(_, _, members)| members.iter().any(|m| *m == name))
+            .filter(|(_, _, members)| members.contains(&name))
             .map(|(_, id, _)| *id)
             .collect();
     }
