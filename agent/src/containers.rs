@@ -11,7 +11,7 @@ use containerizer::launch::{
     self, process_from_image, LaunchError, Limits, NetworkMode, ProcessOverrides, Runtime, Status,
     TaskInfo, TaskSpec, Volume,
 };
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SigSet, Signal};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// Mount the root filesystem read-only.
     #[arg(long = "read-only")]
     read_only: bool,
+    /// Security options: `seccomp=unconfined` disables the default seccomp filter.
+    #[arg(long = "security-opt")]
+    security_opt: Vec<String>,
     /// Write the container id to this file.
     #[arg(long)]
     cidfile: Option<PathBuf>,
@@ -219,6 +222,18 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<TaskSpec> {
         .iter()
         .map(|v| v.parse::<Volume>())
         .collect::<Result<Vec<_>, _>>()?;
+    let mut seccomp_unconfined = false;
+    for o in &a.security_opt {
+        match o.as_str() {
+            "seccomp=unconfined" | "seccomp:unconfined" => seccomp_unconfined = true,
+            "no-new-privileges" | "no-new-privileges=true" => {}
+            other => {
+                return Err(
+                    LaunchError::Invalid(format!("unsupported --security-opt {other:?}")).into(),
+                )
+            }
+        }
+    }
     let memory = match &a.memory {
         Some(m) => Some(parse_size(m).map_err(|e| LaunchError::Invalid(e.to_string()))?),
         None => None,
@@ -239,6 +254,7 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<TaskSpec> {
             pids: a.pids_limit,
         },
         auto_remove: a.rm,
+        seccomp_unconfined,
         ..Default::default()
     })
 }
@@ -254,6 +270,28 @@ fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
         println!("{}", launched.id);
         drop(launched);
         return Ok(0);
+    }
+    // Forward the usual termination signals to the task (podman's --sig-proxy).
+    let mut proxied = SigSet::empty();
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        proxied.add(sig);
+    }
+    proxied.thread_block()?;
+    {
+        let rt = rt.clone();
+        let id = launched.id.clone();
+        std::thread::spawn(move || {
+            while let Ok(sig) = proxied.wait() {
+                let _ = rt.kill(&id, sig);
+            }
+        });
     }
     // Stream the logs while the task runs.
     let dir = rt.dir(&launched.id);
@@ -273,13 +311,14 @@ fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
                     break;
                 }
                 if n == 0 {
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::park_timeout(Duration::from_millis(10));
                 }
             }
         })
     };
     let st = launched.wait();
     done.store(true, Ordering::Release);
+    tail.thread().unpark();
     let _ = tail.join();
     launched.finish();
     let st = st?;

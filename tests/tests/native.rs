@@ -213,6 +213,17 @@ fn root_user_and_capabilities() {
     let caps = u64::from_str_radix(eff, 16).unwrap();
     assert_eq!(caps & (1 << 21), 0, "CAP_SYS_ADMIN must be dropped: {s}");
     assert_ne!(caps & (1 << 0), 0, "CAP_CHOWN must be kept: {s}");
+    // The default seccomp filter: no new user namespaces even without capabilities.
+    let s = stdout_ok(&env.sh(
+        &["--rm", "-u", "app"],
+        "grep '^Seccomp:' /proc/self/status; unshare -U true 2>/dev/null && echo userns || echo no-userns",
+    ));
+    assert_eq!(s, "Seccomp:\t2\nno-userns\n");
+    let s = stdout_ok(&env.sh(
+        &["--rm", "-u", "app", "--security-opt", "seccomp=unconfined"],
+        "grep '^Seccomp:' /proc/self/status",
+    ));
+    assert_eq!(s, "Seccomp:\t0\n");
 }
 
 #[test]
@@ -709,5 +720,50 @@ fn root_no_leaks_after_many_runs() {
                 "process left: {c}"
             );
         }
+    }
+}
+
+#[test]
+fn root_detached_rm_and_lost_supervisor() {
+    if !root_or_skip("root_detached_rm_and_lost_supervisor") {
+        return;
+    }
+    let env = Env::new();
+    // -d --rm: the supervisor removes the task after it exits.
+    let id = detached(&env, &["--rm"], "sleep 0.3");
+    let dir = env.state_root().join("containers").join(&id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.exists() {
+        assert!(Instant::now() < deadline, "{} not removed", dir.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A supervisor killed with SIGKILL: the task is reported lost, and rm -f still kills the
+    // task's processes and removes its cgroup.
+    let id = detached(&env, &[], "sleep 100");
+    let v = env.wait_status(&id, "running", Duration::from_secs(5));
+    let shim = v["state"]["shim_pid"].as_i64().unwrap() as i32;
+    let task = v["state"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let v = env.wait_status(&id, "lost", Duration::from_secs(5));
+    assert_eq!(v["state"]["reason"], "supervisor gone");
+    let ps = stdout_ok(&env.caisson(&["ps", "-a"]));
+    assert!(ps.contains("Lost"), "{ps}");
+    stdout_ok(&env.caisson(&["rm", "-f", &id]));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{task}/cgroup")).exists() {
+        // The orphaned init may linger as a zombie of the host's init for a moment.
+        let stat = std::fs::read_to_string(format!("/proc/{task}/stat")).unwrap_or_default();
+        if stat.contains(") Z") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task {task} survived rm -f");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in v["state"]["cgroup_paths"].as_array().unwrap() {
+        assert!(!Path::new(p.as_str().unwrap()).exists(), "{p} left behind");
     }
 }

@@ -228,6 +228,10 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         unistd::setresuid(uid, uid, uid).ctx(|| format!("setuid {}", ids.uid))?;
     }
     sys::set_no_new_privs().ctx(|| "no_new_privs".into())?;
+    if !spec.seccomp_unconfined {
+        crate::sys::seccomp::install_default_filter()
+            .ctx(|| "installing the seccomp filter".into())?;
+    }
     unistd::chdir(spec.process.cwd.as_str())
         .map_err(|e| fail(126, format!("chdir to cwd {:?}: {e}", spec.process.cwd)))?;
     umask(Mode::from_bits_truncate(0o022));

@@ -122,6 +122,9 @@ pub struct TaskSpec {
     pub network: NetworkMode,
     #[serde(default)]
     pub limits: Limits,
+    /// Run without the default seccomp filter (`--security-opt seccomp=unconfined`).
+    #[serde(default)]
+    pub seccomp_unconfined: bool,
     /// Remove everything once the task has exited.
     #[serde(default)]
     pub auto_remove: bool,
