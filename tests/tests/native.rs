@@ -387,6 +387,7 @@ fn root_exit_codes_and_bad_input() {
     let out = env.run(&["--name", "dup"], &["true"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("already in use"));
+    assert_eq!(code(env.run(&["--name", "../evil"], &["true"])), Some(125));
     // Nothing left behind by the failures.
     assert_eq!(list_ids(&env).len(), 1);
     let containers = env.state_root().join("containers");
@@ -699,6 +700,8 @@ fn root_no_leaks_after_many_runs() {
     }
     let containers = env.state_root().join("containers");
     assert_eq!(std::fs::read_dir(&containers).unwrap().count(), 0);
+    let names = env.state_root().join("names");
+    assert_eq!(std::fs::read_dir(&names).unwrap().count(), 0);
     for id in &ids {
         for ctrl in ["cpu", "cpuacct", "memory", "pids", "freezer", "devices", ""] {
             let p = Path::new("/sys/fs/cgroup")

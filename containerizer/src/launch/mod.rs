@@ -181,22 +181,46 @@ impl Runtime {
         validate(&spec)?;
         if spec.id.is_empty() {
             spec.id = new_id();
+        } else if !valid_name(&spec.id) || spec.id.len() > 128 {
+            return Err(LaunchError::Invalid(format!(
+                "invalid task id {:?}",
+                spec.id
+            )));
         }
+        let short: String = spec.id.chars().take(12).collect();
         if spec.name.is_empty() {
-            spec.name = spec.id[..12].to_string();
+            spec.name = short.clone();
         }
         if spec.hostname.is_empty() {
-            spec.hostname = spec.id[..12].to_string();
+            spec.hostname = short;
         }
         fs::create_dir_all(self.containers()).map_err(io_err("creating the state root"))?;
-        if self.list()?.iter().any(|t| t.name == spec.name) {
-            return Err(LaunchError::NameInUse(spec.name));
-        }
         let td = self.task_dir(&spec.id);
-        fs::create_dir(&td.dir).map_err(io_err(format!("creating {}", td.dir.display())))?;
-        let res = self.prepare_and_spawn(&td, spec, started_ns);
+        // Names are unique through an index of files created exclusively.
+        let name_file = td.name_file(&spec.name);
+        fs::create_dir_all(name_file.parent().expect("names dir"))
+            .map_err(io_err("creating the name index"))?;
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&name_file)
+        {
+            Ok(mut f) => f
+                .write_all(spec.id.as_bytes())
+                .map_err(io_err("writing the name index"))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(LaunchError::NameInUse(spec.name))
+            }
+            Err(e) => return Err(io_err("creating the name index entry")(e)),
+        }
+        let (id, name) = (spec.id.clone(), spec.name.clone());
+        let res = fs::create_dir(&td.dir)
+            .map_err(io_err(format!("creating {}", td.dir.display())))
+            .and_then(|()| self.prepare_and_spawn(&td, spec, started_ns));
         if res.is_err() {
             let _ = fs::remove_dir_all(&td.dir);
+            let _ = TaskCgroup::load(&id).destroy(Duration::from_secs(5));
+            td.release_name(&name, &id);
         }
         res
     }
@@ -412,6 +436,7 @@ impl Runtime {
         }
         TaskCgroup::load(id).destroy(Duration::from_secs(10))?;
         let td = self.task_dir(id);
+        td.release_name(&info.name, id);
         match fs::remove_dir_all(&td.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -449,7 +474,20 @@ fn refresh(mut st: TaskState, td: &TaskDir) -> TaskState {
     st
 }
 
+/// podman's rule for names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
 fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
+    if !spec.name.is_empty() && !valid_name(&spec.name) {
+        return Err(LaunchError::Invalid(format!(
+            "invalid container name {:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+            spec.name
+        )));
+    }
     if spec.process.args.is_empty() {
         return Err(LaunchError::Invalid("no command specified".into()));
     }

@@ -144,6 +144,24 @@ impl TaskDir {
         self.dir.join("sandbox")
     }
 
+    /// `<root>/names/<name>`: the name index entry (holds the id) that makes names unique.
+    pub fn name_file(&self, name: &str) -> PathBuf {
+        let root = self
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
+        root.join("names").join(name)
+    }
+
+    /// Removes the name index entry of this task, if it still points to `id`.
+    pub fn release_name(&self, name: &str, id: &str) {
+        let f = self.name_file(name);
+        if fs::read_to_string(&f).is_ok_and(|s| s == id) {
+            let _ = fs::remove_file(f);
+        }
+    }
+
     pub fn read_config(&self) -> std::io::Result<TaskConfig> {
         read_json(&self.config())
     }

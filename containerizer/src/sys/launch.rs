@@ -286,3 +286,57 @@ pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.
     unsafe { libc::_exit(code) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cgroup2_mount() -> Option<std::path::PathBuf> {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        mi.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup2"))
+                .then(|| pre.split_whitespace().nth(4).map(Into::into))?
+        })
+    }
+
+    /// clone3 with `CLONE_INTO_CGROUP` (the cgroup v2 path of the launch), on whatever cgroup2
+    /// mount the host has (the whole tree on v2, `/sys/fs/cgroup/unified` on hybrid hosts).
+    #[test]
+    fn root_clone3_into_cgroup() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "needs root under CI");
+            eprintln!("skipping root_clone3_into_cgroup: needs root");
+            return;
+        }
+        let Some(mnt) = cgroup2_mount() else {
+            eprintln!("skipping: no cgroup2 mount");
+            return;
+        };
+        let name = format!("caisson-clone3-test-{}", std::process::id());
+        let dir = mnt.join(&name);
+        std::fs::create_dir(&dir).unwrap();
+        let fd = std::fs::File::open(&dir).unwrap();
+        use std::os::fd::AsRawFd;
+        match clone_fork(0, Some(fd.as_raw_fd())).unwrap() {
+            CloneResult::Child => loop {
+                // SAFETY: pause is async-signal-safe; the child only waits to be killed.
+                unsafe { libc::pause() };
+            },
+            CloneResult::Parent(pid) => {
+                let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+                let _ = std::fs::remove_dir(&dir);
+                assert!(
+                    cg.lines()
+                        .any(|l| l.starts_with("0::") && l.ends_with(&name)),
+                    "{cg}"
+                );
+            }
+        }
+    }
+}
