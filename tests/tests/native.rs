@@ -770,3 +770,84 @@ fn root_detached_rm_and_lost_supervisor() {
         assert!(!Path::new(p.as_str().unwrap()).exists(), "{p} left behind");
     }
 }
+
+/// The library API the agent uses for image tasks: an overlay root filesystem prepared by the
+/// caller, the process merged from an image config, and cleanup of the caller's paths when the
+/// task is removed by the supervisor (`auto_remove`).
+#[test]
+fn root_api_overlay_rootfs_cleanup() {
+    use containerizer::launch::{process_from_image, ProcessOverrides, Runtime, Status, TaskSpec};
+    if !root_or_skip("root_api_overlay_rootfs_cleanup") {
+        return;
+    }
+    let env = Env::new();
+    let base = env.tmp.path().join("ovl");
+    let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        env.rootfs.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap();
+    let config = oci_spec::image::ConfigBuilder::default()
+        .entrypoint(vec!["/bin/sh".to_string(), "-c".to_string()])
+        .cmd(vec!["exit 1".to_string()])
+        .env(vec!["FROM_IMAGE=1".to_string()])
+        .working_dir("/srv".to_string())
+        .build()
+        .unwrap();
+    let process = process_from_image(
+        Some(&config),
+        &ProcessOverrides {
+            cmd: vec!["echo $FROM_IMAGE $(pwd) > /mnt/sandbox/out; touch /written; exit 5".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let shim = caisson_bin().with_file_name("caisson-shim");
+    let rt = Runtime::new(env.state_root()).with_shim(shim);
+    let mut launched = rt
+        .launch(TaskSpec {
+            image: "test/overlay".into(),
+            rootfs: merged.clone(),
+            process,
+            cleanup: vec![merged.clone(), upper.clone(), work.clone()],
+            rootfs_prepare_us: Some(1234),
+            auto_remove: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let dir = launched.dir.clone();
+    let st = launched.wait().unwrap();
+    assert_eq!(st.status, Status::Exited);
+    assert_eq!(st.exit_code, Some(5));
+    assert_eq!(st.timings.rootfs_us, Some(1234));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("sandbox/out")).unwrap(),
+        "1 /srv\n"
+    );
+    // The write went to the upper dir, not to the shared lower rootfs.
+    assert!(upper.join("written").exists());
+    assert!(!env.rootfs.join("written").exists());
+    launched.finish();
+    assert!(!dir.exists(), "task dir left behind");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(merged.to_str().unwrap()),
+        "overlay left mounted"
+    );
+    for d in [&upper, &work, &merged] {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+}

@@ -435,6 +435,7 @@ impl Runtime {
             }
         }
         TaskCgroup::load(id).destroy(Duration::from_secs(10))?;
+        state::cleanup_owned(&info.spec.cleanup);
         let td = self.task_dir(id);
         td.release_name(&info.name, id);
         match fs::remove_dir_all(&td.dir) {

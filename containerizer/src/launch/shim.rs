@@ -223,6 +223,7 @@ pub fn main(dir: &Path) -> i32 {
         let mut buf = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        super::state::cleanup_owned(&spec.cleanup);
         td.release_name(&spec.name, &spec.id);
         if let Err(e) = fs::remove_dir_all(dir) {
             tracing::error!(id = %spec.id, "removing {}: {e}", dir.display());

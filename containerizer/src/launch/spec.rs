@@ -128,6 +128,12 @@ pub struct TaskSpec {
     /// Remove everything once the task has exited.
     #[serde(default)]
     pub auto_remove: bool,
+    /// Host paths the task owns (e.g. the overlay mount point and upper/work dirs the caller
+    /// prepared for it): when the task is removed (`rm`, or `auto_remove` after exit), each is
+    /// unmounted (lazily) if it is a mount point, then deleted recursively. Never list a
+    /// directory the user handed in (`--rootfs DIR`).
+    #[serde(default)]
+    pub cleanup: Vec<PathBuf>,
     /// Time the caller spent preparing the root filesystem, for the phase timings.
     #[serde(default)]
     pub rootfs_prepare_us: Option<u64>,

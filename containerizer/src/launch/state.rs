@@ -196,6 +196,20 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
     fs::rename(&tmp, path)
 }
 
+/// Unmounts (lazily) and deletes the host paths a task owns; errors are logged, not returned,
+/// so that one stuck path does not keep the rest alive.
+pub fn cleanup_owned(paths: &[PathBuf]) {
+    for p in paths {
+        // Unmount every mount stacked on the path.
+        while nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        match fs::remove_dir_all(p).or_else(|_| fs::remove_file(p)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("removing {}: {e}", p.display()),
+        }
+    }
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
