@@ -102,15 +102,21 @@ pub struct ChildArgs<'a> {
 
 /// Runs the setup and execs the task; only returns by exiting the process.
 pub fn run(args: ChildArgs<'_>) -> ! {
-    let mut status = fs::File::from(args.status.try_clone().expect("dup status fd"));
-    let code = match setup_and_exec(&args, &mut status) {
-        Ok(never) => match never {},
-        Err(e) => {
-            let _ = writeln!(status, "E {} {}", e.code, e.message.replace('\n', " "));
-            e.code
+    // A panic must never unwind out of here: the caller's frames belong to the supervisor.
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut status = match args.status.try_clone() {
+            Ok(fd) => fs::File::from(fd),
+            Err(_) => return 125,
+        };
+        match setup_and_exec(&args, &mut status) {
+            Ok(never) => match never {},
+            Err(e) => {
+                let _ = writeln!(status, "E {} {}", e.code, e.message.replace('\n', " "));
+                e.code
+            }
         }
-    };
-    sys::exit_now(code)
+    }));
+    sys::exit_now(res.unwrap_or(125))
 }
 
 enum Never {}

@@ -130,8 +130,15 @@ impl Drop for Launched {
     fn drop(&mut self) {
         drop(self.stdin.take());
         if let Some(mut c) = self.shim.take() {
-            // Reap the supervisor if it is already gone; otherwise it is reparented when we exit.
-            let _ = c.try_wait();
+            // The supervisor is our child: reap it when it ends so that a long-running launcher
+            // (the agent) does not collect zombies. A short-lived one (the CLI) simply exits and
+            // the supervisor is reparented.
+            if !matches!(c.try_wait(), Ok(Some(_))) {
+                let _ = std::thread::Builder::new()
+                    .name("shim-reaper".into())
+                    .stack_size(64 * 1024)
+                    .spawn(move || c.wait());
+            }
         }
     }
 }
@@ -380,6 +387,11 @@ impl Runtime {
     /// final state.
     pub fn stop(&self, id: &str, grace: Duration) -> Result<TaskState, LaunchError> {
         let info = self.info(id)?;
+        if info.state.status == Status::Lost {
+            // No supervisor: nothing will record an exit, just make sure nothing runs.
+            TaskCgroup::load(id).signal_all(Signal::SIGKILL)?;
+            return Ok(info.state);
+        }
         if info.state.status != Status::Running {
             return Ok(info.state);
         }
