@@ -553,13 +553,19 @@ fn root_cpu_quota_and_shares_visible() {
         assert_eq!(read("cpu.cfs_period_us").unwrap(), "100000");
         assert_eq!(read("cpu.shares").unwrap(), "512");
     }
-    // A busy loop gets about half a CPU.
+    // Two busy loops for 1.5 s get at most about half a CPU in total (the quota), visible in
+    // the recorded usage.
     let out = env.sh(
-        &["--rm", "--cpus", "0.5"],
-        "busy() { while :; do :; done; }; busy & p=$!; sleep 1; kill $p; \
-         cat /proc/$$/stat > /dev/null; echo ok",
+        &["--name", "busy", "--cpus", "0.5"],
+        "busy() { while :; do :; done; }; busy & a=$!; busy & b=$!; sleep 1.5; kill $a $b; echo ok",
     );
     assert_eq!(stdout_ok(&out), "ok\n");
+    let v = env.inspect("busy");
+    let cpu_ns = v["state"]["usage"]["cpu_ns"].as_u64().unwrap();
+    assert!(
+        cpu_ns > 50_000_000 && cpu_ns < 1_000_000_000,
+        "cpu time {cpu_ns} ns for 1.5 s at 0.5 CPU"
+    );
     stdout_ok(&env.caisson(&["rm", "-f", &id]));
 }
 
@@ -580,6 +586,11 @@ fn root_logs_and_ps() {
     assert_eq!(text(&out.stderr), "err1\n");
     let out = env.caisson(&["logs", &id[..8]]);
     assert_eq!(text(&out.stdout), "out1\nout2\n");
+    // Foreground run streams everything, in order, to the end.
+    let out = env.sh(&["--rm"], "seq 1 100000");
+    let s = stdout_ok(&out);
+    assert_eq!(s.lines().count(), 100000);
+    assert_eq!(s.lines().last(), Some("100000"));
     // Foreground run streams both.
     let out = env.sh(&["--rm"], "echo o; echo e >&2");
     assert_eq!(text(&out.stdout), "o\n");

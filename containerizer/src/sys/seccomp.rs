@@ -1,6 +1,6 @@
 //! A default seccomp filter in the spirit of docker's profile, as a deny list: the syscalls a
 //! container has no business making (kernel modules, kexec, keyrings, bpf, perf, mount API,
-//! namespace creation and joining, clock setting, swap, reboot, ...) fail with EPERM, `clone`
+//! namespace creation and joining, io_uring, clock setting, swap, reboot, ...) fail with EPERM, `clone`
 //! with namespace flags fails with EPERM, `clone3` fails with ENOSYS (so that libc falls back to
 //! `clone`, whose flags a classic BPF filter can inspect), and foreign architectures (including
 //! the x32 ABI) get ENOSYS. Everything else is allowed.
@@ -71,6 +71,9 @@ pub fn denied_syscalls() -> Vec<libc::c_long> {
         libc::SYS_move_mount,
         libc::SYS_open_tree,
         libc::SYS_mount_setattr,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
     ];
     #[cfg(target_arch = "x86_64")]
     v.extend([
