@@ -840,6 +840,21 @@ fn root_api_overlay_rootfs_cleanup() {
         })
         .unwrap();
     let dir = launched.dir.clone();
+    // Launches are idempotent by task id: a second launch with the same id is refused.
+    let again = rt.launch(TaskSpec {
+        id: launched.id.clone(),
+        rootfs: env.rootfs.clone(),
+        process: containerizer::launch::Process {
+            args: vec!["true".into()],
+            cwd: "/".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    assert!(
+        matches!(again, Err(containerizer::launch::LaunchError::Exists(_))),
+        "{again:?}"
+    );
     let st = launched.wait().unwrap();
     assert_eq!(st.status, Status::Exited);
     assert_eq!(st.exit_code, Some(5));

@@ -40,6 +40,8 @@ pub enum LaunchError {
     NotFound(String),
     #[error("{0:?} matches more than one container")]
     Ambiguous(String),
+    #[error("a task with id {0} already exists")]
+    Exists(String),
     #[error("the container name {0:?} is already in use")]
     NameInUse(String),
     #[error("container {0} is running: stop it first or use --force")]
@@ -168,6 +170,11 @@ impl Runtime {
         }
     }
 
+    /// The state root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Uses `shim` as the supervisor binary.
     pub fn with_shim(mut self, shim: impl Into<PathBuf>) -> Self {
         self.shim = shim.into();
@@ -203,6 +210,9 @@ impl Runtime {
         }
         fs::create_dir_all(self.containers()).map_err(io_err("creating the state root"))?;
         let td = self.task_dir(&spec.id);
+        if td.dir.exists() {
+            return Err(LaunchError::Exists(spec.id));
+        }
         // Names are unique through an index of files created exclusively.
         let name_file = td.name_file(&spec.name);
         fs::create_dir_all(name_file.parent().expect("names dir"))
