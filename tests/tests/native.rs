@@ -877,3 +877,74 @@ fn root_api_overlay_rootfs_cleanup() {
         assert!(!d.exists(), "{} left behind", d.display());
     }
 }
+
+/// The cgroup v2 code path (clone3 into the cgroup, cgroup.kill, removal) on a hybrid host: in a
+/// private mount namespace, the host's cgroup2 mount (`/sys/fs/cgroup/unified`, no controllers
+/// but the core files) is bound over `/sys/fs/cgroup`, so caisson sees a pure v2 layout. On pure
+/// v1 or pure v2 hosts this test has nothing to add and is skipped.
+#[test]
+fn root_cgroup_v2_layout_via_private_mount_namespace() {
+    if !root_or_skip("root_cgroup_v2_layout_via_private_mount_namespace") {
+        return;
+    }
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if !unified.join("cgroup.procs").exists() {
+        eprintln!("skipping: not a hybrid cgroup host");
+        return;
+    }
+    let env = Env::new();
+    let v2 = |args: &[&str]| -> Output {
+        Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                "mount --make-rprivate / && mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup && exec \"$0\" \"$@\"",
+            ])
+            .arg(caisson_bin())
+            .arg("--root")
+            .arg(env.state_root())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let rootfs = env.rootfs.to_str().unwrap();
+    let out = v2(&[
+        "run",
+        "--name",
+        "a",
+        "--rootfs",
+        rootfs,
+        "cat",
+        "/proc/self/cgroup",
+    ]);
+    let s = stdout_ok(&out);
+    assert!(s.contains("0::/caisson/"), "{s}");
+    let a = env.inspect("a");
+    assert_eq!(a["state"]["timings"]["clone_into_cgroup"], true, "{a}");
+    let id_a = a["id"].as_str().unwrap().to_string();
+    let out = v2(&[
+        "run",
+        "-d",
+        "--name",
+        "b",
+        "--rootfs",
+        rootfs,
+        "sh",
+        "-c",
+        "sleep 100 & sleep 100",
+    ]);
+    let id_b = stdout_ok(&out).trim().to_string();
+    env.wait_status(&id_b, "running", Duration::from_secs(5));
+    let procs =
+        std::fs::read_to_string(unified.join("caisson").join(&id_b).join("cgroup.procs")).unwrap();
+    assert_eq!(procs.lines().count(), 2, "{procs}");
+    stdout_ok(&v2(&["stop", "-t", "0", "b"]));
+    let b = env.inspect("b");
+    assert_eq!(b["state"]["exit_code"], 137, "{b}");
+    stdout_ok(&v2(&["rm", "a", "b"]));
+    for id in [id_a, id_b] {
+        let p = unified.join("caisson").join(&id);
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}

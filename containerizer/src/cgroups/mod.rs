@@ -287,6 +287,10 @@ impl TaskCgroup {
 
     /// The cgroup directories (one per hierarchy on v1, one on v2).
     pub fn dirs(&self) -> Vec<PathBuf> {
+        if self.v2 {
+            // Whatever controllers are enabled, the task's cgroup is this one directory.
+            return vec![Path::new(cgroups_rs::fs::hierarchies::UNIFIED_MOUNTPOINT).join(&self.rel)];
+        }
         let mut dirs: Vec<PathBuf> = self
             .cg
             .subsystems()

@@ -169,6 +169,7 @@ pub fn main(dir: &Path) -> i32 {
     timings.mounts_us = t_mounts.saturating_sub(t_ns) / 1000;
     timings.exec_us = t_exec.saturating_sub(t_mounts) / 1000;
     timings.total_us = t_exec.saturating_sub(cfg.launch_started_ns) / 1000;
+    timings.clone_into_cgroup = joined_at_birth;
     state.status = Status::Running;
     state.pid = Some(pid);
     state.started_ms = Some(now_ms());
@@ -193,10 +194,14 @@ pub fn main(dir: &Path) -> i32 {
         }
     };
     let mut usage = cg.usage();
+    // Without cpuacct/memory accounting (e.g. a v2 tree without those controllers), fall back
+    // to the rusage of the reaped task (its largest process, not the cgroup total).
+    let (cpu_us, maxrss) = sys::children_usage();
     if usage.cpu_ns == 0 {
-        let (cpu_us, maxrss) = sys::children_usage();
         usage.cpu_ns = cpu_us * 1000;
-        usage.memory_peak_bytes = usage.memory_peak_bytes.max(maxrss);
+    }
+    if usage.memory_peak_bytes == 0 {
+        usage.memory_peak_bytes = maxrss;
     }
     state.status = Status::Exited;
     state.exit_code = Some(status.0);

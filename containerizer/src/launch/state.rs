@@ -49,6 +49,10 @@ pub struct Timings {
     pub exec_us: u64,
     /// Launcher start to the task running.
     pub total_us: u64,
+    /// The init was born in its cgroup (clone3 `CLONE_INTO_CGROUP`, cgroup v2) rather than
+    /// joining it before its setup (v1).
+    #[serde(default)]
+    pub clone_into_cgroup: bool,
 }
 
 /// The mutable state of a task, written by the supervisor.
