@@ -811,6 +811,14 @@ fn root_api_overlay_rootfs_cleanup() {
         Some(opts.as_str()),
     )
     .unwrap();
+    // Unmount even if an assertion below fails.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(merged.clone());
     let config = oci_spec::image::ConfigBuilder::default()
         .entrypoint(vec!["/bin/sh".to_string(), "-c".to_string()])
         .cmd(vec!["exit 1".to_string()])
