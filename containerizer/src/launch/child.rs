@@ -1,6 +1,6 @@
 //! The task's init between clone and exec: it runs in the new namespaces, as a fork of the
 //! single-threaded supervisor, and never returns. It reports progress and errors to the
-//! supervisor over a close-on-exec pipe, as lines: `N <ns>` (running in the namespaces),
+//! supervisor over a close-on-exec pipe, as lines: `S <ns>` (started in the namespaces),
 //! `M <ns>` (setup done, about to exec), `E <code> <message>` (failed; exit code to report).
 //! EOF without `E` means exec succeeded.
 use std::collections::VecDeque;
@@ -90,8 +90,9 @@ impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
 pub struct ChildArgs<'a> {
     pub spec: &'a TaskSpec,
     pub dir: &'a TaskDir,
-    /// cgroup v1: `cgroup.procs` files to join (write `0`) before anything else.
-    pub join_cgroup: &'a [PathBuf],
+    /// Unless born in its cgroup (v2): the supervisor writes one byte here once it has moved
+    /// the init into its cgroups; the init waits for it before exec (EOF: failed).
+    pub wait_for_cgroup: Option<OwnedFd>,
     /// Whether the device cgroup restricts devices (else CAP_MKNOD is dropped).
     pub device_cgroup: bool,
     pub stdout: &'a OwnedFd,
@@ -122,10 +123,7 @@ pub fn run(args: ChildArgs<'_>) -> ! {
 enum Never {}
 
 fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, ChildError> {
-    for f in a.join_cgroup {
-        fs::write(f, "0").ctx(|| format!("joining cgroup {}", f.display()))?;
-    }
-    let _ = writeln!(status, "N {}", sys::monotonic_ns());
+    let _ = writeln!(status, "S {}", sys::monotonic_ns());
     let spec = a.spec;
     // stdio: stdin from /dev/null, stdout/stderr into the log files.
     sys::dup2(a.devnull.as_raw_fd(), 0).ctx(|| "dup2 stdin".into())?;
@@ -256,6 +254,16 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         .collect::<Result<_, _>>()
         .ctx(|| "environment with a NUL byte".into())?;
     let cexe = CString::new(exe.as_os_str().as_encoded_bytes()).ctx(|| "path".into())?;
+    if let Some(fd) = &a.wait_for_cgroup {
+        let mut b = [0u8; 1];
+        let mut f = fs::File::from(fd.try_clone().ctx(|| "dup".into())?);
+        if !matches!(std::io::Read::read(&mut f, &mut b), Ok(1)) {
+            return Err(fail(
+                125,
+                "the supervisor could not move the task into its cgroup",
+            ));
+        }
+    }
     let _ = writeln!(status, "M {}", sys::monotonic_ns());
     let err = unistd::execve(&cexe, &cargs, &cenv).unwrap_err();
     Err(exec_error(&spec.process.args[0], err))

@@ -40,10 +40,15 @@ pub struct Timings {
     pub spawn_us: u64,
     /// Cgroup creation and limits.
     pub cgroup_us: u64,
-    /// clone3 with the new namespaces until the task's init runs (includes joining the cgroup
-    /// on v1).
+    /// clone3 with the new namespaces until the task's init runs.
     pub namespaces_us: u64,
-    /// Mounts, pivot_root, /proc, /dev, /sys, volumes, masked paths, hostname, user, caps.
+    /// Moving the init into its cgroups (v1: one `cgroup.procs` write per hierarchy; the first
+    /// migration waits for an RCU grace period). Done by the supervisor while the init does its
+    /// mounts (overlapped with `mounts_us`). Zero with `CLONE_INTO_CGROUP`.
+    #[serde(default)]
+    pub cgroup_join_us: u64,
+    /// Mounts, pivot_root, /proc, /dev, /sys, volumes, masked paths, hostname, user, caps,
+    /// seccomp (and waiting for the cgroup move, if it takes longer).
     pub mounts_us: u64,
     /// Final exec until the supervisor sees it succeed.
     pub exec_us: u64,
