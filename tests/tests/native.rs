@@ -182,6 +182,21 @@ fn root_pid1_hostname_env_cwd() {
     assert!(s.contains("/work/dir\n"), "{s}");
     assert!(s.contains("home=/root\n"), "{s}");
     assert!(s.contains("path=/usr/local/sbin:"), "{s}");
+    // Only stdin, stdout and stderr are open in the task (plus the fd ls uses to read the dir).
+    // Even when the launcher inherited another descriptor (7 here).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("exec 7</etc/passwd; exec \"$0\" \"$@\"")
+        .arg(caisson_bin())
+        .arg("--root")
+        .arg(env.state_root())
+        .args(["run", "--rm", "--rootfs"])
+        .arg(&env.rootfs)
+        .args(["ls", "/proc/self/fd"])
+        .output()
+        .unwrap();
+    let s = stdout_ok(&out);
+    assert_eq!(s, "0\n1\n2\n3\n");
     // Only the task itself is visible in its pid namespace.
     let s = stdout_ok(&env.run(&["--rm"], &["ps", "-o", "pid,comm"]));
     assert_eq!(s.lines().count(), 2, "{s}");

@@ -240,6 +240,7 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         .map_err(|e| fail(126, format!("chdir to cwd {:?}: {e}", spec.process.cwd)))?;
     umask(Mode::from_bits_truncate(0o022));
     sys::reset_signals().ctx(|| "resetting signals".into())?;
+    sys::cloexec_from(3).ctx(|| "marking descriptors close-on-exec".into())?;
 
     let cargs: Vec<CString> = spec
         .process
