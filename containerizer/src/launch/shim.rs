@@ -23,8 +23,11 @@ use crate::cgroups::TaskCgroup;
 use crate::sys::launch::{self as sys, CloneResult};
 
 /// Runs the supervisor for the task directory `dir`; returns the shim's exit code.
+///
+/// Closes every inherited descriptor above stderr first: call it before opening any.
 pub fn main(dir: &Path) -> i32 {
     let t_start = sys::monotonic_ns();
+    sys::close_from(3);
     let _ = nix::unistd::setsid();
     let td = TaskDir::new(dir.to_path_buf());
     let mut out = std::io::stdout();

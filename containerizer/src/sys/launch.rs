@@ -314,6 +314,22 @@ pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Closes every descriptor from `first` up (`close_range`, Linux 5.9; best effort).
+pub fn close_from(first: RawFd) {
+    // SAFETY: called at process start, before any descriptor >= first is owned by Rust code.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        )
+    };
+    if ret != 0 {
+        let _ = cloexec_from(first);
+    }
+}
+
 /// `_exit(code)`: leaves without running destructors or atexit handlers (in a forked child).
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.
