@@ -78,6 +78,11 @@ impl std::str::FromStr for Volume {
                 "invalid volume {s:?}: host and container paths must be absolute (named volumes are not supported)"
             )));
         }
+        if dst.split('/').all(|c| c.is_empty() || c == ".") {
+            return Err(LaunchError::Invalid(format!(
+                "invalid volume {s:?}: cannot mount over the container's /"
+            )));
+        }
         let mut readonly = false;
         for o in opts.split(',').filter(|o| !o.is_empty()) {
             match o {
@@ -295,5 +300,7 @@ mod tests {
         assert!("a:/b".parse::<Volume>().is_err());
         assert!("/a".parse::<Volume>().is_err());
         assert!("/a:/b:zz".parse::<Volume>().is_err());
+        assert!("/a:/".parse::<Volume>().is_err());
+        assert!("/a:/./".parse::<Volume>().is_err());
     }
 }
