@@ -7,6 +7,39 @@
 //! returns once the task's init has exec'd (or the launch failed). [`Runtime::info`],
 //! [`Runtime::list`], [`Runtime::kill`], [`Runtime::stop`] and [`Runtime::remove`] work on the
 //! recorded state, from any process, at any later time.
+//!
+//! Launching an image task (the caller prepares the root filesystem, e.g. an overlay mount,
+//! and hands over the paths to clean up when the task is removed):
+//!
+//! ```no_run
+//! use containerizer::launch::{process_from_image, ProcessOverrides, Runtime, TaskSpec};
+//! # fn f(image_config: &oci_spec::image::Config, merged: std::path::PathBuf,
+//! #      upper: std::path::PathBuf) -> Result<(), containerizer::launch::LaunchError> {
+//! let process = process_from_image(
+//!     Some(image_config),
+//!     &ProcessOverrides { cmd: vec!["/bin/true".into()], ..Default::default() },
+//! )?;
+//! let rt = Runtime::new("/var/lib/caisson");
+//! let mut task = rt.launch(TaskSpec {
+//!     image: "docker.io/library/busybox:latest".into(),
+//!     rootfs: merged.clone(),
+//!     cleanup: vec![merged, upper],
+//!     process,
+//!     ..Default::default()
+//! })?;
+//! let state = task.wait()?; // exit code, signal, OOM flag, usage, per-phase timings
+//! task.finish();
+//! # let _ = state; Ok(()) }
+//! ```
+//!
+//! Process model: the launcher spawns `caisson-shim <task dir>` (found next to the current
+//! executable, or `$CAISSON_SHIM`). The shim calls setsid (so it survives the launcher's death,
+//! `kill -9` included), creates the cgroup, and clone3s the task's init into new pid, mount,
+//! uts, ipc (and net) namespaces, directly into the cgroup on v2 (`CLONE_INTO_CGROUP`); on v1 it
+//! moves the init into its cgroups while the init does its mounts, and the init waits for that
+//! before exec. The init ([`child`]) mounts, pivot_roots, drops capabilities, sets
+//! `no_new_privs` and the seccomp filter, and execs, writing its stdout/stderr straight into
+//! the log files. The shim reaps it and writes `state.json` (exit code, signal, OOM, usage).
 pub mod child;
 pub mod shim;
 pub mod spec;
