@@ -136,6 +136,12 @@ pub struct RmArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct WaitArgs {
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct InspectArgs {
     #[arg(required = true)]
     containers: Vec<String>,
@@ -488,6 +494,21 @@ pub fn rm(root: &Path, a: RmArgs) -> i32 {
             rt.remove(&id, a.force)
                 .with_context(|| format!("removing {c}"))?;
             println!("{id}");
+        }
+        Ok(0)
+    })())
+}
+
+/// Blocks until each container has ended and prints its exit code (podman wait).
+pub fn wait(root: &Path, a: WaitArgs) -> i32 {
+    report((|| {
+        let rt = Runtime::new(root);
+        for c in &a.containers {
+            let id = rt.resolve(c)?;
+            let st = rt
+                .wait_terminal(&id, Duration::MAX)?
+                .ok_or_else(|| anyhow!("{c} did not end"))?;
+            println!("{}", st.exit_code.unwrap_or(-1));
         }
         Ok(0)
     })())

@@ -34,6 +34,8 @@ enum Cmd {
     Stop(containers::StopArgs),
     /// Remove containers.
     Rm(containers::RmArgs),
+    /// Wait for containers to end and print their exit codes.
+    Wait(containers::WaitArgs),
     /// Show a container's record as JSON.
     Inspect(containers::InspectArgs),
 }
@@ -54,6 +56,7 @@ fn main() {
         Cmd::Kill(a) => containers::kill(&cli.root, a),
         Cmd::Stop(a) => containers::stop(&cli.root, a),
         Cmd::Rm(a) => containers::rm(&cli.root, a),
+        Cmd::Wait(a) => containers::wait(&cli.root, a),
         Cmd::Inspect(a) => containers::inspect(&cli.root, a),
     };
     std::process::exit(code);

@@ -444,6 +444,9 @@ fn root_signals_and_stop_grace() {
     assert_eq!(v["state"]["exit_code"], 137, "{v}");
     assert_eq!(v["state"]["signal"], 9);
 
+    // wait blocks until the end and prints the exit code.
+    let id = detached(&env, &[], "sleep 0.3; exit 6");
+    assert_eq!(stdout_ok(&env.caisson(&["wait", &id])), "6\n");
     // kill -s delivers the signal to the task's init.
     let id = detached(
         &env,

@@ -459,16 +459,18 @@ impl Runtime {
         id: &str,
         timeout: Duration,
     ) -> Result<Option<TaskState>, LaunchError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
+        let mut pause = Duration::from_millis(2);
         loop {
             let st = self.info(id)?.state;
             if st.status.is_terminal() {
                 return Ok(Some(st));
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
