@@ -941,11 +941,18 @@ fn root_cgroup_v2_layout_via_private_mount_namespace() {
         "a",
         "--rootfs",
         rootfs,
-        "cat",
-        "/proc/self/cgroup",
+        "sh",
+        "-c",
+        "grep ^0:: /proc/self/cgroup; grep -qx 1 /sys/fs/cgroup/cgroup.procs && echo has-init; grep -c cgroup2 /proc/mounts",
     ]);
     let s = stdout_ok(&out);
-    assert!(s.contains("0::/caisson/"), "{s}");
+    // Its own cgroup namespace, rooted at its cgroup, mounted at /sys/fs/cgroup.
+    assert_eq!(s, "0::/\nhas-init\n1\n");
+    let host_cg = env.inspect("a")["state"]["cgroup_paths"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(host_cg.starts_with("/sys/fs/cgroup/caisson/"), "{host_cg}");
     let a = env.inspect("a");
     assert_eq!(a["state"]["timings"]["clone_into_cgroup"], true, "{a}");
     let id_a = a["id"].as_str().unwrap().to_string();

@@ -93,6 +93,8 @@ pub struct ChildArgs<'a> {
     /// Unless born in its cgroup (v2): the supervisor writes one byte here once it has moved
     /// the init into its cgroups; the init waits for it before exec (EOF: failed).
     pub wait_for_cgroup: Option<OwnedFd>,
+    /// The init has its own cgroup namespace (v2): mount its cgroup read-only at /sys/fs/cgroup.
+    pub cgroup_ns: bool,
     /// Whether the device cgroup restricts devices (else CAP_MKNOD is dropped).
     pub device_cgroup: bool,
     pub stdout: &'a OwnedFd,
@@ -146,6 +148,19 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     .ctx(|| format!("bind mounting the root filesystem {}", root.display()))?;
 
     mount_proc_dev_sys(root, spec.network)?;
+    if a.cgroup_ns {
+        let cg = root.join("sys/fs/cgroup");
+        if cg.is_dir() {
+            mount(
+                Some("cgroup2"),
+                &cg,
+                Some("cgroup2"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+                none,
+            )
+            .ctx(|| "mounting /sys/fs/cgroup".into())?;
+        }
+    }
     mount_etc_files(root, a.dir, spec.readonly_rootfs)?;
     let sandbox = resolve_in_root(root, SANDBOX_TARGET);
     fs::create_dir_all(&sandbox).ctx(|| format!("creating {SANDBOX_TARGET}"))?;

@@ -124,7 +124,12 @@ pub fn main(dir: &Path) -> i32 {
     };
     let t_clone = sys::monotonic_ns();
     let mut joined_at_birth = v2fd.is_some();
-    let mut res = sys::clone_fork(flags, v2fd.as_ref().map(|f| f.as_raw_fd()));
+    // Born in its v2 cgroup, the init also gets a cgroup namespace rooted there, so that it can
+    // see its own cgroup (and only that) at /sys/fs/cgroup.
+    let mut res = match &v2fd {
+        Some(fd) => sys::clone_fork(flags | libc::CLONE_NEWCGROUP as u64, Some(fd.as_raw_fd())),
+        None => sys::clone_fork(flags, None),
+    };
     if res.is_err() && v2fd.is_some() {
         joined_at_birth = false;
         res = sys::clone_fork(flags, None);
@@ -139,6 +144,7 @@ pub fn main(dir: &Path) -> i32 {
                 spec,
                 dir: &td,
                 wait_for_cgroup: (!joined_at_birth).then_some(go_r),
+                cgroup_ns: joined_at_birth,
                 device_cgroup: !cg.is_v2(),
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
