@@ -629,6 +629,7 @@ fn root_logs_and_ps() {
     assert!(v["state"]["pid"].as_i64().unwrap() > 1);
     let t = &v["state"]["timings"];
     for k in [
+        "prepare_us",
         "spawn_us",
         "cgroup_us",
         "namespaces_us",

@@ -311,6 +311,7 @@ impl Runtime {
         let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
         let mut child = Command::new(&self.shim)
             .arg(&td.dir)
+            .arg(crate::sys::launch::monotonic_ns().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(shim_log)

@@ -25,7 +25,9 @@ use crate::sys::launch::{self as sys, CloneResult};
 /// Runs the supervisor for the task directory `dir`; returns the shim's exit code.
 ///
 /// Closes every inherited descriptor above stderr first: call it before opening any.
-pub fn main(dir: &Path) -> i32 {
+///
+/// `spawned_ns` is the launcher's `CLOCK_MONOTONIC` just before it spawned us (for the timings).
+pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let t_start = sys::monotonic_ns();
     sys::close_from(3);
     let _ = nix::unistd::setsid();
@@ -47,7 +49,11 @@ pub fn main(dir: &Path) -> i32 {
     state.shim_start_ticks = process_start_ticks(me);
     let mut timings = Timings {
         rootfs_us: spec.rootfs_prepare_us,
-        spawn_us: t_start.saturating_sub(cfg.launch_started_ns) / 1000,
+        prepare_us: spawned_ns
+            .unwrap_or(cfg.launch_started_ns)
+            .saturating_sub(cfg.launch_started_ns)
+            / 1000,
+        spawn_us: t_start.saturating_sub(spawned_ns.unwrap_or(cfg.launch_started_ns)) / 1000,
         ..Default::default()
     };
 

@@ -36,7 +36,10 @@ impl Status {
 pub struct Timings {
     /// Root filesystem preparation by the caller, if any.
     pub rootfs_us: Option<u64>,
-    /// Launcher start to supervisor `main`.
+    /// The launcher's bookkeeping: validation, task directory, records, generated /etc files.
+    #[serde(default)]
+    pub prepare_us: u64,
+    /// Spawning the supervisor (fork + exec) until its `main`.
     pub spawn_us: u64,
     /// Cgroup creation and limits.
     pub cgroup_us: u64,
