@@ -444,6 +444,29 @@ fn root_signals_and_stop_grace() {
     assert_eq!(v["state"]["exit_code"], 137, "{v}");
     assert_eq!(v["state"]["signal"], 9);
 
+    // A foreground run forwards SIGTERM to the task (podman's --sig-proxy) and exits with its code.
+    let rootfs = env.rootfs.to_str().unwrap().to_string();
+    let mut fg = env
+        .cmd(&[
+            "run",
+            "--name",
+            "proxied",
+            "--rootfs",
+            &rootfs,
+            "sh",
+            "-c",
+            "trap 'exit 4' TERM; while :; do sleep 0.05; done",
+        ])
+        .spawn()
+        .unwrap();
+    env.wait_status("proxied", "running", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fg.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(fg.wait().unwrap().code(), Some(4));
     // wait blocks until the end and prints the exit code.
     let id = detached(&env, &[], "sleep 0.3; exit 6");
     assert_eq!(stdout_ok(&env.caisson(&["wait", &id])), "6\n");
