@@ -1,4 +1,5 @@
 //! `caisson`: a daemonless container agent. Thin CLI over the `containerizer` library.
+mod containers;
 mod images;
 
 use clap::{Parser, Subcommand};
@@ -12,7 +13,7 @@ use std::process::ExitCode;
     about = "A daemonless container agent: images, native and Wasm tasks"
 )]
 struct Cli {
-    /// Root of caisson's store and state.
+    /// Root of caisson's store and state (images, containers).
     #[arg(long, global = true, env = "CAISSON_ROOT", default_value = containerizer::image::store::DEFAULT_ROOT)]
     root: PathBuf,
     /// Log filter (tracing's env-filter syntax), e.g. `debug` or `containerizer=trace`.
@@ -24,6 +25,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a command in a new container (from an image, or `--rootfs DIR`).
+    Run(Box<containers::RunArgs>),
+    /// List containers.
+    Ps(containers::PsArgs),
+    /// Show a container's output.
+    Logs(containers::LogsArgs),
+    /// Send a signal to a container's init.
+    Kill(containers::KillArgs),
+    /// Stop containers: SIGTERM, a grace period, then SIGKILL.
+    Stop(containers::StopArgs),
+    /// Remove containers.
+    Rm(containers::RmArgs),
+    /// Wait for containers to end and print their exit codes.
+    Wait(containers::WaitArgs),
+    /// Show a container's record as JSON.
+    Inspect(containers::InspectArgs),
     /// Pull an image from a registry.
     Pull(images::PullArgs),
     /// Load images from a docker-archive / oci-archive tarball or an OCI layout directory.
@@ -44,7 +61,16 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
         .with_writer(std::io::stderr)
         .init();
+    let code = |c: i32| ExitCode::from(c.clamp(0, 255) as u8);
     let result = match cli.command {
+        Command::Run(a) => Ok(code(containers::run(&cli.root, *a))),
+        Command::Ps(a) => Ok(code(containers::ps(&cli.root, a))),
+        Command::Logs(a) => Ok(code(containers::logs(&cli.root, a))),
+        Command::Kill(a) => Ok(code(containers::kill(&cli.root, a))),
+        Command::Stop(a) => Ok(code(containers::stop(&cli.root, a))),
+        Command::Rm(a) => Ok(code(containers::rm(&cli.root, a))),
+        Command::Wait(a) => Ok(code(containers::wait(&cli.root, a))),
+        Command::Inspect(a) => Ok(code(containers::inspect(&cli.root, a))),
         Command::Pull(a) => images::pull(&cli.root, a),
         Command::Load(a) => images::load(&cli.root, a),
         Command::Images(a) => images::list(&cli.root, a),
@@ -58,5 +84,14 @@ fn main() -> ExitCode {
             // podman's convention: 125 is an error of the tool itself.
             ExitCode::from(125)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,3 +1,5 @@
 //! caisson's containerizer: the library that does the work (no gRPC, no global state).
+pub mod cgroups;
 pub mod image;
+pub mod launch;
 pub mod sys;

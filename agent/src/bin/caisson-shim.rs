@@ -1,0 +1,15 @@
+//! `caisson-shim DIR [SPAWNED_NS]`: the per-task supervisor. Single-threaded on purpose: it
+//! forks the task's init, so it must never start a thread (see `containerizer::launch::shim`).
+fn main() {
+    let Some(dir) = std::env::args_os().nth(1) else {
+        eprintln!("usage: caisson-shim TASK_DIR [SPAWNED_NS]");
+        std::process::exit(2);
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let spawned_ns = std::env::args().nth(2).and_then(|s| s.parse().ok());
+    let code = containerizer::launch::shim::main(std::path::Path::new(&dir), spawned_ns);
+    std::process::exit(code);
+}

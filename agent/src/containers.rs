@@ -1,0 +1,551 @@
+//! Container verbs of the CLI (podman's flags): run, ps, logs, kill, stop, rm, inspect.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use containerizer::launch::{
+    self, process_from_image, LaunchError, Limits, NetworkMode, ProcessOverrides, Runtime, Status,
+    TaskInfo, TaskSpec, Volume,
+};
+use nix::sys::signal::{SigSet, Signal};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Remove the container when it exits.
+    #[arg(long)]
+    rm: bool,
+    /// Run in the background and print the container id.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Name of the container.
+    #[arg(long)]
+    name: Option<String>,
+    /// Set an environment variable (KEY=VALUE, or KEY to take it from the host).
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE per line).
+    #[arg(long = "env-file")]
+    env_file: Vec<PathBuf>,
+    /// Bind mount a volume: HOST:CTR[:ro].
+    #[arg(short = 'v', long = "volume")]
+    volume: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User (name|uid[:group|gid]).
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Override the image's entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Container hostname.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Number of CPUs (CFS quota).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// CPU shares (relative weight).
+    #[arg(long = "cpu-shares", short = 'c')]
+    cpu_shares: Option<u64>,
+    /// Memory limit (e.g. 64m, 1g).
+    #[arg(long, short = 'm')]
+    memory: Option<String>,
+    /// Maximum number of processes (-1 or 0: unlimited).
+    #[arg(long = "pids-limit", allow_negative_numbers = true)]
+    pids_limit: Option<i64>,
+    /// Network mode: none (loopback only) or host.
+    #[arg(long = "network", alias = "net", default_value = "none")]
+    network: String,
+    /// Mount the root filesystem read-only.
+    #[arg(long = "read-only")]
+    read_only: bool,
+    /// Security options: `seccomp=unconfined` disables the default seccomp filter.
+    #[arg(long = "security-opt")]
+    security_opt: Vec<String>,
+    /// Write the container id to this file.
+    #[arg(long)]
+    cidfile: Option<PathBuf>,
+    /// The first argument is a prepared root filesystem directory, not an image.
+    #[arg(long)]
+    rootfs: bool,
+    /// IMAGE, or with --rootfs the root filesystem directory.
+    #[arg(value_name = "IMAGE")]
+    image: String,
+    /// Command and arguments.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    cmd: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Show all containers (default: running only).
+    #[arg(short = 'a', long)]
+    all: bool,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    /// Only print ids.
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// Print full ids.
+    #[arg(long = "no-trunc")]
+    no_trunc: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Follow the output until the container exits.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    container: String,
+}
+
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// Signal to send (name or number).
+    #[arg(short = 's', long, default_value = "KILL")]
+    signal: String,
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// Seconds to wait after SIGTERM before SIGKILL.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    time: u64,
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    /// Kill a running container first.
+    #[arg(short = 'f', long)]
+    force: bool,
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+/// Runs a handler, printing its error podman-style; returns the process exit code.
+fn report(res: anyhow::Result<i32>) -> i32 {
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<LaunchError>()
+                .map_or(125, |l| l.exit_code());
+            eprintln!("Error: {e:#}");
+            code
+        }
+    }
+}
+
+pub fn run(root: &Path, a: RunArgs) -> i32 {
+    report(run_inner(root, a))
+}
+
+/// Parses a size such as `512`, `64k`, `64m`, `1g` (podman's units, binary multiples).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = num.parse().map_err(|_| anyhow!("invalid size {s:?}"))?;
+    if !(n.is_finite() && n >= 0.0) {
+        bail!("invalid size {s:?}");
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn env_entry(e: &str) -> Option<String> {
+    if e.contains('=') {
+        Some(e.to_string())
+    } else {
+        std::env::var(e).ok().map(|v| format!("{e}={v}"))
+    }
+}
+
+fn build_spec(a: &RunArgs) -> anyhow::Result<TaskSpec> {
+    if !a.rootfs {
+        return Err(LaunchError::Invalid(format!(
+            "images are not supported by this build yet: use --rootfs DIR (got {:?})",
+            a.image
+        ))
+        .into());
+    }
+    let rootfs = std::fs::canonicalize(&a.image)
+        .map_err(|e| LaunchError::Invalid(format!("rootfs {}: {e}", a.image)))?;
+    let mut env = vec![];
+    for f in &a.env_file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| LaunchError::Invalid(format!("env file {}: {e}", f.display())))?;
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            env.extend(env_entry(line));
+        }
+    }
+    env.extend(a.env.iter().filter_map(|e| env_entry(e)));
+    let process = process_from_image(
+        None,
+        &ProcessOverrides {
+            entrypoint: a.entrypoint.clone(),
+            cmd: a.cmd.clone(),
+            env,
+            workdir: a.workdir.clone(),
+            user: a.user.clone(),
+        },
+    )?;
+    let volumes = a
+        .volume
+        .iter()
+        .map(|v| v.parse::<Volume>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut seccomp_unconfined = false;
+    for o in &a.security_opt {
+        match o.as_str() {
+            "seccomp=unconfined" | "seccomp:unconfined" => seccomp_unconfined = true,
+            "no-new-privileges" | "no-new-privileges=true" => {}
+            other => {
+                return Err(
+                    LaunchError::Invalid(format!("unsupported --security-opt {other:?}")).into(),
+                )
+            }
+        }
+    }
+    let memory = match &a.memory {
+        Some(m) => Some(parse_size(m).map_err(|e| LaunchError::Invalid(e.to_string()))?),
+        None => None,
+    };
+    Ok(TaskSpec {
+        name: a.name.clone().unwrap_or_default(),
+        image: a.image.clone(),
+        rootfs,
+        readonly_rootfs: a.read_only,
+        process,
+        hostname: a.hostname.clone().unwrap_or_default(),
+        volumes,
+        network: a.network.parse::<NetworkMode>()?,
+        limits: Limits {
+            cpus: a.cpus,
+            cpu_shares: a.cpu_shares,
+            memory,
+            pids: a.pids_limit,
+        },
+        auto_remove: a.rm,
+        seccomp_unconfined,
+        ..Default::default()
+    })
+}
+
+fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
+    let spec = build_spec(&a)?;
+    let rt = Runtime::new(root);
+    let mut launched = rt.launch(spec)?;
+    if let Some(f) = &a.cidfile {
+        std::fs::write(f, &launched.id).with_context(|| format!("writing {}", f.display()))?;
+    }
+    if a.detach {
+        println!("{}", launched.id);
+        drop(launched);
+        return Ok(0);
+    }
+    // Forward the usual termination signals to the task (podman's --sig-proxy).
+    let mut proxied = SigSet::empty();
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        proxied.add(sig);
+    }
+    proxied.thread_block()?;
+    {
+        let rt = rt.clone();
+        let id = launched.id.clone();
+        std::thread::spawn(move || {
+            while let Ok(sig) = proxied.wait() {
+                let _ = rt.kill(&id, sig);
+            }
+        });
+    }
+    // Stream the logs while the task runs.
+    let dir = rt.dir(&launched.id);
+    let done = Arc::new(AtomicBool::new(false));
+    let tail = {
+        let done = done.clone();
+        let (out_path, err_path) = (dir.stdout_log(), dir.stderr_log());
+        std::thread::spawn(move || {
+            let (mut o, mut e) = (0u64, 0u64);
+            let mut stdout = std::io::stdout();
+            let mut stderr = std::io::stderr();
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                let n = launch::copy_new(&out_path, &mut o, &mut stdout).unwrap_or(0)
+                    + launch::copy_new(&err_path, &mut e, &mut stderr).unwrap_or(0);
+                if finished {
+                    break;
+                }
+                if n == 0 {
+                    std::thread::park_timeout(Duration::from_millis(10));
+                }
+            }
+        })
+    };
+    let st = launched.wait();
+    done.store(true, Ordering::Release);
+    tail.thread().unpark();
+    let _ = tail.join();
+    launched.finish();
+    let st = st?;
+    match st.status {
+        Status::Exited => Ok(st.exit_code.unwrap_or(125)),
+        _ => {
+            eprintln!(
+                "Error: container {} ended as {:?}: {}",
+                &a.name.unwrap_or_default(),
+                st.status,
+                st.reason.unwrap_or_default()
+            );
+            Ok(125)
+        }
+    }
+}
+
+fn ago(ms: u64) -> String {
+    let secs = launch::state::now_ms().saturating_sub(ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs} seconds ago"),
+        60..=3599 => format!("{} minutes ago", secs / 60),
+        3600..=86399 => format!("{} hours ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86400),
+    }
+}
+
+fn status_text(t: &TaskInfo) -> String {
+    let s = &t.state;
+    match s.status {
+        Status::Created => "Created".into(),
+        Status::Running => format!(
+            "Up {}",
+            ago(s.started_ms.unwrap_or(s.created_ms)).replace(" ago", "")
+        ),
+        Status::Exited => format!(
+            "Exited ({}){} {}",
+            s.exit_code.unwrap_or(-1),
+            if s.oom_killed { " OOMKilled" } else { "" },
+            ago(s.finished_ms.unwrap_or(s.created_ms))
+        ),
+        Status::Failed => format!("Failed ({})", s.exit_code.unwrap_or(125)),
+        Status::Lost => "Lost (supervisor gone)".into(),
+    }
+}
+
+pub fn ps(root: &Path, a: PsArgs) -> i32 {
+    report((|| {
+        let rt = Runtime::new(root);
+        let list: Vec<TaskInfo> = rt
+            .list()?
+            .into_iter()
+            .filter(|t| a.all || t.state.status == Status::Running)
+            .collect();
+        let mut out = std::io::stdout().lock();
+        if a.json {
+            serde_json::to_writer_pretty(&mut out, &list)?;
+            writeln!(out)?;
+            return Ok(0);
+        }
+        let id = |t: &TaskInfo| {
+            if a.no_trunc {
+                t.id.clone()
+            } else {
+                t.id[..12].to_string()
+            }
+        };
+        if a.quiet {
+            for t in &list {
+                writeln!(out, "{}", id(t))?;
+            }
+            return Ok(0);
+        }
+        writeln!(
+            out,
+            "{:<12}  {:<24}  {:<20}  {:<16}  {:<28}  NAMES",
+            "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS"
+        )?;
+        for t in &list {
+            let mut cmd = t.spec.process.args.join(" ");
+            if cmd.len() > 20 {
+                cmd.truncate(17);
+                cmd.push_str("...");
+            }
+            writeln!(
+                out,
+                "{:<12}  {:<24}  {:<20}  {:<16}  {:<28}  {}",
+                id(t),
+                t.spec.image,
+                cmd,
+                ago(t.state.created_ms),
+                status_text(t),
+                t.name
+            )?;
+        }
+        Ok(0)
+    })())
+}
+
+pub fn logs(root: &Path, a: LogsArgs) -> i32 {
+    report((|| {
+        let rt = Runtime::new(root);
+        let id = rt.resolve(&a.container)?;
+        let dir = rt.dir(&id);
+        let (mut o, mut e) = (0u64, 0u64);
+        let mut stdout = std::io::stdout();
+        let mut stderr = std::io::stderr();
+        loop {
+            let terminal = !a.follow || rt.info(&id)?.state.status.is_terminal();
+            let n = launch::copy_new(&dir.stdout_log(), &mut o, &mut stdout)?
+                + launch::copy_new(&dir.stderr_log(), &mut e, &mut stderr)?;
+            if terminal {
+                return Ok(0);
+            }
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    })())
+}
+
+/// Parses `KILL`, `SIGKILL`, `kill` or `9`.
+pub fn parse_signal(s: &str) -> anyhow::Result<Signal> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| anyhow!("invalid signal {s:?}"));
+    }
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    name.parse::<Signal>()
+        .map_err(|_| anyhow!("invalid signal {s:?}"))
+}
+
+pub fn kill(root: &Path, a: KillArgs) -> i32 {
+    report((|| {
+        let sig = parse_signal(&a.signal)?;
+        let rt = Runtime::new(root);
+        for c in &a.containers {
+            let id = rt.resolve(c)?;
+            rt.kill(&id, sig)?;
+            println!("{id}");
+        }
+        Ok(0)
+    })())
+}
+
+pub fn stop(root: &Path, a: StopArgs) -> i32 {
+    report((|| {
+        let rt = Runtime::new(root);
+        for c in &a.containers {
+            let id = rt.resolve(c)?;
+            rt.stop(&id, Duration::from_secs(a.time))?;
+            println!("{c}");
+        }
+        Ok(0)
+    })())
+}
+
+pub fn rm(root: &Path, a: RmArgs) -> i32 {
+    report((|| {
+        let rt = Runtime::new(root);
+        for c in &a.containers {
+            let id = rt.resolve(c)?;
+            rt.remove(&id, a.force)
+                .with_context(|| format!("removing {c}"))?;
+            println!("{id}");
+        }
+        Ok(0)
+    })())
+}
+
+/// Blocks until each container has ended and prints its exit code (podman wait).
+pub fn wait(root: &Path, a: WaitArgs) -> i32 {
+    report((|| {
+        let rt = Runtime::new(root);
+        for c in &a.containers {
+            let id = rt.resolve(c)?;
+            let st = rt
+                .wait_terminal(&id, Duration::MAX)?
+                .ok_or_else(|| anyhow!("{c} did not end"))?;
+            println!("{}", st.exit_code.unwrap_or(-1));
+        }
+        Ok(0)
+    })())
+}
+
+pub fn inspect(root: &Path, a: InspectArgs) -> i32 {
+    report((|| {
+        let rt = Runtime::new(root);
+        let mut infos = vec![];
+        for c in &a.containers {
+            infos.push(rt.info(&rt.resolve(c)?)?);
+        }
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &infos)?;
+        writeln!(out)?;
+        Ok(0)
+    })())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("10kb").unwrap(), 10 << 10);
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+        assert_eq!(parse_signal("term").unwrap(), Signal::SIGTERM);
+        assert_eq!(parse_signal("SIGUSR1").unwrap(), Signal::SIGUSR1);
+        assert!(parse_signal("nope").is_err());
+    }
+}

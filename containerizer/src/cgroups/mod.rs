@@ -1,0 +1,487 @@
+//! Task cgroups on cgroup v1, v2 and the hybrid layout (v1 controllers plus a cgroup2 mount
+//! that owns no controller we use), through `cgroups-rs`, behind one small interface.
+//!
+//! A task's cgroup is `caisson/<id>` in every hierarchy we use. On v2 the directory can be
+//! opened and passed to `clone3(CLONE_INTO_CGROUP)`; on v1 the task's init joins it itself
+//! (writes `0` into each `cgroup.procs`) before it does anything else.
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::cpuacct::CpuAcctController;
+use cgroups_rs::fs::freezer::FreezerController;
+use cgroups_rs::fs::memory::MemController;
+use cgroups_rs::fs::pid::PidController;
+use cgroups_rs::fs::{Cgroup, Controller, MaxValue};
+use serde::{Deserialize, Serialize};
+
+/// The parent of every task cgroup, in every hierarchy.
+pub const PARENT: &str = "caisson";
+
+/// CFS period used for `--cpus`.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Errors of the cgroup layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup {path}: {op}: {source}")]
+    Cgroups {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: cgroups_rs::fs::error::Error,
+    },
+    #[error("cgroup {path}: {op}: {source}")]
+    Io {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid limit: {0}")]
+    InvalidLimit(String),
+    #[error("cgroup {path} still has processes after {secs}s")]
+    Busy { path: String, secs: u64 },
+}
+
+type Result<T> = std::result::Result<T, CgroupError>;
+
+/// Resource limits of a task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// CPU quota in CPUs (`--cpus 1.5` = 150 ms per 100 ms period).
+    pub cpus: Option<f64>,
+    /// Relative CPU weight in cgroup v1 shares (2..=262144; converted to `cpu.weight` on v2).
+    pub cpu_shares: Option<u64>,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// Maximum number of processes (`None` or a value <= 0: unlimited).
+    pub pids: Option<i64>,
+}
+
+impl Limits {
+    /// Checks ranges the way podman does (before anything is created).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(c) = self.cpus {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            if !(c.is_finite() && c >= 0.01 && c <= n) {
+                return Err(CgroupError::InvalidLimit(format!(
+                    "range of CPUs is from 0.01 to {n:.2}, got {c}"
+                )));
+            }
+        }
+        if let Some(s) = self.cpu_shares {
+            if !(2..=cgroups_rs::CPU_SHARES_V1_MAX).contains(&s) {
+                return Err(CgroupError::InvalidLimit(format!(
+                    "cpu shares must be in 2..=262144, got {s}"
+                )));
+            }
+        }
+        if let Some(m) = self.memory {
+            if m < 6 * 1024 * 1024 {
+                return Err(CgroupError::InvalidLimit(format!(
+                    "minimum memory limit allowed is 6MB, got {m} bytes"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resource usage of a task, read from its cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// CPU time (user + system) in nanoseconds.
+    pub cpu_ns: u64,
+    /// Peak memory usage in bytes.
+    pub memory_peak_bytes: u64,
+    /// Number of OOM kills inside the cgroup.
+    pub oom_kills: u64,
+    /// Number of times the pids limit refused a fork.
+    pub pids_limit_hits: u64,
+}
+
+/// Cgroup v1 shares (2..=262144) to v2 weight (1..=10000), the formula runc and crun use.
+pub fn shares_to_weight(shares: u64) -> u64 {
+    if shares == 0 {
+        return 100;
+    }
+    1 + ((shares.saturating_sub(2)) * 9999) / 262142
+}
+
+/// True on a pure cgroup v2 host.
+pub fn is_v2() -> bool {
+    cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode()
+}
+
+/// Controllers a task cgroup uses, present on this host.
+fn wanted_controllers(v2: bool) -> Vec<String> {
+    if v2 {
+        let avail = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+        ["cpu", "memory", "pids"]
+            .iter()
+            .filter(|c| avail.split_whitespace().any(|a| a == **c))
+            .map(|c| c.to_string())
+            .collect()
+    } else {
+        ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"]
+            .iter()
+            .map(|c| c.to_string())
+            .collect()
+    }
+}
+
+/// Device rules of a task on cgroup v1: deny all, allow the nodes of the minimal /dev and mknod.
+const V1_DEVICE_ALLOW: &[&str] = &[
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+];
+
+/// The cgroup of one task.
+pub struct TaskCgroup {
+    cg: Cgroup,
+    rel: String,
+    v2: bool,
+}
+
+impl std::fmt::Debug for TaskCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskCgroup")
+            .field("rel", &self.rel)
+            .field("v2", &self.v2)
+            .finish()
+    }
+}
+
+impl TaskCgroup {
+    /// Relative path of a task's cgroup.
+    pub fn rel_path(id: &str) -> String {
+        format!("{PARENT}/{id}")
+    }
+
+    /// A handle on the (possibly absent) cgroup of task `id`.
+    pub fn load(id: &str) -> Self {
+        let v2 = is_v2();
+        let rel = Self::rel_path(id);
+        let cg = Cgroup::load_with_specified_controllers(
+            cgroups_rs::fs::hierarchies::auto(),
+            &rel,
+            wanted_controllers(v2),
+        );
+        TaskCgroup { cg, rel, v2 }
+    }
+
+    /// Creates the cgroup of task `id` and applies `limits`.
+    pub fn create(id: &str, limits: &Limits) -> Result<Self> {
+        limits.validate()?;
+        let me = Self::load(id);
+        me.cg.create().map_err(|source| CgroupError::Cgroups {
+            path: me.rel.clone(),
+            op: "create",
+            source,
+        })?;
+        if let Err(e) = me.apply(limits) {
+            let _ = me.cg.delete();
+            return Err(e);
+        }
+        Ok(me)
+    }
+
+    fn err(
+        &self,
+        op: &'static str,
+    ) -> impl FnOnce(cgroups_rs::fs::error::Error) -> CgroupError + '_ {
+        move |source| CgroupError::Cgroups {
+            path: self.rel.clone(),
+            op,
+            source,
+        }
+    }
+
+    fn apply(&self, limits: &Limits) -> Result<()> {
+        if let Some(mem) = limits.memory {
+            let c: &MemController = self.controller("memory")?;
+            c.set_limit(mem as i64).map_err(self.err("memory limit"))?;
+            if self.v2 {
+                // No swap beyond the limit, so that the limit means an OOM kill.
+                let _ = fs::write(c.path().join("memory.swap.max"), "0");
+            } else {
+                let _ = c.set_memswap_limit(mem as i64);
+            }
+        }
+        if limits.cpus.is_some() || limits.cpu_shares.is_some() {
+            let c: &CpuController = self.controller("cpu")?;
+            if let Some(shares) = limits.cpu_shares {
+                let v = if self.v2 {
+                    shares_to_weight(shares)
+                } else {
+                    shares
+                };
+                c.set_shares(v).map_err(self.err("cpu shares"))?;
+            }
+            if let Some(cpus) = limits.cpus {
+                let quota = (cpus * CPU_PERIOD_US as f64).round() as i64;
+                c.set_cfs_quota_and_period(Some(quota), Some(CPU_PERIOD_US))
+                    .map_err(self.err("cpu quota"))?;
+            }
+        }
+        if let Some(p) = limits.pids.filter(|p| *p > 0) {
+            let c: &PidController = self.controller("pids")?;
+            c.set_pid_max(MaxValue::Value(p))
+                .map_err(self.err("pids limit"))?;
+        }
+        if !self.v2 {
+            if let Some(dir) = self.controller_dir("devices") {
+                let w = |file: &str, v: &str| {
+                    fs::write(dir.join(file), v).map_err(|source| CgroupError::Io {
+                        path: dir.display().to_string(),
+                        op: "device rules",
+                        source,
+                    })
+                };
+                w("devices.deny", "a")?;
+                for rule in V1_DEVICE_ALLOW {
+                    w("devices.allow", rule)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn controller<'a, T>(&'a self, name: &str) -> Result<&'a T>
+    where
+        &'a T: From<&'a cgroups_rs::fs::Subsystem>,
+        T: Controller + cgroups_rs::fs::ControllIdentifier,
+    {
+        self.cg.controller_of::<T>().ok_or_else(|| {
+            CgroupError::InvalidLimit(format!(
+                "the {name} controller is not available on this host"
+            ))
+        })
+    }
+
+    fn controller_dir(&self, name: &str) -> Option<PathBuf> {
+        self.cg
+            .subsystems()
+            .iter()
+            .find(|s| s.controller_name() == name)
+            .map(|s| s.to_controller().path().to_path_buf())
+    }
+
+    /// True on cgroup v2.
+    pub fn is_v2(&self) -> bool {
+        self.v2
+    }
+
+    /// The cgroup directories (one per hierarchy on v1, one on v2).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        if self.v2 {
+            // Whatever controllers are enabled, the task's cgroup is this one directory.
+            return vec![Path::new(cgroups_rs::fs::hierarchies::UNIFIED_MOUNTPOINT).join(&self.rel)];
+        }
+        let mut dirs: Vec<PathBuf> = self
+            .cg
+            .subsystems()
+            .iter()
+            .map(|s| s.to_controller().path().to_path_buf())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    /// The `cgroup.procs` files a process writes `0` into to join this cgroup (v1).
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// Opens the v2 directory for `clone3(CLONE_INTO_CGROUP)`.
+    pub fn open_v2_dir(&self) -> Option<OwnedFd> {
+        if !self.v2 {
+            return None;
+        }
+        let dir = self.dirs().into_iter().next()?;
+        fs::File::open(dir).ok().map(OwnedFd::from)
+    }
+
+    /// True if any of the cgroup directories exists.
+    pub fn exists(&self) -> bool {
+        self.dirs().iter().any(|d| d.exists())
+    }
+
+    /// Pids of the processes in the cgroup.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .procs_files()
+            .iter()
+            .filter_map(|f| fs::read_to_string(f).ok())
+            .flat_map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Usage counters (cpu time, memory peak, OOM kills).
+    pub fn usage(&self) -> Usage {
+        let mut u = Usage::default();
+        if let Some(c) = self.cg.controller_of::<MemController>() {
+            let m = c.memory_stat();
+            u.memory_peak_bytes = m.max_usage_in_bytes;
+            u.oom_kills = if self.v2 {
+                read_key(&c.path().join("memory.events"), "oom_kill")
+            } else {
+                m.oom_control.oom_kill
+            };
+        }
+        if self.v2 {
+            if let Some(dir) = self.dirs().first() {
+                u.cpu_ns = read_key(&dir.join("cpu.stat"), "usage_usec") * 1000;
+            }
+        } else if let Some(c) = self.cg.controller_of::<CpuAcctController>() {
+            u.cpu_ns = c.cpuacct().usage;
+        }
+        if let Some(c) = self.cg.controller_of::<PidController>() {
+            u.pids_limit_hits = c.get_pid_events().unwrap_or(0);
+        }
+        u
+    }
+
+    /// Sends `signal` to every process of the cgroup; for SIGKILL freezes it first (v1) or uses
+    /// `cgroup.kill` (v2), so that no process escapes by forking.
+    pub fn signal_all(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        if signal == Signal::SIGKILL && self.v2 && self.cg.kill().is_ok() {
+            return Ok(());
+        }
+        let freezer = if signal == Signal::SIGKILL {
+            self.cg.controller_of::<FreezerController>()
+        } else {
+            None
+        };
+        if let Some(f) = freezer {
+            let _ = f.freeze();
+        }
+        for pid in self.pids() {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+        if let Some(f) = freezer {
+            let _ = f.thaw();
+        }
+        Ok(())
+    }
+
+    /// Removes the cgroup, killing what is left in it and waiting up to `timeout` for it to
+    /// empty.
+    pub fn destroy(&self, timeout: Duration) -> Result<()> {
+        if !self.exists() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.pids().is_empty() {
+                self.signal_all(nix::sys::signal::Signal::SIGKILL)?;
+            }
+            let mut ok = true;
+            for dir in self.dirs() {
+                match fs::remove_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(_) => ok = false,
+                }
+            }
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(CgroupError::Busy {
+                    path: self.rel.clone(),
+                    secs: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn read_key(path: &Path, key: &str) -> u64 {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(key)).then(|| it.next()?.parse().ok())?
+            })
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_conversion() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(262144), 10000);
+        assert_eq!(shares_to_weight(1024), 39);
+    }
+
+    #[test]
+    fn limits_validation() {
+        assert!(Limits {
+            memory: Some(1024),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(Limits {
+            cpus: Some(0.0),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(Limits {
+            cpu_shares: Some(1),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(Limits {
+            cpus: Some(0.5),
+            memory: Some(64 << 20),
+            ..Default::default()
+        }
+        .validate()
+        .is_ok());
+    }
+
+    #[test]
+    fn read_key_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("memory.events");
+        fs::write(&p, "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n").unwrap();
+        assert_eq!(read_key(&p, "oom_kill"), 2);
+        assert_eq!(read_key(&p, "nope"), 0);
+    }
+}

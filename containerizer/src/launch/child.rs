@@ -1,0 +1,653 @@
+//! The task's init between clone and exec: it runs in the new namespaces, as a fork of the
+//! single-threaded supervisor, and never returns. It reports progress and errors to the
+//! supervisor over a close-on-exec pipe, as lines: `S <ns>` (started in the namespaces),
+//! `M <ns>` (setup done, about to exec), `E <code> <message>` (failed; exit code to report).
+//! EOF without `E` means exec succeeded.
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
+use nix::unistd::{self, Gid, Uid};
+
+use super::spec::{NetworkMode, TaskSpec, SANDBOX_TARGET};
+use super::state::TaskDir;
+use crate::sys::launch as sys;
+
+/// Docker's default capability set.
+pub const DEFAULT_CAPS: &[u32] = &[
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    13, // NET_RAW
+    18, // SYS_CHROOT
+    27, // MKNOD
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+const CAP_MKNOD: u32 = 27;
+
+/// Paths masked like docker does (files get /dev/null, directories an empty read-only tmpfs).
+pub const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Paths made read-only like docker does.
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Error of the setup, with the exit code to report (podman's convention: 125 runtime error,
+/// 126 cannot invoke, 127 not found).
+#[derive(Debug)]
+pub struct ChildError {
+    pub code: i32,
+    pub message: String,
+}
+
+fn fail(code: i32, message: impl Into<String>) -> ChildError {
+    ChildError {
+        code,
+        message: message.into(),
+    }
+}
+
+trait Ctx<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, ChildError>;
+}
+impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, ChildError> {
+        self.map_err(|e| fail(125, format!("{}: {e}", what())))
+    }
+}
+
+/// What the init needs besides the spec.
+pub struct ChildArgs<'a> {
+    pub spec: &'a TaskSpec,
+    pub dir: &'a TaskDir,
+    /// Unless born in its cgroup (v2): the supervisor writes one byte here once it has moved
+    /// the init into its cgroups; the init waits for it before exec (EOF: failed).
+    pub wait_for_cgroup: Option<OwnedFd>,
+    /// The init has its own cgroup namespace (v2): mount its cgroup read-only at /sys/fs/cgroup.
+    pub cgroup_ns: bool,
+    /// Whether the device cgroup restricts devices (else CAP_MKNOD is dropped).
+    pub device_cgroup: bool,
+    pub stdout: &'a OwnedFd,
+    pub stderr: &'a OwnedFd,
+    pub devnull: &'a OwnedFd,
+    pub status: OwnedFd,
+}
+
+/// Runs the setup and execs the task; only returns by exiting the process.
+pub fn run(args: ChildArgs<'_>) -> ! {
+    // A panic must never unwind out of here: the caller's frames belong to the supervisor.
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut status = match args.status.try_clone() {
+            Ok(fd) => fs::File::from(fd),
+            Err(_) => return 125,
+        };
+        match setup_and_exec(&args, &mut status) {
+            Ok(never) => match never {},
+            Err(e) => {
+                let _ = writeln!(status, "E {} {}", e.code, e.message.replace('\n', " "));
+                e.code
+            }
+        }
+    }));
+    sys::exit_now(res.unwrap_or(125))
+}
+
+enum Never {}
+
+fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, ChildError> {
+    let _ = writeln!(status, "S {}", sys::monotonic_ns());
+    let spec = a.spec;
+    // stdio: stdin from /dev/null, stdout/stderr into the log files.
+    sys::dup2(a.devnull.as_raw_fd(), 0).ctx(|| "dup2 stdin".into())?;
+    sys::dup2(a.stdout.as_raw_fd(), 1).ctx(|| "dup2 stdout".into())?;
+    sys::dup2(a.stderr.as_raw_fd(), 2).ctx(|| "dup2 stderr".into())?;
+    unistd::setsid().ok();
+    umask(Mode::empty());
+
+    let root = spec.rootfs.as_path();
+    let none: Option<&str> = None;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .ctx(|| "making / private".into())?;
+    mount(
+        Some(root),
+        root,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .ctx(|| format!("bind mounting the root filesystem {}", root.display()))?;
+
+    mount_proc_dev_sys(root, spec.network)?;
+    if a.cgroup_ns {
+        let cg = root.join("sys/fs/cgroup");
+        if cg.is_dir() {
+            mount(
+                Some("cgroup2"),
+                &cg,
+                Some("cgroup2"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+                none,
+            )
+            .ctx(|| "mounting /sys/fs/cgroup".into())?;
+        }
+    }
+    mount_etc_files(root, a.dir, spec.readonly_rootfs)?;
+    let sandbox = resolve_in_root(root, SANDBOX_TARGET);
+    fs::create_dir_all(&sandbox).ctx(|| format!("creating {SANDBOX_TARGET}"))?;
+    bind(&a.dir.sandbox(), &sandbox, false)?;
+    for v in &spec.volumes {
+        let target = resolve_in_root(root, &v.target);
+        let meta =
+            fs::metadata(&v.source).ctx(|| format!("volume source {}", v.source.display()))?;
+        if meta.is_dir() {
+            fs::create_dir_all(&target).ctx(|| format!("creating volume target {}", v.target))?;
+        } else if !target.exists() {
+            if let Some(p) = target.parent() {
+                fs::create_dir_all(p).ctx(|| format!("creating volume target {}", v.target))?;
+            }
+            fs::File::create(&target).ctx(|| format!("creating volume target {}", v.target))?;
+        }
+        bind(&v.source, &target, v.readonly)?;
+    }
+    let cwd_host = resolve_in_root(root, &spec.process.cwd);
+    if !cwd_host.exists() {
+        let _ = fs::create_dir_all(&cwd_host);
+    }
+
+    unistd::chdir(root).ctx(|| "chdir to the root filesystem".into())?;
+    unistd::pivot_root(".", ".").ctx(|| "pivot_root".into())?;
+    umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
+    unistd::chdir("/").ctx(|| "chdir /".into())?;
+
+    for p in MASKED_PATHS {
+        mask(p)?;
+    }
+    for p in READONLY_PATHS {
+        if Path::new(p).exists() {
+            bind(Path::new(p), Path::new(p), true)?;
+        }
+    }
+    if spec.readonly_rootfs {
+        mount(
+            none,
+            "/",
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            none,
+        )
+        .ctx(|| "remounting / read-only".into())?;
+    }
+    unistd::sethostname(&spec.hostname).ctx(|| "sethostname".into())?;
+    if spec.network == NetworkMode::None {
+        sys::loopback_up().ctx(|| "bringing up lo".into())?;
+    }
+
+    // Identity, environment, executable (resolved inside the task's root).
+    let ids = resolve_user(&spec.process.user)?;
+    let mut env = spec.process.env.clone();
+    let has = |env: &[String], k: &str| env.iter().any(|e| e.split('=').next() == Some(k));
+    if !has(&env, "HOSTNAME") {
+        env.push(format!("HOSTNAME={}", spec.hostname));
+    }
+    if !has(&env, "HOME") {
+        env.push(format!("HOME={}", ids.home));
+    }
+    let path_var = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(super::spec::DEFAULT_PATH)
+        .to_string();
+    let exe = find_executable(&spec.process.args[0], &path_var)?;
+
+    // Capabilities and credentials.
+    let mut caps: u64 = DEFAULT_CAPS.iter().fold(0, |m, c| m | (1u64 << c));
+    if !a.device_cgroup {
+        caps &= !(1u64 << CAP_MKNOD);
+    }
+    sys::drop_bounding_set(caps).ctx(|| "dropping capabilities".into())?;
+    sys::clear_ambient().ok();
+    let groups: Vec<Gid> = ids.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    unistd::setgroups(&groups).ctx(|| "setgroups".into())?;
+    let gid = Gid::from_raw(ids.gid);
+    unistd::setresgid(gid, gid, gid).ctx(|| format!("setgid {}", ids.gid))?;
+    if ids.uid == 0 {
+        sys::set_capabilities(caps).ctx(|| "capset".into())?;
+    } else {
+        let uid = Uid::from_raw(ids.uid);
+        unistd::setresuid(uid, uid, uid).ctx(|| format!("setuid {}", ids.uid))?;
+    }
+    sys::set_no_new_privs().ctx(|| "no_new_privs".into())?;
+    if !spec.seccomp_unconfined {
+        crate::sys::seccomp::install_default_filter()
+            .ctx(|| "installing the seccomp filter".into())?;
+    }
+    unistd::chdir(spec.process.cwd.as_str())
+        .map_err(|e| fail(126, format!("chdir to cwd {:?}: {e}", spec.process.cwd)))?;
+    umask(Mode::from_bits_truncate(0o022));
+    sys::reset_signals().ctx(|| "resetting signals".into())?;
+    sys::cloexec_from(3).ctx(|| "marking descriptors close-on-exec".into())?;
+
+    let cargs: Vec<CString> = spec
+        .process
+        .args
+        .iter()
+        .map(|s| CString::new(s.as_str()))
+        .collect::<Result<_, _>>()
+        .ctx(|| "argument with a NUL byte".into())?;
+    let cenv: Vec<CString> = env
+        .iter()
+        .map(|s| CString::new(s.as_str()))
+        .collect::<Result<_, _>>()
+        .ctx(|| "environment with a NUL byte".into())?;
+    let cexe = CString::new(exe.as_os_str().as_encoded_bytes()).ctx(|| "path".into())?;
+    if let Some(fd) = &a.wait_for_cgroup {
+        let mut b = [0u8; 1];
+        let mut f = fs::File::from(fd.try_clone().ctx(|| "dup".into())?);
+        if !matches!(std::io::Read::read(&mut f, &mut b), Ok(1)) {
+            return Err(fail(
+                125,
+                "the supervisor could not move the task into its cgroup",
+            ));
+        }
+    }
+    let _ = writeln!(status, "M {}", sys::monotonic_ns());
+    let err = unistd::execve(&cexe, &cargs, &cenv).unwrap_err();
+    Err(exec_error(&spec.process.args[0], err))
+}
+
+fn exec_error(arg0: &str, err: nix::errno::Errno) -> ChildError {
+    use nix::errno::Errno;
+    match err {
+        Errno::ENOENT => fail(127, format!("{arg0}: no such file or directory")),
+        Errno::EACCES | Errno::ENOEXEC | Errno::EISDIR | Errno::EPERM => {
+            fail(126, format!("{arg0}: permission denied ({err})"))
+        }
+        e => fail(126, format!("exec {arg0}: {e}")),
+    }
+}
+
+fn find_executable(arg0: &str, path_var: &str) -> Result<PathBuf, ChildError> {
+    if arg0.contains('/') {
+        let p = PathBuf::from(arg0);
+        return match fs::metadata(&p) {
+            Err(_) => Err(fail(127, format!("{arg0}: no such file or directory"))),
+            Ok(m) if m.is_dir() || m.permissions().mode() & 0o111 == 0 => {
+                Err(fail(126, format!("{arg0}: permission denied")))
+            }
+            Ok(_) => Ok(p),
+        };
+    }
+    let mut not_exec = None;
+    for dir in path_var.split(':').filter(|d| !d.is_empty()) {
+        let p = Path::new(dir).join(arg0);
+        if let Ok(m) = fs::metadata(&p) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(p);
+            }
+            not_exec.get_or_insert(p);
+        }
+    }
+    match not_exec {
+        Some(p) => Err(fail(126, format!("{}: permission denied", p.display()))),
+        None => Err(fail(
+            127,
+            format!("{arg0}: executable file not found in $PATH"),
+        )),
+    }
+}
+
+fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), ChildError> {
+    let none: Option<&str> = None;
+    mount(
+        Some(src),
+        dst,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .ctx(|| format!("bind mounting {} on {}", src.display(), dst.display()))?;
+    if readonly {
+        mount(
+            none,
+            dst,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
+            none,
+        )
+        .ctx(|| format!("remounting {} read-only", dst.display()))?;
+    }
+    Ok(())
+}
+
+fn mask(p: &str) -> Result<(), ChildError> {
+    let path = Path::new(p);
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let none: Option<&str> = None;
+    if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=0"),
+        )
+        .ctx(|| format!("masking {p}"))
+    } else {
+        mount(Some("/dev/null"), path, none, MsFlags::MS_BIND, none).ctx(|| format!("masking {p}"))
+    }
+}
+
+fn mount_proc_dev_sys(root: &Path, _network: NetworkMode) -> Result<(), ChildError> {
+    let none: Option<&str> = None;
+    let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    let proc_ = root.join("proc");
+    fs::create_dir_all(&proc_).ctx(|| "creating /proc".into())?;
+    mount(
+        Some("proc"),
+        &proc_,
+        Some("proc"),
+        nosuid_noexec_nodev,
+        none,
+    )
+    .ctx(|| "mounting /proc".into())?;
+
+    let dev = root.join("dev");
+    fs::create_dir_all(&dev).ctx(|| "creating /dev".into())?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )
+    .ctx(|| "mounting /dev".into())?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let p = dev.join(name);
+        mknod(
+            &p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .ctx(|| format!("mknod /dev/{name}"))?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(link)).ctx(|| format!("/dev/{link}"))?;
+    }
+    let pts = dev.join("pts");
+    fs::create_dir(&pts).ctx(|| "creating /dev/pts".into())?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .ctx(|| "mounting /dev/pts".into())?;
+    let shm = dev.join("shm");
+    fs::create_dir(&shm).ctx(|| "creating /dev/shm".into())?;
+    mount(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        nosuid_noexec_nodev,
+        Some("mode=1777,size=65536k"),
+    )
+    .ctx(|| "mounting /dev/shm".into())?;
+    let mq = dev.join("mqueue");
+    fs::create_dir(&mq).ctx(|| "creating /dev/mqueue".into())?;
+    mount(
+        Some("mqueue"),
+        &mq,
+        Some("mqueue"),
+        nosuid_noexec_nodev,
+        none,
+    )
+    .ctx(|| "mounting /dev/mqueue".into())?;
+
+    let sys_ = root.join("sys");
+    fs::create_dir_all(&sys_).ctx(|| "creating /sys".into())?;
+    let sysfs = mount(
+        Some("sysfs"),
+        &sys_,
+        Some("sysfs"),
+        nosuid_noexec_nodev | MsFlags::MS_RDONLY,
+        none,
+    );
+    if sysfs.is_err() {
+        // Without a network namespace of our own, sysfs may refuse a new mount: bind the host's.
+        bind(Path::new("/sys"), &sys_, true)?;
+    }
+    Ok(())
+}
+
+fn mount_etc_files(root: &Path, dir: &TaskDir, readonly: bool) -> Result<(), ChildError> {
+    let etc = resolve_in_root(root, "/etc");
+    if !etc.exists() && !readonly {
+        let _ = fs::create_dir_all(&etc);
+    }
+    for f in ["hostname", "hosts", "resolv.conf"] {
+        let target = resolve_in_root(root, &format!("/etc/{f}"));
+        if fs::symlink_metadata(&target).is_err()
+            && (readonly || fs::File::create(&target).is_err())
+        {
+            continue;
+        }
+        bind(&dir.etc().join(f), &target, false)?;
+    }
+    Ok(())
+}
+
+/// Resolves `path` (absolute, as seen inside the task) to a host path under `root`, following
+/// symlinks as the task would see them, so that no symlink in the image can point a mount
+/// outside the root.
+pub fn resolve_in_root(root: &Path, path: &str) -> PathBuf {
+    let mut todo: VecDeque<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect();
+    let mut cur = PathBuf::new();
+    let mut hops = 0;
+    while let Some(c) = todo.pop_front() {
+        match c.as_str() {
+            "." => continue,
+            ".." => {
+                cur.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let host = root.join(&cur).join(&c);
+        match fs::read_link(&host) {
+            Ok(target) if hops < 40 => {
+                hops += 1;
+                let t = target.to_string_lossy().into_owned();
+                if t.starts_with('/') {
+                    cur = PathBuf::new();
+                }
+                for (i, part) in t.split('/').filter(|p| !p.is_empty()).enumerate() {
+                    todo.insert(i, part.to_string());
+                }
+            }
+            _ => cur.push(c),
+        }
+    }
+    root.join(cur)
+}
+
+/// A resolved identity.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+}
+
+/// Resolves `user[:group]` against `/etc/passwd` and `/etc/group` of the current root.
+pub fn resolve_user(spec: &str) -> Result<Ids, ChildError> {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = fs::read_to_string("/etc/group").unwrap_or_default();
+    resolve_user_in(spec, &passwd, &group)
+}
+
+fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<Ids, ChildError> {
+    let (user, grp) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let user = if user.is_empty() { "0" } else { user };
+    let entry = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 7 {
+            return None;
+        }
+        let uid: u32 = f[2].parse().ok()?;
+        (f[0] == user || user.parse() == Ok(uid)).then(|| {
+            (
+                f[0].to_string(),
+                uid,
+                f[3].parse().unwrap_or(0),
+                f[5].to_string(),
+            )
+        })
+    });
+    let (name, uid, mut gid, home) = match (entry, user.parse::<u32>()) {
+        (Some(e), _) => e,
+        (None, Ok(uid)) => (String::new(), uid, 0, "/".to_string()),
+        (None, Err(_)) => {
+            return Err(fail(
+                126,
+                format!("unable to find user {user}: no matching entries in passwd file"),
+            ))
+        }
+    };
+    let groups_file: Vec<(String, u32, Vec<String>)> = group
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4).then(|| {
+                Some((
+                    f[0].to_string(),
+                    f[2].parse().ok()?,
+                    f[3].split(',')
+                        .filter(|m| !m.is_empty())
+                        .map(String::from)
+                        .collect(),
+                ))
+            })?
+        })
+        .collect();
+    let mut groups = vec![];
+    if let Some(g) = grp.filter(|g| !g.is_empty()) {
+        gid = match groups_file.iter().find(|(n, _, _)| n == g) {
+            Some((_, id, _)) => *id,
+            None => g.parse().map_err(|_| {
+                fail(
+                    126,
+                    format!("unable to find group {g}: no matching entries in group file"),
+                )
+            })?,
+        };
+    } else if !name.is_empty() {
+        groups = groups_file
+            .iter()
+            .filter(|(_, _, members)| members.contains(&name))
+            .map(|(_, id, _)| *id)
+            .collect();
+    }
+    if !groups.contains(&gid) {
+        groups.insert(0, gid);
+    }
+    Ok(Ids {
+        uid,
+        gid,
+        groups,
+        home,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n";
+    const GROUP: &str = "root:x:0:\napp:x:1000:\nwheel:x:10:app,other\n";
+
+    #[test]
+    fn users() {
+        let r = resolve_user_in("", PASSWD, GROUP).unwrap();
+        assert_eq!((r.uid, r.gid, r.home.as_str()), (0, 0, "/root"));
+        let a = resolve_user_in("app", PASSWD, GROUP).unwrap();
+        assert_eq!((a.uid, a.gid), (1000, 1000));
+        assert_eq!(a.groups, [1000, 10]);
+        let n = resolve_user_in("4242:77", PASSWD, GROUP).unwrap();
+        assert_eq!((n.uid, n.gid, n.groups.as_slice()), (4242, 77, &[77][..]));
+        let g = resolve_user_in("app:wheel", PASSWD, GROUP).unwrap();
+        assert_eq!(g.gid, 10);
+        assert_eq!(
+            resolve_user_in("nosuch", PASSWD, GROUP).unwrap_err().code,
+            126
+        );
+        assert!(resolve_user_in("app:nosuch", PASSWD, GROUP).is_err());
+    }
+
+    #[test]
+    fn resolve_stays_in_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("real")).unwrap();
+        std::os::unix::fs::symlink("/real", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../../../etc", root.join("up")).unwrap();
+        assert_eq!(resolve_in_root(root, "/abs/x"), root.join("real/x"));
+        assert_eq!(resolve_in_root(root, "/up/passwd"), root.join("etc/passwd"));
+        assert_eq!(resolve_in_root(root, "/a/../b"), root.join("b"));
+    }
+}

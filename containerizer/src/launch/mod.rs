@@ -1,0 +1,602 @@
+//! Native launch of tasks on a prepared root filesystem: namespaces, cgroups, pivot_root and
+//! exec, done by a small single-threaded supervisor (`caisson-shim`) per task, so that the
+//! launcher (CLI or agent) may die at any time without the task noticing.
+//!
+//! The launcher side is [`Runtime`]: [`Runtime::launch`] records the task under
+//! `<root>/containers/<id>/`, spawns the supervisor (which detaches into its own session) and
+//! returns once the task's init has exec'd (or the launch failed). [`Runtime::info`],
+//! [`Runtime::list`], [`Runtime::kill`], [`Runtime::stop`] and [`Runtime::remove`] work on the
+//! recorded state, from any process, at any later time.
+//!
+//! Launching an image task (the caller prepares the root filesystem, e.g. an overlay mount,
+//! and hands over the paths to clean up when the task is removed):
+//!
+//! ```no_run
+//! use containerizer::launch::{process_from_image, ProcessOverrides, Runtime, TaskSpec};
+//! # fn f(image_config: &oci_spec::image::Config, merged: std::path::PathBuf,
+//! #      upper: std::path::PathBuf) -> Result<(), containerizer::launch::LaunchError> {
+//! let process = process_from_image(
+//!     Some(image_config),
+//!     &ProcessOverrides { cmd: vec!["/bin/true".into()], ..Default::default() },
+//! )?;
+//! let rt = Runtime::new("/var/lib/caisson");
+//! let mut task = rt.launch(TaskSpec {
+//!     image: "docker.io/library/busybox:latest".into(),
+//!     rootfs: merged.clone(),
+//!     cleanup: vec![merged, upper],
+//!     process,
+//!     ..Default::default()
+//! })?;
+//! let state = task.wait()?; // exit code, signal, OOM flag, usage, per-phase timings
+//! task.finish();
+//! # let _ = state; Ok(()) }
+//! ```
+//!
+//! Process model: the launcher spawns `caisson-shim <task dir>` (found next to the current
+//! executable, or `$CAISSON_SHIM`). The shim calls setsid (so it survives the launcher's death,
+//! `kill -9` included), creates the cgroup, and clone3s the task's init into new pid, mount,
+//! uts, ipc (and net) namespaces, directly into the cgroup on v2 (`CLONE_INTO_CGROUP`); on v1 it
+//! moves the init into its cgroups while the init does its mounts, and the init waits for that
+//! before exec. The init ([`child`]) mounts, pivot_roots, drops capabilities, sets
+//! `no_new_privs` and the seccomp filter, and execs, writing its stdout/stderr straight into
+//! the log files. The shim reaps it and writes `state.json` (exit code, signal, OOM, usage).
+pub mod child;
+pub mod shim;
+pub mod spec;
+pub mod state;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::Serialize;
+
+pub use spec::{
+    process_from_image, Limits, NetworkMode, Process, ProcessOverrides, TaskSpec, Volume,
+};
+pub use state::{Status, TaskConfig, TaskDir, TaskState, Timings};
+
+use crate::cgroups::{CgroupError, TaskCgroup};
+
+/// Name of the supervisor binary, looked up next to the current executable.
+pub const SHIM_NAME: &str = "caisson-shim";
+
+/// Errors of the launch layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no container with name or ID {0:?} found")]
+    NotFound(String),
+    #[error("{0:?} matches more than one container")]
+    Ambiguous(String),
+    #[error("a task with id {0} already exists")]
+    Exists(String),
+    #[error("the container name {0:?} is already in use")]
+    NameInUse(String),
+    #[error("container {0} is running: stop it first or use --force")]
+    Running(String),
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    #[error("{message}")]
+    Start { code: i32, message: String },
+    #[error("supervisor: {0}")]
+    Shim(String),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LaunchError {
+    /// podman's exit code convention: 125 for errors of the runtime itself, 126 when the
+    /// command cannot be invoked, 127 when it cannot be found.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            LaunchError::Start { code, .. } => *code,
+            _ => 125,
+        }
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
+    let context = context.into();
+    move |source| LaunchError::Io { context, source }
+}
+
+/// Everything known about one task.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskInfo {
+    pub id: String,
+    pub name: String,
+    pub dir: PathBuf,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+}
+
+/// A task whose init has exec'd. Dropping it detaches from the supervisor.
+#[derive(Debug)]
+pub struct Launched {
+    pub id: String,
+    pub name: String,
+    /// The task's init pid on the host.
+    pub pid: i32,
+    pub dir: PathBuf,
+    shim: Option<Child>,
+    stdin: Option<ChildStdin>,
+    events: BufReader<ChildStdout>,
+}
+
+impl Launched {
+    /// Blocks until the task exits; returns its exit code (128+signal when killed). Survives
+    /// the supervisor dying (then the recorded state decides).
+    pub fn wait(&mut self) -> Result<TaskState, LaunchError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.events.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if line.starts_with("exited ") => break,
+                Ok(_) => continue,
+            }
+        }
+        let td = TaskDir::new(self.dir.clone());
+        let st = td.read_state().map_err(io_err("reading the task state"))?;
+        Ok(refresh(st, &td))
+    }
+
+    /// Lets the supervisor finish (with `auto_remove` it removes the task now) and reaps it.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        if let Some(mut c) = self.shim.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if let Some(mut c) = self.shim.take() {
+            // The supervisor is our child: reap it when it ends so that a long-running launcher
+            // (the agent) does not collect zombies. A short-lived one (the CLI) simply exits and
+            // the supervisor is reparented.
+            if !matches!(c.try_wait(), Ok(Some(_))) {
+                let _ = std::thread::Builder::new()
+                    .name("shim-reaper".into())
+                    .stack_size(64 * 1024)
+                    .spawn(move || c.wait());
+            }
+        }
+    }
+}
+
+/// The launcher side: task records under `<root>/containers`.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    root: PathBuf,
+    shim: PathBuf,
+}
+
+impl Runtime {
+    /// A runtime keeping its records under `root`, with the supervisor binary from
+    /// `$CAISSON_SHIM` or next to the current executable.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let shim = std::env::var_os("CAISSON_SHIM")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|e| e.parent().map(|d| d.join(SHIM_NAME)))
+            })
+            .unwrap_or_else(|| PathBuf::from(SHIM_NAME));
+        Runtime {
+            root: root.into(),
+            shim,
+        }
+    }
+
+    /// The state root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Uses `shim` as the supervisor binary.
+    pub fn with_shim(mut self, shim: impl Into<PathBuf>) -> Self {
+        self.shim = shim.into();
+        self
+    }
+
+    fn containers(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+
+    fn task_dir(&self, id: &str) -> TaskDir {
+        TaskDir::new(self.containers().join(id))
+    }
+
+    /// Launches `spec` and returns once its init has exec'd. On failure nothing is left behind.
+    pub fn launch(&self, mut spec: TaskSpec) -> Result<Launched, LaunchError> {
+        let started_ns = crate::sys::launch::monotonic_ns();
+        validate(&spec)?;
+        if spec.id.is_empty() {
+            spec.id = new_id();
+        } else if !valid_name(&spec.id) || spec.id.len() > 128 {
+            return Err(LaunchError::Invalid(format!(
+                "invalid task id {:?}",
+                spec.id
+            )));
+        }
+        let short: String = spec.id.chars().take(12).collect();
+        if spec.name.is_empty() {
+            spec.name = short.clone();
+        }
+        if spec.hostname.is_empty() {
+            spec.hostname = short;
+        }
+        fs::create_dir_all(self.containers()).map_err(io_err("creating the state root"))?;
+        let td = self.task_dir(&spec.id);
+        if td.dir.exists() {
+            return Err(LaunchError::Exists(spec.id));
+        }
+        // Names are unique through an index of files created exclusively.
+        let name_file = td.name_file(&spec.name);
+        fs::create_dir_all(name_file.parent().expect("names dir"))
+            .map_err(io_err("creating the name index"))?;
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&name_file)
+        {
+            Ok(mut f) => f
+                .write_all(spec.id.as_bytes())
+                .map_err(io_err("writing the name index"))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(LaunchError::NameInUse(spec.name))
+            }
+            Err(e) => return Err(io_err("creating the name index entry")(e)),
+        }
+        let (id, name) = (spec.id.clone(), spec.name.clone());
+        let res = fs::create_dir(&td.dir)
+            .map_err(io_err(format!("creating {}", td.dir.display())))
+            .and_then(|()| self.prepare_and_spawn(&td, spec, started_ns));
+        if res.is_err() {
+            let _ = fs::remove_dir_all(&td.dir);
+            let _ = TaskCgroup::load(&id).destroy(Duration::from_secs(5));
+            td.release_name(&name, &id);
+        }
+        res
+    }
+
+    fn prepare_and_spawn(
+        &self,
+        td: &TaskDir,
+        spec: TaskSpec,
+        started_ns: u64,
+    ) -> Result<Launched, LaunchError> {
+        fs::create_dir(td.etc()).map_err(io_err("creating etc"))?;
+        fs::create_dir(td.sandbox()).map_err(io_err("creating the sandbox"))?;
+        let w = |name: &str, data: &[u8]| {
+            fs::write(td.etc().join(name), data).map_err(io_err(format!("writing etc/{name}")))
+        };
+        w("hostname", format!("{}\n", spec.hostname).as_bytes())?;
+        w(
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                spec.hostname
+            )
+            .as_bytes(),
+        )?;
+        w(
+            "resolv.conf",
+            &fs::read("/etc/resolv.conf").unwrap_or_default(),
+        )?;
+        let id = spec.id.clone();
+        let name = spec.name.clone();
+        td.write_state(&TaskState::created(state::now_ms()))
+            .map_err(io_err("writing the state"))?;
+        td.write_config(&TaskConfig {
+            spec,
+            launch_started_ns: started_ns,
+        })
+        .map_err(io_err("writing the config"))?;
+        let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
+        let mut child = Command::new(&self.shim)
+            .arg(&td.dir)
+            .arg(crate::sys::launch::monotonic_ns().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(shim_log)
+            .spawn()
+            .map_err(io_err(format!("starting {}", self.shim.display())))?;
+        let stdin = child.stdin.take();
+        let mut events = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        let _ = events.read_line(&mut line);
+        let line = line.trim_end();
+        if let Some(pid) = line.strip_prefix("started ") {
+            let pid = pid
+                .parse()
+                .map_err(|_| LaunchError::Shim(format!("bad reply {line:?}")))?;
+            return Ok(Launched {
+                id,
+                name,
+                pid,
+                dir: td.dir.clone(),
+                shim: Some(child),
+                stdin,
+                events,
+            });
+        }
+        drop(stdin);
+        let _ = child.wait();
+        if let Some(rest) = line.strip_prefix("failed ") {
+            let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+            return Err(LaunchError::Start {
+                code: code.parse().unwrap_or(125),
+                message: msg.to_string(),
+            });
+        }
+        let log = fs::read_to_string(td.shim_log()).unwrap_or_default();
+        Err(LaunchError::Shim(format!(
+            "exited without reporting: {}",
+            log.trim()
+        )))
+    }
+
+    /// All tasks, oldest first.
+    pub fn list(&self) -> Result<Vec<TaskInfo>, LaunchError> {
+        let mut out = vec![];
+        let rd = match fs::read_dir(self.containers()) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err("listing containers")(e)),
+        };
+        for entry in rd.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if let Ok(info) = self.info(&id) {
+                out.push(info);
+            }
+        }
+        out.sort_by_key(|t| t.state.created_ms);
+        Ok(out)
+    }
+
+    /// Resolves a full id, a unique id prefix or a name to an id.
+    pub fn resolve(&self, id_or_name: &str) -> Result<String, LaunchError> {
+        if id_or_name.is_empty() {
+            return Err(LaunchError::NotFound(id_or_name.into()));
+        }
+        let all = self.list()?;
+        if let Some(t) = all
+            .iter()
+            .find(|t| t.id == id_or_name || t.name == id_or_name)
+        {
+            return Ok(t.id.clone());
+        }
+        let matches: Vec<&TaskInfo> = all
+            .iter()
+            .filter(|t| t.id.starts_with(id_or_name))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(one.id.clone()),
+            [] => Err(LaunchError::NotFound(id_or_name.into())),
+            _ => Err(LaunchError::Ambiguous(id_or_name.into())),
+        }
+    }
+
+    /// The record of task `id` (a full id), with its liveness checked.
+    pub fn info(&self, id: &str) -> Result<TaskInfo, LaunchError> {
+        let td = self.task_dir(id);
+        let cfg = td
+            .read_config()
+            .map_err(|_| LaunchError::NotFound(id.into()))?;
+        let st = td
+            .read_state()
+            .map_err(|_| LaunchError::NotFound(id.into()))?;
+        Ok(TaskInfo {
+            id: cfg.spec.id.clone(),
+            name: cfg.spec.name.clone(),
+            dir: td.dir.clone(),
+            state: refresh(st, &td),
+            spec: cfg.spec,
+        })
+    }
+
+    /// Sends `signal` to the task's init.
+    pub fn kill(&self, id: &str, signal: Signal) -> Result<(), LaunchError> {
+        let info = self.info(id)?;
+        match (info.state.status, info.state.pid) {
+            (Status::Running, Some(pid)) => {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| {
+                    LaunchError::Io {
+                        context: format!("sending {signal} to {pid}"),
+                        source: e.into(),
+                    }
+                })
+            }
+            _ => Err(LaunchError::NotRunning(id.into())),
+        }
+    }
+
+    /// SIGTERM, then after `grace` SIGKILL of every process in the task's cgroup; returns the
+    /// final state.
+    pub fn stop(&self, id: &str, grace: Duration) -> Result<TaskState, LaunchError> {
+        let info = self.info(id)?;
+        if info.state.status == Status::Lost {
+            // No supervisor: nothing will record an exit, just make sure nothing runs.
+            TaskCgroup::load(id).signal_all(Signal::SIGKILL)?;
+            return Ok(info.state);
+        }
+        if info.state.status != Status::Running {
+            return Ok(info.state);
+        }
+        if !grace.is_zero() {
+            let _ = self.kill(id, Signal::SIGTERM);
+            if let Some(st) = self.wait_terminal(id, grace)? {
+                return Ok(st);
+            }
+        }
+        TaskCgroup::load(id).signal_all(Signal::SIGKILL)?;
+        match self.wait_terminal(id, Duration::from_secs(10))? {
+            Some(st) => Ok(st),
+            None => Err(LaunchError::Shim(format!(
+                "{id} did not stop after SIGKILL"
+            ))),
+        }
+    }
+
+    /// Polls the state until it is terminal, for at most `timeout`.
+    pub fn wait_terminal(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<TaskState>, LaunchError> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let st = self.info(id)?.state;
+            if st.status.is_terminal() {
+                return Ok(Some(st));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Removes a task: its cgroups, its directory (logs, sandbox, records). A running task is
+    /// killed first with `force`, refused without.
+    pub fn remove(&self, id: &str, force: bool) -> Result<(), LaunchError> {
+        let info = self.info(id)?;
+        if !info.state.status.is_terminal() {
+            if !force {
+                return Err(LaunchError::Running(id.into()));
+            }
+            self.stop(id, Duration::ZERO)?;
+        }
+        // Let the supervisor finish its bookkeeping before its directory goes away.
+        if let (Some(pid), ticks) = (info.state.shim_pid, info.state.shim_start_ticks) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while state::process_alive(pid, ticks) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        TaskCgroup::load(id).destroy(Duration::from_secs(10))?;
+        state::cleanup_owned(&info.spec.cleanup);
+        let td = self.task_dir(id);
+        td.release_name(&info.name, id);
+        match fs::remove_dir_all(&td.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("removing {}", td.dir.display()))(e)),
+        }
+    }
+
+    /// The task's directory (logs are `stdout.log` and `stderr.log` in it).
+    pub fn dir(&self, id: &str) -> TaskDir {
+        self.task_dir(id)
+    }
+}
+
+/// Marks a task whose supervisor is gone without a terminal record as lost.
+fn refresh(mut st: TaskState, td: &TaskDir) -> TaskState {
+    if st.status.is_terminal() {
+        return st;
+    }
+    let alive = match st.shim_pid {
+        Some(pid) => state::process_alive(pid, st.shim_start_ticks),
+        // Supervisor not started yet: give the launcher time.
+        None => state::now_ms().saturating_sub(st.created_ms) < 30_000,
+    };
+    if alive {
+        return st;
+    }
+    // It may have written its final record just now.
+    if let Ok(again) = td.read_state() {
+        if again.status.is_terminal() {
+            return again;
+        }
+    }
+    st.status = Status::Lost;
+    st.reason = Some("supervisor gone".into());
+    st
+}
+
+/// podman's rule for names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
+    if !spec.name.is_empty() && !valid_name(&spec.name) {
+        return Err(LaunchError::Invalid(format!(
+            "invalid container name {:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+            spec.name
+        )));
+    }
+    if spec.process.args.is_empty() {
+        return Err(LaunchError::Invalid("no command specified".into()));
+    }
+    let meta = fs::metadata(&spec.rootfs)
+        .map_err(|e| LaunchError::Invalid(format!("rootfs {}: {e}", spec.rootfs.display())))?;
+    if !meta.is_dir() || !spec.rootfs.is_absolute() {
+        return Err(LaunchError::Invalid(format!(
+            "rootfs {} must be an absolute path to a directory",
+            spec.rootfs.display()
+        )));
+    }
+    for v in &spec.volumes {
+        fs::metadata(&v.source).map_err(|e| {
+            LaunchError::Invalid(format!("invalid volume source {}: {e}", v.source.display()))
+        })?;
+    }
+    if !spec.process.cwd.starts_with('/') {
+        return Err(LaunchError::Invalid(format!(
+            "the working directory {:?} is invalid, it needs to be an absolute path",
+            spec.process.cwd
+        )));
+    }
+    if spec.hostname.len() > 64 {
+        return Err(LaunchError::Invalid("hostname longer than 64 bytes".into()));
+    }
+    spec.limits.validate()?;
+    Ok(())
+}
+
+/// A new random 64-hex-digit task id.
+pub fn new_id() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex::encode(bytes)
+}
+
+/// Copies what was appended to `path` since `*offset` into `out`; returns the bytes copied.
+pub fn copy_new(path: &Path, offset: &mut u64, out: &mut dyn Write) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    f.seek(SeekFrom::Start(*offset))?;
+    let mut buf = Vec::new();
+    let n = f.read_to_end(&mut buf)? as u64;
+    if n > 0 {
+        out.write_all(&buf)?;
+        out.flush()?;
+        *offset += n;
+    }
+    Ok(n)
+}

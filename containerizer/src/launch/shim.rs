@@ -1,0 +1,293 @@
+//! The per-task supervisor (`caisson-shim DIR`): a small single-threaded process, detached from
+//! the launcher (own session), that creates the cgroup, clones the task's init into new
+//! namespaces, stays its parent, reaps it and records its fate in the task's state directory.
+//!
+//! Protocol with the launcher: the launcher spawns the shim with stdin and stdout as pipes.
+//! The shim writes `started <pid>` or `failed <code> <message>` as its first line on stdout,
+//! then `exited <code>` when the task has ended and its state is recorded. With `auto_remove`
+//! the shim then waits for EOF on stdin (the launcher has drained the logs, or is gone) and
+//! removes the task's directory.
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use super::child::{self, ChildArgs};
+use super::spec::NetworkMode;
+use super::state::{now_ms, process_start_ticks, Status, TaskDir, TaskState, Timings};
+use crate::cgroups::TaskCgroup;
+use crate::sys::launch::{self as sys, CloneResult};
+
+/// Runs the supervisor for the task directory `dir`; returns the shim's exit code.
+///
+/// Closes every inherited descriptor above stderr first: call it before opening any.
+///
+/// `spawned_ns` is the launcher's `CLOCK_MONOTONIC` just before it spawned us (for the timings).
+pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
+    let t_start = sys::monotonic_ns();
+    sys::close_from(3);
+    let _ = nix::unistd::setsid();
+    let td = TaskDir::new(dir.to_path_buf());
+    let mut out = std::io::stdout();
+    let cfg = match td.read_config() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(out, "failed 125 reading {}: {e}", td.config().display());
+            return 1;
+        }
+    };
+    let spec = &cfg.spec;
+    let mut state = td
+        .read_state()
+        .unwrap_or_else(|_| TaskState::created(now_ms()));
+    let me = std::process::id() as i32;
+    state.shim_pid = Some(me);
+    state.shim_start_ticks = process_start_ticks(me);
+    let mut timings = Timings {
+        rootfs_us: spec.rootfs_prepare_us,
+        prepare_us: spawned_ns
+            .unwrap_or(cfg.launch_started_ns)
+            .saturating_sub(cfg.launch_started_ns)
+            / 1000,
+        spawn_us: t_start.saturating_sub(spawned_ns.unwrap_or(cfg.launch_started_ns)) / 1000,
+        ..Default::default()
+    };
+
+    let report_failure =
+        |state: &mut TaskState, out: &mut std::io::Stdout, code: i32, msg: String| {
+            tracing::error!(id = %spec.id, code, "launch failed: {msg}");
+            state.status = Status::Failed;
+            state.exit_code = Some(code);
+            state.reason = Some("launch failed".into());
+            state.error = Some(msg.clone());
+            state.finished_ms = Some(now_ms());
+            let _ = td.write_state(state);
+            let _ = writeln!(out, "failed {code} {msg}");
+            let _ = out.flush();
+        };
+
+    // Cgroup.
+    let cg = match TaskCgroup::create(&spec.id, &spec.limits) {
+        Ok(cg) => cg,
+        Err(e) => {
+            report_failure(
+                &mut state,
+                &mut out,
+                125,
+                format!("creating the cgroup: {e}"),
+            );
+            return 1;
+        }
+    };
+    state.cgroup_paths = cg.dirs();
+    let t_cgroup = sys::monotonic_ns();
+    timings.cgroup_us = (t_cgroup - t_start) / 1000;
+
+    let open_log = |p: &Path| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map(OwnedFd::from)
+    };
+    let fds = (|| -> std::io::Result<_> {
+        Ok((
+            open_log(&td.stdout_log())?,
+            open_log(&td.stderr_log())?,
+            OwnedFd::from(File::open("/dev/null")?),
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?,
+        ))
+    })();
+    let (stdout_fd, stderr_fd, devnull, (status_r, status_w)) = match fds {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = cg.destroy(Duration::from_secs(1));
+            report_failure(&mut state, &mut out, 125, format!("opening log files: {e}"));
+            return 1;
+        }
+    };
+
+    let mut flags =
+        (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
+    if spec.network == NetworkMode::None {
+        flags |= libc::CLONE_NEWNET as u64;
+    }
+    let v2fd = cg.open_v2_dir();
+    // Without CLONE_INTO_CGROUP (v1, hybrid), we move the init into its cgroups while it does its
+    // mounts, and it waits for our go before exec: the cgroup migration (an RCU grace period on
+    // v1, milliseconds under load) overlaps the setup instead of adding to it.
+    let go = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = cg.destroy(Duration::from_secs(1));
+            report_failure(&mut state, &mut out, 125, format!("pipe: {e}"));
+            return 1;
+        }
+    };
+    let t_clone = sys::monotonic_ns();
+    let mut joined_at_birth = v2fd.is_some();
+    // Born in its v2 cgroup, the init also gets a cgroup namespace rooted there, so that it can
+    // see its own cgroup (and only that) at /sys/fs/cgroup.
+    let mut res = match &v2fd {
+        Some(fd) => sys::clone_fork(flags | libc::CLONE_NEWCGROUP as u64, Some(fd.as_raw_fd())),
+        None => sys::clone_fork(flags, None),
+    };
+    if res.is_err() && v2fd.is_some() {
+        joined_at_birth = false;
+        res = sys::clone_fork(flags, None);
+    }
+    drop(v2fd);
+    let (go_r, go_w) = go;
+    let pid = match res {
+        Ok(CloneResult::Child) => {
+            drop(status_r);
+            drop(go_w);
+            child::run(ChildArgs {
+                spec,
+                dir: &td,
+                wait_for_cgroup: (!joined_at_birth).then_some(go_r),
+                cgroup_ns: joined_at_birth,
+                device_cgroup: !cg.is_v2(),
+                stdout: &stdout_fd,
+                stderr: &stderr_fd,
+                devnull: &devnull,
+                status: status_w,
+            })
+        }
+        Ok(CloneResult::Parent(pid)) => pid,
+        Err(e) => {
+            let _ = cg.destroy(Duration::from_secs(1));
+            report_failure(&mut state, &mut out, 125, format!("clone: {e}"));
+            return 1;
+        }
+    };
+    drop(status_w);
+    drop(go_r);
+    drop((stdout_fd, stderr_fd, devnull));
+    if !joined_at_birth {
+        let t_join = sys::monotonic_ns();
+        let joined = cg
+            .procs_files()
+            .iter()
+            .try_for_each(|f| fs::write(f, pid.to_string()).map_err(|e| (f.clone(), e)));
+        timings.cgroup_join_us = (sys::monotonic_ns() - t_join) / 1000;
+        match joined {
+            Ok(()) => {
+                let _ = File::from(go_w).write_all(b"1");
+            }
+            Err((f, e)) => {
+                drop(go_w);
+                let _ = waitpid(Pid::from_raw(pid), None);
+                let _ = cg.destroy(Duration::from_secs(5));
+                report_failure(
+                    &mut state,
+                    &mut out,
+                    125,
+                    format!("moving the task into {}: {e}", f.display()),
+                );
+                return 1;
+            }
+        }
+    } else {
+        drop(go_w);
+    }
+
+    // Wait for exec (EOF) or an error report.
+    let mut t_started = t_clone;
+    let mut t_mounts = t_clone;
+    let mut error: Option<(i32, String)> = None;
+    for line in BufReader::new(File::from(status_r)).lines() {
+        let Ok(line) = line else { break };
+        let mut it = line.splitn(3, ' ');
+        match (it.next(), it.next(), it.next()) {
+            (Some("S"), Some(t), _) => t_started = t.parse().unwrap_or(t_started),
+            (Some("M"), Some(t), _) => t_mounts = t.parse().unwrap_or(t_mounts),
+            (Some("E"), Some(code), msg) => {
+                error = Some((code.parse().unwrap_or(125), msg.unwrap_or("").to_string()))
+            }
+            _ => {}
+        }
+    }
+    let t_exec = sys::monotonic_ns();
+    if let Some((code, msg)) = error {
+        let _ = waitpid(Pid::from_raw(pid), None);
+        let _ = cg.destroy(Duration::from_secs(5));
+        state.pid = Some(pid);
+        report_failure(&mut state, &mut out, code, msg);
+        return 0;
+    }
+    timings.namespaces_us = t_started.saturating_sub(t_clone) / 1000;
+    timings.mounts_us = t_mounts.saturating_sub(t_started) / 1000;
+    timings.exec_us = t_exec.saturating_sub(t_mounts) / 1000;
+    timings.total_us = t_exec.saturating_sub(cfg.launch_started_ns) / 1000;
+    timings.clone_into_cgroup = joined_at_birth;
+    state.status = Status::Running;
+    state.pid = Some(pid);
+    state.started_ms = Some(now_ms());
+    state.timings = timings;
+    let _ = writeln!(out, "started {pid}");
+    let _ = out.flush();
+    if let Err(e) = td.write_state(&state) {
+        tracing::error!(id = %spec.id, "writing state: {e}");
+    }
+
+    // Supervise.
+    let status = loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => break (code, None),
+            Ok(WaitStatus::Signaled(_, sig, _)) => break (128 + sig as i32, Some(sig as i32)),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(id = %spec.id, "waitpid: {e}");
+                break (255, None);
+            }
+        }
+    };
+    let mut usage = cg.usage();
+    // Without cpuacct/memory accounting (e.g. a v2 tree without those controllers), fall back
+    // to the rusage of the reaped task (its largest process, not the cgroup total).
+    let (cpu_us, maxrss) = sys::children_usage();
+    if usage.cpu_ns == 0 {
+        usage.cpu_ns = cpu_us * 1000;
+    }
+    if usage.memory_peak_bytes == 0 {
+        usage.memory_peak_bytes = maxrss;
+    }
+    state.status = Status::Exited;
+    state.exit_code = Some(status.0);
+    state.signal = status.1;
+    state.oom_killed = usage.oom_kills > 0;
+    if state.oom_killed {
+        state.reason = Some("memory limit".into());
+    } else if let Some(sig) = status.1 {
+        state.reason = Some(format!("killed by signal {sig}"));
+    }
+    state.usage = Some(usage);
+    state.finished_ms = Some(now_ms());
+    if let Err(e) = cg.destroy(Duration::from_secs(10)) {
+        tracing::error!(id = %spec.id, "removing the cgroup: {e}");
+    }
+    if let Err(e) = td.write_state(&state) {
+        tracing::error!(id = %spec.id, "writing state: {e}");
+    }
+    let _ = writeln!(out, "exited {}", status.0);
+    let _ = out.flush();
+
+    if spec.auto_remove {
+        // Wait until the launcher is done with the logs (or gone), then remove everything.
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        super::state::cleanup_owned(&spec.cleanup);
+        td.release_name(&spec.name, &spec.id);
+        if let Err(e) = fs::remove_dir_all(dir) {
+            tracing::error!(id = %spec.id, "removing {}: {e}", dir.display());
+        }
+    }
+    0
+}

@@ -1,0 +1,286 @@
+//! On-disk records of a task: `<root>/containers/<id>/{config.json,state.json,stdout.log,
+//! stderr.log,shim.log,etc/,sandbox/}`. Every JSON file is written atomically (tmp + rename).
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::spec::TaskSpec;
+use crate::cgroups::Usage;
+
+/// Life cycle of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Recorded, supervisor starting.
+    Created,
+    /// The task's init has exec'd.
+    Running,
+    /// The task ran and exited (or was killed).
+    Exited,
+    /// The launch failed before exec.
+    Failed,
+    /// The supervisor vanished without recording the task's fate.
+    Lost,
+}
+
+impl Status {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Exited | Status::Failed | Status::Lost)
+    }
+}
+
+/// Per-phase launch timings in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Root filesystem preparation by the caller, if any.
+    pub rootfs_us: Option<u64>,
+    /// The launcher's bookkeeping: validation, task directory, records, generated /etc files.
+    #[serde(default)]
+    pub prepare_us: u64,
+    /// Spawning the supervisor (fork + exec) until its `main`.
+    pub spawn_us: u64,
+    /// Cgroup creation and limits.
+    pub cgroup_us: u64,
+    /// clone3 with the new namespaces until the task's init runs.
+    pub namespaces_us: u64,
+    /// Moving the init into its cgroups (v1: one `cgroup.procs` write per hierarchy; the first
+    /// migration waits for an RCU grace period). Done by the supervisor while the init does its
+    /// mounts (overlapped with `mounts_us`). Zero with `CLONE_INTO_CGROUP`.
+    #[serde(default)]
+    pub cgroup_join_us: u64,
+    /// Mounts, pivot_root, /proc, /dev, /sys, volumes, masked paths, hostname, user, caps,
+    /// seccomp (and waiting for the cgroup move, if it takes longer).
+    pub mounts_us: u64,
+    /// Final exec until the supervisor sees it succeed.
+    pub exec_us: u64,
+    /// Launcher start to the task running.
+    pub total_us: u64,
+    /// The init was born in its cgroup (clone3 `CLONE_INTO_CGROUP`, cgroup v2) rather than
+    /// joining it before its setup (v1).
+    #[serde(default)]
+    pub clone_into_cgroup: bool,
+}
+
+/// The mutable state of a task, written by the supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskState {
+    pub status: Status,
+    /// The task's init pid on the host.
+    pub pid: Option<i32>,
+    /// The supervisor's pid and its start time (clock ticks since boot, from /proc), so that a
+    /// reused pid is not mistaken for it.
+    pub shim_pid: Option<i32>,
+    pub shim_start_ticks: Option<u64>,
+    /// Unix time in milliseconds.
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Exit code as a shell reports it (128+signal when killed by a signal).
+    pub exit_code: Option<i32>,
+    /// The signal that killed the task.
+    pub signal: Option<i32>,
+    /// The task was OOM killed.
+    pub oom_killed: bool,
+    /// Why the task ended, when it is not a plain exit: "memory limit", "launch failed", ...
+    pub reason: Option<String>,
+    /// The launch error, when status is failed.
+    pub error: Option<String>,
+    pub usage: Option<Usage>,
+    pub timings: Timings,
+    /// The task's cgroup directories.
+    pub cgroup_paths: Vec<PathBuf>,
+}
+
+impl TaskState {
+    pub fn created(now_ms: u64) -> Self {
+        TaskState {
+            status: Status::Created,
+            pid: None,
+            shim_pid: None,
+            shim_start_ticks: None,
+            created_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            reason: None,
+            error: None,
+            usage: None,
+            timings: Timings::default(),
+            cgroup_paths: vec![],
+        }
+    }
+}
+
+/// The immutable record of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub spec: TaskSpec,
+    /// `CLOCK_MONOTONIC` at the launcher's start, in ns (for the timings).
+    pub launch_started_ns: u64,
+}
+
+/// Paths of one task's directory.
+#[derive(Debug, Clone)]
+pub struct TaskDir {
+    pub dir: PathBuf,
+}
+
+impl TaskDir {
+    pub fn new(dir: PathBuf) -> Self {
+        TaskDir { dir }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn stdout_log(&self) -> PathBuf {
+        self.dir.join("stdout.log")
+    }
+    pub fn stderr_log(&self) -> PathBuf {
+        self.dir.join("stderr.log")
+    }
+    pub fn shim_log(&self) -> PathBuf {
+        self.dir.join("shim.log")
+    }
+    pub fn etc(&self) -> PathBuf {
+        self.dir.join("etc")
+    }
+    pub fn sandbox(&self) -> PathBuf {
+        self.dir.join("sandbox")
+    }
+
+    /// `<root>/names/<name>`: the name index entry (holds the id) that makes names unique.
+    pub fn name_file(&self, name: &str) -> PathBuf {
+        let root = self
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
+        root.join("names").join(name)
+    }
+
+    /// Removes the name index entry of this task, if it still points to `id`.
+    pub fn release_name(&self, name: &str, id: &str) {
+        let f = self.name_file(name);
+        if fs::read_to_string(&f).is_ok_and(|s| s == id) {
+            let _ = fs::remove_file(f);
+        }
+    }
+
+    pub fn read_config(&self) -> std::io::Result<TaskConfig> {
+        read_json(&self.config())
+    }
+    pub fn write_config(&self, c: &TaskConfig) -> std::io::Result<()> {
+        write_json_atomic(&self.config(), c)
+    }
+    pub fn read_state(&self) -> std::io::Result<TaskState> {
+        read_json(&self.state())
+    }
+    pub fn write_state(&self, s: &TaskState) -> std::io::Result<()> {
+        write_json_atomic(&self.state(), s)
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
+    let data = fs::read(path)?;
+    serde_json::from_slice(&data)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes `value` as JSON to `path` atomically: a temporary file in the same directory, then
+/// rename over the target.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let data = serde_json::to_vec_pretty(value)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&data)?;
+    }
+    fs::rename(&tmp, path)
+}
+
+/// Unmounts (lazily) and deletes the host paths a task owns; errors are logged, not returned,
+/// so that one stuck path does not keep the rest alive.
+pub fn cleanup_owned(paths: &[PathBuf]) {
+    for p in paths {
+        // Unmount every mount stacked on the path.
+        while nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        match fs::remove_dir_all(p).or_else(|_| fs::remove_file(p)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("removing {}: {e}", p.display()),
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn process_start_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True if the process `pid` exists, is not a zombie, and started at `ticks` (when known).
+pub fn process_alive(pid: i32, ticks: Option<u64>) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
+    let rest = &stat[close + 2..];
+    if rest.starts_with('Z') || rest.starts_with('X') {
+        return false;
+    }
+    match ticks {
+        Some(t) => rest.split_whitespace().nth(19).and_then(|s| s.parse().ok()) == Some(t),
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TaskDir::new(dir.path().to_path_buf());
+        let mut s = TaskState::created(5);
+        s.status = Status::Exited;
+        s.exit_code = Some(3);
+        td.write_state(&s).unwrap();
+        assert_eq!(td.read_state().unwrap(), s);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state.json"]);
+    }
+
+    #[test]
+    fn own_process_is_alive() {
+        let me = std::process::id() as i32;
+        let t = process_start_ticks(me);
+        assert!(t.is_some());
+        assert!(process_alive(me, t));
+        assert!(!process_alive(me, t.map(|t| t + 1)));
+    }
+}

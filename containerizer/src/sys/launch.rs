@@ -1,0 +1,391 @@
+//! Raw process syscalls for the native launch path: clone3 (with `CLONE_INTO_CGROUP`),
+//! capabilities, `no_new_privs`, signal dispositions, the loopback interface and the clock.
+//!
+//! Everything here is used by the single-threaded supervisor (`caisson-shim`) and by the task's
+//! init between clone and exec.
+use std::io;
+use std::os::fd::RawFd;
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7), not exported by every libc version.
+pub const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` as of Linux 5.7 (`CLONE_ARGS_SIZE_VER2`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Which side of a fork-like clone we are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneResult {
+    /// In the parent: the child's pid.
+    Parent(i32),
+    /// In the child.
+    Child,
+}
+
+/// Fork-like clone (no new stack: the child continues on a copy of the parent's stack) into the
+/// namespaces given by `flags` (`CLONE_NEW*` bits). With `cgroup_fd`, the child is born inside
+/// that cgroup v2 directory (`CLONE_INTO_CGROUP`); otherwise it inherits the caller's cgroups.
+///
+/// Falls back to clone(2) when clone3 is unavailable (only when no cgroup fd is asked for; the
+/// caller retries without it).
+///
+/// The caller must be single-threaded: the child is a copy of the calling thread only.
+pub fn clone_fork(flags: u64, cgroup_fd: Option<RawFd>) -> io::Result<CloneResult> {
+    let mut args = CloneArgs {
+        flags,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    if let Some(fd) = cgroup_fd {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd as u64;
+    }
+    // SAFETY: clone3 with stack == 0 behaves like fork(2): the child gets a copy-on-write copy of
+    // the address space and continues here with the same stack. The args struct is valid for the
+    // duration of the call and its size is passed. The caller is single-threaded (documented
+    // contract), so no lock can be held by another thread in the child.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret >= 0 {
+        return Ok(if ret == 0 {
+            CloneResult::Child
+        } else {
+            CloneResult::Parent(ret as i32)
+        });
+    }
+    let err = io::Error::last_os_error();
+    if cgroup_fd.is_some() || err.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(err);
+    }
+    // SAFETY: legacy clone(2) with a NULL stack is fork-like, as above; flags only contain
+    // namespace bits and the exit signal; parent/child tid and tls pointers are NULL.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags as libc::c_ulong) | libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match ret {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(CloneResult::Child),
+        pid => Ok(CloneResult::Parent(pid as i32)),
+    }
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: plain prctl with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+}
+
+/// Highest capability number known to the running kernel.
+pub fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Drops every capability not in `keep` (a bit mask) from the bounding set.
+pub fn drop_bounding_set(keep: u64) -> io::Result<()> {
+    for cap in 0..=last_cap() {
+        if keep & (1u64 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: plain prctl with integer arguments.
+        let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            // EINVAL: the kernel does not know this capability.
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(err);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Clears the ambient capability set.
+pub fn clear_ambient() -> io::Result<()> {
+    // SAFETY: plain prctl with integer arguments.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    check(ret)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Sets the effective, permitted and inheritable sets of the calling thread to `caps`.
+pub fn set_capabilities(caps: u64) -> io::Result<()> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let lo = caps as u32;
+    let hi = (caps >> 32) as u32;
+    let data = [
+        CapData {
+            effective: lo,
+            permitted: lo,
+            inheritable: lo,
+        },
+        CapData {
+            effective: hi,
+            permitted: hi,
+            inheritable: hi,
+        },
+    ];
+    // SAFETY: header and a two-element data array (version 3 layout) are valid for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    check(ret as libc::c_int)
+}
+
+/// Resets the disposition of every catchable signal to the default and unblocks all signals, so
+/// that the exec'd task does not inherit, for example, Rust's ignored SIGPIPE.
+pub fn reset_signals() -> io::Result<()> {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL is always sound; invalid numbers only yield EINVAL.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    // SAFETY: an empty, initialised set is passed to sigprocmask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        check(libc::sigprocmask(
+            libc::SIG_SETMASK,
+            &set,
+            std::ptr::null_mut(),
+        ))
+    }
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket(2) with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; zeroed is a valid value. The name fits in IFNAMSIZ.
+    let ret = unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let mut ret = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if ret == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            ret = libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if ret < 0 {
+            Err(err)
+        } else {
+            Ok(())
+        }
+    };
+    ret
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: comparable between processes on the same boot.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Resource usage of the waited-for children of the calling process (`getrusage(RUSAGE_CHILDREN)`):
+/// (user + system cpu time in µs, max rss in bytes).
+pub fn children_usage() -> (u64, u64) {
+    // SAFETY: rusage is plain old data and a valid out pointer.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let us = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
+    (
+        us(ru.ru_utime) + us(ru.ru_stime),
+        ru.ru_maxrss as u64 * 1024,
+    )
+}
+
+/// `dup2(old, new)` onto a raw target descriptor (0, 1, 2 of the task's init).
+pub fn dup2(old: RawFd, new: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 only manipulates the descriptor table; `new` is deliberately replaced.
+    check(unsafe { libc::dup2(old, new) })
+}
+
+/// Marks every descriptor from `first` up close-on-exec, so that nothing the launcher or the
+/// supervisor inherited leaks into the task (`close_range(CLOSE_RANGE_CLOEXEC)`, Linux 5.11,
+/// with a /proc/self/fd fallback).
+pub fn cloexec_from(first: RawFd) -> io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes descriptor flags; no memory is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if ret == 0 {
+        return Ok(());
+    }
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= first)
+        .collect();
+    for fd in fds {
+        // SAFETY: fcntl on a descriptor number; an fd closed meanwhile only yields EBADF.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Closes every descriptor from `first` up (`close_range`, Linux 5.9; best effort).
+pub fn close_from(first: RawFd) {
+    // SAFETY: called at process start, before any descriptor >= first is owned by Rust code.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        )
+    };
+    if ret != 0 {
+        let _ = cloexec_from(first);
+    }
+}
+
+/// `_exit(code)`: leaves without running destructors or atexit handlers (in a forked child).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and is async-signal-safe.
+    unsafe { libc::_exit(code) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cgroup2_mount() -> Option<std::path::PathBuf> {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        mi.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup2"))
+                .then(|| pre.split_whitespace().nth(4).map(Into::into))?
+        })
+    }
+
+    /// clone3 with `CLONE_INTO_CGROUP` (the cgroup v2 path of the launch), on whatever cgroup2
+    /// mount the host has (the whole tree on v2, `/sys/fs/cgroup/unified` on hybrid hosts).
+    #[test]
+    fn root_clone3_into_cgroup() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "needs root under CI");
+            eprintln!("skipping root_clone3_into_cgroup: needs root");
+            return;
+        }
+        let Some(mnt) = cgroup2_mount() else {
+            eprintln!("skipping: no cgroup2 mount");
+            return;
+        };
+        let name = format!("caisson-clone3-test-{}", std::process::id());
+        let dir = mnt.join(&name);
+        std::fs::create_dir(&dir).unwrap();
+        let fd = std::fs::File::open(&dir).unwrap();
+        use std::os::fd::AsRawFd;
+        match clone_fork(0, Some(fd.as_raw_fd())).unwrap() {
+            CloneResult::Child => loop {
+                // SAFETY: pause is async-signal-safe; the child only waits to be killed.
+                unsafe { libc::pause() };
+            },
+            CloneResult::Parent(pid) => {
+                let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+                let _ = std::fs::remove_dir(&dir);
+                assert!(
+                    cg.lines()
+                        .any(|l| l.starts_with("0::") && l.ends_with(&name)),
+                    "{cg}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,1007 @@
+//! End-to-end tests of native Linux containers: they run the real `caisson` binary (build it
+//! first: `cargo build -p caisson`) on a busybox root filesystem built in the test.
+//!
+//! They need root. Under `CI=true` they must run (they panic when not root); otherwise they are
+//! skipped with a message.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn caisson_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/native-HASH -> target/debug/caisson
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("caisson");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p caisson` first",
+        bin.display()
+    );
+    bin
+}
+
+fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} needs root and CI is set");
+    }
+    eprintln!("skipping {test}: needs root");
+    false
+}
+
+/// A state root and a busybox root filesystem, both in a temporary directory.
+struct Env {
+    tmp: tempfile::TempDir,
+    rootfs: PathBuf,
+}
+
+fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+    }
+    std::fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("etc/group"),
+        "root:x:0:\napp:x:1000:\nwheel:x:10:app\nnogroup:x:65534:\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("notexec"), "data").unwrap();
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("caisson-native")
+            .tempdir()
+            .unwrap();
+        let rootfs = tmp.path().join("rootfs");
+        busybox_rootfs(&rootfs);
+        Env { tmp, rootfs }
+    }
+
+    fn state_root(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(caisson_bin());
+        c.arg("--root").arg(self.state_root()).args(args);
+        c
+    }
+
+    fn caisson(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// `caisson run --rootfs ROOTFS <opts...> -- <cmd...>`
+    fn run(&self, opts: &[&str], cmd: &[&str]) -> Output {
+        let rootfs = self.rootfs.to_str().unwrap();
+        let mut args = vec!["run"];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&["--rootfs", rootfs]);
+        args.extend_from_slice(cmd);
+        self.caisson(&args)
+    }
+
+    fn sh(&self, opts: &[&str], script: &str) -> Output {
+        self.run(opts, &["sh", "-c", script])
+    }
+
+    fn inspect(&self, id: &str) -> Value {
+        let out = self.caisson(&["inspect", id]);
+        assert!(out.status.success(), "inspect {id}: {}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0].clone()
+    }
+
+    fn wait_status(&self, id: &str, want: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.caisson(&["inspect", id]);
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                if v[0]["state"]["status"] == want {
+                    return v[0].clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never became {want}: {}",
+                text(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn stdout_ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn detached(env: &Env, opts: &[&str], script: &str) -> String {
+    let mut o = vec!["-d"];
+    o.extend_from_slice(opts);
+    let out = env.sh(&o, script);
+    stdout_ok(&out).trim().to_string()
+}
+
+#[test]
+fn root_pid1_hostname_env_cwd() {
+    if !root_or_skip("root_pid1_hostname_env_cwd") {
+        return;
+    }
+    let env = Env::new();
+    let envfile = env.tmp.path().join("envfile");
+    std::fs::write(&envfile, "# comment\nFROMFILE=yes\n\n").unwrap();
+    let out = env.sh(
+        &[
+            "--rm",
+            "--hostname",
+            "box1",
+            "-e",
+            "FOO=bar baz",
+            "--env-file",
+            envfile.to_str().unwrap(),
+            "-w",
+            "/work/dir",
+        ],
+        "echo pid=$$; hostname; cat /etc/hostname; echo foo=$FOO; echo file=$FROMFILE; pwd; echo home=$HOME; echo path=$PATH",
+    );
+    let s = stdout_ok(&out);
+    assert!(s.contains("pid=1\n"), "{s}");
+    assert!(s.contains("box1\nbox1\n"), "{s}");
+    assert!(s.contains("foo=bar baz\n"), "{s}");
+    assert!(s.contains("file=yes\n"), "{s}");
+    assert!(s.contains("/work/dir\n"), "{s}");
+    assert!(s.contains("home=/root\n"), "{s}");
+    assert!(s.contains("path=/usr/local/sbin:"), "{s}");
+    // Only stdin, stdout and stderr are open in the task (plus the fd ls uses to read the dir).
+    // Even when the launcher inherited another descriptor (7 here).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("exec 7</etc/passwd; exec \"$0\" \"$@\"")
+        .arg(caisson_bin())
+        .arg("--root")
+        .arg(env.state_root())
+        .args(["run", "--rm", "--rootfs"])
+        .arg(&env.rootfs)
+        .args(["ls", "/proc/self/fd"])
+        .output()
+        .unwrap();
+    let s = stdout_ok(&out);
+    assert_eq!(s, "0\n1\n2\n3\n");
+    // Only the task itself is visible in its pid namespace.
+    let s = stdout_ok(&env.run(&["--rm"], &["ps", "-o", "pid,comm"]));
+    assert_eq!(s.lines().count(), 2, "{s}");
+}
+
+#[test]
+fn root_user_and_capabilities() {
+    if !root_or_skip("root_user_and_capabilities") {
+        return;
+    }
+    let env = Env::new();
+    let s = stdout_ok(&env.sh(
+        &["--rm", "-u", "app"],
+        "id; grep -E 'Cap(Eff|Bnd)|NoNewPrivs' /proc/self/status",
+    ));
+    assert!(s.contains("uid=1000(app) gid=1000(app) groups="), "{s}");
+    assert!(s.contains("1000(app)") && s.contains("10(wheel)"), "{s}");
+    assert!(s.contains("CapEff:\t0000000000000000"), "{s}");
+    assert!(s.contains("NoNewPrivs:\t1"), "{s}");
+    let s = stdout_ok(&env.sh(&["--rm", "-u", "4242:77"], "id -u; id -g"));
+    assert_eq!(s, "4242\n77\n");
+    // Root gets docker's default set only: no CAP_SYS_ADMIN (21), so mount fails.
+    let s = stdout_ok(&env.sh(
+        &["--rm"],
+        "grep CapEff /proc/self/status; mount -t tmpfs t /mnt 2>&1 || echo mount-denied",
+    ));
+    assert!(s.contains("mount-denied"), "{s}");
+    let eff = s.lines().next().unwrap().split('\t').nth(1).unwrap();
+    let caps = u64::from_str_radix(eff, 16).unwrap();
+    assert_eq!(caps & (1 << 21), 0, "CAP_SYS_ADMIN must be dropped: {s}");
+    assert_ne!(caps & (1 << 0), 0, "CAP_CHOWN must be kept: {s}");
+    // The default seccomp filter: no new user namespaces even without capabilities.
+    let s = stdout_ok(&env.sh(
+        &["--rm", "-u", "app"],
+        "grep '^Seccomp:' /proc/self/status; unshare -U true 2>/dev/null && echo userns || echo no-userns",
+    ));
+    assert_eq!(s, "Seccomp:\t2\nno-userns\n");
+    let s = stdout_ok(&env.sh(
+        &["--rm", "-u", "app", "--security-opt", "seccomp=unconfined"],
+        "grep '^Seccomp:' /proc/self/status",
+    ));
+    assert_eq!(s, "Seccomp:\t0\n");
+}
+
+#[test]
+fn root_mounts_and_masked_paths() {
+    if !root_or_skip("root_mounts_and_masked_paths") {
+        return;
+    }
+    let env = Env::new();
+    let s = stdout_ok(&env.sh(
+        &["--rm"],
+        "ls /dev; echo ---; \
+         cat /proc/kcore 2>/dev/null | wc -c; \
+         (echo 1 > /proc/sys/kernel/domainname) 2>/dev/null && echo sys-writable || echo sys-ro; \
+         touch /sys/x 2>/dev/null && echo sysfs-writable || echo sysfs-ro; \
+         ls /sys/firmware | wc -l; \
+         grep -c ' / ' /proc/mounts; \
+         grep -q ' /proc proc ' /proc/mounts && echo proc-ok; \
+         grep -q '/dev/pts devpts' /proc/mounts && echo pts-ok; \
+         grep -q '/dev/shm tmpfs' /proc/mounts && echo shm-ok; \
+         grep -q '/dev/mqueue mqueue' /proc/mounts && echo mq-ok; \
+         cat /etc/hosts; cat /etc/resolv.conf > /dev/null && echo resolv-ok; \
+         echo x > /dev/null && head -c 4 /dev/urandom | wc -c; \
+         ip -o link | wc -l; ip -o link | grep -c 'lo:.*UP'",
+    ));
+    let (devs, rest) = s.split_once("---\n").unwrap();
+    let devs: Vec<&str> = devs.lines().collect();
+    assert_eq!(
+        devs,
+        [
+            "core", "fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "stderr",
+            "stdin", "stdout", "tty", "urandom", "zero"
+        ],
+        "{s}"
+    );
+    let lines: Vec<&str> = rest.lines().collect();
+    assert_eq!(lines[0], "0", "/proc/kcore is masked: {s}");
+    assert_eq!(lines[1], "sys-ro", "{s}");
+    assert_eq!(lines[2], "sysfs-ro", "{s}");
+    assert_eq!(lines[3], "0", "/sys/firmware is masked: {s}");
+    for want in [
+        "proc-ok",
+        "pts-ok",
+        "shm-ok",
+        "mq-ok",
+        "resolv-ok",
+        "localhost",
+    ] {
+        assert!(s.contains(want), "{want} missing: {s}");
+    }
+    let tail: Vec<&str> = lines.iter().rev().take(3).copied().collect();
+    assert_eq!(tail, ["1", "1", "4"], "urandom, one link (lo), up: {s}");
+    // No host device nodes can be used even with CAP_MKNOD (device cgroup on v1) or made (v2).
+    let s = stdout_ok(&env.sh(
+        &["--rm"],
+        "mknod /tmp/sda b 8 0 2>/dev/null; head -c 1 /tmp/sda >/dev/null 2>&1 && echo read-disk || echo denied",
+    ));
+    assert_eq!(s, "denied\n");
+    // Host network mode sees more than loopback.
+    let s = stdout_ok(&env.run(&["--rm", "--network", "host"], &["ip", "-o", "link"]));
+    let host_links = std::fs::read_dir("/sys/class/net").unwrap().count();
+    assert_eq!(s.lines().count(), host_links, "{s}");
+}
+
+#[test]
+fn root_volumes_readonly_and_sandbox() {
+    if !root_or_skip("root_volumes_readonly_and_sandbox") {
+        return;
+    }
+    let env = Env::new();
+    let vol = env.tmp.path().join("vol");
+    std::fs::create_dir(&vol).unwrap();
+    std::fs::write(vol.join("in"), "from-host\n").unwrap();
+    let ro = format!("{}:/data:ro", vol.display());
+    let rw = format!("{}:/rw", vol.display());
+    let out = env.sh(
+        &["--name", "vols", "--read-only", "-v", &ro, "-v", &rw],
+        "cat /data/in; touch /data/x 2>/dev/null || echo data-ro; touch /newfile 2>/dev/null || echo root-ro; \
+         echo out > /rw/out; echo sb > /mnt/sandbox/file; echo done",
+    );
+    let s = stdout_ok(&out);
+    assert_eq!(s, "from-host\ndata-ro\nroot-ro\ndone\n");
+    assert_eq!(std::fs::read_to_string(vol.join("out")).unwrap(), "out\n");
+    assert!(!env.rootfs.join("newfile").exists());
+    let v = env.inspect("vols");
+    let dir = PathBuf::from(v["dir"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("sandbox/file")).unwrap(),
+        "sb\n"
+    );
+    // Bad volume: 125, nothing left behind.
+    let out = env.run(&["-v", "/nonexistent/x:/x"], &["true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    let out = env.run(&["-v", "relative:/x"], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(list_ids(&env).len(), 1);
+}
+
+fn list_ids(env: &Env) -> Vec<String> {
+    let s = stdout_ok(&env.caisson(&["ps", "-a", "-q", "--no-trunc"]));
+    s.lines().map(String::from).collect()
+}
+
+#[test]
+fn root_exit_codes_and_bad_input() {
+    if !root_or_skip("root_exit_codes_and_bad_input") {
+        return;
+    }
+    let env = Env::new();
+    let code = |out: Output| out.status.code();
+    assert_eq!(code(env.sh(&["--rm"], "exit 7")), Some(7));
+    assert_eq!(code(env.run(&["--rm"], &["true"])), Some(0));
+    let out = env.run(&["--rm"], &["nosuchcommand"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(
+        text(&out.stderr).contains("not found"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(code(env.run(&["--rm"], &["/notexec"])), Some(126));
+    assert_eq!(code(env.run(&["--rm"], &["/bin"])), Some(126));
+    assert_eq!(code(env.run(&["--rm"], &["/no/such/path"])), Some(127));
+    let out = env.run(&["--rm", "-u", "nosuchuser"], &["true"]);
+    assert_eq!(out.status.code(), Some(126));
+    assert!(text(&out.stderr).contains("unable to find user"));
+    // Killed by a signal: 128 + signal.
+    assert_eq!(
+        code(env.sh(&["--rm"], "sleep 10 & kill -9 $!; wait $!; exit $?")),
+        Some(137)
+    );
+    // Limits out of range, bad flags: 125.
+    assert_eq!(
+        code(env.run(&["--rm", "--cpus", "1000"], &["true"])),
+        Some(125)
+    );
+    assert_eq!(
+        code(env.run(&["--rm", "--memory", "1k"], &["true"])),
+        Some(125)
+    );
+    assert_eq!(
+        code(env.run(&["--rm", "--cpu-shares", "1"], &["true"])),
+        Some(125)
+    );
+    assert_eq!(
+        code(env.run(&["--rm", "--network", "bridge0"], &["true"])),
+        Some(125)
+    );
+    assert_eq!(
+        code(env.run(&["--rm", "-w", "relative"], &["true"])),
+        Some(125)
+    );
+    assert_eq!(
+        code(env.caisson(&["run", "--rootfs", "/nonexistent/rootfs", "true"])),
+        Some(125)
+    );
+    assert_eq!(
+        code(env.caisson(&["run", "--rootfs", env.rootfs.to_str().unwrap()])),
+        Some(125)
+    );
+    // Duplicate name.
+    stdout_ok(&env.run(&["--name", "dup"], &["true"]));
+    let out = env.run(&["--name", "dup"], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("already in use"));
+    assert_eq!(code(env.run(&["--name", "../evil"], &["true"])), Some(125));
+    // Nothing left behind by the failures.
+    assert_eq!(list_ids(&env).len(), 1);
+    let containers = env.state_root().join("containers");
+    assert_eq!(std::fs::read_dir(containers).unwrap().count(), 1);
+}
+
+#[test]
+fn root_signals_and_stop_grace() {
+    if !root_or_skip("root_signals_and_stop_grace") {
+        return;
+    }
+    let env = Env::new();
+    // A task that handles SIGTERM stops gracefully with its own code.
+    let id = detached(
+        &env,
+        &[],
+        "trap 'exit 3' TERM; while :; do sleep 0.05; done",
+    );
+    env.wait_status(&id, "running", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    stdout_ok(&env.caisson(&["stop", "-t", "10", &id]));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let v = env.inspect(&id);
+    assert_eq!(v["state"]["exit_code"], 3, "{v}");
+    assert_eq!(v["state"]["signal"], Value::Null);
+
+    // A task that ignores SIGTERM (pid 1 without a handler) is killed after the grace period.
+    let id = detached(&env, &[], "sleep 100");
+    env.wait_status(&id, "running", Duration::from_secs(5));
+    let t = Instant::now();
+    stdout_ok(&env.caisson(&["stop", "-t", "1", &id]));
+    let el = t.elapsed();
+    assert!(
+        el >= Duration::from_millis(900) && el < Duration::from_secs(5),
+        "{el:?}"
+    );
+    let v = env.inspect(&id);
+    assert_eq!(v["state"]["exit_code"], 137, "{v}");
+    assert_eq!(v["state"]["signal"], 9);
+
+    // A foreground run forwards SIGTERM to the task (podman's --sig-proxy) and exits with its code.
+    let rootfs = env.rootfs.to_str().unwrap().to_string();
+    let mut fg = env
+        .cmd(&[
+            "run",
+            "--name",
+            "proxied",
+            "--rootfs",
+            &rootfs,
+            "sh",
+            "-c",
+            "trap 'exit 4' TERM; while :; do sleep 0.05; done",
+        ])
+        .spawn()
+        .unwrap();
+    env.wait_status("proxied", "running", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fg.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(fg.wait().unwrap().code(), Some(4));
+    // wait blocks until the end and prints the exit code.
+    let id = detached(&env, &[], "sleep 0.3; exit 6");
+    assert_eq!(stdout_ok(&env.caisson(&["wait", &id])), "6\n");
+    // kill -s delivers the signal to the task's init.
+    let id = detached(
+        &env,
+        &[],
+        "trap 'exit 10' USR1; while :; do sleep 0.05; done",
+    );
+    env.wait_status(&id, "running", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    stdout_ok(&env.caisson(&["kill", "-s", "USR1", &id]));
+    let v = env.wait_status(&id, "exited", Duration::from_secs(5));
+    assert_eq!(v["state"]["exit_code"], 10);
+    // Default kill signal is SIGKILL.
+    let id = detached(&env, &[], "sleep 100");
+    stdout_ok(&env.caisson(&["kill", &id]));
+    let v = env.wait_status(&id, "exited", Duration::from_secs(5));
+    assert_eq!(v["state"]["exit_code"], 137);
+    // kill of an exited task is an error.
+    assert_eq!(env.caisson(&["kill", &id]).status.code(), Some(125));
+    // rm refuses a running task without -f, and -f kills the whole cgroup.
+    let id = detached(&env, &[], "sleep 100 & sleep 100 & sleep 100");
+    env.wait_status(&id, "running", Duration::from_secs(5));
+    assert_eq!(env.caisson(&["rm", &id]).status.code(), Some(125));
+    stdout_ok(&env.caisson(&["rm", "-f", &id]));
+    assert_eq!(env.caisson(&["inspect", &id]).status.code(), Some(125));
+}
+
+#[test]
+fn root_memory_limit_oom_reported() {
+    if !root_or_skip("root_memory_limit_oom_reported") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.sh(
+        &["--name", "oom", "--memory", "16m"],
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stdout));
+    let v = env.inspect("oom");
+    assert_eq!(v["state"]["oom_killed"], true, "{v}");
+    assert_eq!(v["state"]["reason"], "memory limit", "{v}");
+    assert!(
+        v["state"]["usage"]["memory_peak_bytes"].as_u64().unwrap() > 8 << 20,
+        "{v}"
+    );
+    let ps = stdout_ok(&env.caisson(&["ps", "-a"]));
+    assert!(ps.contains("OOMKilled"), "{ps}");
+    // Below the limit: no OOM, usage recorded.
+    let out = env.sh(
+        &["--name", "fine", "--memory", "64m"],
+        "x=$(head -c 1000000 /dev/zero | tr '\\0' a); echo ok",
+    );
+    assert_eq!(stdout_ok(&out), "ok\n");
+    let v = env.inspect("fine");
+    assert_eq!(v["state"]["oom_killed"], false);
+    assert!(v["state"]["usage"]["cpu_ns"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
+fn root_pids_limit_stops_fork_bomb() {
+    if !root_or_skip("root_pids_limit_stops_fork_bomb") {
+        return;
+    }
+    let env = Env::new();
+    let id = detached(
+        &env,
+        &["--pids-limit", "32"],
+        "f() { f | f & }; f; sleep 100",
+    );
+    let v = env.wait_status(&id, "running", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    let pids_dir = v["state"]["cgroup_paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PathBuf::from(p.as_str().unwrap()))
+        .find(|p| p.join("pids.max").exists())
+        .expect("pids cgroup");
+    let max = std::fs::read_to_string(pids_dir.join("pids.max")).unwrap();
+    assert_eq!(max.trim(), "32");
+    let current: u64 = std::fs::read_to_string(pids_dir.join("pids.current"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(current <= 32, "{current}");
+    // The host can still fork, and the bomb is removed for good.
+    assert!(Command::new("true").status().unwrap().success());
+    let t = Instant::now();
+    stdout_ok(&env.caisson(&["rm", "-f", &id]));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(
+        !pids_dir.exists(),
+        "cgroup {} left behind",
+        pids_dir.display()
+    );
+}
+
+#[test]
+fn root_cpu_quota_and_shares_visible() {
+    if !root_or_skip("root_cpu_quota_and_shares_visible") {
+        return;
+    }
+    let env = Env::new();
+    let id = detached(&env, &["--cpus", "0.5", "--cpu-shares", "512"], "sleep 100");
+    let v = env.wait_status(&id, "running", Duration::from_secs(5));
+    let dirs: Vec<PathBuf> = v["state"]["cgroup_paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PathBuf::from(p.as_str().unwrap()))
+        .collect();
+    let read = |f: &str| {
+        dirs.iter()
+            .find_map(|d| std::fs::read_to_string(d.join(f)).ok())
+            .map(|s| s.trim().to_string())
+    };
+    if let Some(max) = read("cpu.max") {
+        assert_eq!(max, "50000 100000");
+        assert_eq!(read("cpu.weight").unwrap(), "20");
+    } else {
+        assert_eq!(read("cpu.cfs_quota_us").unwrap(), "50000");
+        assert_eq!(read("cpu.cfs_period_us").unwrap(), "100000");
+        assert_eq!(read("cpu.shares").unwrap(), "512");
+    }
+    // Two busy loops for 1.5 s get at most about half a CPU in total (the quota), visible in
+    // the recorded usage.
+    let out = env.sh(
+        &["--name", "busy", "--cpus", "0.5"],
+        "busy() { while :; do :; done; }; busy & a=$!; busy & b=$!; sleep 1.5; kill $a $b; echo ok",
+    );
+    assert_eq!(stdout_ok(&out), "ok\n");
+    let v = env.inspect("busy");
+    let cpu_ns = v["state"]["usage"]["cpu_ns"].as_u64().unwrap();
+    assert!(
+        cpu_ns > 50_000_000 && cpu_ns < 1_000_000_000,
+        "cpu time {cpu_ns} ns for 1.5 s at 0.5 CPU"
+    );
+    stdout_ok(&env.caisson(&["rm", "-f", &id]));
+}
+
+#[test]
+fn root_logs_and_ps() {
+    if !root_or_skip("root_logs_and_ps") {
+        return;
+    }
+    let env = Env::new();
+    let id = detached(
+        &env,
+        &["--name", "talker"],
+        "echo out1; echo err1 >&2; sleep 0.5; echo out2",
+    );
+    // Follow until exit.
+    let out = env.caisson(&["logs", "-f", "talker"]);
+    assert_eq!(text(&out.stdout), "out1\nout2\n");
+    assert_eq!(text(&out.stderr), "err1\n");
+    let out = env.caisson(&["logs", &id[..8]]);
+    assert_eq!(text(&out.stdout), "out1\nout2\n");
+    // Foreground run streams everything, in order, to the end.
+    let out = env.sh(&["--rm"], "seq 1 100000");
+    let s = stdout_ok(&out);
+    assert_eq!(s.lines().count(), 100000);
+    assert_eq!(s.lines().last(), Some("100000"));
+    // Foreground run streams both.
+    let out = env.sh(&["--rm"], "echo o; echo e >&2");
+    assert_eq!(text(&out.stdout), "o\n");
+    assert_eq!(text(&out.stderr), "e\n");
+    // ps: running only by default, -a for all, --json.
+    let sleeper = detached(&env, &["--name", "sleeper"], "sleep 100");
+    env.wait_status(&sleeper, "running", Duration::from_secs(5));
+    let ps = stdout_ok(&env.caisson(&["ps"]));
+    assert!(ps.contains("sleeper") && !ps.contains("talker"), "{ps}");
+    let ps = stdout_ok(&env.caisson(&["ps", "-a"]));
+    assert!(
+        ps.contains("sleeper") && ps.contains("talker") && ps.contains("Exited (0)"),
+        "{ps}"
+    );
+    let json: Value = serde_json::from_slice(&env.caisson(&["ps", "-a", "--json"]).stdout).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    let v = env.inspect("sleeper");
+    assert!(v["state"]["pid"].as_i64().unwrap() > 1);
+    let t = &v["state"]["timings"];
+    for k in [
+        "prepare_us",
+        "spawn_us",
+        "cgroup_us",
+        "namespaces_us",
+        "mounts_us",
+        "exec_us",
+        "total_us",
+    ] {
+        assert!(t[k].is_u64(), "{k}: {v}");
+    }
+    assert!(t["total_us"].as_u64().unwrap() > 0);
+    stdout_ok(&env.caisson(&["rm", "-f", "sleeper", "talker"]));
+    assert!(list_ids(&env).is_empty());
+    assert_eq!(env.caisson(&["logs", "nosuch"]).status.code(), Some(125));
+}
+
+#[test]
+fn root_task_survives_launcher_kill9() {
+    if !root_or_skip("root_task_survives_launcher_kill9") {
+        return;
+    }
+    let env = Env::new();
+    let rootfs = env.rootfs.to_str().unwrap().to_string();
+    let mut launcher = env
+        .cmd(&[
+            "run",
+            "--name",
+            "orphan",
+            "--rootfs",
+            &rootfs,
+            "sh",
+            "-c",
+            "echo started; sleep 2; echo finished; exit 42",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let v = env.wait_status("orphan", "running", Duration::from_secs(10));
+    let task_pid = v["state"]["pid"].as_i64().unwrap();
+    launcher.kill().unwrap(); // SIGKILL
+    launcher.wait().unwrap();
+    // Still running after the launcher died.
+    std::thread::sleep(Duration::from_millis(300));
+    let ps = stdout_ok(&env.caisson(&["ps"]));
+    assert!(ps.contains("orphan") && ps.contains("Up"), "{ps}");
+    assert!(Path::new(&format!("/proc/{task_pid}")).exists());
+    // Its later exit is recorded.
+    let v = env.wait_status("orphan", "exited", Duration::from_secs(10));
+    assert_eq!(v["state"]["exit_code"], 42, "{v}");
+    let ps = stdout_ok(&env.caisson(&["ps", "-a"]));
+    assert!(ps.contains("Exited (42)"), "{ps}");
+    let logs = env.caisson(&["logs", "orphan"]);
+    assert_eq!(text(&logs.stdout), "started\nfinished\n");
+    stdout_ok(&env.caisson(&["rm", "orphan"]));
+}
+
+#[test]
+fn root_no_leaks_after_many_runs() {
+    if !root_or_skip("root_no_leaks_after_many_runs") {
+        return;
+    }
+    let env = Env::new();
+    let mut ids = vec![];
+    for i in 0..60 {
+        let cid = env.tmp.path().join(format!("cid{i}"));
+        let cidf = cid.to_str().unwrap();
+        let out = match i % 3 {
+            0 => env.run(
+                &[
+                    "--rm",
+                    "--cidfile",
+                    cidf,
+                    "--memory",
+                    "32m",
+                    "--pids-limit",
+                    "20",
+                ],
+                &["true"],
+            ),
+            1 => env.sh(
+                &["--cidfile", cidf, "--cpus", "1"],
+                "echo hi > /mnt/sandbox/x; exit 1",
+            ),
+            _ => env.run(
+                &["--rm", "--cidfile", cidf, "-v", "/tmp:/hosttmp:ro"],
+                &["false"],
+            ),
+        };
+        assert!(out.status.code().is_some());
+        ids.push(std::fs::read_to_string(&cid).unwrap());
+    }
+    // Failed launches too.
+    for _ in 0..5 {
+        assert_eq!(env.run(&["--rm"], &["nosuch"]).status.code(), Some(127));
+    }
+    for id in list_ids(&env) {
+        stdout_ok(&env.caisson(&["rm", &id]));
+    }
+    let containers = env.state_root().join("containers");
+    assert_eq!(std::fs::read_dir(&containers).unwrap().count(), 0);
+    let names = env.state_root().join("names");
+    assert_eq!(std::fs::read_dir(&names).unwrap().count(), 0);
+    for id in &ids {
+        for ctrl in ["cpu", "cpuacct", "memory", "pids", "freezer", "devices", ""] {
+            let p = Path::new("/sys/fs/cgroup")
+                .join(ctrl)
+                .join("caisson")
+                .join(id);
+            assert!(!p.exists(), "{} left behind", p.display());
+        }
+    }
+    let tmp = env.tmp.path().to_str().unwrap().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&tmp), "mounts left behind: {mounts}");
+    // No supervisor or task process left that refers to this test's directories.
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let c = text(&cmdline);
+            assert!(
+                !c.contains(&tmp) || c.contains("native"),
+                "process left: {c}"
+            );
+        }
+    }
+}
+
+#[test]
+fn root_detached_rm_and_lost_supervisor() {
+    if !root_or_skip("root_detached_rm_and_lost_supervisor") {
+        return;
+    }
+    let env = Env::new();
+    // -d --rm: the supervisor removes the task after it exits.
+    let id = detached(&env, &["--rm"], "sleep 0.3");
+    let dir = env.state_root().join("containers").join(&id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.exists() {
+        assert!(Instant::now() < deadline, "{} not removed", dir.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A supervisor killed with SIGKILL: the task is reported lost, and rm -f still kills the
+    // task's processes and removes its cgroup.
+    let id = detached(&env, &[], "sleep 100");
+    let v = env.wait_status(&id, "running", Duration::from_secs(5));
+    let shim = v["state"]["shim_pid"].as_i64().unwrap() as i32;
+    let task = v["state"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let v = env.wait_status(&id, "lost", Duration::from_secs(5));
+    assert_eq!(v["state"]["reason"], "supervisor gone");
+    let ps = stdout_ok(&env.caisson(&["ps", "-a"]));
+    assert!(ps.contains("Lost"), "{ps}");
+    stdout_ok(&env.caisson(&["rm", "-f", &id]));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{task}/cgroup")).exists() {
+        // The orphaned init may linger as a zombie of the host's init for a moment.
+        let stat = std::fs::read_to_string(format!("/proc/{task}/stat")).unwrap_or_default();
+        if stat.contains(") Z") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task {task} survived rm -f");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in v["state"]["cgroup_paths"].as_array().unwrap() {
+        assert!(!Path::new(p.as_str().unwrap()).exists(), "{p} left behind");
+    }
+}
+
+/// The library API the agent uses for image tasks: an overlay root filesystem prepared by the
+/// caller, the process merged from an image config, and cleanup of the caller's paths when the
+/// task is removed by the supervisor (`auto_remove`).
+#[test]
+fn root_api_overlay_rootfs_cleanup() {
+    use containerizer::launch::{process_from_image, ProcessOverrides, Runtime, Status, TaskSpec};
+    if !root_or_skip("root_api_overlay_rootfs_cleanup") {
+        return;
+    }
+    let env = Env::new();
+    let base = env.tmp.path().join("ovl");
+    let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        env.rootfs.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap();
+    // Unmount even if an assertion below fails.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(merged.clone());
+    let config = oci_spec::image::ConfigBuilder::default()
+        .entrypoint(vec!["/bin/sh".to_string(), "-c".to_string()])
+        .cmd(vec!["exit 1".to_string()])
+        .env(vec!["FROM_IMAGE=1".to_string()])
+        .working_dir("/srv".to_string())
+        .build()
+        .unwrap();
+    let process = process_from_image(
+        Some(&config),
+        &ProcessOverrides {
+            cmd: vec!["echo $FROM_IMAGE $(pwd) > /mnt/sandbox/out; touch /written; exit 5".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let shim = caisson_bin().with_file_name("caisson-shim");
+    let rt = Runtime::new(env.state_root()).with_shim(shim);
+    let mut launched = rt
+        .launch(TaskSpec {
+            image: "test/overlay".into(),
+            rootfs: merged.clone(),
+            process,
+            cleanup: vec![merged.clone(), upper.clone(), work.clone()],
+            rootfs_prepare_us: Some(1234),
+            auto_remove: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let dir = launched.dir.clone();
+    // Launches are idempotent by task id: a second launch with the same id is refused.
+    let again = rt.launch(TaskSpec {
+        id: launched.id.clone(),
+        rootfs: env.rootfs.clone(),
+        process: containerizer::launch::Process {
+            args: vec!["true".into()],
+            cwd: "/".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    assert!(
+        matches!(again, Err(containerizer::launch::LaunchError::Exists(_))),
+        "{again:?}"
+    );
+    let st = launched.wait().unwrap();
+    assert_eq!(st.status, Status::Exited);
+    assert_eq!(st.exit_code, Some(5));
+    assert_eq!(st.timings.rootfs_us, Some(1234));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("sandbox/out")).unwrap(),
+        "1 /srv\n"
+    );
+    // The write went to the upper dir, not to the shared lower rootfs.
+    assert!(upper.join("written").exists());
+    assert!(!env.rootfs.join("written").exists());
+    launched.finish();
+    assert!(!dir.exists(), "task dir left behind");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(merged.to_str().unwrap()),
+        "overlay left mounted"
+    );
+    for d in [&upper, &work, &merged] {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+}
+
+/// The cgroup v2 code path (clone3 into the cgroup, cgroup.kill, removal) on a hybrid host: in a
+/// private mount namespace, the host's cgroup2 mount (`/sys/fs/cgroup/unified`, no controllers
+/// but the core files) is bound over `/sys/fs/cgroup`, so caisson sees a pure v2 layout. On pure
+/// v1 or pure v2 hosts this test has nothing to add and is skipped.
+#[test]
+fn root_cgroup_v2_layout_via_private_mount_namespace() {
+    if !root_or_skip("root_cgroup_v2_layout_via_private_mount_namespace") {
+        return;
+    }
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if !unified.join("cgroup.procs").exists() {
+        eprintln!("skipping: not a hybrid cgroup host");
+        return;
+    }
+    let env = Env::new();
+    let v2 = |args: &[&str]| -> Output {
+        Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                "mount --make-rprivate / && mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup && exec \"$0\" \"$@\"",
+            ])
+            .arg(caisson_bin())
+            .arg("--root")
+            .arg(env.state_root())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let rootfs = env.rootfs.to_str().unwrap();
+    let out = v2(&[
+        "run",
+        "--name",
+        "a",
+        "--rootfs",
+        rootfs,
+        "sh",
+        "-c",
+        "grep ^0:: /proc/self/cgroup; grep -qx 1 /sys/fs/cgroup/cgroup.procs && echo has-init; grep -c cgroup2 /proc/mounts",
+    ]);
+    let s = stdout_ok(&out);
+    // Its own cgroup namespace, rooted at its cgroup, mounted at /sys/fs/cgroup.
+    assert_eq!(s, "0::/\nhas-init\n1\n");
+    let host_cg = env.inspect("a")["state"]["cgroup_paths"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(host_cg.starts_with("/sys/fs/cgroup/caisson/"), "{host_cg}");
+    let a = env.inspect("a");
+    assert_eq!(a["state"]["timings"]["clone_into_cgroup"], true, "{a}");
+    let id_a = a["id"].as_str().unwrap().to_string();
+    let out = v2(&[
+        "run",
+        "-d",
+        "--name",
+        "b",
+        "--rootfs",
+        rootfs,
+        "sh",
+        "-c",
+        "sleep 100 & sleep 100",
+    ]);
+    let id_b = stdout_ok(&out).trim().to_string();
+    env.wait_status(&id_b, "running", Duration::from_secs(5));
+    let procs =
+        std::fs::read_to_string(unified.join("caisson").join(&id_b).join("cgroup.procs")).unwrap();
+    assert_eq!(procs.lines().count(), 2, "{procs}");
+    stdout_ok(&v2(&["stop", "-t", "0", "b"]));
+    let b = env.inspect("b");
+    assert_eq!(b["state"]["exit_code"], 137, "{b}");
+    stdout_ok(&v2(&["rm", "a", "b"]));
+    for id in [id_a, id_b] {
+        let p = unified.join("caisson").join(&id);
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
