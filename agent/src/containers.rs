@@ -72,16 +72,32 @@ pub struct RunArgs {
     /// The first argument is a prepared root filesystem directory, not an image.
     #[arg(long)]
     rootfs: bool,
-    /// IMAGE, or with --rootfs the root filesystem directory.
-    #[arg(value_name = "IMAGE")]
-    image: String,
-    /// Command and arguments.
+    /// IMAGE (or with --rootfs the root filesystem directory), then the command and its
+    /// arguments. Everything after IMAGE belongs to the command, as with podman, so one
+    /// trailing list holds both: a separate CMD list would let clap read the command's own
+    /// options (`sh -c ...`) as ours.
     #[arg(
+        required = true,
+        num_args = 1..,
         trailing_var_arg = true,
         allow_hyphen_values = true,
-        value_name = "CMD"
+        value_name = "IMAGE [CMD]..."
     )]
+    image_and_cmd: Vec<String>,
+    #[arg(skip)]
+    image: String,
+    #[arg(skip)]
     cmd: Vec<String>,
+}
+
+impl RunArgs {
+    /// Splits `image_and_cmd` into `image` and `cmd`.
+    fn split(mut self) -> RunArgs {
+        let mut it = std::mem::take(&mut self.image_and_cmd).into_iter();
+        self.image = it.next().unwrap_or_default();
+        self.cmd = it.collect();
+        self
+    }
 }
 
 #[derive(Args, Debug)]
@@ -162,7 +178,7 @@ fn report(res: anyhow::Result<i32>) -> i32 {
 }
 
 pub fn run(root: &Path, a: RunArgs) -> i32 {
-    report(run_inner(root, a))
+    report(run_inner(root, a.split()))
 }
 
 /// Parses a size such as `512`, `64k`, `64m`, `1g` (podman's units, binary multiples).
@@ -191,16 +207,52 @@ fn env_entry(e: &str) -> Option<String> {
     }
 }
 
-fn build_spec(a: &RunArgs) -> anyhow::Result<TaskSpec> {
-    if !a.rootfs {
-        return Err(LaunchError::Invalid(format!(
-            "images are not supported by this build yet: use --rootfs DIR (got {:?})",
-            a.image
-        ))
-        .into());
-    }
-    let rootfs = std::fs::canonicalize(&a.image)
-        .map_err(|e| LaunchError::Invalid(format!("rootfs {}: {e}", a.image)))?;
+/// The root filesystem of a task: a directory given with `--rootfs`, or an overlay of an image.
+struct PreparedRoot {
+    rootfs: PathBuf,
+    config: Option<oci_spec::image::Config>,
+    /// The overlay dir caisson made (removed with the task, or here if the launch fails).
+    owned: Option<PathBuf>,
+    prepare_us: Option<u64>,
+}
+
+/// Resolves IMAGE in the store (pulling it if missing, as podman does) and mounts an overlay
+/// root for task `id` under `<root>/rootfs/<id>`.
+fn prepare_image_root(root: &Path, image: &str, id: &str) -> anyhow::Result<PreparedRoot> {
+    use containerizer::image::{rootfs, Store};
+    let t0 = std::time::Instant::now();
+    let store = Store::open(root)?;
+    let record = match store.resolve(image) {
+        Ok(r) => r,
+        Err(containerizer::image::Error::ImageNotKnown(_)) => {
+            crate::images::pull_for_run(&store, image)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let config = store.config(&record)?.config().clone();
+    let dir = root.join("rootfs").join(id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let backend = if rootfs::overlay_supported() {
+        rootfs::Backend::Overlay
+    } else {
+        rootfs::Backend::Copy
+    };
+    let made = match store.create_rootfs(&record, &dir, backend) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = rootfs::remove(&dir);
+            return Err(e.into());
+        }
+    };
+    Ok(PreparedRoot {
+        rootfs: made.path,
+        config,
+        owned: Some(dir),
+        prepare_us: Some(t0.elapsed().as_micros() as u64),
+    })
+}
+
+fn build_spec(root: &Path, a: &RunArgs) -> anyhow::Result<(TaskSpec, Option<PathBuf>)> {
     let mut env = vec![];
     for f in &a.env_file {
         let text = std::fs::read_to_string(f)
@@ -213,8 +265,37 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<TaskSpec> {
         }
     }
     env.extend(a.env.iter().filter_map(|e| env_entry(e)));
+    let id = launch::new_id();
+    let prepared = if a.rootfs {
+        let rootfs = std::fs::canonicalize(&a.image)
+            .map_err(|e| LaunchError::Invalid(format!("rootfs {}: {e}", a.image)))?;
+        PreparedRoot {
+            rootfs,
+            config: None,
+            owned: None,
+            prepare_us: None,
+        }
+    } else {
+        prepare_image_root(root, &a.image, &id)?
+    };
+    let owned = prepared.owned.clone();
+    let spec = build_spec_on(a, env, id, prepared);
+    if spec.is_err() {
+        if let Some(dir) = &owned {
+            let _ = containerizer::image::rootfs::remove(dir);
+        }
+    }
+    Ok((spec?, owned))
+}
+
+fn build_spec_on(
+    a: &RunArgs,
+    env: Vec<String>,
+    id: String,
+    prepared: PreparedRoot,
+) -> anyhow::Result<TaskSpec> {
     let process = process_from_image(
-        None,
+        prepared.config.as_ref(),
         &ProcessOverrides {
             entrypoint: a.entrypoint.clone(),
             cmd: a.cmd.clone(),
@@ -245,9 +326,12 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<TaskSpec> {
         None => None,
     };
     Ok(TaskSpec {
+        id,
         name: a.name.clone().unwrap_or_default(),
         image: a.image.clone(),
-        rootfs,
+        rootfs: prepared.rootfs,
+        cleanup: prepared.owned.into_iter().collect(),
+        rootfs_prepare_us: prepared.prepare_us,
         readonly_rootfs: a.read_only,
         process,
         hostname: a.hostname.clone().unwrap_or_default(),
@@ -266,9 +350,17 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<TaskSpec> {
 }
 
 fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
-    let spec = build_spec(&a)?;
+    let (spec, owned_root) = build_spec(root, &a)?;
     let rt = Runtime::new(root);
-    let mut launched = rt.launch(spec)?;
+    let mut launched = match rt.launch(spec) {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(dir) = &owned_root {
+                let _ = containerizer::image::rootfs::remove(dir);
+            }
+            return Err(e.into());
+        }
+    };
     if let Some(f) = &a.cidfile {
         std::fs::write(f, &launched.id).with_context(|| format!("writing {}", f.display()))?;
     }

@@ -376,3 +376,16 @@ pub fn prune(root: &Path) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Pulls an image `run` found missing (podman pulls missing images before running them).
+pub fn pull_for_run(store: &Store, image: &str) -> Result<containerizer::image::ImageRecord> {
+    let reference = ImageRef::parse(image)?;
+    eprintln!("Pulling {reference}");
+    let rec = runtime()?.block_on(registry::pull(
+        store,
+        &reference,
+        &PullOptions::default(),
+        progress(false),
+    ))?;
+    Ok(rec)
+}

@@ -336,8 +336,10 @@ impl LayoutWriter {
     /// Writes an image made of the given uncompressed layer tars (gzip-compressed here) and
     /// returns the manifest descriptor JSON.
     pub fn image(&self, layers: &[Vec<u8>], arch: &str, cmd: &[&str]) -> Result<serde_json::Value> {
-        let layers: Vec<(Vec<u8>, Compression)> =
-            layers.iter().map(|l| (l.clone(), Compression::Gzip)).collect();
+        let layers: Vec<(Vec<u8>, Compression)> = layers
+            .iter()
+            .map(|l| (l.clone(), Compression::Gzip))
+            .collect();
         self.image_with(&layers, arch, cmd)
     }
 

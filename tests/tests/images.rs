@@ -589,7 +589,10 @@ fn pull_killed_midway_leaves_nothing_half_visible() {
     let (code, out, _) = c.run(&["images", "--json"]);
     assert_eq!(code, 0);
     let v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    assert!(v.is_empty() || c.layer_count() == 3, "image visible only when whole: {v:?}");
+    assert!(
+        v.is_empty() || c.layer_count() == 3,
+        "image visible only when whole: {v:?}"
+    );
     c.ok(&["pull", "-q", &name]);
     let v = c.inspect(&name);
     assert_eq!(v["Layers"].as_array().unwrap().len(), 3);
@@ -687,7 +690,7 @@ fn pulled_image_becomes_overlay_and_copy_rootfs() {
         .into_iter()
         .enumerate()
     {
-        let dir = c.root.path().join(format!("containers/c{i}"));
+        let dir = c.root.path().join(format!("rootfs/c{i}"));
         fs::create_dir_all(&dir).unwrap();
         let r = store.create_rootfs(&rec, &dir, backend).unwrap();
         assert!(
@@ -746,9 +749,18 @@ fn gzip_zstd_and_plain_layers() {
     let m = w
         .image_with(
             &[
-                (RawTar::new().dir("d").file("d/gz", b"gzip layer").finish(), Compression::Gzip),
-                (RawTar::new().file("d/zst", b"zstd layer").finish(), Compression::Zstd),
-                (RawTar::new().file("d/plain", b"plain layer").finish(), Compression::None),
+                (
+                    RawTar::new().dir("d").file("d/gz", b"gzip layer").finish(),
+                    Compression::Gzip,
+                ),
+                (
+                    RawTar::new().file("d/zst", b"zstd layer").finish(),
+                    Compression::Zstd,
+                ),
+                (
+                    RawTar::new().file("d/plain", b"plain layer").finish(),
+                    Compression::None,
+                ),
             ],
             "amd64",
             &["/x"],
@@ -756,8 +768,13 @@ fn gzip_zstd_and_plain_layers() {
         .unwrap();
     w.index(vec![m], "mixed", false).unwrap();
     let reg = Registry::start().unwrap();
-    reg.push(&format!("oci:{}:mixed", w.dir.display()), "t/mixed:1", "oci", None)
-        .unwrap();
+    reg.push(
+        &format!("oci:{}:mixed", w.dir.display()),
+        "t/mixed:1",
+        "oci",
+        None,
+    )
+    .unwrap();
     let c = Caisson::new();
     let name = format!("{}/t/mixed:1", reg.addr);
     c.ok(&["pull", &name]);
@@ -768,11 +785,21 @@ fn gzip_zstd_and_plain_layers() {
         .iter()
         .map(|l| l["media_type"].as_str().unwrap())
         .collect();
-    assert!(types[1].ends_with("+zstd") && types[2].ends_with(".tar"), "{types:?}");
-    for (i, (f, want)) in [("d/gz", "gzip layer"), ("d/zst", "zstd layer"), ("d/plain", "plain layer")]
-        .iter()
-        .enumerate()
+    assert!(
+        types[1].ends_with("+zstd") && types[2].ends_with(".tar"),
+        "{types:?}"
+    );
+    for (i, (f, want)) in [
+        ("d/gz", "gzip layer"),
+        ("d/zst", "zstd layer"),
+        ("d/plain", "plain layer"),
+    ]
+    .iter()
+    .enumerate()
     {
-        assert_eq!(fs::read_to_string(c.layer_dir(&name, i).join(f)).unwrap(), *want);
+        assert_eq!(
+            fs::read_to_string(c.layer_dir(&name, i).join(f)).unwrap(),
+            *want
+        );
     }
 }

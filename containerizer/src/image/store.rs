@@ -7,7 +7,7 @@
 //! tags.json                   name:tag -> image id
 //! tmp/<work>/ + <work>.lock   in-flight work, flock-ed by its owner; stale ones are removed
 //! locks/                      meta.lock (short metadata updates), gc.lock (pulls share, GC excludes)
-//! containers/<id>/image-id    written by containers, so images in use are kept
+//! rootfs/<id>/                containers' root filesystems; `image-id` marks the image in use
 //! ```
 //! Layers are keyed by diff_id, so images share them and a layer is fetched and unpacked once.
 //! Everything becomes visible by a rename, in the order layers, blobs, record, tag: a pull killed
@@ -421,7 +421,7 @@ impl Store {
     }
 
     /// Builds a container's root filesystem from `record` in `container_dir` (an existing empty
-    /// dir, normally `containers/<id>/`), and marks the image as in use by it.
+    /// dir, normally `rootfs/<id>/`), and marks the image as in use by it.
     pub fn create_rootfs(
         &self,
         record: &ImageRecord,
@@ -435,10 +435,11 @@ impl Store {
         Ok(rootfs)
     }
 
-    /// Image ids used by containers (from `containers/<id>/image-id`), with the containers.
+    /// Image ids used by containers (from `rootfs/<id>/image-id`, written by
+    /// [`Store::create_rootfs`]), with the containers.
     fn images_in_use(&self) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        if let Ok(rd) = fs::read_dir(self.root.join("containers")) {
+        if let Ok(rd) = fs::read_dir(self.root.join("rootfs")) {
             for e in rd.flatten() {
                 if let Ok(id) = fs::read_to_string(e.path().join("image-id")) {
                     out.entry(id.trim().to_string())

@@ -212,12 +212,15 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
 /// so that one stuck path does not keep the rest alive.
 pub fn cleanup_owned(paths: &[PathBuf]) {
     for p in paths {
-        // Unmount every mount stacked on the path.
-        while nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
-        match fs::remove_dir_all(p).or_else(|_| fs::remove_file(p)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("removing {}: {e}", p.display()),
+        // rootfs::remove unmounts everything mounted at or below the path (an overlay root is
+        // mounted at `<dir>/merged`), deepest first, then deletes without following symlinks.
+        let res = match fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => crate::image::rootfs::remove(p).map_err(|e| e.to_string()),
+            Ok(_) => fs::remove_file(p).map_err(|e| e.to_string()),
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = res {
+            tracing::warn!("removing {}: {e}", p.display());
         }
     }
 }

@@ -1,0 +1,144 @@
+//! `caisson run IMAGE`: images from the store (pulled on demand) become overlay roots; the
+//! image's config drives the process; nothing is left behind.
+use caisson_tests::*;
+use std::fs;
+
+fn mounts_under(p: &std::path::Path) -> usize {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(p.to_str().unwrap()))
+        .count()
+}
+
+#[test]
+fn run_image_uses_config_pulls_on_demand_and_cleans_up() {
+    if !require_root()
+        || !["umoci", "skopeo", "docker-registry"]
+            .iter()
+            .all(|t| require_tool(t))
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(tmp.path(), "latest").unwrap();
+    // An image whose config sets Entrypoint, Cmd, Env and WorkingDir.
+    run(std::process::Command::new("umoci").args([
+        "config",
+        "--image",
+        &format!("{}:latest", layout.display()),
+        "--config.entrypoint",
+        "/bin/sh",
+        "--config.entrypoint",
+        "-c",
+        "--config.cmd",
+        "echo \"$GREETING from $(pwd)\"; exit 7",
+        "--config.env",
+        "GREETING=hello",
+        "--config.workingdir",
+        "/etc",
+    ]))
+    .unwrap();
+    let reg = Registry::start().unwrap();
+    reg.push(
+        &format!("oci:{}:latest", layout.display()),
+        "t/run:1",
+        "v2s2",
+        None,
+    )
+    .unwrap();
+    let image = format!("{}/t/run:1", reg.addr);
+    let c = Caisson::new();
+
+    // Not in the store yet: pulled first, then run with the image's entrypoint + cmd.
+    let (code, out, err) = c.run(&["run", "--rm", &image]);
+    assert_eq!(code, 7, "{out}{err}");
+    assert_eq!(out, "hello from /etc\n");
+    assert_eq!(c.images_json().len(), 1, "pulled on demand");
+
+    // Arguments replace CMD, not ENTRYPOINT; -e and -w override.
+    let (code, out, _) = c.run(&[
+        "run",
+        "--rm",
+        "-e",
+        "GREETING=hi",
+        "-w",
+        "/bin",
+        &image,
+        "echo \"$GREETING in $(pwd)\"",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "hi in /bin\n"));
+    // --entrypoint replaces ENTRYPOINT (and CMD).
+    let (code, out, _) = c.run(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "/bin/cat",
+        &image,
+        "/etc/motd",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "hello from caisson tests\n"));
+
+    // Writes go to the container's upper layer, never to the image.
+    let (code, _, err) = c.run(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "/bin/sh",
+        &image,
+        "-c",
+        "echo x > /etc/motd",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = c.run(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "/bin/cat",
+        &image,
+        "/etc/motd",
+    ]);
+    assert_eq!(out, "hello from caisson tests\n");
+
+    // A detached container keeps the image in use; rm -f releases it and its overlay.
+    let (code, id, err) = c.run(&[
+        "run",
+        "-d",
+        "--name",
+        "keeper",
+        "--entrypoint",
+        "/bin/sh",
+        &image,
+        "-c",
+        "while true; do sleep 1; done",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_string();
+    assert!(
+        mounts_under(c.root.path()) >= 1,
+        "overlay mounted while it runs"
+    );
+    let (code, _, err) = c.run(&["rmi", &image]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use") && err.contains(&id), "{err}");
+    c.ok(&["rm", "-f", "keeper"]);
+
+    // Unknown images: a clear error, exit 125, nothing left.
+    let (code, _, err) = c.run(&["run", "--rm", &format!("{}/t/nope:1", reg.addr), "true"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, _) = c.run(&["run", "--rm", &image, "--bad-arg"]);
+    assert_eq!(code, 2, "sh exits 2 on a bad option");
+    let (code, _, _) = c.run(&["run", "--rm", "--entrypoint", "/nonexistent", &image]);
+    assert_eq!(code, 127);
+
+    // Nothing left behind: no overlay mounts, no rootfs dirs, no containers.
+    assert_eq!(mounts_under(c.root.path()), 0, "leaked mounts");
+    let left: Vec<_> = fs::read_dir(c.root.path().join("rootfs"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "leaked rootfs dirs: {left:?}");
+    assert_eq!(c.ok(&["ps", "-a", "-q"]).trim(), "");
+    c.ok(&["rmi", &image]);
+    assert_eq!(c.layer_count(), 0);
+}
