@@ -237,7 +237,11 @@ fn prepare_image_root(root: &Path, image: &str, id: &str) -> anyhow::Result<Prep
     } else {
         rootfs::Backend::Copy
     };
-    let made = match store.create_rootfs(&record, &dir, backend) {
+    let opts = rootfs::CreateOptions {
+        volatile: true,
+        ..rootfs::CreateOptions::from_env()
+    };
+    let made = match store.create_rootfs(&record, &dir, backend, &opts) {
         Ok(r) => r,
         Err(e) => {
             let _ = rootfs::remove(&dir);

@@ -692,7 +692,11 @@ fn pulled_image_becomes_overlay_and_copy_rootfs() {
     {
         let dir = c.root.path().join(format!("rootfs/c{i}"));
         fs::create_dir_all(&dir).unwrap();
-        let r = store.create_rootfs(&rec, &dir, backend).unwrap();
+        let opts = rootfs::CreateOptions {
+            volatile: i == 0,
+            ..Default::default()
+        };
+        let r = store.create_rootfs(&rec, &dir, backend, &opts).unwrap();
         assert!(
             !r.path.join("data/gone").exists(),
             "{backend:?}: whiteout applied"

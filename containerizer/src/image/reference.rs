@@ -90,6 +90,36 @@ impl ImageRef {
     }
 }
 
+/// Docker's normalization of a plain `name[:tag]` without the full grammar (the regex behind
+/// [`ImageRef::parse`] costs milliseconds to build, which `caisson run` should not pay for an
+/// image already in the store). `None` for anything that needs the real parser (digests,
+/// odd characters); callers fall back to [`ImageRef::parse`].
+pub fn quick_tagged_name(s: &str) -> Option<String> {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c);
+    if s.is_empty() || !s.chars().all(ok) || s.contains("//") || s.starts_with('/') {
+        return None;
+    }
+    let (name, tag) = match s.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, t),
+        _ => (s, "latest"),
+    };
+    if name.is_empty() || tag.is_empty() || name.contains(':') && !name.contains('/') {
+        return None;
+    }
+    let (first, rest) = match name.split_once('/') {
+        Some((f, r)) => (f, Some(r)),
+        None => (name, None),
+    };
+    let full = match rest {
+        Some(r) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            format!("{first}/{r}")
+        }
+        Some(_) => format!("docker.io/{name}"),
+        None => format!("docker.io/library/{name}"),
+    };
+    Some(format!("{full}:{tag}"))
+}
+
 impl std::fmt::Display for ImageRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.inner.whole())
@@ -117,6 +147,26 @@ mod tests {
         assert!(r.is_loopback());
         assert!(ImageRef::parse("localhost:5000/a").unwrap().is_loopback());
         assert!(!ImageRef::parse("example.com/a").unwrap().is_loopback());
+    }
+
+    #[test]
+    fn quick_normalization_agrees_with_the_parser() {
+        for s in [
+            "busybox",
+            "busybox:1.36",
+            "user/app",
+            "quay.io/a/b:c",
+            "localhost/x",
+            "127.0.0.1:5000/t/run:1",
+            "localhost:5000/a",
+            "registry.example.com:443/deep/path/name:v1.2-rc",
+        ] {
+            let slow = ImageRef::parse(s).unwrap().tagged_name();
+            assert_eq!(quick_tagged_name(s), slow, "{s}");
+        }
+        for s in ["A", "a@sha256:00", "", "/a", "a//b"] {
+            assert_eq!(quick_tagged_name(s), None, "{s}");
+        }
     }
 
     #[test]

@@ -379,6 +379,11 @@ impl Store {
                 }
             }
         }
+        if let Some(name) = super::reference::quick_tagged_name(s) {
+            if let Some(id) = self.read_tags()?.get(&name) {
+                return self.record(&Digest::parse(id).map_err(|e| self.store_err(e))?);
+            }
+        }
         let r = ImageRef::parse(s).map_err(|_| Error::ImageNotKnown(s.to_string()))?;
         if let Some(digest) = r.digest() {
             let want = format!("{}@{digest}", r.name());
@@ -427,9 +432,10 @@ impl Store {
         record: &ImageRecord,
         container_dir: &Path,
         backend: super::rootfs::Backend,
+        opts: &super::rootfs::CreateOptions,
     ) -> Result<super::rootfs::Rootfs> {
         let lowers = self.layer_dirs(record)?;
-        let rootfs = super::rootfs::create(&lowers, container_dir, backend)?;
+        let rootfs = super::rootfs::create_with(&lowers, container_dir, backend, opts)?;
         fs::write(container_dir.join("image-id"), &record.id)
             .ctx(|| format!("writing image-id in {}", container_dir.display()))?;
         Ok(rootfs)

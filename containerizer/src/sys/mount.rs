@@ -13,6 +13,7 @@ use std::path::Path;
 use nix::mount::{MntFlags, MsFlags};
 
 const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
 const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
@@ -63,6 +64,24 @@ impl FsContext {
                 FSCONFIG_SET_STRING,
                 key.as_ptr(),
                 value.as_ptr(),
+                0 as libc::c_int,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// `fsconfig(FSCONFIG_SET_FLAG, key)`: a value-less option such as overlay's `volatile`.
+    pub fn set_flag(&self, key: &str) -> io::Result<()> {
+        let key = cstring(key.as_bytes())?;
+        // SAFETY: the fd is owned by self and open; `key` is a valid NUL-terminated string that
+        // outlives the call; value must be NULL and aux 0 for FSCONFIG_SET_FLAG.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                self.fd.as_raw_fd(),
+                FSCONFIG_SET_FLAG,
+                key.as_ptr(),
+                std::ptr::null::<libc::c_char>(),
                 0 as libc::c_int,
             )
         })?;

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Launch latency side by side in one run: `caisson run --rm IMAGE /bin/true` vs `crun run` and
+# `runc run` of the same root filesystem (a bundle made from the image's layer), plus the
+# floors `/bin/true` and `unshare ... /bin/true`. Run as root:  benches/launch-compare.sh [RUNS]
+#
+# crun 1.8 refuses the hybrid cgroup layout of our machines, so (FACTS.md) every command runs in
+# a private mount namespace where /sys/fs/cgroup/unified is unmounted: there all three runtimes
+# see plain cgroup v1. On pure v1 or v2 hosts nothing is unmounted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-100}
+scripts/install-deps.sh
+cargo build --release -p caisson --bins
+CAISSON="$PWD/target/release/caisson"
+work=$(mktemp -d /tmp/caisson-launch.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+
+# A busybox image in caisson's store, and an OCI bundle with the same root filesystem.
+umoci init --layout "$work/oci" >/dev/null
+umoci new --image "$work/oci:latest" >/dev/null
+umoci unpack --image "$work/oci:latest" "$work/b" >/dev/null
+mkdir -p "$work/b/rootfs/bin"; cp /bin/busybox "$work/b/rootfs/bin/"
+for a in sh true; do ln -s busybox "$work/b/rootfs/bin/$a"; done
+umoci repack --image "$work/oci:latest" "$work/b" >/dev/null; rm -rf "$work/b"
+root="$work/root"
+"$CAISSON" --root "$root" load -q -i "$work/oci:latest" >/dev/null
+IMAGE=localhost/oci:latest
+bundle="$work/bundle"; mkdir -p "$bundle/rootfs"
+umoci unpack --image "$work/oci:latest" "$work/unpacked" >/dev/null
+cp -a "$work/unpacked/rootfs/." "$bundle/rootfs/"
+(cd "$bundle" && runc spec)
+jq '.process.terminal=false | .process.args=["/bin/true"]' "$bundle/config.json" > "$bundle/c.json"
+mv "$bundle/c.json" "$bundle/config.json"
+
+cat > "$work/inner.sh" <<INNER
+set -e
+if mountpoint -q /sys/fs/cgroup/unified; then umount /sys/fs/cgroup/unified; fi
+hyperfine -N --runs $RUNS --warmup 5 --export-json "$work/launch.json" \\
+  -n "caisson run --rm IMAGE /bin/true" "$CAISSON --root $root run --rm $IMAGE /bin/true" \\
+  -n "crun run (same rootfs)" "crun --root $work/crun run -b $bundle cbench" \\
+  -n "runc run (same rootfs)" "runc --root $work/runc run -b $bundle rbench" \\
+  -n "unshare -pfmuin /bin/true" "unshare --pid --fork --mount --uts --ipc --net /bin/true" \\
+  -n "/bin/true" "/bin/true"
+INNER
+unshare --mount --propagation private bash "$work/inner.sh"
+echo
+echo "| command | median | mean ± σ |"
+echo "| --- | --- | --- |"
+jq -r '.results[] | "| `\(.command)` | \(.median*1000*100|floor/100) ms | \(.mean*1000*100|floor/100) ± \(.stddev*1000*100|floor/100) ms |"' "$work/launch.json"
+jq -r '.results as $r | "ratios of medians: caisson/crun \(($r[0].median/$r[1].median)*100|floor/100), caisson/runc \(($r[0].median/$r[2].median)*100|floor/100)"' "$work/launch.json"
+echo
+echo "caisson's own per-phase timings (last run, microseconds):"
+"$CAISSON" --root "$root" run --name timing "$IMAGE" /bin/true >/dev/null
+"$CAISSON" --root "$root" inspect timing | jq '.[0].State.timings // .[0].timings // .'
+"$CAISSON" --root "$root" rm timing >/dev/null
