@@ -349,7 +349,6 @@ fn build_spec_on(
         },
         auto_remove: a.rm,
         seccomp_unconfined,
-        ..Default::default()
     })
 }
 
