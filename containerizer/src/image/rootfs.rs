@@ -795,7 +795,10 @@ mod tests {
         for force_legacy_mount in [false, true] {
             let cdir = tmp.path().join(format!("c-{force_legacy_mount}"));
             fs::create_dir(&cdir).unwrap();
-            let opts = CreateOptions { force_legacy_mount };
+            let opts = CreateOptions {
+                force_legacy_mount,
+                volatile: !force_legacy_mount,
+            };
             let rootfs = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap();
             let want = if force_legacy_mount {
                 MountApi::Legacy
@@ -862,7 +865,10 @@ mod tests {
         for force_legacy_mount in [false, true] {
             let cdir = tmp.path().join(format!("c-{force_legacy_mount}"));
             fs::create_dir(&cdir).unwrap();
-            let opts = CreateOptions { force_legacy_mount };
+            let opts = CreateOptions {
+                force_legacy_mount,
+                volatile: !force_legacy_mount,
+            };
             let rootfs = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap();
             for i in 0..120 {
                 assert!(rootfs.path.join(format!("f{i}")).exists(), "f{i}");
@@ -888,6 +894,7 @@ mod tests {
         fs::create_dir(&cdir).unwrap();
         let opts = CreateOptions {
             force_legacy_mount: true,
+            volatile: true,
         };
         let err = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap_err();
         assert!(
@@ -917,7 +924,10 @@ mod tests {
         for force_legacy_mount in [false, true] {
             let cdir = tmp.path().join(format!("c:{force_legacy_mount},x"));
             fs::create_dir(&cdir).unwrap();
-            let opts = CreateOptions { force_legacy_mount };
+            let opts = CreateOptions {
+                force_legacy_mount,
+                volatile: !force_legacy_mount,
+            };
             let rootfs =
                 create_with(std::slice::from_ref(&lower), &cdir, Backend::Overlay, &opts).unwrap();
             assert_eq!(fs::read(rootfs.path.join("hello")).unwrap(), b"hi");
