@@ -16,6 +16,11 @@ impl ImageRef {
                 reason: "empty or surrounded by whitespace".into(),
             });
         }
+        if let Some((registry, repository, tag)) = quick_parts(s) {
+            return Ok(ImageRef {
+                inner: Reference::with_tag(registry, repository, tag),
+            });
+        }
         let inner: Reference = s.parse().map_err(|e| Error::Reference {
             reference: s.to_string(),
             reason: format!("{e}"),
@@ -90,34 +95,71 @@ impl ImageRef {
     }
 }
 
-/// Docker's normalization of a plain `name[:tag]` without the full grammar (the regex behind
-/// [`ImageRef::parse`] costs milliseconds to build, which `caisson run` should not pay for an
-/// image already in the store). `None` for anything that needs the real parser (digests,
-/// odd characters); callers fall back to [`ImageRef::parse`].
-pub fn quick_tagged_name(s: &str) -> Option<String> {
-    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c);
-    if s.is_empty() || !s.chars().all(ok) || s.contains("//") || s.starts_with('/') {
-        return None;
+/// Docker's normalization of a plain `name[:tag]` without the full grammar: the regex behind
+/// oci-spec's parser costs tens of milliseconds to build, a large part of a small pull or a
+/// `run` of a stored image. Accepts only a strict subset of valid references (lowercase
+/// components, no digests); everything else returns `None` and goes through the real parser.
+fn quick_parts(s: &str) -> Option<(String, String, String)> {
+    fn alnum(c: char) -> bool {
+        c.is_ascii_lowercase() || c.is_ascii_digit()
+    }
+    // [a-z0-9]+([._-][a-z0-9]+)*
+    fn component(c: &str) -> bool {
+        !c.is_empty()
+            && c.starts_with(alnum)
+            && c.ends_with(alnum)
+            && c.chars().all(|ch| alnum(ch) || "._-".contains(ch))
+            && !c.contains("..")
+            && !c.contains("--")
+            && !c.contains("__")
+    }
+    fn host(h: &str) -> bool {
+        let (name, port) = match h.split_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (h, None),
+        };
+        let labels_ok = name
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| alnum(c) || c == '-'));
+        labels_ok && port.is_none_or(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
     }
     let (name, tag) = match s.rsplit_once(':') {
         Some((n, t)) if !t.contains('/') => (n, t),
         _ => (s, "latest"),
     };
-    if name.is_empty() || tag.is_empty() || name.contains(':') && !name.contains('/') {
+    let tag_ok = !tag.is_empty()
+        && tag.len() <= 128
+        && tag.starts_with(|c: char| alnum(c) || c == '_')
+        && tag.chars().all(|c| alnum(c) || "_.-".contains(c));
+    if !tag_ok || name.contains('@') {
         return None;
     }
-    let (first, rest) = match name.split_once('/') {
-        Some((f, r)) => (f, Some(r)),
-        None => (name, None),
-    };
-    let full = match rest {
-        Some(r) if first.contains('.') || first.contains(':') || first == "localhost" => {
-            format!("{first}/{r}")
+    let mut parts: Vec<&str> = name.split('/').collect();
+    let first = parts[0];
+    let registry = if parts.len() > 1
+        && (first.contains('.') || first.contains(':') || first == "localhost")
+    {
+        if !host(first) {
+            return None;
         }
-        Some(_) => format!("docker.io/{name}"),
-        None => format!("docker.io/library/{name}"),
+        parts.remove(0);
+        first.to_string()
+    } else {
+        "docker.io".to_string()
     };
-    Some(format!("{full}:{tag}"))
+    if parts.is_empty() || !parts.iter().all(|p| component(p)) {
+        return None;
+    }
+    let mut repository = parts.join("/");
+    if registry == "docker.io" && parts.len() == 1 {
+        repository = format!("library/{repository}");
+    }
+    Some((registry, repository, tag.to_string()))
+}
+
+/// `registry/repository:tag` for a plain name, without the regex (see [`quick_parts`]).
+pub fn quick_tagged_name(s: &str) -> Option<String> {
+    quick_parts(s).map(|(r, n, t)| format!("{r}/{n}:{t}"))
 }
 
 impl std::fmt::Display for ImageRef {
@@ -161,10 +203,24 @@ mod tests {
             "localhost:5000/a",
             "registry.example.com:443/deep/path/name:v1.2-rc",
         ] {
-            let slow = ImageRef::parse(s).unwrap().tagged_name();
-            assert_eq!(quick_tagged_name(s), slow, "{s}");
+            let slow: Reference = s.parse().unwrap();
+            let quick = ImageRef::parse(s).unwrap();
+            assert_eq!(quick.registry(), slow.registry(), "{s}");
+            assert_eq!(quick.repository(), slow.repository(), "{s}");
+            assert_eq!(quick.tag(), slow.tag().or(Some("latest")), "{s}");
+            assert_eq!(quick.to_string(), slow.whole(), "{s}");
         }
-        for s in ["A", "a@sha256:00", "", "/a", "a//b"] {
+        for s in [
+            "A",
+            "a@sha256:00",
+            "",
+            "/a",
+            "a//b",
+            "a--b",
+            "-a",
+            "a:",
+            "h.io:/x",
+        ] {
             assert_eq!(quick_tagged_name(s), None, "{s}");
         }
     }
