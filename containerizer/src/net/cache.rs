@@ -42,7 +42,12 @@ pub(crate) fn container_dir(state: &Path, container_id: &str) -> PathBuf {
     state.join(container_id)
 }
 
-pub(crate) fn record_path(state: &Path, container_id: &str, network: &str, ifname: &str) -> PathBuf {
+pub(crate) fn record_path(
+    state: &Path,
+    container_id: &str,
+    network: &str,
+    ifname: &str,
+) -> PathBuf {
     container_dir(state, container_id).join(format!("{network}:{ifname}.json"))
 }
 
@@ -78,7 +83,12 @@ fn read_path(path: &Path) -> Result<Option<CacheRecord>, NetError> {
     }
 }
 
-pub(crate) fn remove(state: &Path, container_id: &str, network: &str, ifname: &str) -> Result<(), NetError> {
+pub(crate) fn remove(
+    state: &Path,
+    container_id: &str,
+    network: &str,
+    ifname: &str,
+) -> Result<(), NetError> {
     let path = record_path(state, container_id, network, ifname);
     match fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -32,7 +32,9 @@ impl NetworkConfigList {
             reason,
         };
         let v: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("not a JSON object".into()))?;
         let name = str_field(obj, "name").ok_or_else(|| bad("no \"name\"".into()))?;
         validate_name(&name).map_err(bad)?;
         let cni_version = str_field(obj, "cniVersion").unwrap_or_else(|| "0.1.0".into());
@@ -71,7 +73,9 @@ impl NetworkConfigList {
             reason,
         };
         let v: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("not a JSON object".into()))?;
         let name = str_field(obj, "name").ok_or_else(|| bad("no \"name\"".into()))?;
         validate_name(&name).map_err(bad)?;
         check_plugin(obj).map_err(bad)?;
@@ -86,7 +90,8 @@ impl NetworkConfigList {
 
     /// Reads a config file, by extension (`.conflist` is a chain; `.conf`/`.json` one plugin).
     pub fn from_file(path: &Path) -> Result<Self, NetError> {
-        let bytes = fs::read(path).map_err(|e| NetError::io(format!("reading {}", path.display()), e))?;
+        let bytes =
+            fs::read(path).map_err(|e| NetError::io(format!("reading {}", path.display()), e))?;
         if path.extension().is_some_and(|e| e == "conflist") {
             Self::from_conflist(&bytes, Some(path))
         } else {
@@ -118,10 +123,7 @@ fn str_field(obj: &Map<String, Value>, key: &str) -> Option<String> {
 }
 
 fn check_plugin(p: &Map<String, Value>) -> Result<(), String> {
-    let ty = p
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or("no \"type\"")?;
+    let ty = p.get("type").and_then(Value::as_str).ok_or("no \"type\"")?;
     // The type names a binary in the search path; never a path of its own.
     if ty.is_empty() || ty.contains('/') || ty == "." || ty == ".." {
         return Err(format!("invalid plugin type {ty:?}"));
@@ -193,8 +195,12 @@ pub fn load(dir: &Path, name: &str) -> Result<NetworkConfigList, NetError> {
             Ok(n) if n.name == name => return Ok(n),
             Ok(_) => {}
             Err(e) => {
-                // Still report a broken file whose name says it is this network.
-                if f.file_stem().is_some_and(|s| s == name) {
+                // Report a broken file that is (by its file name or its "name") this network.
+                let named = fs::read(f)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .is_some_and(|v| v.get("name").and_then(Value::as_str) == Some(name));
+                if named || f.file_stem().is_some_and(|s| s == name) {
                     return Err(e);
                 }
                 first_err.get_or_insert(e);
@@ -321,7 +327,12 @@ pub fn used_subnets(nets: &[NetworkConfigList]) -> Vec<ipnet::Ipv4Net> {
             if let Some(s) = ipam.get("subnet").and_then(Value::as_str) {
                 out.extend(s.parse::<ipnet::Ipv4Net>().ok());
             }
-            for set in ipam.get("ranges").and_then(Value::as_array).into_iter().flatten() {
+            for set in ipam
+                .get("ranges")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 for r in set.as_array().into_iter().flatten() {
                     if let Some(s) = r.get("subnet").and_then(Value::as_str) {
                         out.extend(s.parse::<ipnet::Ipv4Net>().ok());

@@ -61,7 +61,7 @@ pub enum NetError {
         network: String,
         plugin: String,
         command: &'static str,
-        error: PluginError,
+        error: Box<PluginError>,
     },
     #[error("network {network:?}: plugin {plugin:?} {command} did not finish within {timeout:?} and was killed")]
     Timeout {
@@ -157,9 +157,11 @@ impl std::str::FromStr for PortMapping {
 
     /// `[HOSTIP:]HOSTPORT:CTRPORT[/tcp|udp]` (as `podman run -p`).
     fn from_str(s: &str) -> Result<Self, NetError> {
-        let bad = || NetError::InvalidRequest(format!(
-            "invalid port mapping {s:?} (expected [HOSTIP:]HOSTPORT:CTRPORT[/tcp|udp])"
-        ));
+        let bad = || {
+            NetError::InvalidRequest(format!(
+                "invalid port mapping {s:?} (expected [HOSTIP:]HOSTPORT:CTRPORT[/tcp|udp])"
+            ))
+        };
         let (ports, proto) = match s.rsplit_once('/') {
             Some((p, proto)) => (p, proto.to_ascii_lowercase()),
             None => (s, "tcp".to_owned()),
@@ -223,7 +225,12 @@ impl Attachment {
     pub fn ips(&self) -> Vec<std::net::IpAddr> {
         self.result
             .as_ref()
-            .map(|r| r.task_ips(&self.ifname).iter().map(|i| i.address.addr()).collect())
+            .map(|r| {
+                r.task_ips(&self.ifname)
+                    .iter()
+                    .map(|i| i.address.addr())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -320,7 +327,10 @@ impl Cni {
         let used = config::used_subnets(&existing);
         let subnet = match req.subnet {
             Some(s) => {
-                if let Some(u) = used.iter().find(|u| u.contains(&s.network()) || s.contains(&u.network())) {
+                if let Some(u) = used
+                    .iter()
+                    .find(|u| u.contains(&s.network()) || s.contains(&u.network()))
+                {
                     return Err(NetError::InvalidRequest(format!(
                         "subnet {s} overlaps {u}, used by another network"
                     )));
@@ -328,8 +338,14 @@ impl Cni {
                 s
             }
             None => (1..=254u8)
-                .map(|n| ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 89, n, 0), 24).expect("valid"))
-                .find(|s| !used.iter().any(|u| u.contains(&s.network()) || s.contains(&u.network())))
+                .map(|n| {
+                    ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 89, n, 0), 24).expect("valid")
+                })
+                .find(|s| {
+                    !used
+                        .iter()
+                        .any(|u| u.contains(&s.network()) || s.contains(&u.network()))
+                })
                 .ok_or_else(|| NetError::InvalidRequest("no free subnet in 10.89.0.0/16".into()))?,
         };
         let mut net = config::bridge_conflist(req, subnet)?;
@@ -358,7 +374,8 @@ impl Cni {
             }
         }
         let path = net.source.expect("loaded from a file");
-        std::fs::remove_file(&path).map_err(|e| NetError::io(format!("removing {}", path.display()), e))?;
+        std::fs::remove_file(&path)
+            .map_err(|e| NetError::io(format!("removing {}", path.display()), e))?;
         Ok(path)
     }
 
@@ -483,6 +500,7 @@ impl Cni {
         Ok(v)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(network = %net.name, container_id, ifname))]
     /// ADD on one network. The attempt is cached before the first plugin runs; a failure is
     /// rolled back with DEL (and the cache entry dropped once that worked).
     pub async fn add(
@@ -518,13 +536,14 @@ impl Cni {
             created: now_nanos(),
         };
         cache::write(&self.opts.state_dir, &rec)?;
-        let span = tracing::debug_span!("cni_add", network = %net.name, container_id, ifname);
-        let _g = span.enter();
 
         let mut prev: Option<Value> = None;
         let mut failure = None;
         for (i, plugin) in net.plugins.iter().enumerate() {
-            match self.exec_one(net, plugin, Command::Add, &rec, prev.as_ref()).await {
+            match self
+                .exec_one(net, plugin, Command::Add, &rec, prev.as_ref())
+                .await
+            {
                 Ok(out) => match parse_result(net, plugin, "ADD", &out) {
                     Ok(v) => prev = Some(v),
                     Err(e) => {
@@ -543,16 +562,18 @@ impl Cni {
             return Err(err);
         }
         let raw = prev.unwrap_or_else(|| json!({ "cniVersion": net.cni_version }));
-        let result: Result<CniResult, NetError> = serde_json::from_value(raw.clone()).map_err(|e| NetError::BadResult {
-            network: net.name.clone(),
-            plugin: plugin_type(net.plugins.last().expect("non-empty")).to_owned(),
-            command: "ADD",
-            reason: e.to_string(),
-        });
+        let result: Result<CniResult, NetError> =
+            serde_json::from_value(raw.clone()).map_err(|e| NetError::BadResult {
+                network: net.name.clone(),
+                plugin: plugin_type(net.plugins.last().expect("non-empty")).to_owned(),
+                command: "ADD",
+                reason: e.to_string(),
+            });
         let result = match result {
             Ok(r) => r,
             Err(e) => {
-                self.rollback(net, &rec, net.plugins.len(), Some(&raw)).await;
+                self.rollback(net, &rec, net.plugins.len(), Some(&raw))
+                    .await;
                 return Err(e);
             }
         };
@@ -582,22 +603,33 @@ impl Cni {
             }
         }
         if clean {
-            if let Err(e) = cache::remove(&self.opts.state_dir, &rec.container_id, &rec.network, &rec.ifname) {
+            if let Err(e) = cache::remove(
+                &self.opts.state_dir,
+                &rec.container_id,
+                &rec.network,
+                &rec.ifname,
+            ) {
                 tracing::warn!(error = %e, "removing the cache entry of a failed ADD");
             }
         }
     }
 
     /// CHECK on one attachment, with what ADD cached.
-    pub async fn check(&self, container_id: &str, network: &str, ifname: &str) -> Result<(), NetError> {
+    pub async fn check(
+        &self,
+        container_id: &str,
+        network: &str,
+        ifname: &str,
+    ) -> Result<(), NetError> {
         validate_id("container id", container_id)?;
-        let rec = cache::read(&self.opts.state_dir, container_id, network, ifname)?.ok_or_else(|| {
-            NetError::NotAttached {
-                container_id: container_id.to_owned(),
-                network: network.to_owned(),
-                ifname: ifname.to_owned(),
-            }
-        })?;
+        let rec =
+            cache::read(&self.opts.state_dir, container_id, network, ifname)?.ok_or_else(|| {
+                NetError::NotAttached {
+                    container_id: container_id.to_owned(),
+                    network: network.to_owned(),
+                    ifname: ifname.to_owned(),
+                }
+            })?;
         let net = NetworkConfigList::from_conflist(rec.config.to_string().as_bytes(), None)?;
         if !result::version_at_least(&net.cni_version, "0.4.0") {
             return Err(NetError::InvalidRequest(format!(
@@ -614,7 +646,8 @@ impl Cni {
             )));
         };
         for plugin in &net.plugins {
-            self.exec_one(&net, plugin, Command::Check, &rec, Some(prev)).await?;
+            self.exec_one(&net, plugin, Command::Check, &rec, Some(prev))
+                .await?;
         }
         Ok(())
     }
@@ -622,7 +655,13 @@ impl Cni {
     /// DEL on one attachment, newest plugin first, with the configuration and result ADD
     /// cached (falling back to the current config file when there is no cache entry). A second
     /// DEL, or a DEL of something never attached, succeeds.
-    pub async fn del(&self, container_id: &str, network: &str, ifname: &str) -> Result<(), NetError> {
+    #[tracing::instrument(level = "debug", skip(self))]
+    pub async fn del(
+        &self,
+        container_id: &str,
+        network: &str,
+        ifname: &str,
+    ) -> Result<(), NetError> {
         validate_id("container id", container_id)?;
         let state = &self.opts.state_dir;
         let (net, rec) = match cache::read(state, container_id, network, ifname)? {
@@ -634,14 +673,14 @@ impl Cni {
             // nothing to undo.
             None => return Ok(()),
         };
-        let _g = tracing::debug_span!("cni_del", network, container_id, ifname).entered();
         // Spec: prevResult on DEL from 0.4.0 on.
         let prev = rec
             .result
             .as_ref()
             .filter(|_| result::version_at_least(&net.cni_version, "0.4.0"));
         for plugin in net.plugins.iter().rev() {
-            self.exec_one(&net, plugin, Command::Del, &rec, prev).await?;
+            self.exec_one(&net, plugin, Command::Del, &rec, prev)
+                .await?;
         }
         cache::remove(state, container_id, network, ifname)
     }
@@ -703,7 +742,7 @@ impl Cni {
                 network: network.to_owned(),
                 plugin: plugin.to_owned(),
                 command: inv.command.as_str(),
-                error,
+                error: Box::new(error),
             },
         })
     }
@@ -762,7 +801,9 @@ fn parse_result(
     }
     let ver = v.get("cniVersion").and_then(Value::as_str).unwrap_or("");
     if !result::version_at_least(ver, "0.3.0") {
-        return Err(bad(format!("unsupported result version {ver:?} (need 0.3.0 or later)")));
+        return Err(bad(format!(
+            "unsupported result version {ver:?} (need 0.3.0 or later)"
+        )));
     }
     Ok(v)
 }

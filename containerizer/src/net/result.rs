@@ -79,10 +79,12 @@ impl CniResult {
     pub fn task_ips(&self, ifname: &str) -> Vec<&IpConfig> {
         self.ips
             .iter()
-            .filter(|ip| match ip.interface.and_then(|i| self.interfaces.get(i)) {
-                Some(intf) => intf.name == ifname && !intf.sandbox.is_empty(),
-                None => true,
-            })
+            .filter(
+                |ip| match ip.interface.and_then(|i| self.interfaces.get(i)) {
+                    Some(intf) => intf.name == ifname && !intf.sandbox.is_empty(),
+                    None => true,
+                },
+            )
             .collect()
     }
 }
@@ -142,7 +144,9 @@ fn tail(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
     let s = s.trim();
     let start = s.len().saturating_sub(2000);
-    let start = (start..=s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+    let start = (start..=s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
     s[start..].to_owned()
 }
 
@@ -158,9 +162,8 @@ impl fmt::Display for PluginError {
         if !self.status.is_empty() {
             write!(f, " ({})", self.status)?;
         }
-        if !self.stderr.is_empty() && self.status.is_empty() && self.code == 0 {
-            write!(f, "; stderr: {}", self.stderr)?;
-        } else if !self.stderr.is_empty() && !self.status.is_empty() {
+        // stderr matters when there was no proper error document; with one it is noise.
+        if !self.stderr.is_empty() && (self.code == 0 || !self.status.is_empty()) {
             write!(f, "; stderr: {}", self.stderr)?;
         }
         Ok(())

@@ -19,10 +19,7 @@ fn nix_io(e: nix::errno::Errno) -> io::Error {
 /// Creates a new network namespace and bind-mounts it at `path` (an empty file is created first;
 /// the parent must exist). Fails with `AlreadyExists` when `path` exists.
 pub fn create_netns_at(path: &Path) -> io::Result<()> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)?;
+    OpenOptions::new().write(true).create_new(true).open(path)?;
     let target = path.to_path_buf();
     let res = std::thread::Builder::new()
         .name("netns-create".into())
