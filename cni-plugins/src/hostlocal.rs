@@ -78,13 +78,17 @@ impl Range {
         let last = to_u128(subnet.broadcast());
         let v4 = matches!(subnet, IpNet::V4(_));
         if (v4 && subnet.prefix_len() > 30) || (!v4 && subnet.prefix_len() > 126) {
-            return Err(CniError::config(format!("subnet {subnet} is too small for host-local")));
+            return Err(CniError::config(format!(
+                "subnet {subnet} is too small for host-local"
+            )));
         }
         let inside = |ip: IpAddr, what: &str| -> Result<u128, CniError> {
             if subnet.contains(&ip) {
                 Ok(to_u128(ip))
             } else {
-                Err(CniError::config(format!("{what} {ip} is not in subnet {subnet}")))
+                Err(CniError::config(format!(
+                    "{what} {ip} is not in subnet {subnet}"
+                )))
             }
         };
         let start = match c.range_start {
@@ -97,13 +101,20 @@ impl Range {
             None => last,
         };
         if start > end {
-            return Err(CniError::config(format!("rangeStart is after rangeEnd in {subnet}")));
+            return Err(CniError::config(format!(
+                "rangeStart is after rangeEnd in {subnet}"
+            )));
         }
         let gateway = match c.gateway {
             Some(g) => g,
             None => from_u128(net + 1, &subnet),
         };
-        Ok(Self { subnet, start, end, gateway })
+        Ok(Self {
+            subnet,
+            start,
+            end,
+            gateway,
+        })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -149,10 +160,13 @@ impl Store {
     /// of the same network holds it.
     pub fn open(data_dir: &Path, network: &str) -> Result<Self, CniError> {
         if network.is_empty() || network.contains('/') || network.starts_with('.') {
-            return Err(CniError::config(format!("invalid network name {network:?}")));
+            return Err(CniError::config(format!(
+                "invalid network name {network:?}"
+            )));
         }
         let dir = data_dir.join(network);
-        fs::create_dir_all(&dir).map_err(|e| CniError::io(format!("creating {}", dir.display()), e))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| CniError::io(format!("creating {}", dir.display()), e))?;
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -170,7 +184,13 @@ impl Store {
     }
 
     /// Reserves `ip` for the owner; false if it is taken.
-    pub fn reserve(&self, ip: IpAddr, id: &str, ifname: &str, set: usize) -> Result<bool, CniError> {
+    pub fn reserve(
+        &self,
+        ip: IpAddr,
+        id: &str,
+        ifname: &str,
+        set: usize,
+    ) -> Result<bool, CniError> {
         let p = self.path(ip);
         match OpenOptions::new().write(true).create_new(true).open(&p) {
             Ok(mut f) => {
@@ -195,7 +215,9 @@ impl Store {
     /// The addresses reserved for the owner.
     pub fn owned_by(&self, id: &str, ifname: &str) -> Vec<IpAddr> {
         let want = owner(id, ifname);
-        let Ok(rd) = fs::read_dir(&self.dir) else { return Vec::new() };
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
         rd.filter_map(Result::ok)
             .filter_map(|e| {
                 let ip: IpAddr = e.file_name().to_str()?.parse().ok()?;
@@ -230,12 +252,14 @@ impl Store {
         requested: Option<IpAddr>,
     ) -> Result<(IpAddr, &'s Range), CniError> {
         if let Some(ip) = requested {
-            let r = set
-                .iter()
-                .find(|r| r.contains(ip))
-                .ok_or_else(|| CniError::config(format!("requested IP {ip} is not in any range")))?;
+            let r = set.iter().find(|r| r.contains(ip)).ok_or_else(|| {
+                CniError::config(format!("requested IP {ip} is not in any range"))
+            })?;
             if ip == r.gateway || !self.reserve(ip, id, ifname, set_idx)? {
-                return Err(CniError::new(code::NO_ADDRESSES, format!("requested IP {ip} is already allocated")));
+                return Err(CniError::new(
+                    code::NO_ADDRESSES,
+                    format!("requested IP {ip} is already allocated"),
+                ));
             }
             return Ok((ip, r));
         }
@@ -262,7 +286,10 @@ impl Store {
         let ranges: Vec<String> = set.iter().map(|r| r.subnet.to_string()).collect();
         Err(CniError::new(
             code::NO_ADDRESSES,
-            format!("no IP addresses available in range set {}", ranges.join(",")),
+            format!(
+                "no IP addresses available in range set {}",
+                ranges.join(",")
+            ),
         ))
     }
 }
@@ -282,11 +309,14 @@ fn parse_conf(args: &Args) -> Result<IpamConf, CniError> {
         .ipam
         .clone()
         .ok_or_else(|| CniError::config("IPAM config missing 'ipam' key"))?;
-    serde_json::from_value(ipam).map_err(|e| CniError::config("invalid host-local IPAM config").with_details(e))
+    serde_json::from_value(ipam)
+        .map_err(|e| CniError::config("invalid host-local IPAM config").with_details(e))
 }
 
 fn data_dir(c: &IpamConf) -> PathBuf {
-    c.data_dir.clone().unwrap_or_else(|| DEFAULT_DATA_DIR.into())
+    c.data_dir
+        .clone()
+        .unwrap_or_else(|| DEFAULT_DATA_DIR.into())
 }
 
 /// ADD: one address per range set, plus the configured routes.
@@ -296,13 +326,20 @@ pub fn add(args: &Args) -> Result<Value, CniError> {
     let requested: Vec<IpAddr> = match args.arg("IP") {
         Some(list) => list
             .split(',')
-            .map(|s| s.trim().parse().map_err(|_| CniError::config(format!("invalid IP in CNI_ARGS: {s:?}"))))
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|_| CniError::config(format!("invalid IP in CNI_ARGS: {s:?}")))
+            })
             .collect::<Result<_, _>>()?,
         None => Vec::new(),
     };
     let store = Store::open(&data_dir(&c), &args.conf.name)?;
     let mine = store.owned_by(&args.container_id, &args.ifname);
-    if let Some(ip) = mine.iter().find(|ip| sets.iter().flatten().any(|r| r.contains(**ip))) {
+    if let Some(ip) = mine
+        .iter()
+        .find(|ip| sets.iter().flatten().any(|r| r.contains(**ip)))
+    {
         return Err(CniError::config(format!(
             "{ip} has been allocated to {}, duplicate allocation is not allowed",
             args.container_id
@@ -331,7 +368,12 @@ pub fn add(args: &Args) -> Result<Value, CniError> {
             }
         }
     }
-    let result = CniResult { interfaces: vec![], ips, routes: c.routes.clone(), dns: json!({}) };
+    let result = CniResult {
+        interfaces: vec![],
+        ips,
+        routes: c.routes.clone(),
+        dns: json!({}),
+    };
     Ok(result.to_json(&args.conf.cni_version))
 }
 
@@ -352,7 +394,10 @@ pub fn check(args: &Args) -> Result<(), CniError> {
     if store.owned_by(&args.container_id, &args.ifname).is_empty() {
         return Err(CniError::new(
             code::UNKNOWN_CONTAINER,
-            format!("host-local: no address reserved for {} {}", args.container_id, args.ifname),
+            format!(
+                "host-local: no address reserved for {} {}",
+                args.container_id, args.ifname
+            ),
         ));
     }
     Ok(())
@@ -363,7 +408,13 @@ mod tests {
     use super::*;
 
     fn range(s: &str) -> Range {
-        Range::new(&RangeConf { subnet: s.parse().unwrap(), range_start: None, range_end: None, gateway: None }).unwrap()
+        Range::new(&RangeConf {
+            subnet: s.parse().unwrap(),
+            range_start: None,
+            range_end: None,
+            gateway: None,
+        })
+        .unwrap()
     }
 
     #[test]
@@ -373,15 +424,41 @@ mod tests {
         let st = Store::open(d.path(), "n").unwrap();
         let mut got = Vec::new();
         for i in 0..5 {
-            got.push(st.allocate(0, &set, &format!("c{i}"), "eth0", None).unwrap().0.to_string());
+            got.push(
+                st.allocate(0, &set, &format!("c{i}"), "eth0", None)
+                    .unwrap()
+                    .0
+                    .to_string(),
+            );
         }
-        assert_eq!(got, ["10.232.9.2", "10.232.9.3", "10.232.9.4", "10.232.9.5", "10.232.9.6"]);
+        assert_eq!(
+            got,
+            [
+                "10.232.9.2",
+                "10.232.9.3",
+                "10.232.9.4",
+                "10.232.9.5",
+                "10.232.9.6"
+            ]
+        );
         let e = st.allocate(0, &set, "c9", "eth0", None).unwrap_err();
         assert_eq!(e.code, code::NO_ADDRESSES);
         st.release("c2", "eth0").unwrap();
-        assert_eq!(st.allocate(0, &set, "c9", "eth0", None).unwrap().0.to_string(), "10.232.9.4");
-        assert_eq!(st.owned_by("c9", "eth0"), ["10.232.9.4".parse::<IpAddr>().unwrap()]);
-        assert_eq!(fs::read_to_string(d.path().join("n/10.232.9.4")).unwrap(), "c9\r\neth0");
+        assert_eq!(
+            st.allocate(0, &set, "c9", "eth0", None)
+                .unwrap()
+                .0
+                .to_string(),
+            "10.232.9.4"
+        );
+        assert_eq!(
+            st.owned_by("c9", "eth0"),
+            ["10.232.9.4".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            fs::read_to_string(d.path().join("n/10.232.9.4")).unwrap(),
+            "c9\r\neth0"
+        );
     }
 
     #[test]
@@ -394,7 +471,9 @@ mod tests {
                     let (dir, set) = (d.path(), &set);
                     s.spawn(move || {
                         let st = Store::open(dir, "n").unwrap();
-                        st.allocate(0, set, &format!("c{i}"), "eth0", None).unwrap().0
+                        st.allocate(0, set, &format!("c{i}"), "eth0", None)
+                            .unwrap()
+                            .0
                     })
                 })
                 .collect();

@@ -27,7 +27,12 @@ fn exec(args: &Args, command: &str) -> Result<Vec<u8>, CniError> {
         .iter()
         .map(|d| d.join(&ty))
         .find(|p| p.is_file())
-        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, format!("IPAM plugin {ty:?} not found in CNI_PATH")))?;
+        .ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("IPAM plugin {ty:?} not found in CNI_PATH"),
+            )
+        })?;
     let mut child = Proc::new(&bin)
         .env("CNI_COMMAND", command)
         .stdin(Stdio::piped())
@@ -48,7 +53,11 @@ fn exec(args: &Args, command: &str) -> Result<Vec<u8>, CniError> {
         Ok(v) if v.get("msg").is_some() => Err(CniError {
             code: v.get("code").and_then(Value::as_u64).unwrap_or(0) as u32,
             msg: format!("IPAM {ty}: {}", v["msg"].as_str().unwrap_or("")),
-            details: v.get("details").and_then(Value::as_str).unwrap_or("").to_owned(),
+            details: v
+                .get("details")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
         }),
         _ => Err(CniError::io(
             format!("IPAM plugin {ty} failed ({})", out.status),
@@ -65,7 +74,10 @@ pub fn add(args: &Args) -> Result<CniResult, CniError> {
     let r = CniResult::from_value(&v)
         .map_err(|e| CniError::new(code::DECODE, "decoding the IPAM result").with_details(e))?;
     if r.ips.is_empty() {
-        return Err(CniError::new(code::INVALID_CONFIG, "IPAM plugin returned no IP configuration"));
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "IPAM plugin returned no IP configuration",
+        ));
     }
     Ok(r)
 }

@@ -11,11 +11,13 @@ use std::os::fd::AsFd;
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkInfo,
-    LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
+    LinkInfo, LinkMessage,
 };
 use nix::sched::CloneFlags;
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::skel::{code, CniError};
 
@@ -42,20 +44,23 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// A handle in the current namespace. Call inside the runtime.
 pub fn connect() -> Result<Handle, CniError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| CniError::io("opening netlink", e))?;
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| CniError::io("opening netlink", e))?;
     tokio::spawn(conn);
     Ok(handle)
 }
 
 /// A handle in the namespace `ns`. Call inside the runtime.
 pub fn connect_in(ns: &File) -> Result<Handle, CniError> {
-    let own = File::open("/proc/thread-self/ns/net").map_err(|e| CniError::io("opening own netns", e))?;
+    let own =
+        File::open("/proc/thread-self/ns/net").map_err(|e| CniError::io("opening own netns", e))?;
     nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
         .map_err(|e| CniError::io("entering the container netns", e))?;
     let res = rtnetlink::new_connection();
     // Back home before anything else can run on this thread.
     nix::sched::setns(own.as_fd(), CloneFlags::CLONE_NEWNET).expect("returning to the host netns");
-    let (conn, handle, _) = res.map_err(|e| CniError::io("opening netlink in the container netns", e))?;
+    let (conn, handle, _) =
+        res.map_err(|e| CniError::io("opening netlink in the container netns", e))?;
     tokio::spawn(conn);
     Ok(handle)
 }
@@ -82,7 +87,10 @@ pub fn mac(l: &LinkMessage) -> String {
         .iter()
         .find_map(|a| match a {
             LinkAttribute::Address(b) => Some(
-                b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":"),
+                b.iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
             ),
             _ => None,
         })
@@ -107,16 +115,29 @@ pub fn controller(l: &LinkMessage) -> Option<u32> {
 }
 
 /// Returns the bridge `name`, creating it (up) if needed; concurrent creators are fine.
-pub async fn ensure_bridge(h: &Handle, name: &str, mtu: Option<u32>) -> Result<LinkMessage, CniError> {
+pub async fn ensure_bridge(
+    h: &Handle,
+    name: &str,
+    mtu: Option<u32>,
+) -> Result<LinkMessage, CniError> {
     if let Some(l) = link(h, name).await? {
         if kind(&l) != Some(InfoKind::Bridge) {
-            return Err(CniError::config(format!("{name:?} already exists but is not a bridge")));
+            return Err(CniError::config(format!(
+                "{name:?} already exists but is not a bridge"
+            )));
         }
-        if l.header.flags.contains(netlink_packet_route::link::LinkFlags::Up) {
+        if l.header
+            .flags
+            .contains(netlink_packet_route::link::LinkFlags::Up)
+        {
             return Ok(l);
         }
         let up = LinkUnspec::new_with_index(l.header.index).up().build();
-        h.link().set(up).execute().await.map_err(|e| err(format!("setting {name} up"), e))?;
+        h.link()
+            .set(up)
+            .execute()
+            .await
+            .map_err(|e| err(format!("setting {name} up"), e))?;
         return Ok(l);
     }
     let mut b = LinkBridge::new(name).up();
@@ -128,9 +149,12 @@ pub async fn ensure_bridge(h: &Handle, name: &str, mtu: Option<u32>) -> Result<L
         Err(e) if errno(&e) == Some(libc::EEXIST) => {}
         Err(e) => return Err(err(format!("creating bridge {name}"), e)),
     }
-    link(h, name)
-        .await?
-        .ok_or_else(|| CniError::new(code::NETLINK, format!("bridge {name} vanished after creation")))
+    link(h, name).await?.ok_or_else(|| {
+        CniError::new(
+            code::NETLINK,
+            format!("bridge {name} vanished after creation"),
+        )
+    })
 }
 
 /// Creates a veth pair in one request: `host` (up, enslaved to `bridge`) here, and `peer`
@@ -164,14 +188,25 @@ pub async fn create_veth(
 pub async fn set_hairpin(h: &Handle, index: u32) -> Result<(), CniError> {
     let m = LinkUnspec::new_with_index(index)
         .set_port_kind(InfoPortKind::Bridge)
-        .set_port_data(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(true)]))
+        .set_port_data(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
+            true,
+        )]))
         .build();
-    h.link().set(m).execute().await.map_err(|e| err("setting hairpin mode", e))
+    h.link()
+        .set(m)
+        .execute()
+        .await
+        .map_err(|e| err("setting hairpin mode", e))
 }
 
 /// Adds an address; an address already there is fine when `exist_ok`.
 pub async fn add_addr(h: &Handle, index: u32, net: IpNet, exist_ok: bool) -> Result<(), CniError> {
-    match h.address().add(index, net.addr(), net.prefix_len()).execute().await {
+    match h
+        .address()
+        .add(index, net.addr(), net.prefix_len())
+        .execute()
+        .await
+    {
         Ok(()) => Ok(()),
         Err(e) if exist_ok && errno(&e) == Some(libc::EEXIST) => Ok(()),
         Err(e) => Err(err(format!("adding address {net}"), e)),
@@ -179,14 +214,21 @@ pub async fn add_addr(h: &Handle, index: u32, net: IpNet, exist_ok: bool) -> Res
 }
 
 /// Adds a route via `gw` (or a link route) on link `index`.
-pub async fn add_route(h: &Handle, index: u32, dst: IpNet, gw: Option<IpAddr>) -> Result<(), CniError> {
+pub async fn add_route(
+    h: &Handle,
+    index: u32,
+    dst: IpNet,
+    gw: Option<IpAddr>,
+) -> Result<(), CniError> {
     let what = || format!("adding route {dst} via {gw:?}");
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst.network(), dst.prefix_len())
         .map_err(|e| CniError::config(what()).with_details(e))?
         .output_interface(index);
     if let Some(g) = gw {
-        b = b.gateway(g).map_err(|e| CniError::config(what()).with_details(e))?;
+        b = b
+            .gateway(g)
+            .map_err(|e| CniError::config(what()).with_details(e))?;
     }
     match h.route().add(b.build()).execute().await {
         Ok(()) => Ok(()),
@@ -197,7 +239,9 @@ pub async fn add_route(h: &Handle, index: u32, dst: IpNet, gw: Option<IpAddr>) -
 
 /// Deletes link `name` if it exists.
 pub async fn del_link(h: &Handle, name: &str) -> Result<bool, CniError> {
-    let Some(l) = link(h, name).await? else { return Ok(false) };
+    let Some(l) = link(h, name).await? else {
+        return Ok(false);
+    };
     match h.link().del(l.header.index).execute().await {
         Ok(()) => Ok(true),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
@@ -211,7 +255,11 @@ pub async fn set_up(h: &Handle, name: &str) -> Result<LinkMessage, CniError> {
         .await?
         .ok_or_else(|| CniError::new(code::NETLINK, format!("no link {name}")))?;
     let m = LinkUnspec::new_with_index(l.header.index).up().build();
-    h.link().set(m).execute().await.map_err(|e| err(format!("setting {name} up"), e))?;
+    h.link()
+        .set(m)
+        .execute()
+        .await
+        .map_err(|e| err(format!("setting {name} up"), e))?;
     Ok(l)
 }
 
@@ -220,7 +268,11 @@ pub async fn addrs(h: &Handle, index: u32) -> Result<Vec<IpNet>, CniError> {
     use netlink_packet_route::address::AddressAttribute;
     let mut s = h.address().get().set_link_index_filter(index).execute();
     let mut out = Vec::new();
-    while let Some(m) = s.try_next().await.map_err(|e| err("listing addresses", e))? {
+    while let Some(m) = s
+        .try_next()
+        .await
+        .map_err(|e| err("listing addresses", e))?
+    {
         let plen = m.header.prefix_len;
         for a in &m.attributes {
             if let AddressAttribute::Address(ip) = a {

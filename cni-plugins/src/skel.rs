@@ -37,7 +37,11 @@ pub mod code {
 
 impl CniError {
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
-        Self { code, msg: msg.into(), details: String::new() }
+        Self {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
     }
 
     pub fn with_details(mut self, d: impl std::fmt::Display) -> Self {
@@ -81,7 +85,10 @@ pub struct Args {
 impl Args {
     /// A `CNI_ARGS` value by key.
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.args.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -125,8 +132,12 @@ pub fn run(plugin: &dyn Plugin) -> ! {
 }
 
 fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, CniError> {
-    let command = env("CNI_COMMAND")
-        .ok_or_else(|| CniError::new(code::INVALID_ENV, "required env variable CNI_COMMAND missing"))?;
+    let command = env("CNI_COMMAND").ok_or_else(|| {
+        CniError::new(
+            code::INVALID_ENV,
+            "required env variable CNI_COMMAND missing",
+        )
+    })?;
     let mut stdin = Vec::new();
     std::io::stdin()
         .read_to_end(&mut stdin)
@@ -135,28 +146,41 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
         // The request may name a version; we answer with it when we speak it.
         let asked = serde_json::from_slice::<Value>(&stdin)
             .ok()
-            .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_owned))
+            .and_then(|v| {
+                v.get("cniVersion")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .filter(|v| version_ok(v))
             .unwrap_or_else(|| "1.0.0".into());
-        return Ok(Some(json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS })));
+        return Ok(Some(
+            json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS }),
+        ));
     }
     let command = match command.as_str() {
         "ADD" => Command::Add,
         "CHECK" => Command::Check,
         "DEL" => Command::Del,
         other => {
-            return Err(CniError::new(code::INVALID_ENV, format!("unknown CNI_COMMAND {other:?}")))
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("unknown CNI_COMMAND {other:?}"),
+            ))
         }
     };
-    let conf: NetConf = serde_json::from_slice(&stdin)
-        .map_err(|e| CniError::new(code::DECODE, "decoding network configuration").with_details(e))?;
+    let conf: NetConf = serde_json::from_slice(&stdin).map_err(|e| {
+        CniError::new(code::DECODE, "decoding network configuration").with_details(e)
+    })?;
     if !conf.cni_version.is_empty() {
         *version = conf.cni_version.clone();
     }
     if !version_ok(&conf.cni_version) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
-            format!("incompatible CNI versions: config is {:?}, plugin supports {SUPPORTED_VERSIONS:?}", conf.cni_version),
+            format!(
+                "incompatible CNI versions: config is {:?}, plugin supports {SUPPORTED_VERSIONS:?}",
+                conf.cni_version
+            ),
         ));
     }
     if command == Command::Check && conf.cni_version.starts_with("0.3") {
@@ -189,7 +213,10 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
         .filter(|kv| !kv.is_empty())
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
-            None => Err(CniError::new(code::INVALID_ENV, format!("invalid CNI_ARGS pair {kv:?}"))),
+            None => Err(CniError::new(
+                code::INVALID_ENV,
+                format!("invalid CNI_ARGS pair {kv:?}"),
+            )),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let args = Args {

@@ -33,11 +33,16 @@ fn default_bridge() -> String {
 }
 
 fn conf(args: &Args) -> Result<Conf, CniError> {
-    let v: Value = serde_json::from_slice(&args.stdin)
-        .map_err(|e| CniError::new(code::DECODE, "decoding network configuration").with_details(e))?;
-    let mut c: Conf = serde_json::from_value(v).map_err(|e| CniError::config("invalid bridge config").with_details(e))?;
+    let v: Value = serde_json::from_slice(&args.stdin).map_err(|e| {
+        CniError::new(code::DECODE, "decoding network configuration").with_details(e)
+    })?;
+    let mut c: Conf = serde_json::from_value(v)
+        .map_err(|e| CniError::config("invalid bridge config").with_details(e))?;
     if c.bridge.is_empty() || c.bridge.len() > 15 || c.bridge.contains('/') {
-        return Err(CniError::config(format!("invalid bridge name {:?}", c.bridge)));
+        return Err(CniError::config(format!(
+            "invalid bridge name {:?}",
+            c.bridge
+        )));
     }
     c.is_gateway |= c.is_default_gateway;
     Ok(c)
@@ -45,17 +50,37 @@ fn conf(args: &Args) -> Result<Conf, CniError> {
 
 /// A random host-side name (`veth` + 8 hex digits), like the reference plugin's.
 fn veth_name() -> String {
-    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     format!("veth{:08x}", r as u32)
 }
 
 /// The masquerade rule for one task address: everything leaving the subnet is NATed. The
 /// comment ties the rule to the attachment so DEL removes exactly it.
 fn masq_rule(ip: &IpNet, network: &str, id: &str) -> Vec<String> {
-    let bin = if ip.addr().is_ipv4() { "iptables" } else { "ip6tables" };
+    let bin = if ip.addr().is_ipv4() {
+        "iptables"
+    } else {
+        "ip6tables"
+    };
     [
-        bin, "-w", "-t", "nat", "POSTROUTING", "-s", &ip.addr().to_string(), "!", "-d", &ip.trunc().to_string(),
-        "-m", "comment", "--comment", &format!("caisson-cni {network} {id}"), "-j", "MASQUERADE",
+        bin,
+        "-w",
+        "-t",
+        "nat",
+        "POSTROUTING",
+        "-s",
+        &ip.addr().to_string(),
+        "!",
+        "-d",
+        &ip.trunc().to_string(),
+        "-m",
+        "comment",
+        "--comment",
+        &format!("caisson-cni {network} {id}"),
+        "-j",
+        "MASQUERADE",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -73,8 +98,15 @@ fn iptables(rule: &[String], op: &str) -> Result<bool, CniError> {
 }
 
 fn enable_forwarding(v6: bool) {
-    let p = if v6 { "/proc/sys/net/ipv6/conf/all/forwarding" } else { "/proc/sys/net/ipv4/ip_forward" };
-    if std::fs::read_to_string(p).map(|s| s.trim() != "1").unwrap_or(true) {
+    let p = if v6 {
+        "/proc/sys/net/ipv6/conf/all/forwarding"
+    } else {
+        "/proc/sys/net/ipv4/ip_forward"
+    };
+    if std::fs::read_to_string(p)
+        .map(|s| s.trim() != "1")
+        .unwrap_or(true)
+    {
         let _ = std::fs::write(p, "1");
     }
 }
@@ -82,7 +114,13 @@ fn enable_forwarding(v6: bool) {
 struct Bridge;
 
 impl Bridge {
-    fn setup(&self, args: &Args, c: &Conf, r: &mut CniResult, host_veth: &mut Option<String>) -> Result<(), CniError> {
+    fn setup(
+        &self,
+        args: &Args,
+        c: &Conf,
+        r: &mut CniResult,
+        host_veth: &mut Option<String>,
+    ) -> Result<(), CniError> {
         let ns = nl::open_netns(&args.netns)?;
         nl::runtime().block_on(async {
             let h = nl::connect()?;
@@ -99,8 +137,18 @@ impl Bridge {
                 match nl::create_veth(&h, &name, &args.ifname, &ns, br.header.index, c.mtu).await {
                     Ok(()) => break name,
                     // Name collision on the host side: draw again.
-                    Err(e) if nl::errno(&e) == Some(libc::EEXIST) && nl::link(&h, &name).await?.is_some() => continue,
-                    Err(e) => return Err(nl::err(format!("creating veth pair {name}/{}", args.ifname), e)),
+                    Err(e)
+                        if nl::errno(&e) == Some(libc::EEXIST)
+                            && nl::link(&h, &name).await?.is_some() =>
+                    {
+                        continue
+                    }
+                    Err(e) => {
+                        return Err(nl::err(
+                            format!("creating veth pair {name}/{}", args.ifname),
+                            e,
+                        ))
+                    }
                 }
             };
             *host_veth = Some(host.clone());
@@ -110,9 +158,12 @@ impl Bridge {
             if c.hairpin_mode {
                 nl::set_hairpin(&h, hl.header.index).await?;
             }
-            let cl = nl::link(&hc, &args.ifname)
-                .await?
-                .ok_or_else(|| CniError::new(code::NETLINK, format!("{} missing in the container", args.ifname)))?;
+            let cl = nl::link(&hc, &args.ifname).await?.ok_or_else(|| {
+                CniError::new(
+                    code::NETLINK,
+                    format!("{} missing in the container", args.ifname),
+                )
+            })?;
             let cidx = cl.header.index;
             nl::set_up(&hc, &args.ifname).await?;
             for ip in &mut r.ips {
@@ -121,23 +172,36 @@ impl Bridge {
             }
             if c.is_default_gateway {
                 for ip in &r.ips {
-                    let dst: IpNet = if ip.address.addr().is_ipv4() { "0.0.0.0/0" } else { "::/0" }.parse().expect("literal");
+                    let dst: IpNet = if ip.address.addr().is_ipv4() {
+                        "0.0.0.0/0"
+                    } else {
+                        "::/0"
+                    }
+                    .parse()
+                    .expect("literal");
                     if !r.routes.iter().any(|rt| rt.dst == dst) {
-                        r.routes.push(Route { dst, gw: ip.gateway });
+                        r.routes.push(Route {
+                            dst,
+                            gw: ip.gateway,
+                        });
                     }
                 }
             }
             for rt in &r.routes {
                 // A route without its own gateway goes via the gateway of its address family.
                 let gw = rt.gw.or_else(|| {
-                    r.ips.iter().find(|i| i.address.addr().is_ipv4() == rt.dst.addr().is_ipv4()).and_then(|i| i.gateway)
+                    r.ips
+                        .iter()
+                        .find(|i| i.address.addr().is_ipv4() == rt.dst.addr().is_ipv4())
+                        .and_then(|i| i.gateway)
                 });
                 nl::add_route(&hc, cidx, rt.dst, gw).await?;
             }
             if c.is_gateway {
                 for ip in &r.ips {
                     if let Some(gw) = ip.gateway {
-                        let net = IpNet::new(gw, ip.address.prefix_len()).expect("prefix from an address");
+                        let net = IpNet::new(gw, ip.address.prefix_len())
+                            .expect("prefix from an address");
                         nl::add_addr(&h, br.header.index, net, true).await?;
                         enable_forwarding(matches!(gw, IpAddr::V6(_)));
                     }
@@ -154,9 +218,21 @@ impl Bridge {
             // The bridge's MAC can change when its first port joins: read it last.
             let br = nl::link(&h, &c.bridge).await?.unwrap_or(br);
             r.interfaces = vec![
-                Interface { name: c.bridge.clone(), mac: nl::mac(&br), sandbox: String::new() },
-                Interface { name: host, mac: nl::mac(&hl), sandbox: String::new() },
-                Interface { name: args.ifname.clone(), mac: nl::mac(&cl), sandbox: args.netns.clone() },
+                Interface {
+                    name: c.bridge.clone(),
+                    mac: nl::mac(&br),
+                    sandbox: String::new(),
+                },
+                Interface {
+                    name: host,
+                    mac: nl::mac(&hl),
+                    sandbox: String::new(),
+                },
+                Interface {
+                    name: args.ifname.clone(),
+                    mac: nl::mac(&cl),
+                    sandbox: args.netns.clone(),
+                },
             ];
             Ok(())
         })
@@ -175,7 +251,10 @@ impl Plugin for Bridge {
             }
             if c.ip_masq {
                 for ip in &r.ips {
-                    let _ = iptables(&masq_rule(&ip.address, &args.conf.name, &args.container_id), "-D");
+                    let _ = iptables(
+                        &masq_rule(&ip.address, &args.conf.name, &args.container_id),
+                        "-D",
+                    );
                 }
             }
             let _ = ipam::del(args);
@@ -199,23 +278,39 @@ impl Plugin for Bridge {
         nl::runtime().block_on(async {
             let h = nl::connect()?;
             let hc = nl::connect_in(&ns)?;
-            let br = nl::link(&h, &c.bridge)
-                .await?
-                .ok_or_else(|| CniError::new(code::UNKNOWN_CONTAINER, format!("bridge {} is gone", c.bridge)))?;
-            let cl = nl::link(&hc, &args.ifname)
-                .await?
-                .ok_or_else(|| CniError::new(code::UNKNOWN_CONTAINER, format!("{} is gone from the container", args.ifname)))?;
+            let br = nl::link(&h, &c.bridge).await?.ok_or_else(|| {
+                CniError::new(
+                    code::UNKNOWN_CONTAINER,
+                    format!("bridge {} is gone", c.bridge),
+                )
+            })?;
+            let cl = nl::link(&hc, &args.ifname).await?.ok_or_else(|| {
+                CniError::new(
+                    code::UNKNOWN_CONTAINER,
+                    format!("{} is gone from the container", args.ifname),
+                )
+            })?;
             let have = nl::addrs(&hc, cl.header.index).await?;
             for ip in &prev.ips {
                 if !have.contains(&ip.address) {
-                    return Err(CniError::new(code::UNKNOWN_CONTAINER, format!("{} lost address {}", args.ifname, ip.address)));
+                    return Err(CniError::new(
+                        code::UNKNOWN_CONTAINER,
+                        format!("{} lost address {}", args.ifname, ip.address),
+                    ));
                 }
             }
             // The host end still sits on the bridge.
-            for i in prev.interfaces.iter().filter(|i| i.sandbox.is_empty() && i.name != c.bridge) {
+            for i in prev
+                .interfaces
+                .iter()
+                .filter(|i| i.sandbox.is_empty() && i.name != c.bridge)
+            {
                 let l = nl::link(&h, &i.name).await?;
                 if l.as_ref().and_then(nl::controller) != Some(br.header.index) {
-                    return Err(CniError::new(code::UNKNOWN_CONTAINER, format!("{} is not on bridge {}", i.name, c.bridge)));
+                    return Err(CniError::new(
+                        code::UNKNOWN_CONTAINER,
+                        format!("{} is not on bridge {}", i.name, c.bridge),
+                    ));
                 }
             }
             Ok(())
@@ -228,7 +323,12 @@ impl Plugin for Bridge {
             ipam::del(args)?;
         }
         if c.ip_masq {
-            if let Some(prev) = args.conf.prev_result.as_ref().and_then(|p| CniResult::from_value(p).ok()) {
+            if let Some(prev) = args
+                .conf
+                .prev_result
+                .as_ref()
+                .and_then(|p| CniResult::from_value(p).ok())
+            {
                 for ip in &prev.ips {
                     let rule = masq_rule(&ip.address, &args.conf.name, &args.container_id);
                     while iptables(&rule, "-C")? {

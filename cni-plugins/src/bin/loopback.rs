@@ -26,7 +26,11 @@ impl Plugin for Loopback {
             }],
             ips: ["127.0.0.1/8", "::1/128"]
                 .iter()
-                .map(|a| IpConfig { interface: Some(0), address: a.parse().expect("literal"), gateway: None })
+                .map(|a| IpConfig {
+                    interface: Some(0),
+                    address: a.parse().expect("literal"),
+                    gateway: None,
+                })
                 .collect(),
             routes: vec![],
             dns: json!({}),
@@ -39,23 +43,36 @@ impl Plugin for Loopback {
         let up = nl::runtime().block_on(async {
             let h = nl::connect_in(&ns)?;
             let l = nl::link(&h, "lo").await?;
-            Ok::<_, CniError>(l.is_some_and(|l| l.header.flags.contains(netlink_packet_route::link::LinkFlags::Up)))
+            Ok::<_, CniError>(l.is_some_and(|l| {
+                l.header
+                    .flags
+                    .contains(netlink_packet_route::link::LinkFlags::Up)
+            }))
         })?;
         if up {
             Ok(())
         } else {
-            Err(CniError::new(code::UNKNOWN_CONTAINER, "loopback interface is down"))
+            Err(CniError::new(
+                code::UNKNOWN_CONTAINER,
+                "loopback interface is down",
+            ))
         }
     }
 
     fn del(&self, args: &Args) -> Result<(), CniError> {
         // DEL must succeed when the namespace is already gone.
-        let Ok(ns) = std::fs::File::open(&args.netns) else { return Ok(()) };
+        let Ok(ns) = std::fs::File::open(&args.netns) else {
+            return Ok(());
+        };
         nl::runtime().block_on(async {
             let h = nl::connect_in(&ns)?;
             if let Some(l) = nl::link(&h, "lo").await? {
                 let m = LinkUnspec::new_with_index(l.header.index).down().build();
-                h.link().set(m).execute().await.map_err(|e| nl::err("setting lo down", e))?;
+                h.link()
+                    .set(m)
+                    .execute()
+                    .await
+                    .map_err(|e| nl::err("setting lo down", e))?;
             }
             Ok(())
         })

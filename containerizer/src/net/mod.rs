@@ -192,7 +192,7 @@ impl std::str::FromStr for PortMapping {
 #[derive(Debug, Clone, Default)]
 pub struct NetworkRequest {
     pub name: String,
-    /// Interface name in the task; default `eth<N>` by position.
+    /// Interface name in the task; default `eth<N>`, counting the requests without a name.
     pub ifname: Option<String>,
     pub port_mappings: Vec<PortMapping>,
     /// `CNI_ARGS` pairs (e.g. `IP=10.88.0.9` for host-local).
@@ -435,7 +435,7 @@ impl Cni {
     }
 
     /// Attaches the task in `netns` to every network in `nets`, in order (`eth0`, `eth1`, ...
-    /// unless named). All or nothing: on a failure, what was attached is detached again.
+    /// for those without an interface name). All or nothing: on a failure, what was attached is detached again.
     pub async fn setup(
         &self,
         container_id: &str,
@@ -443,8 +443,12 @@ impl Cni {
         nets: &[NetworkRequest],
     ) -> Result<Vec<Attachment>, NetError> {
         let mut done: Vec<Attachment> = Vec::new();
-        for (i, req) in nets.iter().enumerate() {
-            let ifname = req.ifname.clone().unwrap_or_else(|| format!("eth{i}"));
+        let mut auto = 0;
+        for req in nets {
+            let ifname = req.ifname.clone().unwrap_or_else(|| {
+                auto += 1;
+                format!("eth{}", auto - 1)
+            });
             let res = match self.network(&req.name) {
                 Ok(conf) => self.add(&conf, container_id, netns, &ifname, req).await,
                 Err(e) => Err(e),

@@ -1,0 +1,458 @@
+//! CNI end to end (as root): caisson's runtime (`containerizer::net`) driving the reference
+//! plugins from Debian's containernetworking-plugins and our own (`cni-plugins`), and a
+//! conformance comparison of the two on the same ADD/CHECK/DEL scenarios, spec 1.0.0 and 0.4.0.
+//!
+//! Network safety: only netns files this test creates (`caisson-test-*`), `cst*` bridges and
+//! 10.232.0.0/16; everything is removed by guards, also when an assertion fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use caisson_tests::{require_root, require_tool};
+use containerizer::net::{Cni, CniOptions, NetError, Netns, NetworkRequest};
+use serde_json::{json, Value};
+
+const REFERENCE: &str = "/usr/lib/cni";
+
+/// Our plugin binaries (`target/<profile>/{bridge,host-local,loopback}`).
+fn our_plugins() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for p in ["bridge", "host-local", "loopback"] {
+        assert!(
+            dir.join(p).exists(),
+            "{} not built: run `cargo build --workspace` first",
+            dir.join(p).display()
+        );
+    }
+    dir
+}
+
+fn prerequisites() -> bool {
+    require_root()
+        && require_tool("busybox")
+        && require_tool("nsenter")
+        && (Path::new(REFERENCE).join("bridge").exists() || {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "containernetworking-plugins missing"
+            );
+            eprintln!("skipping: containernetworking-plugins not installed");
+            false
+        })
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One test's world: config/state/IPAM dirs, its bridge and netns files; removed on drop.
+struct World {
+    dir: tempfile::TempDir,
+    bridge: String,
+    netns: Vec<PathBuf>,
+}
+
+impl World {
+    fn new(bridge: &str) -> Self {
+        let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        World {
+            dir: tempfile::tempdir().unwrap(),
+            bridge: bridge.into(),
+            netns: vec![],
+        }
+    }
+
+    fn netns(&mut self) -> PathBuf {
+        let p = self
+            .dir
+            .path()
+            .join(format!("caisson-test-{}", self.netns.len()));
+        Netns::create(&p).unwrap();
+        self.netns.push(p.clone());
+        p
+    }
+
+    fn ipam_dir(&self) -> PathBuf {
+        self.dir.path().join("ipam")
+    }
+
+    /// Writes `<name>.conflist` with a bridge (+host-local) chain, and a loopback network.
+    fn cni(&self, plugins: &Path, version: &str, subnet: &str, extra: &[Value]) -> Cni {
+        let nd = self.dir.path().join("net.d");
+        std::fs::create_dir_all(&nd).unwrap();
+        let mut chain = vec![json!({
+            "type": "bridge", "bridge": self.bridge, "isGateway": true, "hairpinMode": true,
+            "ipam": {"type": "host-local", "dataDir": self.ipam_dir(),
+                     "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}
+        })];
+        chain.extend(extra.iter().cloned());
+        let br = json!({"cniVersion": version, "name": "br", "plugins": chain});
+        std::fs::write(nd.join("br.conflist"), br.to_string()).unwrap();
+        let lo = json!({"cniVersion": version, "name": "lo", "type": "loopback"});
+        std::fs::write(nd.join("lo.conf"), lo.to_string()).unwrap();
+        Cni::new(CniOptions {
+            config_dir: nd,
+            plugin_dirs: vec![plugins.to_path_buf()],
+            state_dir: self.dir.path().join("state"),
+            timeout: Duration::from_secs(20),
+        })
+    }
+
+    fn ports_on_bridge(&self) -> usize {
+        let out = Command::new("ip")
+            .args(["-o", "link", "show", "master", &self.bridge])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    fn held_ips(&self) -> usize {
+        std::fs::read_dir(self.ipam_dir().join("br"))
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .parse::<std::net::IpAddr>()
+                            .is_ok()
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for p in &self.netns {
+            let _ = containerizer::net::delete_netns(p);
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
+fn in_ns(ns: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json_in_ns(ns: &Path, args: &[&str]) -> Value {
+    serde_json::from_slice(&in_ns(ns, args).stdout).unwrap_or(Value::Null)
+}
+
+/// What can be observed inside a netns: links (name, state), addresses (no link-local), routes.
+fn netns_state(ns: &Path) -> Value {
+    let links: Vec<Value> = json_in_ns(ns, &["ip", "-j", "link", "show"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|l| {
+            json!([
+                l["ifname"],
+                l["flags"]
+                    .as_array()
+                    .is_some_and(|f| f.contains(&json!("UP")))
+            ])
+        })
+        .collect();
+    let mut addrs: Vec<Value> = Vec::new();
+    for l in json_in_ns(ns, &["ip", "-j", "addr", "show"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        for a in l["addr_info"].as_array().cloned().unwrap_or_default() {
+            if a["scope"] != "link" {
+                addrs.push(json!([l["ifname"], a["local"], a["prefixlen"]]));
+            }
+        }
+    }
+    let routes: Vec<Value> = json_in_ns(ns, &["ip", "-j", "route", "show"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| json!([r["dst"], r["gateway"], r["dev"]]))
+        .collect();
+    json!({"links": links, "addrs": addrs, "routes": routes})
+}
+
+/// A result with the parts that legitimately differ (random veth names, MACs) normalised.
+fn normalise(r: &containerizer::net::CniResult) -> Value {
+    let mut v = serde_json::to_value(r).unwrap();
+    for i in v["interfaces"].as_array_mut().into_iter().flatten() {
+        if i["name"].as_str().is_some_and(|n| n.starts_with("veth")) {
+            i["name"] = json!("veth*");
+        }
+        i["mac"] = json!(i["mac"].as_str().is_some_and(|m| m.len() == 17));
+        i["sandbox"] = json!(i
+            .get("sandbox")
+            .is_some_and(|s| s.as_str().is_some_and(|s| !s.is_empty())));
+    }
+    for ip in v["ips"].as_array_mut().into_iter().flatten() {
+        // 0.4.0 "version" is optional in our reading; compare addresses, not that field.
+        ip.as_object_mut().unwrap().remove("version");
+    }
+    v
+}
+
+/// The scenario both plugin sets go through; returns everything observable.
+fn scenario(plugins: &Path, version: &str, bridge: &str, third: u8) -> Value {
+    let mut w = World::new(bridge);
+    let subnet = format!("10.232.{third}.0/24");
+    let cni = w.cni(plugins, version, &subnet, &[]);
+    let (a, b) = (w.netns(), w.netns());
+    let rt = rt();
+    let mut obs = json!({});
+    rt.block_on(async {
+        // Two networks on one task (loopback and the bridge), one on the other.
+        let nets = [
+            NetworkRequest {
+                ifname: Some("lo".into()),
+                ..NetworkRequest::new("lo")
+            },
+            NetworkRequest::new("br"),
+        ];
+        let atts = cni.setup("task-a", &a, &nets).await.unwrap();
+        let atts_b = cni
+            .setup("task-b", &b, &[NetworkRequest::new("br")])
+            .await
+            .unwrap();
+        obs["result_lo"] = normalise(atts[0].result.as_ref().unwrap());
+        obs["result_br"] = normalise(atts[1].result.as_ref().unwrap());
+        obs["ns_a"] = netns_state(&a);
+        let gw = format!("10.232.{third}.1");
+        let ip_b = atts_b[0].ips()[0].to_string();
+        let ping = |ns: &Path, ip: &str| {
+            in_ns(ns, &["busybox", "ping", "-c", "1", "-W", "2", ip])
+                .status
+                .success()
+        };
+        obs["a_to_gw"] = json!(ping(&a, &gw));
+        obs["a_to_b"] = json!(ping(&a, &ip_b));
+        obs["ports_on_bridge"] = json!(w.ports_on_bridge());
+        obs["held_ips"] = json!(w.held_ips());
+        let br_addrs: Value = serde_json::from_slice(
+            &Command::new("ip")
+                .args(["-j", "addr", "show", bridge])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        obs["bridge_has_gw"] = json!(br_addrs[0]["addr_info"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["local"] == json!(gw)));
+        obs["check_a"] = json!(cni
+            .check("task-a", "br", "eth0")
+            .await
+            .map_err(|e| e.to_string()));
+        obs["check_lo"] = json!(cni
+            .check("task-a", "lo", "lo")
+            .await
+            .map_err(|e| e.to_string()));
+        // Break the task's interface: CHECK must notice.
+        in_ns(&a, &["ip", "addr", "flush", "dev", "eth0"]);
+        obs["check_broken_fails"] = json!(cni.check("task-a", "br", "eth0").await.is_err());
+
+        cni.teardown("task-a").await.unwrap();
+        obs["ns_a_after_del"] = netns_state(&a);
+        // DEL after the task's netns is gone, from a "restarted" runtime.
+        containerizer::net::delete_netns(&b).unwrap();
+        Cni::new(cni.options().clone())
+            .teardown("task-b")
+            .await
+            .unwrap();
+        // The kernel destroys a namespace (and its veth ends) asynchronously: give it a moment.
+        for _ in 0..50 {
+            if w.ports_on_bridge() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        obs["ports_after_del"] = json!(w.ports_on_bridge());
+        obs["held_after_del"] = json!(w.held_ips());
+        obs["del_again"] = json!(cni.del("task-a", "br", "eth0").await.is_ok());
+
+        // Exhausted range (a /30 has one task address): a clear error, nothing left behind.
+        let w2 = World::new(&format!("{bridge}x"));
+        let small = w2.cni(plugins, version, &format!("10.232.{}.0/30", third + 1), &[]);
+        let mut w2 = w2;
+        let (c, d) = (w2.netns(), w2.netns());
+        small
+            .setup("c", &c, &[NetworkRequest::new("br")])
+            .await
+            .unwrap();
+        let e = small
+            .setup("d", &d, &[NetworkRequest::new("br")])
+            .await
+            .unwrap_err();
+        obs["exhausted"] = json!(e.to_string().contains("no IP addresses available"));
+        obs["exhausted_ports"] = json!(w2.ports_on_bridge());
+        obs["exhausted_held"] = json!(w2.held_ips());
+        small.teardown("c").await.unwrap();
+        drop(w2);
+
+        // Incompatible version: spec error code 1.
+        let nd = w.dir.path().join("net.d");
+        std::fs::write(
+            nd.join("bad.conf"),
+            r#"{"cniVersion":"9.9.9","name":"bad","type":"loopback"}"#,
+        )
+        .unwrap();
+        let e = cni
+            .setup("e", &a, &[NetworkRequest::new("bad")])
+            .await
+            .unwrap_err();
+        obs["bad_version_code"] = json!(match e {
+            NetError::Plugin { error, .. } => error.code,
+            other => panic!("{other}"),
+        });
+    });
+    obs
+}
+
+fn conformance(version: &str, third: u8) {
+    if !prerequisites() {
+        return;
+    }
+    let ours = our_plugins();
+    let bridge = format!("cstcf{}", version.replace('.', ""));
+    let reference = scenario(Path::new(REFERENCE), version, &bridge, third);
+    let mine = scenario(&ours, version, &bridge, third);
+    // The reference behaviour we rely on, spelled out (so a drift in both is noticed too).
+    assert_eq!(reference["a_to_gw"], json!(true), "{reference:#}");
+    assert_eq!(reference["a_to_b"], json!(true));
+    assert_eq!(reference["ports_on_bridge"], json!(2));
+    assert_eq!(reference["ports_after_del"], json!(0));
+    assert_eq!(reference["held_after_del"], json!(0));
+    assert_eq!(reference["exhausted"], json!(true));
+    assert_eq!(reference["check_a"], json!({"Ok": null}));
+    let mut diffs = Vec::new();
+    for (k, v) in reference.as_object().unwrap() {
+        if mine.get(k) != Some(v) {
+            diffs.push(format!(
+                "{k}:\n  reference {v}\n  ours      {}",
+                mine.get(k).unwrap_or(&Value::Null)
+            ));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "ours differs from the reference ({version}):\n{}",
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn root_conformance_vs_reference_1_0_0() {
+    conformance("1.0.0", 10);
+}
+
+#[test]
+fn root_conformance_vs_reference_0_4_0() {
+    conformance("0.4.0", 20);
+}
+
+/// Our plugins speak the protocol to any runtime: raw env + stdin, VERSION, error documents.
+#[test]
+fn our_plugins_answer_version_and_errors_like_the_reference() {
+    let ours = our_plugins();
+    for p in ["bridge", "host-local", "loopback"] {
+        for dir in [ours.as_path(), Path::new(REFERENCE)] {
+            if !dir.join(p).exists() {
+                continue;
+            }
+            let run = |env: &[(&str, &str)], stdin: &str| {
+                use std::io::Write;
+                let mut c = Command::new(dir.join(p))
+                    .env_clear()
+                    .envs(env.iter().copied())
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                // A plugin may exit before reading its input.
+                let _ = c.stdin.take().unwrap().write_all(stdin.as_bytes());
+                let out = c.wait_with_output().unwrap();
+                (
+                    out.status.code(),
+                    serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+                )
+            };
+            let (code, v) = run(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
+            assert_eq!(code, Some(0), "{p} in {}", dir.display());
+            let sv = v["supportedVersions"].as_array().unwrap();
+            assert!(
+                sv.contains(&json!("0.4.0")) && sv.contains(&json!("1.0.0")),
+                "{v}"
+            );
+            // Missing environment: code 4 and a non-zero exit.
+            let (code, v) = run(
+                &[("CNI_COMMAND", "ADD")],
+                r#"{"cniVersion":"1.0.0","name":"x","type":"t"}"#,
+            );
+            assert_eq!(code, Some(1), "{p} in {}: {v}", dir.display());
+            assert_eq!(v["code"], json!(4), "{p} in {}: {v}", dir.display());
+            assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+}
+
+/// Many tasks attaching at once to one network through our plugins: distinct addresses.
+#[test]
+fn root_our_plugins_concurrent_adds_distinct_ips() {
+    if !prerequisites() {
+        return;
+    }
+    let ours = our_plugins();
+    let mut w = World::new("cstconc0");
+    let cni = w.cni(&ours, "1.0.0", "10.232.30.0/24", &[]);
+    let nss: Vec<PathBuf> = (0..10).map(|_| w.netns()).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (i, ns) in nss.iter().enumerate() {
+            let (cni, ns) = (cni.clone(), ns.clone());
+            tasks.push(tokio::spawn(async move {
+                cni.setup(&format!("t{i}"), &ns, &[NetworkRequest::new("br")])
+                    .await
+                    .unwrap()[0]
+                    .ips()[0]
+            }));
+        }
+        let mut ips = Vec::new();
+        for t in tasks {
+            ips.push(t.await.unwrap());
+        }
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), 10);
+        assert_eq!(w.held_ips(), 10);
+        for i in 0..10 {
+            cni.teardown(&format!("t{i}")).await.unwrap();
+        }
+    });
+    assert_eq!((w.ports_on_bridge(), w.held_ips()), (0, 0));
+}
