@@ -20,8 +20,25 @@ fn ipam_type(args: &Args) -> Result<String, CniError> {
         .ok_or_else(|| CniError::config("IPAM config missing 'ipam.type'"))
 }
 
+/// Set to run `host-local` as a separate binary even though it is built in.
+pub const FORCE_EXEC_ENV: &str = "CAISSON_CNI_IPAM_EXEC";
+
 fn exec(args: &Args, command: &str) -> Result<Vec<u8>, CniError> {
     let ty = ipam_type(args)?;
+    // Our host-local is linked in: its store is the reference plugin's on-disk layout under
+    // the same lock file, so running it in-process is interchangeable with exec'ing whichever
+    // host-local CNI_PATH holds, and saves a fork+exec on every ADD and DEL.
+    if ty == "host-local" && std::env::var_os(FORCE_EXEC_ENV).is_none() {
+        return match command {
+            "ADD" => crate::hostlocal::add(args).map(|v| serde_json::to_vec(&v).expect("JSON")),
+            "DEL" => crate::hostlocal::del(args).map(|_| Vec::new()),
+            _ => crate::hostlocal::check(args).map(|_| Vec::new()),
+        }
+        .map_err(|e| CniError {
+            msg: format!("IPAM host-local: {}", e.msg),
+            ..e
+        });
+    }
     let bin = args
         .path
         .iter()

@@ -273,6 +273,16 @@ fn scenario(plugins: &Path, version: &str, bridge: &str, third: u8) -> Value {
         obs["check_broken_fails"] = json!(cni.check("task-a", "br", "eth0").await.is_err());
 
         cni.teardown("task-a").await.unwrap();
+        // Our bridge finishes deleting the veth pair in the background: allow for that.
+        for _ in 0..50 {
+            if netns_state(&a)["links"]
+                .as_array()
+                .is_some_and(|l| l.len() == 1)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         obs["ns_a_after_del"] = netns_state(&a);
         // DEL after the task's netns is gone, from a "restarted" runtime.
         containerizer::net::delete_netns(&b).unwrap();
