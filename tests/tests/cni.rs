@@ -466,3 +466,75 @@ fn root_our_plugins_concurrent_adds_distinct_ips() {
     });
     assert_eq!((w.ports_on_bridge(), w.held_ips()), (0, 0));
 }
+
+/// `-p HOSTPORT:CTRPORT` through the runtime's `portMappings` capability and the reference
+/// `portmap` plugin: a TCP connection to the host's loopback reaches the task.
+#[test]
+fn root_port_mapping_reaches_the_task_from_host_loopback() {
+    if !prerequisites() || !require_tool("iptables") {
+        return;
+    }
+    let mut w = World::new("cstpm0");
+    let extra = [json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true})];
+    let cni = w.cni(Path::new(REFERENCE), "1.0.0", "10.232.40.0/24", &extra);
+    let ns = w.netns();
+    // An unusual host port, so no real service on this host is shadowed even briefly.
+    let host_port = 39000 + (std::process::id() % 500) as u16;
+    let req = NetworkRequest {
+        port_mappings: vec![format!("{host_port}:8080/tcp").parse().unwrap()],
+        ..NetworkRequest::new("br")
+    };
+    let rt = rt();
+    rt.block_on(async {
+        cni.setup("pm", &ns, &[req]).await.unwrap();
+    });
+    struct Teardown<'a>(&'a Cni, &'a tokio::runtime::Runtime);
+    impl Drop for Teardown<'_> {
+        fn drop(&mut self) {
+            let _ = self.1.block_on(self.0.teardown("pm"));
+        }
+    }
+    let _td = Teardown(&cni, &rt);
+    // The cached record carries what portmap was given, for DEL.
+    assert_eq!(cni.attachments("pm").unwrap().len(), 1);
+    let mut server = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args([
+            "busybox",
+            "nc",
+            "-l",
+            "-p",
+            "8080",
+            "-e",
+            "echo",
+            "hello-from-task",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut got = String::new();
+    for _ in 0..50 {
+        use std::io::Read;
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(
+            &format!("127.0.0.1:{host_port}").parse().unwrap(),
+            Duration::from_millis(500),
+        ) {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let _ = s.read_to_string(&mut got);
+            if !got.is_empty() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(got.trim(), "hello-from-task");
+    rt.block_on(async { cni.teardown("pm").await.unwrap() });
+    // DEL removed the DNAT rule for our port.
+    let rules = Command::new("iptables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains(&format!("--dport {host_port}")));
+}
