@@ -33,6 +33,8 @@ pub mod code {
     pub const NO_ADDRESSES: u32 = 100;
     /// Plugin-specific: a netlink operation failed.
     pub const NETLINK: u32 = 101;
+    /// Plugin-specific: a host port is already forwarded elsewhere.
+    pub const PORT_CONFLICT: u32 = 102;
 }
 
 impl CniError {

@@ -467,36 +467,55 @@ fn root_our_plugins_concurrent_adds_distinct_ips() {
     assert_eq!((w.ports_on_bridge(), w.held_ips()), (0, 0));
 }
 
-/// `-p HOSTPORT:CTRPORT` through the runtime's `portMappings` capability and the reference
-/// `portmap` plugin: a TCP connection to the host's loopback reaches the task.
+/// `-p HOSTPORT:CTRPORT` through the runtime's `portMappings` capability, with the reference
+/// `portmap` and with ours: a TCP connection to the host's loopback reaches the task; DEL
+/// removes the forwarding; ours refuses a host port already forwarded to another task.
 #[test]
 fn root_port_mapping_reaches_the_task_from_host_loopback() {
     if !prerequisites() || !require_tool("iptables") {
         return;
     }
-    let mut w = World::new("cstpm0");
+    let ours = our_plugins();
+    port_mapping(Path::new(REFERENCE), "cstpm0", 41, 0);
+    port_mapping(&ours, "cstpm1", 42, 1);
+}
+
+fn port_mapping(plugins: &Path, bridge: &str, third: u8, n: u16) {
+    let mut w = World::new(bridge);
     let extra = [json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true})];
-    let cni = w.cni(Path::new(REFERENCE), "1.0.0", "10.232.40.0/24", &extra);
-    let ns = w.netns();
+    let cni = w.cni(plugins, "1.0.0", &format!("10.232.{third}.0/24"), &extra);
+    let (ns, ns2) = (w.netns(), w.netns());
     // An unusual host port, so no real service on this host is shadowed even briefly.
-    let host_port = 39000 + (std::process::id() % 500) as u16;
+    let host_port = 39000 + (std::process::id() % 500) as u16 * 2 + n;
     let req = NetworkRequest {
         port_mappings: vec![format!("{host_port}:8080/tcp").parse().unwrap()],
         ..NetworkRequest::new("br")
     };
     let rt = rt();
-    rt.block_on(async {
-        cni.setup("pm", &ns, &[req]).await.unwrap();
-    });
     struct Teardown<'a>(&'a Cni, &'a tokio::runtime::Runtime);
     impl Drop for Teardown<'_> {
         fn drop(&mut self) {
             let _ = self.1.block_on(self.0.teardown("pm"));
+            let _ = self.1.block_on(self.0.teardown("pm2"));
         }
     }
     let _td = Teardown(&cni, &rt);
-    // The cached record carries what portmap was given, for DEL.
-    assert_eq!(cni.attachments("pm").unwrap().len(), 1);
+    rt.block_on(async {
+        cni.setup("pm", &ns, std::slice::from_ref(&req))
+            .await
+            .unwrap()
+    });
+    if plugins != Path::new(REFERENCE) {
+        // The reference portmap does not detect conflicts; ours must, and roll back cleanly.
+        let e = rt
+            .block_on(cni.setup("pm2", &ns2, std::slice::from_ref(&req)))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("already forwarded") && e.to_string().contains("portmap"),
+            "{e}"
+        );
+        assert_eq!(w.held_ips(), 1);
+    }
     let mut server = Command::new("nsenter")
         .arg(format!("--net={}", ns.display()))
         .args([
@@ -529,12 +548,15 @@ fn root_port_mapping_reaches_the_task_from_host_loopback() {
     }
     let _ = server.kill();
     let _ = server.wait();
-    assert_eq!(got.trim(), "hello-from-task");
+    assert_eq!(got.trim(), "hello-from-task", "via {}", plugins.display());
     rt.block_on(async { cni.teardown("pm").await.unwrap() });
-    // DEL removed the DNAT rule for our port.
     let rules = Command::new("iptables")
         .args(["-t", "nat", "-S"])
         .output()
         .unwrap();
-    assert!(!String::from_utf8_lossy(&rules.stdout).contains(&format!("--dport {host_port}")));
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains(&format!("--dport {host_port}")),
+        "forwarding left behind by {}",
+        plugins.display()
+    );
 }
