@@ -560,3 +560,124 @@ fn port_mapping(plugins: &Path, bridge: &str, third: u8, n: u16) {
         plugins.display()
     );
 }
+
+/// The launcher half of `root_teardown_after_launcher_kill_9` (runs only when that test starts
+/// this test binary with CAISSON_CNI_LAUNCHER set): attaches, then waits to be killed.
+#[test]
+fn launcher_helper() {
+    let Some(dir) = std::env::var_os("CAISSON_CNI_LAUNCHER") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let opts = CniOptions {
+        config_dir: dir.join("net.d"),
+        plugin_dirs: vec![dir.join("bin"), our_plugins()],
+        state_dir: dir.join("state"),
+        timeout: Duration::from_secs(60),
+    };
+    let ns = PathBuf::from(std::env::var("CAISSON_CNI_LAUNCHER_NS").unwrap());
+    std::fs::write(dir.join("started"), "").unwrap();
+    let _ = rt().block_on(Cni::new(opts).setup("victim", &ns, &[NetworkRequest::new("br")]));
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// kill -9 of the process that runs ADD, once after ADD and once in the middle of a chain (a
+/// plugin hangs after the bridge did its work): a fresh runtime tears down from the cache and
+/// nothing is left (veth, address, cache entry).
+#[test]
+fn root_teardown_after_launcher_kill_9() {
+    if !prerequisites() {
+        return;
+    }
+    let ours = our_plugins();
+    for (k, hang) in [false, true].into_iter().enumerate() {
+        let mut w = World::new(&format!("cstkill{k}"));
+        let extra = if hang {
+            vec![json!({"type": "hang"})]
+        } else {
+            vec![]
+        };
+        let cni = w.cni(&ours, "1.0.0", &format!("10.232.{}.0/24", 50 + k), &extra);
+        let bin = w.dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let script = bin.join("hang");
+        let pidfile = w.dir.path().join("hang.pid");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$CNI_COMMAND\" = DEL ] && exit 0\necho $$ > {}\nexec sleep 60\n",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let ns = w.netns();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "launcher_helper",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("CAISSON_CNI_LAUNCHER", w.dir.path())
+            .env("CAISSON_CNI_LAUNCHER_NS", &ns)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until the bridge has done its part (a port on the bridge and an address held).
+        let mut ready = false;
+        for _ in 0..200 {
+            if w.ports_on_bridge() == 1 && w.held_ips() == 1 {
+                ready = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        assert!(ready, "launcher never attached");
+        // The hanging plugin runs in its own process group and outlives its launcher: end it.
+        if hang {
+            for _ in 0..100 {
+                if pidfile.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let fresh = Cni::new(CniOptions {
+            plugin_dirs: vec![bin.clone(), ours.clone()],
+            ..cni.options().clone()
+        });
+        let atts = fresh.attachments("victim").unwrap();
+        assert_eq!(atts.len(), 1);
+        assert_eq!(
+            atts[0].result.is_none(),
+            hang,
+            "an unfinished ADD is cached without a result"
+        );
+        rt().block_on(fresh.teardown("victim")).unwrap();
+        for _ in 0..50 {
+            if w.ports_on_bridge() == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!((w.ports_on_bridge(), w.held_ips()), (0, 0));
+        assert!(fresh.attachments("victim").unwrap().is_empty());
+    }
+}
