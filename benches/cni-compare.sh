@@ -7,7 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-100}
 cargo build --release -p caisson-cni-plugins
-cargo bench -p caisson-benches --bench cni -- "$RUNS"
+if [ "${QUICK:-}" = 1 ]; then
+  # Debug-built runner (no release build of the whole containerizer), release plugins: the
+  # runtime's share is the same for both plugin sets.
+  CAISSON_CNI_PLUGINS="$PWD/target/release" cargo test -p caisson-benches --bench cni -- "$RUNS"
+else
+  cargo bench -p caisson-benches --bench cni -- "$RUNS"
+fi
 
 command -v hyperfine >/dev/null || { echo "hyperfine not installed; skipping the raw comparison"; exit 0; }
 work=$(mktemp -d /tmp/caisson-cni-bench.XXXXXX)

@@ -194,8 +194,8 @@ impl TestNet {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id() % 10000;
         let bridge = format!("cstu{pid}x{n}");
-        let third = 100 + (pid % 50) as u8 + (n as u8) * 50 % 150;
-        let third = third % 250;
+        // Distinct per test in this process (n < 10), and spread across processes.
+        let third = 100 + ((pid % 15) * 10 + n % 10) % 150;
         let prefix = format!("10.231.{third}");
         let dir = tempfile::tempdir().unwrap();
         let name = format!("t{n}");
