@@ -681,3 +681,44 @@ fn root_teardown_after_launcher_kill_9() {
         assert!(fresh.attachments("victim").unwrap().is_empty());
     }
 }
+
+/// `ipMasq` with our bridge: a masquerade rule for the task's address while attached, none
+/// after DEL (the rule names network and container, so DEL removes exactly it).
+#[test]
+fn root_our_bridge_ip_masq_rule_follows_the_attachment() {
+    if !prerequisites() || !require_tool("iptables") {
+        return;
+    }
+    let ours = our_plugins();
+    let mut w = World::new("cstmasq0");
+    let cni = w.cni(&ours, "1.0.0", "10.232.60.0/24", &[]);
+    // Turn ipMasq on in the written config.
+    let p = w.dir.path().join("net.d/br.conflist");
+    let mut conf: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    conf["plugins"][0]["ipMasq"] = json!(true);
+    std::fs::write(&p, conf.to_string()).unwrap();
+    let ns = w.netns();
+    let rt = rt();
+    let atts = rt
+        .block_on(cni.setup("masq", &ns, &[NetworkRequest::new("br")]))
+        .unwrap();
+    let ip = atts[0].ips()[0].to_string();
+    let rules = || {
+        String::from_utf8_lossy(
+            &Command::new("iptables")
+                .args(["-t", "nat", "-S", "POSTROUTING"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    let r = rules();
+    let teardown = rt.block_on(cni.teardown("masq"));
+    assert!(
+        r.contains(&format!("-s {ip}/32 ! -d 10.232.60.0/24")) && r.contains("MASQUERADE"),
+        "{r}"
+    );
+    teardown.unwrap();
+    assert!(!rules().contains(&format!("-s {ip}/32")), "{}", rules());
+}
