@@ -19,6 +19,7 @@
 pub mod cache;
 pub mod config;
 pub mod exec;
+pub mod files;
 pub mod result;
 
 use std::path::{Path, PathBuf};
