@@ -104,7 +104,7 @@ mod tests {
     #[test]
     fn hosts_and_resolv_follow_the_results() {
         let a = att("10.232.0.5/24", Dns::default());
-        let h = hosts_file("web", &[a.clone()], &["10.0.0.9 db".into()]);
+        let h = hosts_file("web", std::slice::from_ref(&a), &["10.0.0.9 db".into()]);
         assert!(
             h.contains("10.232.0.5\tweb\n") && h.ends_with("10.0.0.9 db\n"),
             "{h}"
