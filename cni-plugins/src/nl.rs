@@ -224,7 +224,9 @@ pub async fn add_route(
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst.network(), dst.prefix_len())
         .map_err(|e| CniError::config(what()).with_details(e))?
-        .output_interface(index);
+        .output_interface(index)
+        // As the reference plugins (and `ip route` by default) mark them.
+        .protocol(netlink_packet_route::route::RouteProtocol::Boot);
     if let Some(g) = gw {
         b = b
             .gateway(g)

@@ -87,12 +87,18 @@ impl World {
 
     /// Writes `<name>.conflist` with a bridge (+host-local) chain, and a loopback network.
     fn cni(&self, plugins: &Path, version: &str, subnet: &str, extra: &[Value]) -> Cni {
+        self.cni_with(plugins, version, &[subnet], extra)
+    }
+
+    /// Like [`World::cni`], one address per subnet (e.g. IPv4 + IPv6).
+    fn cni_with(&self, plugins: &Path, version: &str, subnets: &[&str], extra: &[Value]) -> Cni {
         let nd = self.dir.path().join("net.d");
         std::fs::create_dir_all(&nd).unwrap();
         let mut chain = vec![json!({
             "type": "bridge", "bridge": self.bridge, "isGateway": true, "hairpinMode": true,
             "ipam": {"type": "host-local", "dataDir": self.ipam_dir(),
-                     "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}
+                     "ranges": subnets.iter().map(|s| json!([{"subnet": s}])).collect::<Vec<_>>(),
+                     "routes": subnets.iter().map(|s| json!({"dst": if s.contains(':') { "::/0" } else { "0.0.0.0/0" }})).collect::<Vec<_>>()}
         })];
         chain.extend(extra.iter().cloned());
         let br = json!({"cniVersion": version, "name": "br", "plugins": chain});
@@ -189,7 +195,15 @@ fn netns_state(ns: &Path) -> Value {
         .iter()
         .map(|r| json!([r["dst"], r["gateway"], r["dev"]]))
         .collect();
-    json!({"links": links, "addrs": addrs, "routes": routes})
+    let routes6: Vec<Value> = json_in_ns(ns, &["ip", "-6", "-j", "route", "show"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| !r["dst"].as_str().is_some_and(|d| d.starts_with("fe80")))
+        .map(|r| json!([r["dst"], r["gateway"], r["dev"], r["protocol"]]))
+        .collect();
+    json!({"links": links, "addrs": addrs, "routes": routes, "routes6": routes6})
 }
 
 /// A result with the parts that legitimately differ (random veth names, MACs) normalised.
@@ -214,8 +228,11 @@ fn normalise(r: &containerizer::net::CniResult) -> Value {
 /// The scenario both plugin sets go through; returns everything observable.
 fn scenario(plugins: &Path, version: &str, bridge: &str, third: u8) -> Value {
     let mut w = World::new(bridge);
-    let subnet = format!("10.232.{third}.0/24");
-    let cni = w.cni(plugins, version, &subnet, &[]);
+    let (subnet, subnet6) = (
+        format!("10.232.{third}.0/24"),
+        format!("fd00:232:{third}::/64"),
+    );
+    let cni = w.cni_with(plugins, version, &[&subnet, &subnet6], &[]);
     let (a, b) = (w.netns(), w.netns());
     let rt = rt();
     let mut obs = json!({});
@@ -355,6 +372,16 @@ fn conformance(version: &str, third: u8) {
     assert_eq!(reference["held_after_del"], json!(0));
     assert_eq!(reference["exhausted"], json!(true));
     assert_eq!(reference["check_a"], json!({"Ok": null}));
+    assert_eq!(
+        reference["result_br"]["ips"].as_array().unwrap().len(),
+        2,
+        "dual stack"
+    );
+    assert_eq!(
+        reference["ns_a"]["routes6"].as_array().unwrap().len(),
+        2,
+        "{reference:#}"
+    );
     let mut diffs = Vec::new();
     for (k, v) in reference.as_object().unwrap() {
         if mine.get(k) != Some(v) {
