@@ -17,6 +17,10 @@ pub enum Command {
     Check,
     Del,
     Version,
+    /// Spec 1.1: is the plugin ready for ADDs?
+    Status,
+    /// Spec 1.1: release whatever is not a valid attachment.
+    Gc,
 }
 
 impl Command {
@@ -26,6 +30,8 @@ impl Command {
             Command::Check => "CHECK",
             Command::Del => "DEL",
             Command::Version => "VERSION",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
         }
     }
 }
@@ -89,7 +95,8 @@ pub(crate) async fn run_plugin(
         // e.g. a delegated IPAM plugin) is killed, not just the direct child.
         .process_group(0)
         .kill_on_drop(true);
-    if inv.command != Command::Version {
+    // VERSION, STATUS and GC concern the plugin or the network, not one attachment.
+    if matches!(inv.command, Command::Add | Command::Check | Command::Del) {
         cmd.env("CNI_CONTAINERID", inv.container_id)
             .env("CNI_NETNS", inv.netns)
             .env("CNI_IFNAME", inv.ifname)

@@ -690,6 +690,96 @@ impl Cni {
         cache::remove(state, container_id, network, ifname)
     }
 
+    /// Spec 1.1 STATUS of every plugin of `network` (whether it can take ADDs now). Networks
+    /// below cniVersion 1.1.0 have no STATUS: they are taken to be ready.
+    pub async fn status(&self, network: &str) -> Result<(), NetError> {
+        let net = self.network(network)?;
+        if !result::version_at_least(&net.cni_version, "1.1.0") {
+            return Ok(());
+        }
+        for plugin in &net.plugins {
+            let conf = plugin_stdin(&net, plugin, None, &Map::new());
+            self.exec(
+                &net.name,
+                plugin_type(plugin),
+                &self.net_invocation(Command::Status),
+                &conf,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Spec 1.1 GC on `network`: plugins release what does not belong to the given attachments
+    /// (container id, interface name). By default the valid attachments are those in our cache.
+    /// A no-op below cniVersion 1.1.0.
+    pub async fn gc(
+        &self,
+        network: &str,
+        valid: Option<&[(String, String)]>,
+    ) -> Result<(), NetError> {
+        let net = self.network(network)?;
+        if !result::version_at_least(&net.cni_version, "1.1.0") {
+            return Ok(());
+        }
+        let cached: Vec<(String, String)>;
+        let valid = match valid {
+            Some(v) => v,
+            None => {
+                cached = self
+                    .cached_containers()
+                    .iter()
+                    .flat_map(|c| cache::list(&self.opts.state_dir, c).unwrap_or_default())
+                    .filter(|r| r.network == network)
+                    .map(|r| (r.container_id, r.ifname))
+                    .collect();
+                &cached
+            }
+        };
+        let atts: Vec<Value> = valid
+            .iter()
+            .map(|(c, i)| json!({"containerID": c, "ifname": i}))
+            .collect();
+        for plugin in &net.plugins {
+            let mut conf: Map<String, Value> =
+                serde_json::from_slice(&plugin_stdin(&net, plugin, None, &Map::new()))
+                    .expect("object");
+            conf.insert(
+                "cni.dev/valid-attachments".into(),
+                Value::Array(atts.clone()),
+            );
+            let conf = serde_json::to_vec(&conf).expect("JSON map serializes");
+            self.exec(
+                &net.name,
+                plugin_type(plugin),
+                &self.net_invocation(Command::Gc),
+                &conf,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Containers that have attachments in the cache (for recovery: tear down those the agent
+    /// no longer knows).
+    pub fn cached_containers(&self) -> Vec<String> {
+        let mut v = cache::containers(&self.opts.state_dir);
+        v.sort();
+        v
+    }
+
+    fn net_invocation(&self, command: Command) -> Invocation<'_> {
+        Invocation {
+            command,
+            container_id: "",
+            netns: Path::new(""),
+            ifname: "",
+            args: &[],
+            search: &self.opts.plugin_dirs,
+            timeout: self.opts.timeout,
+        }
+    }
+
     /// Runs ADD/CHECK/DEL of one plugin of a chain.
     async fn exec_one(
         &self,

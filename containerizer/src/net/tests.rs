@@ -586,3 +586,63 @@ fn root_netns_create_delete() {
     assert!(!p.exists());
     delete_netns(&p).unwrap();
 }
+
+#[tokio::test]
+async fn status_and_gc_only_for_spec_1_1_networks() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let (nd, bin) = (d.path().join("net.d"), d.path().join("bin"));
+    std::fs::create_dir_all(&nd).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = d.path().join("log");
+    std::fs::write(
+        bin.join("rec"),
+        format!(
+            "#!/bin/sh\nprintf '%s %s ' \"$CNI_COMMAND\" \"${{CNI_CONTAINERID:-none}}\" >> {0}\ncat >> {0}\necho >> {0}\n\
+             [ \"$CNI_COMMAND\" = STATUS ] && [ -e {1} ] && {{ echo '{{\"code\":50,\"msg\":\"not ready\"}}'; exit 1; }}\nexit 0\n",
+            log.display(),
+            d.path().join("broken").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(bin.join("rec"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        nd.join("new.conf"),
+        r#"{"cniVersion":"1.1.0","name":"new","type":"rec"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        nd.join("old.conf"),
+        r#"{"cniVersion":"1.0.0","name":"old","type":"rec"}"#,
+    )
+    .unwrap();
+    let cni = Cni::new(CniOptions {
+        config_dir: nd,
+        plugin_dirs: vec![bin],
+        state_dir: d.path().join("state"),
+        timeout: Duration::from_secs(5),
+    });
+    cni.status("old").await.unwrap();
+    cni.gc("old", None).await.unwrap();
+    assert!(!log.exists(), "no STATUS/GC below 1.1.0");
+    cni.status("new").await.unwrap();
+    cni.gc("new", Some(&[("c1".to_owned(), "eth0".to_owned())]))
+        .await
+        .unwrap();
+    let l = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = l.lines().collect();
+    assert!(lines[0].starts_with("STATUS none {"), "{l}");
+    assert!(lines[1].starts_with("GC none {"), "{l}");
+    let gc: Value = serde_json::from_str(lines[1].trim_start_matches("GC none ")).unwrap();
+    assert_eq!(
+        gc["cni.dev/valid-attachments"],
+        json!([{"containerID": "c1", "ifname": "eth0"}])
+    );
+    assert_eq!(gc["name"], "new");
+    std::fs::write(d.path().join("broken"), "").unwrap();
+    let e = cni.status("new").await.unwrap_err();
+    assert!(
+        e.to_string().contains("[code 50] not ready") && e.to_string().contains("STATUS"),
+        "{e}"
+    );
+}
