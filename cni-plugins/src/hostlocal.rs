@@ -241,6 +241,26 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the reservations whose owner text `keep` rejects.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Result<(), CniError> {
+        let rd = fs::read_dir(&self.dir).map_err(|e| CniError::io("listing the IPAM store", e))?;
+        for e in rd.filter_map(Result::ok) {
+            let is_ip = e
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<IpAddr>().is_ok());
+            let Ok(content) = fs::read_to_string(e.path()) else {
+                continue;
+            };
+            if is_ip && !keep(content.trim()) {
+                fs::remove_file(e.path()).map_err(|err| {
+                    CniError::io(format!("releasing {}", e.path().display()), err)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Allocates one address from `set` (round-robin after the last reservation), or the
     /// `requested` one.
     pub fn allocate<'s>(
@@ -385,6 +405,22 @@ pub fn del(args: &Args) -> Result<(), CniError> {
         return Ok(());
     }
     Store::open(&dir, &args.conf.name)?.release(&args.container_id, &args.ifname)
+}
+
+/// GC (spec 1.1): releases every reservation whose owner is not a valid attachment.
+pub fn gc(args: &Args) -> Result<(), CniError> {
+    let c = parse_conf(args)?;
+    let dir = data_dir(&c);
+    if !dir.join(&args.conf.name).exists() {
+        return Ok(());
+    }
+    let store = Store::open(&dir, &args.conf.name)?;
+    let valid: Vec<String> = args
+        .valid_attachments()
+        .iter()
+        .map(|(id, ifname)| owner(id, ifname))
+        .collect();
+    store.retain(|o| valid.iter().any(|v| v == o))
 }
 
 /// CHECK: the owner still holds an address.

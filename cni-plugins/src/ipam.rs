@@ -32,6 +32,7 @@ fn exec(args: &Args, command: &str) -> Result<Vec<u8>, CniError> {
         return match command {
             "ADD" => crate::hostlocal::add(args).map(|v| serde_json::to_vec(&v).expect("JSON")),
             "DEL" => crate::hostlocal::del(args).map(|_| Vec::new()),
+            "GC" => crate::hostlocal::gc(args).map(|_| Vec::new()),
             _ => crate::hostlocal::check(args).map(|_| Vec::new()),
         }
         .map_err(|e| CniError {
@@ -102,6 +103,11 @@ pub fn add(args: &Args) -> Result<CniResult, CniError> {
 /// IPAM DEL (idempotent on the IPAM side).
 pub fn del(args: &Args) -> Result<(), CniError> {
     exec(args, "DEL").map(|_| ())
+}
+
+/// IPAM GC (spec 1.1).
+pub fn gc(args: &Args) -> Result<(), CniError> {
+    exec(args, "GC").map(|_| ())
 }
 
 /// IPAM CHECK.

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::types::NetConf;
 
 /// Versions our plugins speak.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// A CNI error document (spec "Error" section); codes 1-99 are the spec's, 100+ ours.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -66,6 +66,10 @@ pub enum Command {
     Add,
     Check,
     Del,
+    /// Spec 1.1: ready for ADDs?
+    Status,
+    /// Spec 1.1: release what does not belong to `cni.dev/valid-attachments`.
+    Gc,
 }
 
 /// One invocation's parameters.
@@ -85,6 +89,26 @@ pub struct Args {
 }
 
 impl Args {
+    /// The `cni.dev/valid-attachments` of a GC request, as (container id, ifname).
+    pub fn valid_attachments(&self) -> Vec<(String, String)> {
+        serde_json::from_slice::<Value>(&self.stdin)
+            .ok()
+            .and_then(|v| {
+                v.get("cni.dev/valid-attachments")
+                    .and_then(Value::as_array)
+                    .cloned()
+            })
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| {
+                Some((
+                    a.get("containerID")?.as_str()?.to_owned(),
+                    a.get("ifname")?.as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    }
+
     /// A `CNI_ARGS` value by key.
     pub fn arg(&self, key: &str) -> Option<&str> {
         self.args
@@ -99,6 +123,14 @@ pub trait Plugin {
     fn add(&self, args: &Args) -> Result<Value, CniError>;
     fn check(&self, args: &Args) -> Result<(), CniError>;
     fn del(&self, args: &Args) -> Result<(), CniError>;
+    /// Spec 1.1 STATUS; our plugins need nothing beyond the kernel, so: ready.
+    fn status(&self, _args: &Args) -> Result<(), CniError> {
+        Ok(())
+    }
+    /// Spec 1.1 GC; nothing to collect unless the plugin keeps state.
+    fn gc(&self, _args: &Args) -> Result<(), CniError> {
+        Ok(())
+    }
 }
 
 fn env(name: &str) -> Option<String> {
@@ -163,6 +195,8 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
         "ADD" => Command::Add,
         "CHECK" => Command::Check,
         "DEL" => Command::Del,
+        "STATUS" => Command::Status,
+        "GC" => Command::Gc,
         other => {
             return Err(CniError::new(
                 code::INVALID_ENV,
@@ -185,6 +219,15 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
             ),
         ));
     }
+    if matches!(command, Command::Status | Command::Gc) && conf.cni_version != "1.1.0" {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "STATUS and GC need cniVersion 1.1.0, config has {}",
+                conf.cni_version
+            ),
+        ));
+    }
     if command == Command::Check && conf.cni_version.starts_with("0.3") {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -199,9 +242,16 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
         }
         v.unwrap_or_default()
     };
-    let container_id = need("CNI_CONTAINERID", command != Command::Del);
-    let netns = need("CNI_NETNS", command != Command::Del);
-    let ifname = need("CNI_IFNAME", true);
+    let per_attachment = matches!(command, Command::Add | Command::Check | Command::Del);
+    let container_id = need(
+        "CNI_CONTAINERID",
+        matches!(command, Command::Add | Command::Check),
+    );
+    let netns = need(
+        "CNI_NETNS",
+        matches!(command, Command::Add | Command::Check),
+    );
+    let ifname = need("CNI_IFNAME", per_attachment);
     let path = need("CNI_PATH", true);
     if !missing.is_empty() {
         return Err(CniError::new(
@@ -235,5 +285,7 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
         Command::Add => plugin.add(&args).map(Some),
         Command::Check => plugin.check(&args).map(|_| None),
         Command::Del => plugin.del(&args).map(|_| None),
+        Command::Status => plugin.status(&args).map(|_| None),
+        Command::Gc => plugin.gc(&args).map(|_| None),
     }
 }

@@ -749,3 +749,39 @@ fn root_our_bridge_ip_masq_rule_follows_the_attachment() {
     teardown.unwrap();
     assert!(!rules().contains(&format!("-s {ip}/32")), "{}", rules());
 }
+
+/// Spec 1.1 with our plugins: STATUS answers, GC releases the addresses of attachments that
+/// are not valid any more (e.g. leaked by a crash), and keeps the others.
+#[test]
+fn root_our_plugins_status_and_gc_1_1_0() {
+    if !prerequisites() {
+        return;
+    }
+    let ours = our_plugins();
+    let mut w = World::new("cstgc0");
+    let cni = w.cni(&ours, "1.1.0", "10.232.61.0/24", &[]);
+    let (a, b) = (w.netns(), w.netns());
+    let rt = rt();
+    rt.block_on(async {
+        cni.status("br").await.unwrap();
+        let keep = cni
+            .setup("keep", &a, &[NetworkRequest::new("br")])
+            .await
+            .unwrap();
+        assert_eq!(keep[0].result.as_ref().unwrap().cni_version, "1.1.0");
+        cni.setup("leak", &b, &[NetworkRequest::new("br")])
+            .await
+            .unwrap();
+        assert_eq!(w.held_ips(), 2);
+        cni.gc("br", Some(&[("keep".to_owned(), "eth0".to_owned())]))
+            .await
+            .unwrap();
+        assert_eq!(w.held_ips(), 1);
+        // GC with what the cache knows keeps both (none is leaked from its point of view).
+        cni.gc("br", None).await.unwrap();
+        assert_eq!(w.held_ips(), 1);
+        cni.teardown("keep").await.unwrap();
+        cni.teardown("leak").await.unwrap();
+        assert_eq!(w.held_ips(), 0);
+    });
+}

@@ -323,6 +323,14 @@ impl Plugin for Bridge {
         })
     }
 
+    fn gc(&self, args: &Args) -> Result<(), CniError> {
+        // Interfaces die with their namespaces; addresses are what can leak.
+        if args.conf.ipam.is_some() {
+            ipam::gc(args)?;
+        }
+        Ok(())
+    }
+
     fn del(&self, args: &Args) -> Result<(), CniError> {
         let c = conf(args)?;
         if args.conf.ipam.is_some() {

@@ -15,6 +15,9 @@ impl Plugin for HostLocal {
     fn del(&self, args: &Args) -> Result<(), CniError> {
         hostlocal::del(args)
     }
+    fn gc(&self, args: &Args) -> Result<(), CniError> {
+        hostlocal::gc(args)
+    }
 }
 
 fn main() {
