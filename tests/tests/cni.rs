@@ -785,3 +785,117 @@ fn root_our_plugins_status_and_gc_1_1_0() {
         assert_eq!(w.held_ips(), 0);
     });
 }
+
+/// A third-party CNI runtime drives our plugins: podman (CNI backend, runc) runs a container on
+/// a network made of our bridge + host-local + portmap; the container gets an address, reaches
+/// its gateway, and podman's teardown leaves nothing behind. Podman keeps its storage in a
+/// temporary directory (vfs driver), so the host's containers are not touched.
+#[test]
+fn root_podman_drives_our_plugins() {
+    if !prerequisites() || !require_tool("podman") || !require_tool("runc") {
+        return;
+    }
+    let ours = our_plugins();
+    let w = World::new("cstpod0");
+    let d = w.dir.path();
+    let nd = d.join("net.d");
+    std::fs::create_dir_all(&nd).unwrap();
+    let conf = json!({"cniVersion": "1.0.0", "name": "cstnet", "plugins": [
+        {"type": "bridge", "bridge": "cstpod0", "isGateway": true,
+         "ipam": {"type": "host-local", "dataDir": d.join("ipam"),
+                  "ranges": [[{"subnet": "10.232.80.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+        {"type": "portmap", "capabilities": {"portMappings": true}}]});
+    std::fs::write(nd.join("cstnet.conflist"), conf.to_string()).unwrap();
+    std::fs::write(
+        d.join("containers.conf"),
+        format!(
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\"]\nnetwork_config_dir = \"{}\"\n\
+             [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"none\"\n",
+            ours.display(),
+            nd.display()
+        ),
+    )
+    .unwrap();
+    // A one-binary image: busybox-static.
+    let rootfs = d.join("rootfs/bin");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("busybox")).unwrap();
+    for a in ["sh", "ip", "ping", "grep", "tail"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join(a)).unwrap();
+    }
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .env("CONTAINERS_CONF", d.join("containers.conf"))
+            .arg("--root")
+            .arg(d.join("root"))
+            .arg("--runroot")
+            .arg(d.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--runtime",
+                "runc",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let tar = d.join("img.tar");
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(d.join("rootfs"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    let out = podman(&["import", tar.to_str().unwrap(), "localhost/cst-busybox:1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = podman(&[
+        "run",
+        "--rm",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--network",
+        "cstnet",
+        "localhost/cst-busybox:1",
+        "sh",
+        "-c",
+        "ip -4 addr show eth0 | grep inet; ping -c 1 -W 2 10.232.80.1 | grep received",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("inet 10.232.80.") && stdout.contains("1 packets received"),
+        "{stdout}"
+    );
+    assert_eq!((w.ports_on_bridge(), held(&d.join("ipam/cstnet"))), (0, 0));
+}
+
+fn held(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .parse::<std::net::IpAddr>()
+                        .is_ok()
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
