@@ -657,9 +657,10 @@ impl Cni {
         Ok(())
     }
 
-    /// DEL on one attachment, newest plugin first, with the configuration and result ADD
-    /// cached (falling back to the current config file when there is no cache entry). A second
-    /// DEL, or a DEL of something never attached, succeeds.
+    /// DEL on one attachment, newest plugin first, with the configuration, arguments, netns
+    /// path and result ADD cached, whatever the config file says now. The cache entry goes
+    /// only when every plugin succeeded, so a failed DEL can be retried. A second DEL, or a DEL
+    /// of something never attached, succeeds (without an entry there is nothing we attached).
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn del(
         &self,
