@@ -121,6 +121,24 @@ impl World {
         String::from_utf8_lossy(&out.stdout).lines().count()
     }
 
+    /// Ports on the bridge once pending deletions are through: our bridge finishes deleting a
+    /// veth pair in the background after DEL, and the kernel destroys a deleted namespace's
+    /// interfaces asynchronously.
+    fn ports_settled(&self) -> usize {
+        self.ports_settled_to(0)
+    }
+
+    /// Like [`World::ports_settled`], waiting for at most `n` ports.
+    fn ports_settled_to(&self, n: usize) -> usize {
+        for _ in 0..60 {
+            if self.ports_on_bridge() <= n {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.ports_on_bridge()
+    }
+
     fn held_ips(&self) -> usize {
         std::fs::read_dir(self.ipam_dir().join("br"))
             .map(|rd| {
@@ -332,7 +350,7 @@ fn scenario(plugins: &Path, version: &str, bridge: &str, third: u8) -> Value {
             .await
             .unwrap_err();
         obs["exhausted"] = json!(e.to_string().contains("no IP addresses available"));
-        obs["exhausted_ports"] = json!(w2.ports_on_bridge());
+        obs["exhausted_ports"] = json!(w2.ports_settled_to(1));
         obs["exhausted_held"] = json!(w2.held_ips());
         small.teardown("c").await.unwrap();
         drop(w2);
@@ -491,7 +509,7 @@ fn root_our_plugins_concurrent_adds_distinct_ips() {
             cni.teardown(&format!("t{i}")).await.unwrap();
         }
     });
-    assert_eq!((w.ports_on_bridge(), w.held_ips()), (0, 0));
+    assert_eq!((w.ports_settled(), w.held_ips()), (0, 0));
 }
 
 /// `-p HOSTPORT:CTRPORT` through the runtime's `portMappings` capability, with the reference
@@ -652,10 +670,19 @@ fn root_teardown_after_launcher_kill_9() {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Wait until the bridge has done its part (a port on the bridge and an address held).
+        // Wait until ADD finished (its result is cached), or, with the hanging plugin, until
+        // the bridge has done its part and the chain is stuck in the next plugin.
         let mut ready = false;
+        let watcher = Cni::new(cni.options().clone());
         for _ in 0..200 {
-            if w.ports_on_bridge() == 1 && w.held_ips() == 1 {
+            let done = if hang {
+                pidfile.exists()
+            } else {
+                watcher
+                    .attachments("victim")
+                    .is_ok_and(|a| a.len() == 1 && a[0].result.is_some())
+            };
+            if done && w.ports_on_bridge() == 1 && w.held_ips() == 1 {
                 ready = true;
                 break;
             }
@@ -704,7 +731,7 @@ fn root_teardown_after_launcher_kill_9() {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!((w.ports_on_bridge(), w.held_ips()), (0, 0));
+        assert_eq!((w.ports_settled(), w.held_ips()), (0, 0));
         assert!(fresh.attachments("victim").unwrap().is_empty());
     }
 }
@@ -882,7 +909,7 @@ fn root_podman_drives_our_plugins() {
         stdout.contains("inet 10.232.80.") && stdout.contains("1 packets received"),
         "{stdout}"
     );
-    assert_eq!((w.ports_on_bridge(), held(&d.join("ipam/cstnet"))), (0, 0));
+    assert_eq!((w.ports_settled(), held(&d.join("ipam/cstnet"))), (0, 0));
 }
 
 fn held(dir: &Path) -> usize {
