@@ -1,1 +1,12 @@
-//! Shared skeleton for caisson's CNI plugins. Filled in by the networking work (issue 5).
+//! caisson's CNI plugins: `loopback`, `host-local`, `bridge` (and the shared parts). Each binary
+//! is a thin `main` over [`skel::run`]: parameters from the environment, configuration from
+//! stdin, a result or an error document on stdout, exit status 0 or 1, as the CNI spec says, so
+//! that any CNI runtime can drive them.
+
+pub mod hostlocal;
+pub mod ipam;
+pub mod nl;
+pub mod skel;
+pub mod types;
+
+pub use skel::{run, Args, CniError};

@@ -2,4 +2,5 @@
 pub mod cgroups;
 pub mod image;
 pub mod launch;
+pub mod net;
 pub mod sys;

@@ -1,6 +1,7 @@
 //! Raw syscalls: the only module where `unsafe` is allowed. Each block carries a `// SAFETY:` note.
 pub mod launch;
 pub mod mount;
+pub mod netns;
 pub mod seccomp;
 
 /// Restores the default SIGPIPE action, so a CLI whose output goes to a closed pipe (`| head`)

@@ -1,0 +1,142 @@
+//! Running one plugin binary the way the CNI spec says: parameters in the environment, the
+//! network configuration on stdin, a result or an error document on stdout, bounded in time.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+use super::result::PluginError;
+
+/// The CNI operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Check,
+    Del,
+    Version,
+    /// Spec 1.1: is the plugin ready for ADDs?
+    Status,
+    /// Spec 1.1: release whatever is not a valid attachment.
+    Gc,
+}
+
+impl Command {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Check => "CHECK",
+            Command::Del => "DEL",
+            Command::Version => "VERSION",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
+        }
+    }
+}
+
+/// Why a plugin run failed (the caller adds which network it was for).
+#[derive(Debug)]
+pub(crate) enum ExecFailure {
+    NotFound,
+    Spawn(std::io::Error),
+    Timeout,
+    Failed(PluginError),
+}
+
+/// Finds an executable called `plugin` in the search path.
+pub fn find_plugin(plugin: &str, search: &[PathBuf]) -> Option<PathBuf> {
+    search.iter().map(|d| d.join(plugin)).find(|p| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    })
+}
+
+/// The environment a plugin gets (besides `PATH`).
+pub(crate) struct Invocation<'a> {
+    pub command: Command,
+    pub container_id: &'a str,
+    pub netns: &'a Path,
+    pub ifname: &'a str,
+    pub args: &'a [(String, String)],
+    pub search: &'a [PathBuf],
+    pub timeout: Duration,
+}
+
+/// Runs `binary` with `stdin` as its configuration and returns its stdout on success.
+pub(crate) async fn run_plugin(
+    binary: &Path,
+    inv: &Invocation<'_>,
+    stdin: &[u8],
+) -> Result<Vec<u8>, ExecFailure> {
+    let cni_path = std::env::join_paths(inv.search)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let args = inv
+        .args
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(";");
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        )
+        .env("CNI_COMMAND", inv.command.as_str())
+        .env("CNI_PATH", cni_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group: on timeout the whole group (the plugin and whatever it started,
+        // e.g. a delegated IPAM plugin) is killed, not just the direct child.
+        .process_group(0)
+        .kill_on_drop(true);
+    // VERSION, STATUS and GC concern the plugin or the network, not one attachment.
+    if matches!(inv.command, Command::Add | Command::Check | Command::Del) {
+        cmd.env("CNI_CONTAINERID", inv.container_id)
+            .env("CNI_NETNS", inv.netns)
+            .env("CNI_IFNAME", inv.ifname)
+            .env("CNI_ARGS", args);
+    }
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ExecFailure::NotFound,
+        _ => ExecFailure::Spawn(e),
+    })?;
+    let pid = child.id();
+    let mut pipe = child.stdin.take().expect("stdin is piped");
+    let feed = async move {
+        // A plugin may exit without reading its input: a broken pipe here is not our error.
+        let _ = pipe.write_all(stdin).await;
+        drop(pipe);
+    };
+    let run = async {
+        let (_, out) = tokio::join!(feed, child.wait_with_output());
+        out
+    };
+    let out = match tokio::time::timeout(inv.timeout, run).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(ExecFailure::Spawn(e)),
+        Err(_) => {
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            return Err(ExecFailure::Timeout);
+        }
+    };
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(ExecFailure::Failed(PluginError::from_output(
+            &out.stdout,
+            &out.stderr,
+            &out.status.to_string(),
+        )))
+    }
+}
