@@ -1,6 +1,7 @@
 //! `caisson`: a daemonless container agent. Thin CLI over the `containerizer` library.
 mod containers;
 mod images;
+mod network;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `debug` or `containerizer=trace`.
     #[arg(long, global = true, env = "CAISSON_LOG", default_value = "warn")]
     log_level: String,
+    #[command(flatten)]
+    cni: network::CniArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +55,9 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// Manage CNI networks.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +82,7 @@ fn main() -> ExitCode {
         Command::Images(a) => images::list(&cli.root, a),
         Command::Rmi(a) => images::rmi(&cli.root, a),
         Command::Image(c) => images::image(&cli.root, c),
+        Command::Network(c) => network::network(&cli.root, &cli.cni, c),
     };
     match result {
         Ok(code) => code,
