@@ -1,5 +1,6 @@
 //! Layer unpack throughput against the gzip decoder alone on the same bytes (issue target:
-//! unpack at least 70% of decode-only throughput). Run: `cargo bench -p caisson-benches --bench unpack`.
+//! unpack at least 70% of decode-only throughput). Run: `cargo bench -p caisson-benches --bench unpack`
+//! (`CAISSON_BENCH_DIR=/dev/shm` unpacks into tmpfs, separating our CPU cost from the disk's).
 use containerizer::image::unpack::{unpack_layer, UnpackOptions};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::io::{Read, Write};
