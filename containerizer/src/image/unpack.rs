@@ -18,6 +18,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use filetime::FileTime;
 use flate2::read::MultiGzDecoder;
@@ -142,7 +143,7 @@ pub enum UnpackError {
 /// Unpack the layer blob `reader` (gzip, zstd or plain tar) into the existing empty directory
 /// `dest`. Reads `reader` to its very end, so a caller hashing the compressed bytes through its
 /// own reader sees all of them.
-pub fn unpack_layer<R: Read>(
+pub fn unpack_layer<R: Read + Send>(
     reader: R,
     dest: &Path,
     opts: &UnpackOptions,
@@ -184,15 +185,9 @@ pub fn unpack_layer<R: Read>(
         }
     };
     let limits = Rc::new(Limits::default());
-    let mut hashing = HashingReader {
-        inner: decoder,
-        hasher: Sha256::new(),
-        count: 0,
-        limit: opts.max_size,
-        limits: limits.clone(),
-    };
+    let size_exceeded = AtomicBool::new(false);
     let map_stream = |after: &str, e: io::Error| {
-        if limits.size_exceeded.get() {
+        if size_exceeded.load(Ordering::Relaxed) {
             UnpackError::TooLarge {
                 limit: opts.max_size,
             }
@@ -206,47 +201,64 @@ pub fn unpack_layer<R: Read>(
         }
     };
 
+    // Decompression and hashing run on their own thread, feeding the extractor through a
+    // small queue of chunks: on two or more cores the decoder no longer waits on the file
+    // writes, nor the writes on the decoder.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(QUEUE_CHUNKS);
     let mut extractor = Extractor::new(dest, opts);
     let mut last_entry = String::new();
-    {
-        let mut buffered = BufReader::with_capacity(BUF_SIZE, &mut hashing);
-        {
-            let mut archive = tar::Archive::new(&mut buffered);
-            let mut entries = archive.entries().map_err(|e| map_stream(&last_entry, e))?;
-            loop {
-                // Inside next(), tar reads headers and buffers long names / PAX records whole:
-                // bound those bytes so a huge extension header cannot exhaust memory.
-                limits.header_bytes.set(0);
-                limits.header_guard.set(true);
-                let next = entries.next();
-                limits.header_guard.set(false);
-                let Some(entry) = next else { break };
-                let mut entry = entry.map_err(|e| map_stream(&last_entry, e))?;
-                last_entry = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-                extractor
-                    .extract(&mut entry, &last_entry)
-                    .map_err(|e| match e {
-                        // Read errors surface while copying file data; the bomb flag tells them apart.
-                        UnpackError::Stream { source, .. } => map_stream(&last_entry, source),
-                        other => other,
-                    })?;
-                // Skip data of non-file entries now, outside the header guard.
-                io::copy(&mut entry, &mut io::sink()).map_err(|e| map_stream(&last_entry, e))?;
+    let (extracted, produced) = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| produce(decoder, tx, opts.max_size, &size_exceeded));
+        let extracted = (|| {
+            let mut guarded = GuardedReader {
+                rx,
+                chunk: Vec::new(),
+                pos: 0,
+                limits: limits.clone(),
+            };
+            let mut buffered = BufReader::with_capacity(BUF_SIZE, &mut guarded);
+            {
+                let mut archive = tar::Archive::new(&mut buffered);
+                let mut entries = archive.entries().map_err(|e| map_stream(&last_entry, e))?;
+                loop {
+                    // Inside next(), tar reads headers and buffers long names / PAX records
+                    // whole: bound those bytes so a huge extension header cannot exhaust memory.
+                    limits.header_bytes.set(0);
+                    limits.header_guard.set(true);
+                    let next = entries.next();
+                    limits.header_guard.set(false);
+                    let Some(entry) = next else { break };
+                    let mut entry = entry.map_err(|e| map_stream(&last_entry, e))?;
+                    last_entry = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+                    extractor
+                        .extract(&mut entry, &last_entry)
+                        .map_err(|e| match e {
+                            // Read errors surface while copying file data; the bomb flag tells
+                            // them apart.
+                            UnpackError::Stream { source, .. } => map_stream(&last_entry, source),
+                            other => other,
+                        })?;
+                    // Skip data of non-file entries now, outside the header guard.
+                    io::copy(&mut entry, &mut io::sink())
+                        .map_err(|e| map_stream(&last_entry, e))?;
+                }
             }
-        }
-        // Bytes after the end-of-archive blocks still belong to the diff_id.
-        io::copy(&mut buffered, &mut io::sink()).map_err(|e| map_stream(&last_entry, e))?;
-    }
-    // And the compressed reader must be consumed to its end for the caller's digest.
-    hashing
-        .inner
-        .drain_input()
-        .map_err(|e| map_stream(&last_entry, e))?;
+            // Bytes after the end-of-archive blocks still belong to the diff_id.
+            io::copy(&mut buffered, &mut io::sink()).map_err(|e| map_stream(&last_entry, e))?;
+            Ok::<(), UnpackError>(())
+        })();
+        // On an extraction error the queue's receiver is gone, which stops the producer.
+        let produced = producer.join().expect("decoder thread panicked");
+        (extracted, produced)
+    });
+    extracted?;
+    // The producer read the compressed input to its end (the caller's blob digest needs it).
+    let (hasher, count) = produced.map_err(|e| map_stream(&last_entry, e))?;
     extractor.finish()?;
 
     let stats = UnpackStats {
-        diff_id: format!("sha256:{}", hex::encode(hashing.hasher.finalize())),
-        size: hashing.count,
+        diff_id: format!("sha256:{}", hex::encode(hasher.finalize())),
+        size: count,
         entries: extractor.entries,
     };
     tracing::debug!(
@@ -293,30 +305,80 @@ impl<R: Read> Decoder<R> {
 /// the two limit errors apart from genuine stream errors.
 #[derive(Default)]
 struct Limits {
-    size_exceeded: Cell<bool>,
     /// While set, bytes read count towards `header_bytes`.
     header_guard: Cell<bool>,
     header_bytes: Cell<u64>,
     header_exceeded: Cell<bool>,
 }
 
-/// Hashes and counts the uncompressed stream, failing as soon as it crosses `limit`.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
+/// Chunks in flight between the decoder thread and the extractor (each up to `BUF_SIZE`).
+const QUEUE_CHUNKS: usize = 4;
+
+/// The decoder thread: decompresses, hashes and counts the uncompressed stream (failing as
+/// soon as it crosses `limit`), sends it on in chunks, then consumes the rest of the raw
+/// input. Returns the hash and size of the whole uncompressed stream.
+fn produce<R: Read>(
+    mut decoder: Decoder<R>,
+    tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
     limit: u64,
+    size_exceeded: &AtomicBool,
+) -> io::Result<(Sha256, u64)> {
+    let mut hasher = Sha256::new();
+    let mut count = 0u64;
+    loop {
+        let mut buf = vec![0u8; BUF_SIZE];
+        let n = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                return Err(e);
+            }
+        };
+        count += n as u64;
+        if count > limit {
+            size_exceeded.store(true, Ordering::Relaxed);
+            let _ = tx.send(Err(io::Error::other("layer size limit exceeded")));
+            return Err(io::Error::other("layer size limit exceeded"));
+        }
+        hasher.update(&buf[..n]);
+        buf.truncate(n);
+        if tx.send(Ok(buf)).is_err() {
+            // The extractor stopped (it has its own error to report).
+            return Err(io::Error::other("extraction stopped"));
+        }
+    }
+    drop(tx);
+    decoder.drain_input()?;
+    Ok((hasher, count))
+}
+
+/// The extractor's end of the queue. Counts header bytes while tar reads headers (see
+/// `Limits`) and fails as soon as they exceed `MAX_HEADER_BYTES`.
+struct GuardedReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
     limits: Rc<Limits>,
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl Read for GuardedReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        if self.count > self.limit {
-            self.limits.size_exceeded.set(true);
-            return Err(io::Error::other("layer size limit exceeded"));
+        if self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                // The decoder is done: end of stream.
+                Err(_) => return Ok(0),
+            }
         }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
         if self.limits.header_guard.get() {
             let h = self.limits.header_bytes.get() + n as u64;
             self.limits.header_bytes.set(h);
@@ -325,7 +387,6 @@ impl<R: Read> Read for HashingReader<R> {
                 return Err(io::Error::other("header size limit exceeded"));
             }
         }
-        self.hasher.update(&buf[..n]);
         Ok(n)
     }
 }
