@@ -1,5 +1,6 @@
 //! Raw syscalls: the only module where `unsafe` is allowed. Each block carries a `// SAFETY:` note.
 pub mod mount;
+pub mod wasm;
 
 /// Restores the default SIGPIPE action, so a CLI whose output goes to a closed pipe (`| head`)
 /// exits quietly like any Unix tool instead of failing on a write.
