@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a WASI command module or component: `caisson-wasm run [OPTIONS] FILE [ARGS]...`
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Compile modules into the cache without running them.
     Compile {
         #[command(flatten)]
@@ -105,7 +105,7 @@ fn main() {
     }
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
         Cmd::Compile { cache, files } => compile(cache, files),
     };
     std::process::exit(code);
