@@ -278,6 +278,11 @@ fn rust_guest_end_to_end(target: &'static str) {
     assert_eq!(code(&o), 137);
     let o = h.run(&["--timeout", "0.2", g, "loop"]);
     assert_eq!(code(&o), 124);
+    // Sleeping in a host call: the host process's watchdog ends it.
+    let t0 = Instant::now();
+    let o = h.run(&["--timeout", "0.2", g, "sleep", "20000"]);
+    assert_eq!(code(&o), 124);
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 }
 
 #[test]

@@ -185,6 +185,9 @@ fn run(args: RunArgs) -> i32 {
             *s = Stdio::Inherit;
         }
     }
+    if let Some(ms) = spec.timeout_ms {
+        watchdog(Duration::from_millis(ms), args.status_file.clone());
+    }
     let status = match engine.run(&program, task) {
         Ok(s) => s,
         Err(e) => return fail(&e),
@@ -199,13 +202,33 @@ fn run(args: RunArgs) -> i32 {
         }
         other => eprintln!("caisson-wasm: {}: {other}", spec.module.display()),
     }
-    if let Some(path) = &args.status_file {
-        let json = serde_json::to_vec(&status).expect("status serializes");
+    write_status(args.status_file.as_deref(), &status);
+    status.exit_code()
+}
+
+fn write_status(path: Option<&std::path::Path>, status: &ExitStatus) {
+    if let Some(path) = path {
+        let json = serde_json::to_vec(status).expect("status serializes");
         if let Err(e) = std::fs::write(path, json) {
             eprintln!("caisson-wasm: status file {}: {e}", path.display());
         }
     }
-    status.exit_code()
+}
+
+/// The epoch deadline stops a guest only while it runs Wasm code; one blocked in a host call
+/// (sleeping, reading stdin) would outlive its timeout. This process hosts a single task, so
+/// past the timeout and a grace period it simply ends itself.
+fn watchdog(timeout: Duration, status_file: Option<PathBuf>) {
+    const GRACE: Duration = Duration::from_millis(500);
+    std::thread::spawn(move || {
+        std::thread::sleep(timeout + GRACE);
+        let status = ExitStatus::Timeout {
+            after_ms: timeout.as_millis() as u64,
+        };
+        eprintln!("caisson-wasm: {status} (stuck in a host call)");
+        write_status(status_file.as_deref(), &status);
+        std::process::exit(status.exit_code());
+    });
 }
 
 fn to_spec(args: &RunArgs) -> Result<RunSpec> {
