@@ -123,9 +123,12 @@ pub struct Engine(Arc<Inner>);
 struct Inner {
     engine: wasmtime::Engine,
     core_linker: Linker<Host>,
-    component_linker: ComponentLinker<Host>,
-    /// `wasi_snapshot_preview1` functions the core linker defines, to name a missing one.
-    p1_names: HashSet<String>,
+    /// Built on the first component: a one-shot process running a core module never pays for
+    /// defining the hundreds of WASI 0.2 functions.
+    component_linker: std::sync::OnceLock<ComponentLinker<Host>>,
+    /// `wasi_snapshot_preview1` functions the core linker defines, to name a missing one (built
+    /// only when linking fails).
+    p1_names: std::sync::OnceLock<HashSet<String>>,
     /// `<cache_dir>/<compatibility hash>`, created on first write.
     cache_dir: Option<PathBuf>,
     compat: String,
@@ -195,18 +198,6 @@ impl Engine {
         let mut core_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut core_linker, |h: &mut Host| &mut h.wasi)
             .map_err(|e| engine_err("WASI p1 linker", e))?;
-        let mut component_linker = ComponentLinker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut component_linker)
-            .map_err(|e| engine_err("WASI p2 linker", e))?;
-        let p1_names = {
-            let mut store = Store::new(&engine, Host::empty());
-            core_linker
-                .iter(&mut store)
-                .filter(|(m, _, _)| *m == "wasi_snapshot_preview1")
-                .map(|(_, n, _)| n.to_string())
-                .collect()
-        };
-
         let compat = {
             let mut h = std::hash::DefaultHasher::new();
             engine.precompile_compatibility_hash().hash(&mut h);
@@ -230,8 +221,8 @@ impl Engine {
         Ok(Self(Arc::new(Inner {
             engine,
             core_linker,
-            component_linker,
-            p1_names,
+            component_linker: std::sync::OnceLock::new(),
+            p1_names: std::sync::OnceLock::new(),
             cache_dir,
             compat,
             max_templates: config.max_templates.max(1),
@@ -444,14 +435,8 @@ impl Engine {
         for imp in module.imports() {
             let (m, n) = (imp.module(), imp.name());
             match m {
-                "wasi_snapshot_preview1" if self.0.p1_names.contains(n) => {}
-                "wasi_snapshot_preview1" => {
-                    return Err(Error::UnknownImport {
-                        name: name.into(),
-                        import: format!("{m}::{n}"),
-                        hint: " (not a WASI preview 1 function)".into(),
-                    })
-                }
+                // Checked by the linker below; named precisely if that fails.
+                "wasi_snapshot_preview1" => {}
                 "wasi_unstable" => {
                     return Err(Error::WrongWasiVersion {
                         name: name.into(),
@@ -501,15 +486,47 @@ impl Engine {
                 })
             }
         };
-        let pre = self
-            .0
-            .core_linker
-            .instantiate_pre(module)
-            .map_err(|e| Error::Link {
-                name: name.into(),
-                message: format!("{e:#}"),
-            })?;
+        let pre = self.0.core_linker.instantiate_pre(module).map_err(|e| {
+            let defined = self.p1_names();
+            match module
+                .imports()
+                .find(|i| i.module() == "wasi_snapshot_preview1" && !defined.contains(i.name()))
+            {
+                Some(i) => Error::UnknownImport {
+                    name: name.into(),
+                    import: format!("wasi_snapshot_preview1::{}", i.name()),
+                    hint: " (not a WASI preview 1 function)".into(),
+                },
+                None => Error::Link {
+                    name: name.into(),
+                    message: format!("{e:#}"),
+                },
+            }
+        })?;
         Ok(Template::Core { pre, start })
+    }
+
+    fn p1_names(&self) -> &HashSet<String> {
+        self.0.p1_names.get_or_init(|| {
+            let mut store = Store::new(&self.0.engine, Host::empty());
+            self.0
+                .core_linker
+                .iter(&mut store)
+                .filter(|(m, _, _)| *m == "wasi_snapshot_preview1")
+                .map(|(_, n, _)| n.to_string())
+                .collect()
+        })
+    }
+
+    fn component_linker(&self) -> Result<&ComponentLinker<Host>> {
+        if let Some(l) = self.0.component_linker.get() {
+            return Ok(l);
+        }
+        let mut linker = ComponentLinker::new(&self.0.engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| engine_err("WASI p2 linker", e))?;
+        // A racing thread may have set it first; either linker is equivalent.
+        Ok(self.0.component_linker.get_or_init(|| linker))
     }
 
     /// Checks that a component is a `wasi:cli/command` whose imports we provide, and pre-links it.
@@ -572,8 +589,7 @@ impl Engine {
             });
         }
         let pre = self
-            .0
-            .component_linker
+            .component_linker()?
             .instantiate_pre(component)
             .map_err(|e| Error::Link {
                 name: name.into(),

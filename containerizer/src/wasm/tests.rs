@@ -306,6 +306,7 @@ fn bad_inputs_have_clear_errors() {
             r#"(module (import "wasi_snapshot_preview1" "teleport" (func)) (func (export "_start")))"#,
         ))
         .unwrap_err();
+    assert!(matches!(err, Error::UnknownImport { .. }), "{err}");
     assert!(
         err.to_string().contains("wasi_snapshot_preview1::teleport"),
         "{err}"
