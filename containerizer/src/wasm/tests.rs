@@ -619,3 +619,33 @@ fn setup_errors_name_the_path() {
         "{err}"
     );
 }
+
+#[test]
+fn images_wasi_platform_rootfs_and_wasm_artifact_layer() {
+    let Some(wasm) = guest("wasm32-wasip1") else {
+        return;
+    };
+    let bytes = std::fs::read(&wasm).unwrap();
+    // A `wasi/wasm` image unpacked to a rootfs: the entrypoint names the module.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("app")).unwrap();
+    std::fs::write(root.path().join("app/guest.wasm"), &bytes).unwrap();
+    let entrypoint = vec!["/app/guest.wasm".to_string(), "args".to_string()];
+    let (source, argv) = module_from_rootfs(root.path(), &entrypoint).unwrap();
+    let p = engine().load(&source).unwrap();
+    let c = run_captured(&p, TaskSpec::new(argv));
+    assert_eq!(c.stdout, "/app/guest.wasm\nargs\n");
+    // An OCI Wasm artifact: the layer blob is the module.
+    let source = module_from_layer(
+        "registry.example/guest:1",
+        "application/vnd.wasm.content.layer.v1+wasm",
+        bytes,
+    )
+    .unwrap();
+    let p2 = engine().load(&source).unwrap();
+    assert_eq!(p2.digest(), p.digest());
+    assert_eq!(
+        run_captured(&p2, TaskSpec::new(["guest", "hello"])).stdout,
+        "hello from wasm\n"
+    );
+}
