@@ -57,9 +57,23 @@ fn launch(engine: &Engine, program: &Program, devnull: &File, argv: &[&str]) {
 
 /// Individual timings: median and tails, and throughput with 1 and 2 threads.
 fn percentiles() {
-    let engine = engine();
+    for keep in [0, 64 << 10, 1 << 20] {
+        percentiles_with(keep);
+    }
+}
+
+fn percentiles_with(keep_resident: usize) {
+    let engine = Engine::new(EngineConfig {
+        memory_keep_resident: keep_resident,
+        ..EngineConfig::default()
+    })
+    .unwrap();
     let devnull = File::options().write(true).open("/dev/null").unwrap();
-    println!("\nwasm launch-to-exit, in process, from the template (individual timings)");
+    println!(
+        "\nwasm launch-to-exit, in process, from the template (individual timings), \
+         memory_keep_resident = {} KiB",
+        keep_resident >> 10
+    );
     println!(
         "{:<20} {:>8} {:>8} {:>8} {:>8} {:>12} {:>12}",
         "program", "p50 µs", "p90 µs", "p99 µs", "min µs", "1 thr /s", "2 thr /s"
