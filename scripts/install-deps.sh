@@ -15,3 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "cargo (rustup) is required" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+# Wasm test guests are built from source for both WASI targets.
+for t in wasm32-wasip1 wasm32-wasip2; do
+  rustup target list --installed 2>/dev/null | grep -qx "$t" || rustup target add "$t"
+done

@@ -4,3 +4,4 @@ pub mod image;
 pub mod launch;
 pub mod net;
 pub mod sys;
+pub mod wasm;

@@ -3,6 +3,7 @@ pub mod launch;
 pub mod mount;
 pub mod netns;
 pub mod seccomp;
+pub mod wasm;
 
 /// Restores the default SIGPIPE action, so a CLI whose output goes to a closed pipe (`| head`)
 /// exits quietly like any Unix tool instead of failing on a write.

@@ -1,0 +1,311 @@
+//! `caisson-wasm`: runs one Wasm task in this process and exits with its exit code. It is what
+//! `caisson run x.wasm` becomes, and the supervised host process of a Wasm task.
+//!
+//! Exit codes: the guest's own code when it exits; 134 when it traps (128+SIGABRT, as `wasmtime
+//! run`); 137 when it hits its memory limit or is killed (as an OOM-killed container); 124 on
+//! timeout (coreutils `timeout`); 125 for a host failure, 126 for a module that cannot run (not
+//! Wasm, not a command, missing imports), 127 for a missing module file (podman's codes).
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use containerizer::wasm::{
+    self, Engine, EngineConfig, ExitStatus, Preopen, RunSpec, Source, Stdio, EXIT_HOST_ERROR,
+};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "caisson-wasm",
+    version,
+    about = "Run a WebAssembly (WASI) task"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a WASI command module or component: `caisson-wasm run [OPTIONS] FILE [ARGS]...`
+    Run(Box<RunArgs>),
+    /// Compile modules into the cache without running them.
+    Compile {
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// Compile cache directory [default: $CAISSON_WASM_CACHE, else $XDG_CACHE_HOME/caisson/wasm,
+    /// else ~/.cache/caisson/wasm]
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// Do not read or write the compile cache.
+    #[arg(long, conflicts_with = "cache")]
+    no_cache: bool,
+}
+
+#[derive(clap::Args)]
+#[command(trailing_var_arg = true)]
+struct RunArgs {
+    /// Preopen a host directory: HOST::GUEST (wasmtime syntax) or HOST (same path in the guest).
+    #[arg(long = "dir", value_name = "HOST::GUEST")]
+    dirs: Vec<String>,
+    /// Bind a host directory, podman-style: HOST:GUEST[:ro].
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    volumes: Vec<String>,
+    /// Environment variable KEY=VALUE (KEY alone copies it from this process).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Memory limit per linear memory: bytes, or with a k/m/g suffix.
+    #[arg(short = 'm', long, value_name = "BYTES")]
+    memory: Option<String>,
+    /// Limit on table elements.
+    #[arg(long, value_name = "N")]
+    table_elements: Option<u64>,
+    /// Wall-clock timeout in seconds (fractions allowed).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Redirect the guest's stdin from a file.
+    #[arg(long, value_name = "PATH")]
+    stdin: Option<PathBuf>,
+    /// Append the guest's stdout to a file (created if missing).
+    #[arg(long, value_name = "PATH")]
+    stdout: Option<PathBuf>,
+    /// Append the guest's stderr to a file (created if missing).
+    #[arg(long, value_name = "PATH")]
+    stderr: Option<PathBuf>,
+    /// Read the whole task from a JSON spec (containerizer::wasm::RunSpec) instead of flags.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["file", "dirs", "volumes", "env", "memory", "timeout"])]
+    spec: Option<PathBuf>,
+    /// Write the task's exit status as JSON to this file when it ends.
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// The .wasm or .wat file.
+    #[arg(required_unless_present = "spec")]
+    file: Option<PathBuf>,
+    /// Arguments for the guest (argv[1..]).
+    #[arg(allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+fn main() {
+    containerizer::sys::default_sigpipe();
+    // Logging only when asked: a one-shot host process should not pay for it by default.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Run(args) => run(*args),
+        Cmd::Compile { cache, files } => compile(cache, files),
+    };
+    std::process::exit(code);
+}
+
+fn cache_dir(c: &CacheArgs) -> Option<PathBuf> {
+    if c.no_cache {
+        return None;
+    }
+    if let Some(d) = &c.cache {
+        return Some(d.clone());
+    }
+    if let Some(d) = std::env::var_os("CAISSON_WASM_CACHE") {
+        return Some(d.into());
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("caisson/wasm"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/caisson/wasm"))
+}
+
+fn engine(c: &CacheArgs) -> Result<Engine, wasm::Error> {
+    Engine::new(EngineConfig {
+        cache_dir: cache_dir(c),
+        // One task per process: a small pool is enough and cheaper to set up.
+        max_instances: 4,
+        ..EngineConfig::default()
+    })
+}
+
+fn compile(cache: CacheArgs, files: Vec<PathBuf>) -> i32 {
+    let engine = match engine(&cache) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    for f in files {
+        match engine.load_with_origin(&Source::Path(f.clone())) {
+            Ok((p, origin)) => println!("{} {} {:?}", p.digest(), f.display(), origin),
+            Err(e) => return fail(&e),
+        }
+    }
+    0
+}
+
+fn fail(e: &wasm::Error) -> i32 {
+    eprintln!("caisson-wasm: {e}");
+    e.exit_code()
+}
+
+fn run(args: RunArgs) -> i32 {
+    let spec = match to_spec(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("caisson-wasm: {e:#}");
+            return EXIT_HOST_ERROR;
+        }
+    };
+    let engine = match engine(&args.cache) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    let program = match engine.load(&Source::Path(spec.module.clone())) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let mut task = match spec.to_task() {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    // A CLI's guest talks to the terminal unless told otherwise.
+    for (s, p) in [
+        (&mut task.stdin, &spec.stdin),
+        (&mut task.stdout, &spec.stdout),
+        (&mut task.stderr, &spec.stderr),
+    ] {
+        if p.is_none() {
+            *s = Stdio::Inherit;
+        }
+    }
+    if let Some(ms) = spec.timeout_ms {
+        watchdog(Duration::from_millis(ms), args.status_file.clone());
+    }
+    let status = match engine.run(&program, task) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    match &status {
+        ExitStatus::Exited { .. } => {}
+        ExitStatus::Trap { message, backtrace } => {
+            eprintln!("caisson-wasm: {}: {message}", spec.module.display());
+            if !backtrace.is_empty() {
+                eprintln!("{backtrace}");
+            }
+        }
+        other => eprintln!("caisson-wasm: {}: {other}", spec.module.display()),
+    }
+    write_status(args.status_file.as_deref(), &status);
+    status.exit_code()
+}
+
+fn write_status(path: Option<&std::path::Path>, status: &ExitStatus) {
+    if let Some(path) = path {
+        let json = serde_json::to_vec(status).expect("status serializes");
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("caisson-wasm: status file {}: {e}", path.display());
+        }
+    }
+}
+
+/// The epoch deadline stops a guest only while it runs Wasm code; one blocked in a host call
+/// (sleeping, reading stdin) would outlive its timeout. This process hosts a single task, so
+/// past the timeout and a grace period it simply ends itself.
+fn watchdog(timeout: Duration, status_file: Option<PathBuf>) {
+    const GRACE: Duration = Duration::from_millis(500);
+    std::thread::spawn(move || {
+        std::thread::sleep(timeout + GRACE);
+        let status = ExitStatus::Timeout {
+            after_ms: timeout.as_millis() as u64,
+        };
+        eprintln!("caisson-wasm: {status} (stuck in a host call)");
+        write_status(status_file.as_deref(), &status);
+        std::process::exit(status.exit_code());
+    });
+}
+
+fn to_spec(args: &RunArgs) -> Result<RunSpec> {
+    if let Some(path) = &args.spec {
+        let text =
+            std::fs::read(path).with_context(|| format!("reading spec {}", path.display()))?;
+        let mut spec: RunSpec = serde_json::from_slice(&text)
+            .with_context(|| format!("parsing spec {}", path.display()))?;
+        for (slot, flag) in [
+            (&mut spec.stdin, &args.stdin),
+            (&mut spec.stdout, &args.stdout),
+            (&mut spec.stderr, &args.stderr),
+        ] {
+            if flag.is_some() {
+                slot.clone_from(flag);
+            }
+        }
+        return Ok(spec);
+    }
+    let file = args
+        .file
+        .clone()
+        .expect("clap requires FILE without --spec");
+    let mut argv = vec![file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| file.display().to_string())];
+    argv.extend(args.args.iter().cloned());
+    let mut preopens = Vec::new();
+    for d in &args.dirs {
+        let (host, guest) = d.split_once("::").unwrap_or((d, d));
+        preopens.push(Preopen {
+            host: host.into(),
+            guest: guest.into(),
+            read_only: false,
+        });
+    }
+    for v in &args.volumes {
+        let parts: Vec<&str> = v.split(':').collect();
+        let (host, guest, ro) = match parts.as_slice() {
+            [h, g] => (*h, *g, false),
+            [h, g, "ro"] => (*h, *g, true),
+            [h, g, "rw"] => (*h, *g, false),
+            _ => bail!("invalid volume {v:?}: expected HOST:GUEST[:ro]"),
+        };
+        preopens.push(Preopen {
+            host: host.into(),
+            guest: guest.into(),
+            read_only: ro,
+        });
+    }
+    let env = args
+        .env
+        .iter()
+        .filter_map(|e| match e.split_once('=') {
+            Some(_) => Some(e.clone()),
+            None => std::env::var(e).ok().map(|v| format!("{e}={v}")),
+        })
+        .collect();
+    let memory = args.memory.as_deref().map(wasm::parse_memory).transpose()?;
+    let timeout_ms = match args.timeout {
+        Some(t) if !(t.is_finite() && t > 0.0) => bail!("invalid timeout {t}: seconds > 0"),
+        Some(t) => Some(Duration::from_secs_f64(t).as_millis().max(1) as u64),
+        None => None,
+    };
+    Ok(RunSpec {
+        module: file,
+        argv,
+        env,
+        preopens,
+        stdin: args.stdin.clone(),
+        stdout: args.stdout.clone(),
+        stderr: args.stderr.clone(),
+        limits: wasm::Limits {
+            memory_bytes: memory,
+            table_elements: args.table_elements,
+        },
+        timeout_ms,
+    })
+}

@@ -1,0 +1,27 @@
+//! Loading precompiled Wasm artifacts by mmap: wasmtime marks this `unsafe` because a forged
+//! artifact is native code. The wasm module's compile cache is the only caller.
+use std::path::Path;
+
+/// Maps a precompiled core module from `path` (written by `Module::serialize` of an engine with
+/// the same compatibility hash).
+///
+/// The caller promises that `path` lies in a cache directory that only the agent writes, and that
+/// cache files are replaced by rename, never rewritten in place (the mapping must not change).
+pub fn deserialize_module_file(
+    engine: &wasmtime::Engine,
+    path: &Path,
+) -> wasmtime::Result<wasmtime::Module> {
+    // SAFETY: the file was produced by `Module::serialize` in our private cache directory and is
+    // never modified in place (atomic rename); wasmtime still checks the header and the engine
+    // compatibility before use.
+    unsafe { wasmtime::Module::deserialize_file(engine, path) }
+}
+
+/// Same as [`deserialize_module_file`] for a component.
+pub fn deserialize_component_file(
+    engine: &wasmtime::Engine,
+    path: &Path,
+) -> wasmtime::Result<wasmtime::component::Component> {
+    // SAFETY: as in `deserialize_module_file`: our own serialized artifact, replaced only by rename.
+    unsafe { wasmtime::component::Component::deserialize_file(engine, path) }
+}

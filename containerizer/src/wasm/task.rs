@@ -1,0 +1,362 @@
+//! One Wasm task: what it is given (argv, env, preopens, stdio, limits) and how it ended.
+use super::{Error, Result, EXIT_KILLED, EXIT_TIMEOUT, EXIT_TRAP};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime_wasi::cli::{InputFile, OutputFile};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Where a standard stream of the guest goes. The paths are the same log files a native task
+/// writes; `File` takes an already-open file (or any fd, through `File::from(OwnedFd)`).
+#[derive(Debug, Default)]
+pub enum Stdio {
+    /// Closed stdin; stdout/stderr discarded.
+    #[default]
+    Null,
+    /// The host process's own stream.
+    Inherit,
+    /// An open file (read for stdin, written for stdout/stderr).
+    File(File),
+    /// A path: opened read-only for stdin, created/appended for stdout and stderr.
+    Path(PathBuf),
+}
+
+/// A host directory the guest sees at `guest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preopen {
+    pub host: PathBuf,
+    pub guest: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Resource limits of one task. Memory is per linear memory (a component may have more than one),
+/// tables are counted in elements; growing past either traps and ends the task with
+/// [`ExitStatus::MemoryLimit`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub table_elements: Option<u64>,
+}
+
+/// Stops a running task from another thread: the guest is interrupted at its next epoch check
+/// (within one engine tick) and ends with [`ExitStatus::Killed`].
+///
+/// A guest blocked inside a host call (reading stdin, sleeping) stops when that call returns;
+/// a supervised host process should therefore also be killable as a whole.
+#[derive(Debug, Clone, Default)]
+pub struct KillSwitch(Arc<AtomicBool>);
+
+impl KillSwitch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn kill(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+    pub fn is_killed(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything one run needs besides the program.
+#[derive(Debug, Default)]
+pub struct TaskSpec {
+    /// The full argv, `argv[0]` included (conventionally the module's name).
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub preopens: Vec<Preopen>,
+    pub stdin: Stdio,
+    pub stdout: Stdio,
+    pub stderr: Stdio,
+    pub limits: Limits,
+    /// Wall-clock limit from the start of instantiation; checked every engine tick.
+    pub timeout: Option<Duration>,
+    pub kill: Option<KillSwitch>,
+}
+
+impl TaskSpec {
+    pub fn new(argv: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// The guest returned from its entry point (code 0) or called WASI `proc_exit`/`exit`.
+    Exited { code: i32 },
+    /// The guest trapped (or a host call failed fatally): the trap message and the Wasm backtrace.
+    Trap { message: String, backtrace: String },
+    /// A linear memory or table tried to grow past the task's limit.
+    MemoryLimit { detail: String },
+    /// The task ran past its timeout.
+    Timeout { after_ms: u64 },
+    /// The task was stopped through its [`KillSwitch`].
+    Killed,
+}
+
+impl ExitStatus {
+    /// The exit code a CLI reports: the guest's own code, or 134 for a trap, 137 for a kill or the
+    /// memory limit (like an OOM-killed container), 124 for a timeout.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitStatus::Exited { code } => *code,
+            ExitStatus::Trap { .. } => EXIT_TRAP,
+            ExitStatus::MemoryLimit { .. } | ExitStatus::Killed => EXIT_KILLED,
+            ExitStatus::Timeout { .. } => EXIT_TIMEOUT,
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        matches!(self, ExitStatus::Exited { code: 0 })
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Exited { code } => write!(f, "exited with code {code}"),
+            ExitStatus::Trap { message, .. } => write!(f, "trapped: {message}"),
+            ExitStatus::MemoryLimit { detail } => write!(f, "memory limit: {detail}"),
+            ExitStatus::Timeout { after_ms } => write!(f, "timed out after {after_ms} ms"),
+            ExitStatus::Killed => write!(f, "killed"),
+        }
+    }
+}
+
+/// Why the epoch callback stopped the guest. Carried inside the wasmtime error so the outcome can
+/// be told apart from a trap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Interrupted {
+    Timeout,
+    Killed,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Interrupted::Timeout => f.write_str("task timed out"),
+            Interrupted::Killed => f.write_str("task killed"),
+        }
+    }
+}
+impl std::error::Error for Interrupted {}
+
+/// The limit marker, so a growth refused by us is not mistaken for an ordinary trap.
+#[derive(Debug)]
+struct LimitExceeded(String);
+impl std::fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for LimitExceeded {}
+
+/// Enforces [`Limits`] and remembers that it did: unlike `StoreLimits`, a refusal is recorded so
+/// the outcome is reported as the memory limit rather than a generic trap.
+#[derive(Default)]
+pub(crate) struct TaskLimiter {
+    memory: Option<usize>,
+    table_elements: Option<usize>,
+    pub(crate) hit: Option<String>,
+}
+
+impl TaskLimiter {
+    fn new(limits: &Limits) -> Self {
+        let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Self {
+            memory: limits.memory_bytes.map(clamp),
+            table_elements: limits.table_elements.map(clamp),
+            hit: None,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for TaskLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if let Some(limit) = self.memory {
+            if desired > limit {
+                let msg = format!(
+                    "linear memory growth from {current} to {desired} bytes exceeds the limit of {limit} bytes"
+                );
+                self.hit = Some(msg.clone());
+                return Err(wasmtime::Error::new(LimitExceeded(msg)));
+            }
+        }
+        // Past the module's own declared maximum is ordinary Wasm semantics (grow returns -1).
+        Ok(maximum.is_none_or(|m| desired <= m))
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if let Some(limit) = self.table_elements {
+            if desired > limit {
+                let msg = format!(
+                    "table growth from {current} to {desired} elements exceeds the limit of {limit} elements"
+                );
+                self.hit = Some(msg.clone());
+                return Err(wasmtime::Error::new(LimitExceeded(msg)));
+            }
+        }
+        Ok(maximum.is_none_or(|m| desired <= m))
+    }
+}
+
+/// The store data of every task, core module or component alike: the p1 context also carries a
+/// full p2 context and resource table, so one type serves both linkers.
+pub(crate) struct Host {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) limiter: TaskLimiter,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.wasi.ctx()
+    }
+}
+
+impl Host {
+    /// A context with nothing in it, for introspecting linkers.
+    pub(crate) fn empty() -> Self {
+        Self {
+            wasi: WasiCtxBuilder::new().build_p1(),
+            limiter: TaskLimiter::default(),
+        }
+    }
+
+    /// Builds the WASI context of `task` (opens stdio files and preopened directories).
+    pub(crate) fn for_task(task: &mut TaskSpec) -> Result<Self> {
+        let mut b = WasiCtxBuilder::new();
+        // Filesystem calls run on the task's own thread: the task already has a thread of its
+        // own, and hopping to a blocking pool per call would cost more than the call.
+        b.allow_blocking_current_thread(true);
+        b.args(&task.argv);
+        b.envs(&task.env);
+        for p in &task.preopens {
+            let perms = if p.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            b.preopened_dir(&p.host, &p.guest, perms)
+                .map_err(|e| Error::Preopen {
+                    host: p.host.clone(),
+                    guest: p.guest.clone(),
+                    message: format!("{e:#}"),
+                })?;
+        }
+        match std::mem::take(&mut task.stdin) {
+            Stdio::Null => {}
+            Stdio::Inherit => {
+                b.inherit_stdin();
+            }
+            Stdio::File(f) => {
+                b.stdin(InputFile::new(f));
+            }
+            Stdio::Path(p) => {
+                let f = File::open(&p).map_err(|source| Error::Stdio {
+                    what: "stdin",
+                    path: p.clone(),
+                    source,
+                })?;
+                b.stdin(InputFile::new(f));
+            }
+        }
+        match std::mem::take(&mut task.stdout) {
+            Stdio::Inherit => {
+                b.inherit_stdout();
+            }
+            s => {
+                if let Some(out) = output(s, "stdout")? {
+                    b.stdout(out);
+                }
+            }
+        }
+        match std::mem::take(&mut task.stderr) {
+            Stdio::Inherit => {
+                b.inherit_stderr();
+            }
+            s => {
+                if let Some(out) = output(s, "stderr")? {
+                    b.stderr(out);
+                }
+            }
+        }
+        Ok(Self {
+            wasi: b.build_p1(),
+            limiter: TaskLimiter::new(&task.limits),
+        })
+    }
+}
+
+/// Opens an output stream (`Inherit` is handled by the caller; `Null` keeps the default sink).
+fn output(s: Stdio, what: &'static str) -> Result<Option<OutputFile>> {
+    Ok(match s {
+        Stdio::Null => None,
+        Stdio::Inherit => None,
+        Stdio::File(f) => Some(OutputFile::new(f)),
+        Stdio::Path(p) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(|source| Error::Stdio {
+                    what,
+                    path: p.clone(),
+                    source,
+                })?;
+            Some(OutputFile::new(f))
+        }
+    })
+}
+
+/// Turns the error that ended a run into the task's outcome.
+pub(crate) fn classify(err: wasmtime::Error, host: &Host, timeout: Option<Duration>) -> ExitStatus {
+    if let Some(exit) = err.downcast_ref::<I32Exit>() {
+        return ExitStatus::Exited { code: exit.0 };
+    }
+    match err.downcast_ref::<Interrupted>() {
+        Some(Interrupted::Killed) => return ExitStatus::Killed,
+        Some(Interrupted::Timeout) => {
+            return ExitStatus::Timeout {
+                after_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+            }
+        }
+        None => {}
+    }
+    if let Some(detail) = &host.limiter.hit {
+        return ExitStatus::MemoryLimit {
+            detail: detail.clone(),
+        };
+    }
+    let message = match err.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        // The backtrace is a context layer on top: the message is what went wrong underneath.
+        None => err.root_cause().to_string(),
+    };
+    let backtrace = err
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|b| b.to_string())
+        .unwrap_or_default();
+    ExitStatus::Trap { message, backtrace }
+}

@@ -1,0 +1,4 @@
+;; Traps with `unreachable` one call deep.
+(module
+  (func $boom unreachable)
+  (func (export "_start") (call $boom)))
