@@ -226,6 +226,14 @@ impl Runtime {
     pub fn launch(&self, mut spec: TaskSpec) -> Result<Launched, LaunchError> {
         let started_ns = crate::sys::launch::monotonic_ns();
         validate(&spec)?;
+        // On cgroup v1 the supervisor's first cgroup.procs write waits for an RCU grace period:
+        // start it now, on a spare thread, so that it has passed when the supervisor gets there.
+        if !crate::cgroups::is_v2() {
+            let _ = std::thread::Builder::new()
+                .name("cgroup-prime".into())
+                .stack_size(64 * 1024)
+                .spawn(crate::cgroups::prime_migration);
+        }
         if spec.id.is_empty() {
             spec.id = new_id();
         } else if !valid_name(&spec.id) || spec.id.len() > 128 {

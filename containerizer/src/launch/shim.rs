@@ -70,22 +70,39 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             let _ = out.flush();
         };
 
-    // Cgroup.
-    let cg = match TaskCgroup::create(&spec.id, &spec.limits) {
-        Ok(cg) => cg,
-        Err(e) => {
-            report_failure(
-                &mut state,
-                &mut out,
-                125,
-                format!("creating the cgroup: {e}"),
-            );
-            return 1;
+    // Cgroup. On v2 it must exist before the clone (CLONE_INTO_CGROUP); on v1 and hybrid hosts
+    // we create and join it after the clone, while the init sets up its mounts.
+    let v2 = crate::cgroups::is_v2();
+    let create_cgroup = |state: &mut TaskState,
+                         out: &mut std::io::Stdout,
+                         timings: &mut Timings|
+     -> Option<TaskCgroup> {
+        let t0 = sys::monotonic_ns();
+        match TaskCgroup::create(&spec.id, &spec.limits) {
+            Ok(cg) => {
+                state.cgroup_paths = cg.dirs();
+                timings.cgroup_us = (sys::monotonic_ns() - t0) / 1000;
+                Some(cg)
+            }
+            Err(e) => {
+                report_failure(state, out, 125, format!("creating the cgroup: {e}"));
+                None
+            }
         }
     };
-    state.cgroup_paths = cg.dirs();
-    let t_cgroup = sys::monotonic_ns();
-    timings.cgroup_us = (t_cgroup - t_start) / 1000;
+    let early_cg = if v2 {
+        match create_cgroup(&mut state, &mut out, &mut timings) {
+            Some(cg) => Some(cg),
+            None => return 1,
+        }
+    } else {
+        None
+    };
+    let destroy_early = |cg: &Option<TaskCgroup>| {
+        if let Some(cg) = cg {
+            let _ = cg.destroy(Duration::from_secs(1));
+        }
+    };
 
     let open_log = |p: &Path| {
         OpenOptions::new()
@@ -105,7 +122,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let (stdout_fd, stderr_fd, devnull, (status_r, status_w)) = match fds {
         Ok(f) => f,
         Err(e) => {
-            let _ = cg.destroy(Duration::from_secs(1));
+            destroy_early(&early_cg);
             report_failure(&mut state, &mut out, 125, format!("opening log files: {e}"));
             return 1;
         }
@@ -116,14 +133,15 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     if spec.network == NetworkMode::None {
         flags |= libc::CLONE_NEWNET as u64;
     }
-    let v2fd = cg.open_v2_dir();
-    // Without CLONE_INTO_CGROUP (v1, hybrid), we move the init into its cgroups while it does its
-    // mounts, and it waits for our go before exec: the cgroup migration (an RCU grace period on
-    // v1, milliseconds under load) overlaps the setup instead of adding to it.
+    let v2fd = early_cg.as_ref().and_then(|cg| cg.open_v2_dir());
+    // Without CLONE_INTO_CGROUP (v1, hybrid), we create the cgroups and move the init into them
+    // while it does its mounts, and it waits for our go before exec: the cgroup migration (an
+    // RCU grace period on v1, milliseconds under load, which the launcher has already started:
+    // `cgroups::prime_migration`) overlaps the setup instead of adding to it.
     let go = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
-            let _ = cg.destroy(Duration::from_secs(1));
+            destroy_early(&early_cg);
             report_failure(&mut state, &mut out, 125, format!("pipe: {e}"));
             return 1;
         }
@@ -151,7 +169,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
                 dir: &td,
                 wait_for_cgroup: (!joined_at_birth).then_some(go_r),
                 cgroup_ns: joined_at_birth,
-                device_cgroup: !cg.is_v2(),
+                device_cgroup: !v2,
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
                 devnull: &devnull,
@@ -160,7 +178,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         }
         Ok(CloneResult::Parent(pid)) => pid,
         Err(e) => {
-            let _ = cg.destroy(Duration::from_secs(1));
+            destroy_early(&early_cg);
             report_failure(&mut state, &mut out, 125, format!("clone: {e}"));
             return 1;
         }
@@ -168,6 +186,20 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     drop(status_w);
     drop(go_r);
     drop((stdout_fd, stderr_fd, devnull));
+    // Hold the task's mount namespace: when the init exits, the kernel then does not tear its
+    // mounts down (an RCU grace period) before we learn of the exit; we drop it after reporting.
+    let mount_ns = File::open(format!("/proc/{pid}/ns/mnt")).ok();
+    let cg = match early_cg {
+        Some(cg) => cg,
+        None => match create_cgroup(&mut state, &mut out, &mut timings) {
+            Some(cg) => cg,
+            None => {
+                drop(go_w);
+                let _ = waitpid(Pid::from_raw(pid), None);
+                return 1;
+            }
+        },
+    };
     if !joined_at_birth {
         let t_join = sys::monotonic_ns();
         let joined = cg
@@ -277,6 +309,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     }
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
+    drop(mount_ns);
 
     if spec.auto_remove {
         // Wait until the launcher is done with the logs (or gone), then remove everything.
