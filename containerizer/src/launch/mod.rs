@@ -152,11 +152,19 @@ impl Launched {
         Ok(refresh(st, &td))
     }
 
-    /// Lets the supervisor finish (with `auto_remove` it removes the task now) and reaps it.
+    /// Lets the supervisor finish: with `auto_remove` it removes the task now, and this returns
+    /// once the task is gone from view (unmounted, renamed away, name released: the supervisor
+    /// closes its stdout), while the supervisor deletes the files on its own. The supervisor
+    /// is reaped when it ends (see `Drop`).
     pub fn finish(mut self) {
         drop(self.stdin.take());
-        if let Some(mut c) = self.shim.take() {
-            let _ = c.wait();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.events.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
         }
     }
 }

@@ -316,11 +316,62 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         let mut buf = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
-        super::state::cleanup_owned(&spec.cleanup);
-        td.release_name(&spec.name, &spec.id);
-        if let Err(e) = fs::remove_dir_all(dir) {
-            tracing::error!(id = %spec.id, "removing {}: {e}", dir.display());
-        }
+        remove_task(&td, spec);
     }
     0
+}
+
+/// `--rm`: makes the task disappear at once, tells the launcher, then deletes its files.
+///
+/// What a user can observe goes first: the overlay is unmounted, the owned paths and the task
+/// directory are renamed into `<root>/trash/` (one rename each) and the name is released; then
+/// `removed` on stdout and stdout closed, which is what the launcher waits for. The deletion of
+/// the files follows without anyone waiting: on ext4 without a journal and with `discard`,
+/// every freed block is a synchronous discard (milliseconds each under I/O load), and a task
+/// frees a few dozen. A path that cannot be renamed (another filesystem) is deleted in place
+/// before the report, as before.
+fn remove_task(td: &TaskDir, spec: &super::spec::TaskSpec) {
+    let trash = td
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("trash"));
+    let trash = trash.filter(|t| fs::create_dir_all(t).is_ok());
+    let mut doomed = vec![];
+    for (i, p) in spec.cleanup.iter().enumerate() {
+        super::state::unmount_under(p);
+        let renamed = trash.as_ref().and_then(|t| {
+            let to = t.join(format!("{}.{i}", spec.id));
+            fs::rename(p, &to).ok().map(|()| to)
+        });
+        match renamed {
+            Some(to) => doomed.push(to),
+            None => super::state::cleanup_owned(std::slice::from_ref(p)),
+        }
+    }
+    let renamed = trash.as_ref().and_then(|t| {
+        let to = t.join(&spec.id);
+        fs::rename(&td.dir, &to).ok().map(|()| to)
+    });
+    let dir_left = match renamed {
+        Some(to) => {
+            doomed.push(to);
+            false
+        }
+        None => true,
+    };
+    td.release_name(&spec.name, &spec.id);
+    if dir_left {
+        if let Err(e) = fs::remove_dir_all(&td.dir) {
+            tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());
+        }
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "removed");
+    let _ = out.flush();
+    // Close our end of the launcher's pipe (fd 1 becomes /dev/null): the launcher is done.
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = sys::dup2(null.as_raw_fd(), 1);
+    }
+    super::state::cleanup_owned(&doomed);
 }
