@@ -263,6 +263,11 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     state.timings = timings;
     let _ = writeln!(out, "started {pid}");
     let _ = out.flush();
+    // Each state write renames a new file over the old one, and freeing the old file's block
+    // can cost a synchronous discard (ext4 without a journal, `discard`): keep the replaced
+    // files open until the exit has been reported, so that they are freed after it.
+    let mut replaced = vec![];
+    replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
@@ -304,12 +309,14 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     if let Err(e) = cg.destroy(Duration::from_secs(10)) {
         tracing::error!(id = %spec.id, "removing the cgroup: {e}");
     }
+    replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
     drop(mount_ns);
+    drop(replaced);
 
     if spec.auto_remove {
         // Wait until the launcher is done with the logs (or gone), then remove everything.
