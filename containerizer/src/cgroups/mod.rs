@@ -255,6 +255,13 @@ impl TaskCgroup {
         Ok(me)
     }
 
+    /// The cgroup of task `id` as [`TaskCgroup::create`] made it for `limits`, if every one of
+    /// its directories exists (the launcher creates it on v1, the supervisor uses it).
+    pub fn open(id: &str, limits: &Limits) -> Option<Self> {
+        let me = Self::load_with(id, Some(limits));
+        me.dirs().iter().all(|d| d.is_dir()).then_some(me)
+    }
+
     fn err(
         &self,
         op: &'static str,

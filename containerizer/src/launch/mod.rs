@@ -234,14 +234,6 @@ impl Runtime {
     pub fn launch(&self, mut spec: TaskSpec) -> Result<Launched, LaunchError> {
         let started_ns = crate::sys::launch::monotonic_ns();
         validate(&spec)?;
-        // On cgroup v1 the supervisor's first cgroup.procs write waits for an RCU grace period:
-        // start it now, on a spare thread, so that it has passed when the supervisor gets there.
-        if !crate::cgroups::is_v2() {
-            let _ = std::thread::Builder::new()
-                .name("cgroup-prime".into())
-                .stack_size(64 * 1024)
-                .spawn(crate::cgroups::prime_migration);
-        }
         if spec.id.is_empty() {
             spec.id = new_id();
         } else if !valid_name(&spec.id) || spec.id.len() > 128 {
@@ -282,7 +274,22 @@ impl Runtime {
         let (id, name) = (spec.id.clone(), spec.name.clone());
         let res = fs::create_dir(&td.dir)
             .map_err(io_err(format!("creating {}", td.dir.display())))
-            .and_then(|()| self.prepare_and_spawn(&td, spec, started_ns));
+            .and_then(|()| {
+                // On cgroup v1 the first cgroup.procs write of the launch waits for an RCU grace
+                // period (milliseconds under load) while holding the cgroup mutex. Create the
+                // cgroup now, then start that grace period on a spare thread
+                // (`cgroups::prime_migration`): it runs while we spawn the supervisor and the
+                // init sets up its mounts, and the supervisor only has to move the init in.
+                // (On v2 the supervisor creates it and clones into it.)
+                if !crate::cgroups::is_v2() {
+                    TaskCgroup::create(&spec.id, &spec.limits)?;
+                    let _ = std::thread::Builder::new()
+                        .name("cgroup-prime".into())
+                        .stack_size(64 * 1024)
+                        .spawn(crate::cgroups::prime_migration);
+                }
+                self.prepare_and_spawn(&td, spec, started_ns)
+            });
         if res.is_err() {
             let _ = fs::remove_dir_all(&td.dir);
             let _ = TaskCgroup::load(&id).destroy(Duration::from_secs(5));

@@ -78,7 +78,12 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
                          timings: &mut Timings|
      -> Option<TaskCgroup> {
         let t0 = sys::monotonic_ns();
-        match TaskCgroup::create(&spec.id, &spec.limits) {
+        // On v1 the launcher has created it already (an older launcher may not have).
+        let made = match (v2, TaskCgroup::open(&spec.id, &spec.limits)) {
+            (false, Some(cg)) => Ok(cg),
+            _ => TaskCgroup::create(&spec.id, &spec.limits),
+        };
+        match made {
             Ok(cg) => {
                 state.cgroup_paths = cg.dirs();
                 timings.cgroup_us = (sys::monotonic_ns() - t0) / 1000;
