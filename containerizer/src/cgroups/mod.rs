@@ -2,8 +2,8 @@
 //! that owns no controller we use), through `cgroups-rs`, behind one small interface.
 //!
 //! A task's cgroup is `caisson/<id>` in every hierarchy we use. On v2 the directory can be
-//! opened and passed to `clone3(CLONE_INTO_CGROUP)`; on v1 the task's init joins it itself
-//! (writes `0` into each `cgroup.procs`) before it does anything else.
+//! opened and passed to `clone3(CLONE_INTO_CGROUP)`; on v1 the supervisor writes the init's pid
+//! into the `cgroup.procs` of each hierarchy the task needs ([`v1_controllers_for`]).
 use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

@@ -34,10 +34,14 @@
 //!
 //! Process model: the launcher spawns `caisson-shim <task dir>` (found next to the current
 //! executable, or `$CAISSON_SHIM`). The shim calls setsid (so it survives the launcher's death,
-//! `kill -9` included), creates the cgroup, and clone3s the task's init into new pid, mount,
-//! uts, ipc (and net) namespaces, directly into the cgroup on v2 (`CLONE_INTO_CGROUP`); on v1 it
-//! moves the init into its cgroups while the init does its mounts, and the init waits for that
-//! before exec. The init ([`child`]) mounts, pivot_roots, drops capabilities, sets
+//! `kill -9` included) and clone3s the task's init into new pid, mount, uts, ipc (and net)
+//! namespaces. On v2 the shim creates the cgroup first and the init is born in it
+//! (`CLONE_INTO_CGROUP`). On v1 and hybrid hosts the launcher creates the cgroup (only the
+//! hierarchies the task needs) and starts the RCU grace period a migration costs on a spare
+//! thread ([`crate::cgroups::prime_migration`]); the shim moves the init into its cgroups
+//! while the init does its mounts, and the init waits for that before exec. With
+//! `auto_remove`, the shim makes the task vanish (unmount, rename into `<root>/trash`, release
+//! the name), reports, and deletes the files after the launcher has gone on. The init ([`child`]) mounts, pivot_roots, drops capabilities, sets
 //! `no_new_privs` and the seccomp filter, and execs, writing its stdout/stderr straight into
 //! the log files. The shim reaps it and writes `state.json` (exit code, signal, OOM, usage).
 pub mod child;
