@@ -32,6 +32,11 @@ cp -a "$work/unpacked/rootfs/." "$bundle/rootfs/"
 jq '.process.terminal=false | .process.args=["/bin/true"]' "$bundle/config.json" > "$bundle/c.json"
 mv "$bundle/c.json" "$bundle/config.json"
 
+# CAISSON_BASE=/path/to/old/caisson adds a before/after row (its caisson-shim next to it).
+BASE_CMD=""
+if [ -n "${CAISSON_BASE:-}" ]; then
+  BASE_CMD="-n 'caisson (base) run --rm IMAGE /bin/true' '$CAISSON_BASE --root $root run --rm $IMAGE /bin/true'"
+fi
 cat > "$work/inner.sh" <<INNER
 set -e
 if mountpoint -q /sys/fs/cgroup/unified; then umount /sys/fs/cgroup/unified; fi
@@ -40,7 +45,7 @@ hyperfine -N --runs $RUNS --warmup 5 --export-json "$work/launch.json" \\
   -n "crun run (same rootfs)" "crun --root $work/crun run -b $bundle cbench" \\
   -n "runc run (same rootfs)" "runc --root $work/runc run -b $bundle rbench" \\
   -n "unshare -pfmuin /bin/true" "unshare --pid --fork --mount --uts --ipc --net /bin/true" \\
-  -n "/bin/true" "/bin/true"
+  -n "/bin/true" "/bin/true" $BASE_CMD
 INNER
 unshare --mount --propagation private bash "$work/inner.sh"
 echo
@@ -51,5 +56,7 @@ jq -r '.results as $r | "ratios of medians: caisson/crun \(($r[0].median/$r[1].m
 echo
 echo "caisson's own per-phase timings (last run, microseconds):"
 "$CAISSON" --root "$root" run --name timing "$IMAGE" /bin/true >/dev/null
-"$CAISSON" --root "$root" inspect timing | jq '.[0].State.timings // .[0].timings // .'
+"$CAISSON" --root "$root" inspect timing | jq -c '.[0].state.timings'
 "$CAISSON" --root "$root" rm timing >/dev/null
+echo
+echo "In-process launch-to-exit (the agent's path): cargo bench -p caisson-benches --bench launch"

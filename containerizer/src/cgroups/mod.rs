@@ -2,8 +2,8 @@
 //! that owns no controller we use), through `cgroups-rs`, behind one small interface.
 //!
 //! A task's cgroup is `caisson/<id>` in every hierarchy we use. On v2 the directory can be
-//! opened and passed to `clone3(CLONE_INTO_CGROUP)`; on v1 the task's init joins it itself
-//! (writes `0` into each `cgroup.procs`) before it does anything else.
+//! opened and passed to `clone3(CLONE_INTO_CGROUP)`; on v1 the supervisor writes the init's pid
+//! into the `cgroup.procs` of each hierarchy the task needs ([`v1_controllers_for`]).
 use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -117,8 +117,12 @@ pub fn is_v2() -> bool {
     cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode()
 }
 
-/// Controllers a task cgroup uses, present on this host.
-fn wanted_controllers(v2: bool) -> Vec<String> {
+/// Every v1 controller a task cgroup may use (what cleanup looks at).
+const V1_ALL: &[&str] = &["cpu", "cpuacct", "memory", "pids", "freezer", "devices"];
+
+/// Controllers a task cgroup uses, present on this host: with `limits`, only those a task
+/// with these limits needs (see [`v1_controllers_for`]); without, every one it may use.
+fn wanted_controllers(v2: bool, limits: Option<&Limits>) -> Vec<String> {
     if v2 {
         let avail = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
         ["cpu", "memory", "pids"]
@@ -127,11 +131,57 @@ fn wanted_controllers(v2: bool) -> Vec<String> {
             .map(|c| c.to_string())
             .collect()
     } else {
-        ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"]
-            .iter()
-            .map(|c| c.to_string())
-            .collect()
+        match limits {
+            Some(l) => v1_controllers_for(l),
+            None => V1_ALL.iter().map(|c| c.to_string()).collect(),
+        }
     }
+}
+
+/// The v1 hierarchies a task joins. Each hierarchy costs a directory, a `cgroup.procs` write
+/// and an rmdir per launch, so a task joins only what it needs: `cpuacct` and `memory` for the
+/// usage recorded at exit (and the OOM report), `freezer` for a kill no process escapes,
+/// `devices` for the device allow-list; `cpu` only with `--cpus`/`--cpu-shares` and `pids`
+/// only with `--pids-limit` (they hold limits and nothing else we read).
+pub fn v1_controllers_for(limits: &Limits) -> Vec<String> {
+    let mut out = vec!["cpuacct", "memory", "freezer", "devices"];
+    if limits.cpus.is_some() || limits.cpu_shares.is_some() {
+        out.push("cpu");
+    }
+    if limits.pids.is_some_and(|p| p > 0) {
+        out.push("pids");
+    }
+    out.into_iter().map(String::from).collect()
+}
+
+/// Starts the RCU grace period that the first `cgroup.procs` write of a launch has to wait for
+/// on cgroup v1, so that it overlaps the rest of the launch instead of adding to it.
+///
+/// Every migration takes the kernel's global `cgroup_threadgroup_rwsem` for writing; the first
+/// writer after an idle period waits one RCU grace period (milliseconds under load), writers
+/// within a grace period after that pay nothing. Moving the calling thread into the cgroup it
+/// is already in (its own `tasks` file in one v1 hierarchy) changes nothing but takes that
+/// lock. Call it on a spare thread at the start of a launch: it blocks for the grace period.
+/// Best effort, a no-op on cgroup v2 (where clone3 joins the cgroup at birth).
+pub fn prime_migration() {
+    if is_v2() {
+        return;
+    }
+    let Ok(own) = fs::read_to_string("/proc/thread-self/cgroup") else {
+        return;
+    };
+    // A v1 line: `ID:controllers:/path`; use the freezer hierarchy (one every task joins).
+    let Some(path) = own.lines().find_map(|line| {
+        let mut it = line.splitn(3, ':');
+        let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+        ctrls.split(',').any(|c| c == "freezer").then_some(path)
+    }) else {
+        return;
+    };
+    let tasks = Path::new("/sys/fs/cgroup/freezer")
+        .join(path.trim_start_matches('/'))
+        .join("tasks");
+    let _ = fs::write(tasks, nix::unistd::gettid().as_raw().to_string());
 }
 
 /// Device rules of a task on cgroup v1: deny all, allow the nodes of the minimal /dev and mknod.
@@ -171,22 +221,28 @@ impl TaskCgroup {
         format!("{PARENT}/{id}")
     }
 
-    /// A handle on the (possibly absent) cgroup of task `id`.
+    /// A handle on the (possibly absent) cgroup of task `id`, in every hierarchy a task may
+    /// use (for signalling and cleanup).
     pub fn load(id: &str) -> Self {
+        Self::load_with(id, None)
+    }
+
+    fn load_with(id: &str, limits: Option<&Limits>) -> Self {
         let v2 = is_v2();
         let rel = Self::rel_path(id);
         let cg = Cgroup::load_with_specified_controllers(
             cgroups_rs::fs::hierarchies::auto(),
             &rel,
-            wanted_controllers(v2),
+            wanted_controllers(v2, limits),
         );
         TaskCgroup { cg, rel, v2 }
     }
 
-    /// Creates the cgroup of task `id` and applies `limits`.
+    /// Creates the cgroup of task `id` (in the hierarchies a task with `limits` needs) and
+    /// applies `limits`.
     pub fn create(id: &str, limits: &Limits) -> Result<Self> {
         limits.validate()?;
-        let me = Self::load(id);
+        let me = Self::load_with(id, Some(limits));
         me.cg.create().map_err(|source| CgroupError::Cgroups {
             path: me.rel.clone(),
             op: "create",
@@ -197,6 +253,13 @@ impl TaskCgroup {
             return Err(e);
         }
         Ok(me)
+    }
+
+    /// The cgroup of task `id` as [`TaskCgroup::create`] made it for `limits`, if every one of
+    /// its directories exists (the launcher creates it on v1, the supervisor uses it).
+    pub fn open(id: &str, limits: &Limits) -> Option<Self> {
+        let me = Self::load_with(id, Some(limits));
+        me.dirs().iter().all(|d| d.is_dir()).then_some(me)
     }
 
     fn err(
@@ -343,6 +406,9 @@ impl TaskCgroup {
 
     /// Usage counters (cpu time, memory peak, OOM kills).
     pub fn usage(&self) -> Usage {
+        if !self.v2 {
+            return self.usage_v1();
+        }
         let mut u = Usage::default();
         if let Some(c) = self.cg.controller_of::<MemController>() {
             let m = c.memory_stat();
@@ -362,6 +428,28 @@ impl TaskCgroup {
         }
         if let Some(c) = self.cg.controller_of::<PidController>() {
             u.pids_limit_hits = c.get_pid_events().unwrap_or(0);
+        }
+        u
+    }
+
+    /// v1 usage from the four files that hold it (cgroups-rs's `memory_stat` reads some twenty).
+    fn usage_v1(&self) -> Usage {
+        let num = |p: PathBuf| -> u64 {
+            fs::read_to_string(p)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let mut u = Usage::default();
+        if let Some(dir) = self.controller_dir("memory") {
+            u.memory_peak_bytes = num(dir.join("memory.max_usage_in_bytes"));
+            u.oom_kills = read_key(&dir.join("memory.oom_control"), "oom_kill");
+        }
+        if let Some(dir) = self.controller_dir("cpuacct") {
+            u.cpu_ns = num(dir.join("cpuacct.usage"));
+        }
+        if let Some(dir) = self.controller_dir("pids") {
+            u.pids_limit_hits = read_key(&dir.join("pids.events"), "max");
         }
         u
     }

@@ -34,10 +34,14 @@
 //!
 //! Process model: the launcher spawns `caisson-shim <task dir>` (found next to the current
 //! executable, or `$CAISSON_SHIM`). The shim calls setsid (so it survives the launcher's death,
-//! `kill -9` included), creates the cgroup, and clone3s the task's init into new pid, mount,
-//! uts, ipc (and net) namespaces, directly into the cgroup on v2 (`CLONE_INTO_CGROUP`); on v1 it
-//! moves the init into its cgroups while the init does its mounts, and the init waits for that
-//! before exec. The init ([`child`]) mounts, pivot_roots, drops capabilities, sets
+//! `kill -9` included) and clone3s the task's init into new pid, mount, uts, ipc (and net)
+//! namespaces. On v2 the shim creates the cgroup first and the init is born in it
+//! (`CLONE_INTO_CGROUP`). On v1 and hybrid hosts the launcher creates the cgroup (only the
+//! hierarchies the task needs) and starts the RCU grace period a migration costs on a spare
+//! thread ([`crate::cgroups::prime_migration`]); the shim moves the init into its cgroups
+//! while the init does its mounts, and the init waits for that before exec. With
+//! `auto_remove`, the shim makes the task vanish (unmount, rename into `<root>/trash`, release
+//! the name), reports, and deletes the files after the launcher has gone on. The init ([`child`]) mounts, pivot_roots, drops capabilities, sets
 //! `no_new_privs` and the seccomp filter, and execs, writing its stdout/stderr straight into
 //! the log files. The shim reaps it and writes `state.json` (exit code, signal, OOM, usage).
 pub mod child;
@@ -152,11 +156,19 @@ impl Launched {
         Ok(refresh(st, &td))
     }
 
-    /// Lets the supervisor finish (with `auto_remove` it removes the task now) and reaps it.
+    /// Lets the supervisor finish: with `auto_remove` it removes the task now, and this returns
+    /// once the task is gone from view (unmounted, renamed away, name released: the supervisor
+    /// closes its stdout), while the supervisor deletes the files on its own. The supervisor
+    /// is reaped when it ends (see `Drop`).
     pub fn finish(mut self) {
         drop(self.stdin.take());
-        if let Some(mut c) = self.shim.take() {
-            let _ = c.wait();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.events.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
         }
     }
 }
@@ -266,7 +278,22 @@ impl Runtime {
         let (id, name) = (spec.id.clone(), spec.name.clone());
         let res = fs::create_dir(&td.dir)
             .map_err(io_err(format!("creating {}", td.dir.display())))
-            .and_then(|()| self.prepare_and_spawn(&td, spec, started_ns));
+            .and_then(|()| {
+                // On cgroup v1 the first cgroup.procs write of the launch waits for an RCU grace
+                // period (milliseconds under load) while holding the cgroup mutex. Create the
+                // cgroup now, then start that grace period on a spare thread
+                // (`cgroups::prime_migration`): it runs while we spawn the supervisor and the
+                // init sets up its mounts, and the supervisor only has to move the init in.
+                // (On v2 the supervisor creates it and clones into it.)
+                if !crate::cgroups::is_v2() {
+                    TaskCgroup::create(&spec.id, &spec.limits)?;
+                    let _ = std::thread::Builder::new()
+                        .name("cgroup-prime".into())
+                        .stack_size(64 * 1024)
+                        .spawn(crate::cgroups::prime_migration);
+                }
+                self.prepare_and_spawn(&td, spec, started_ns)
+            });
         if res.is_err() {
             let _ = fs::remove_dir_all(&td.dir);
             let _ = TaskCgroup::load(&id).destroy(Duration::from_secs(5));

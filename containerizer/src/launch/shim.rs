@@ -70,22 +70,44 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             let _ = out.flush();
         };
 
-    // Cgroup.
-    let cg = match TaskCgroup::create(&spec.id, &spec.limits) {
-        Ok(cg) => cg,
-        Err(e) => {
-            report_failure(
-                &mut state,
-                &mut out,
-                125,
-                format!("creating the cgroup: {e}"),
-            );
-            return 1;
+    // Cgroup. On v2 it must exist before the clone (CLONE_INTO_CGROUP); on v1 and hybrid hosts
+    // we create and join it after the clone, while the init sets up its mounts.
+    let v2 = crate::cgroups::is_v2();
+    let create_cgroup = |state: &mut TaskState,
+                         out: &mut std::io::Stdout,
+                         timings: &mut Timings|
+     -> Option<TaskCgroup> {
+        let t0 = sys::monotonic_ns();
+        // On v1 the launcher has created it already (an older launcher may not have).
+        let made = match (v2, TaskCgroup::open(&spec.id, &spec.limits)) {
+            (false, Some(cg)) => Ok(cg),
+            _ => TaskCgroup::create(&spec.id, &spec.limits),
+        };
+        match made {
+            Ok(cg) => {
+                state.cgroup_paths = cg.dirs();
+                timings.cgroup_us = (sys::monotonic_ns() - t0) / 1000;
+                Some(cg)
+            }
+            Err(e) => {
+                report_failure(state, out, 125, format!("creating the cgroup: {e}"));
+                None
+            }
         }
     };
-    state.cgroup_paths = cg.dirs();
-    let t_cgroup = sys::monotonic_ns();
-    timings.cgroup_us = (t_cgroup - t_start) / 1000;
+    let early_cg = if v2 {
+        match create_cgroup(&mut state, &mut out, &mut timings) {
+            Some(cg) => Some(cg),
+            None => return 1,
+        }
+    } else {
+        None
+    };
+    let destroy_early = |cg: &Option<TaskCgroup>| {
+        if let Some(cg) = cg {
+            let _ = cg.destroy(Duration::from_secs(1));
+        }
+    };
 
     let open_log = |p: &Path| {
         OpenOptions::new()
@@ -105,7 +127,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let (stdout_fd, stderr_fd, devnull, (status_r, status_w)) = match fds {
         Ok(f) => f,
         Err(e) => {
-            let _ = cg.destroy(Duration::from_secs(1));
+            destroy_early(&early_cg);
             report_failure(&mut state, &mut out, 125, format!("opening log files: {e}"));
             return 1;
         }
@@ -116,14 +138,15 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     if spec.network == NetworkMode::None {
         flags |= libc::CLONE_NEWNET as u64;
     }
-    let v2fd = cg.open_v2_dir();
-    // Without CLONE_INTO_CGROUP (v1, hybrid), we move the init into its cgroups while it does its
-    // mounts, and it waits for our go before exec: the cgroup migration (an RCU grace period on
-    // v1, milliseconds under load) overlaps the setup instead of adding to it.
+    let v2fd = early_cg.as_ref().and_then(|cg| cg.open_v2_dir());
+    // Without CLONE_INTO_CGROUP (v1, hybrid), we create the cgroups and move the init into them
+    // while it does its mounts, and it waits for our go before exec: the cgroup migration (an
+    // RCU grace period on v1, milliseconds under load, which the launcher has already started:
+    // `cgroups::prime_migration`) overlaps the setup instead of adding to it.
     let go = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
-            let _ = cg.destroy(Duration::from_secs(1));
+            destroy_early(&early_cg);
             report_failure(&mut state, &mut out, 125, format!("pipe: {e}"));
             return 1;
         }
@@ -151,7 +174,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
                 dir: &td,
                 wait_for_cgroup: (!joined_at_birth).then_some(go_r),
                 cgroup_ns: joined_at_birth,
-                device_cgroup: !cg.is_v2(),
+                device_cgroup: !v2,
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
                 devnull: &devnull,
@@ -160,7 +183,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         }
         Ok(CloneResult::Parent(pid)) => pid,
         Err(e) => {
-            let _ = cg.destroy(Duration::from_secs(1));
+            destroy_early(&early_cg);
             report_failure(&mut state, &mut out, 125, format!("clone: {e}"));
             return 1;
         }
@@ -168,6 +191,20 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     drop(status_w);
     drop(go_r);
     drop((stdout_fd, stderr_fd, devnull));
+    // Hold the task's mount namespace: when the init exits, the kernel then does not tear its
+    // mounts down (an RCU grace period) before we learn of the exit; we drop it after reporting.
+    let mount_ns = File::open(format!("/proc/{pid}/ns/mnt")).ok();
+    let cg = match early_cg {
+        Some(cg) => cg,
+        None => match create_cgroup(&mut state, &mut out, &mut timings) {
+            Some(cg) => cg,
+            None => {
+                drop(go_w);
+                let _ = waitpid(Pid::from_raw(pid), None);
+                return 1;
+            }
+        },
+    };
     if !joined_at_birth {
         let t_join = sys::monotonic_ns();
         let joined = cg
@@ -231,6 +268,11 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     state.timings = timings;
     let _ = writeln!(out, "started {pid}");
     let _ = out.flush();
+    // Each state write renames a new file over the old one, and freeing the old file's block
+    // can cost a synchronous discard (ext4 without a journal, `discard`): keep the replaced
+    // files open until the exit has been reported, so that they are freed after it.
+    let mut replaced = vec![];
+    replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
@@ -272,22 +314,76 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     if let Err(e) = cg.destroy(Duration::from_secs(10)) {
         tracing::error!(id = %spec.id, "removing the cgroup: {e}");
     }
+    replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
+    drop(mount_ns);
+    drop(replaced);
 
     if spec.auto_remove {
         // Wait until the launcher is done with the logs (or gone), then remove everything.
         let mut buf = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
-        super::state::cleanup_owned(&spec.cleanup);
-        td.release_name(&spec.name, &spec.id);
-        if let Err(e) = fs::remove_dir_all(dir) {
-            tracing::error!(id = %spec.id, "removing {}: {e}", dir.display());
-        }
+        remove_task(&td, spec);
     }
     0
+}
+
+/// `--rm`: makes the task disappear at once, tells the launcher, then deletes its files.
+///
+/// What a user can observe goes first: the overlay is unmounted, the owned paths and the task
+/// directory are renamed into `<root>/trash/` (one rename each) and the name is released; then
+/// `removed` on stdout and stdout closed, which is what the launcher waits for. The deletion of
+/// the files follows without anyone waiting: on ext4 without a journal and with `discard`,
+/// every freed block is a synchronous discard (milliseconds each under I/O load), and a task
+/// frees a few dozen. A path that cannot be renamed (another filesystem) is deleted in place
+/// before the report, as before.
+fn remove_task(td: &TaskDir, spec: &super::spec::TaskSpec) {
+    let trash = td
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("trash"));
+    let trash = trash.filter(|t| fs::create_dir_all(t).is_ok());
+    let mut doomed = vec![];
+    for (i, p) in spec.cleanup.iter().enumerate() {
+        super::state::unmount_under(p);
+        let renamed = trash.as_ref().and_then(|t| {
+            let to = t.join(format!("{}.{i}", spec.id));
+            fs::rename(p, &to).ok().map(|()| to)
+        });
+        match renamed {
+            Some(to) => doomed.push(to),
+            None => super::state::cleanup_owned(std::slice::from_ref(p)),
+        }
+    }
+    let renamed = trash.as_ref().and_then(|t| {
+        let to = t.join(&spec.id);
+        fs::rename(&td.dir, &to).ok().map(|()| to)
+    });
+    let dir_left = match renamed {
+        Some(to) => {
+            doomed.push(to);
+            false
+        }
+        None => true,
+    };
+    td.release_name(&spec.name, &spec.id);
+    if dir_left {
+        if let Err(e) = fs::remove_dir_all(&td.dir) {
+            tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());
+        }
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "removed");
+    let _ = out.flush();
+    // Close our end of the launcher's pipe (fd 1 becomes /dev/null): the launcher is done.
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = sys::dup2(null.as_raw_fd(), 1);
+    }
+    super::state::cleanup_owned(&doomed);
 }
