@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use clap::Args;
 use containerizer::launch::{
     self, process_from_image, LaunchError, Limits, NetworkMode, ProcessOverrides, Runtime, Status,
@@ -181,22 +181,10 @@ pub fn run(root: &Path, a: RunArgs) -> i32 {
     report(run_inner(root, a.split()))
 }
 
-/// Parses a size such as `512`, `64k`, `64m`, `1g` (podman's units, binary multiples).
+/// Parses a size such as `512`, `64k`, `64m`, `1g` (podman's units, binary multiples); the
+/// same parser serves Wasm tasks' `--memory`.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix('b').unwrap_or(&t);
-    let (num, mult) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        Some('t') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    let n: f64 = num.parse().map_err(|_| anyhow!("invalid size {s:?}"))?;
-    if !(n.is_finite() && n >= 0.0) {
-        bail!("invalid size {s:?}");
-    }
-    Ok((n * mult as f64) as u64)
+    Ok(containerizer::wasm::parse_memory(s)?)
 }
 
 fn env_entry(e: &str) -> Option<String> {
