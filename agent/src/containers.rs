@@ -661,6 +661,11 @@ pub fn rm(root: &Path, cni: &CniArgs, a: RmArgs) -> i32 {
             }
             println!("{id}");
         }
+        // Leftovers of launches and removals that were killed half-way.
+        rt.sweep_trash(Duration::from_secs(60));
+        for id in tasknet::sweep_orphans(&cni.cni(root), root) {
+            tracing::info!("released the network of an unfinished launch {id}");
+        }
         Ok(0)
     })())
 }

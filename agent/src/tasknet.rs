@@ -150,6 +150,56 @@ pub fn detach(cni: &Cni, root: &Path, id: &str) -> anyhow::Result<()> {
     result
 }
 
+/// How old an unowned namespace or attachment must be before [`sweep_orphans`] releases it:
+/// longer than a launch (CNI ADD included) can take. `CAISSON_ORPHAN_GRACE_SECS` overrides.
+fn orphan_grace() -> std::time::Duration {
+    let secs = std::env::var("CAISSON_ORPHAN_GRACE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    std::time::Duration::from_secs(secs)
+}
+
+/// Releases the networks of launches that died half-way (the launcher killed between the
+/// namespace/ADD and the supervisor's start): namespaces and cached attachments with no task
+/// record, older than the grace period. Returns the ids released.
+pub fn sweep_orphans(cni: &Cni, root: &Path) -> Vec<String> {
+    let mut ids: Vec<(String, PathBuf)> = vec![];
+    if let Ok(rd) = std::fs::read_dir(root.join("netns")) {
+        ids.extend(
+            rd.flatten()
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())),
+        );
+    }
+    for id in cni.cached_containers() {
+        if !ids.iter().any(|(i, _)| *i == id) {
+            let p = cni.options().state_dir.join(&id);
+            ids.push((id, p));
+        }
+    }
+    let grace = orphan_grace();
+    let now = std::time::SystemTime::now();
+    let mut released = vec![];
+    for (id, marker) in ids {
+        if root.join("containers").join(&id).exists() {
+            continue;
+        }
+        let old = std::fs::symlink_metadata(&marker)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_none_or(|age| age >= grace);
+        if !old {
+            continue;
+        }
+        match detach(cni, root, &id) {
+            Ok(()) => released.push(id),
+            Err(e) => tracing::warn!("releasing the orphaned network of {id}: {e:#}"),
+        }
+    }
+    released
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

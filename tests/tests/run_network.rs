@@ -81,11 +81,19 @@ impl Env {
         assert!(netns.is_empty(), "netns left: {netns:?}");
         let cache: Vec<_> = walk_files(&root.join("cni"));
         assert!(cache.is_empty(), "CNI cache left: {cache:?}");
+        // Our bridge plugin deletes the veth pair in the background (the kernel's unregister
+        // waits for an RCU grace period): give it a moment.
         for b in bridges {
-            let ports: Vec<_> = std::fs::read_dir(format!("/sys/class/net/{b}/brif"))
-                .map(|d| d.flatten().map(|e| e.file_name()).collect())
-                .unwrap_or_default();
-            assert!(ports.is_empty(), "veths left on {b}: {ports:?}");
+            let ports = || -> Vec<_> {
+                std::fs::read_dir(format!("/sys/class/net/{b}/brif"))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default()
+            };
+            let t0 = Instant::now();
+            while !ports().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(ports().is_empty(), "veths left on {b}: {:?}", ports());
         }
     }
 }
@@ -373,4 +381,81 @@ fn bad_networks_fail_cleanly() {
     assert_eq!(code, 125);
     assert!(err.contains("-p"), "{err}");
     nothing_left("ports without a network");
+}
+
+#[test]
+fn a_launch_killed_during_add_is_released_by_the_next_rm() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(mut env) = Env::new(&our_plugins()) else {
+        return;
+    };
+    // A plugin that hangs in ADD, so that the launcher can be killed in the middle of it.
+    let bin = tempfile::tempdir().unwrap();
+    let plugin = bin.path().join("hangadd");
+    std::fs::write(
+        &plugin,
+        "#!/bin/sh\nif [ \"$CNI_COMMAND\" = ADD ]; then exec sleep 3; fi\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.plugins = format!("{}:{}", bin.path().display(), env.plugins);
+    std::fs::write(
+        env.conf.path().join("10-hang.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"hang","plugins":[{"type":"hangadd"}]}"#,
+    )
+    .unwrap();
+    let mut launcher = env
+        .cmd()
+        .args(["run", "--rm", "--network", "hang", IMAGE, "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = env.c.root.path().to_path_buf();
+    eventually("the ADD is under way", || {
+        walk_files(&root.join("cni")).len() == 1
+    });
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let netns: Vec<_> = std::fs::read_dir(root.join("netns")).unwrap().collect();
+    assert_eq!(netns.len(), 1, "the half-made launch holds a namespace");
+    // Within the grace period a sweep leaves it alone (it could be a launch in progress).
+    let (code, _, err) = env.run(&["rm", "-a"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(walk_files(&root.join("cni")).len(), 1);
+    // Past it, the next rm releases it.
+    let out = env
+        .cmd()
+        .env("CAISSON_ORPHAN_GRACE_SECS", "0")
+        .args(["rm", "-a"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    env.assert_clean(&[]);
+}
+
+#[test]
+fn rm_sweeps_what_a_killed_supervisor_left_in_the_trash() {
+    if !require_root() {
+        return;
+    }
+    let c = Caisson::new();
+    let trash = c.root.path().join("trash");
+    for (name, age) in [("old.0", "2 minutes ago"), ("fresh.0", "now")] {
+        std::fs::create_dir_all(trash.join(name).join("sub")).unwrap();
+        std::fs::write(trash.join(name).join("sub/f"), "x").unwrap();
+        let st = std::process::Command::new("touch")
+            .args(["-d", age])
+            .arg(trash.join(name))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let (code, _, err) = c.run(&["rm", "-a"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!trash.join("old.0").exists(), "old trash entry kept");
+    assert!(
+        trash.join("fresh.0").exists(),
+        "a deletion in progress was touched"
+    );
 }

@@ -536,6 +536,35 @@ impl Runtime {
         }
     }
 
+    /// Deletes what supervisors left in `<root>/trash` (a `--rm` task's files are renamed there,
+    /// then deleted after the launcher has gone on; a supervisor killed meanwhile leaves them).
+    /// Only entries older than `min_age`, so that deletions in progress are left alone.
+    pub fn sweep_trash(&self, min_age: Duration) -> usize {
+        let Some(trash) = self.containers().parent().map(|r| r.join("trash")) else {
+            return 0;
+        };
+        let Ok(rd) = fs::read_dir(&trash) else {
+            return 0;
+        };
+        let now = std::time::SystemTime::now();
+        let mut old = vec![];
+        for e in rd.flatten() {
+            let age = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok());
+            if age.is_some_and(|a| a >= min_age) {
+                old.push(e.path());
+            }
+        }
+        for p in &old {
+            state::unmount_under(p);
+        }
+        state::cleanup_owned(&old);
+        old.len()
+    }
+
     /// The task's directory (logs are `stdout.log` and `stderr.log` in it).
     pub fn dir(&self, id: &str) -> TaskDir {
         self.task_dir(id)
