@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// Security options: `seccomp=unconfined` disables the default seccomp filter.
     #[arg(long = "security-opt")]
     security_opt: Vec<String>,
+    /// Give the task this many whole GPUs (or all), exclusively, with their devices.
+    #[arg(long = "gpus", value_name = "N|all")]
+    gpus: Option<String>,
     /// Write the container id to this file.
     #[arg(long)]
     cidfile: Option<PathBuf>,
@@ -337,15 +340,31 @@ fn build_spec_on(
         },
         auto_remove: a.rm,
         seccomp_unconfined,
+        devices: Default::default(),
     })
 }
 
 fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
-    let (spec, owned_root) = build_spec(root, &a)?;
+    let (mut spec, owned_root) = build_spec(root, &a)?;
+    // GPUs: allocated before the launch, released if it fails or when the task is done.
+    let task_id = spec.id.clone();
+    let gpus = crate::gpus::attach(root, a.gpus.as_deref(), &mut spec);
+    let gpus = match gpus {
+        Ok(g) => g,
+        Err(e) => {
+            if let Some(dir) = &owned_root {
+                let _ = containerizer::image::rootfs::remove(dir);
+            }
+            return Err(e);
+        }
+    };
     let rt = Runtime::new(root);
     let mut launched = match rt.launch(spec) {
         Ok(l) => l,
         Err(e) => {
+            if gpus {
+                crate::gpus::release(root, &task_id);
+            }
             if let Some(dir) = &owned_root {
                 let _ = containerizer::image::rootfs::remove(dir);
             }
@@ -410,6 +429,9 @@ fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
     tail.thread().unpark();
     let _ = tail.join();
     launched.finish();
+    if gpus {
+        crate::gpus::release(root, &task_id);
+    }
     let st = st?;
     match st.status {
         Status::Exited => Ok(st.exit_code.unwrap_or(125)),
@@ -576,6 +598,7 @@ pub fn rm(root: &Path, a: RmArgs) -> i32 {
             let id = rt.resolve(c)?;
             rt.remove(&id, a.force)
                 .with_context(|| format!("removing {c}"))?;
+            crate::gpus::release(root, &id);
             println!("{id}");
         }
         Ok(0)
