@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use anyhow::Result;
 use clap::Args;
-use containerizer::gpu::{self, Allocator, Gpu, Selection};
+use containerizer::gpu::{self, Allocator, Gpu, Inventory, Selection};
 use containerizer::launch::TaskSpec;
 
 /// Which GPUs caisson manages and where NVML is.
@@ -28,17 +28,14 @@ pub fn configure(a: &GpuArgs) {
     let _ = CONFIG.set(a.clone());
 }
 
-/// The GPUs caisson manages on this host (empty without NVML: one warning says why), and
-/// why there are none, when there are none.
-fn managed() -> Result<(Vec<Gpu>, String)> {
+/// The GPUs caisson manages on this host (none without NVML: one warning says why).
+fn managed() -> Result<Inventory> {
     let cfg = CONFIG.get().cloned().unwrap_or_default();
     let selection: Selection = cfg.gpus.parse()?;
     if selection == Selection::None {
-        return Ok((vec![], "--gpus none".into()));
+        return Ok(Inventory::default().select(&selection)?);
     }
-    let inv = gpu::discover(cfg.nvml_lib.as_deref());
-    let why = inv.unavailable.unwrap_or_else(|| "NVML lists none".into());
-    Ok((selection.apply(&inv.gpus)?, why))
+    Ok(gpu::discover(cfg.nvml_lib.as_deref()).select(&selection)?)
 }
 
 #[derive(Args, Debug)]
@@ -50,7 +47,7 @@ pub struct GpusArgs {
 
 /// `caisson gpus`: the managed GPUs and the task holding each.
 pub fn list(root: &Path, a: GpusArgs) -> Result<std::process::ExitCode> {
-    let (gpus, _) = managed()?;
+    let gpus = managed()?.gpus;
     let allocs = Allocator::new(root).allocations()?;
     let holder = |g: &Gpu| {
         allocs
@@ -100,29 +97,18 @@ pub fn attach(root: &Path, request: Option<&str>, spec: &mut TaskSpec) -> Result
     let Some(request) = request else {
         return Ok(false);
     };
-    let (gpus, why) = managed()?;
     let count = match request {
-        "all" => gpus.len(),
-        n => n.parse::<usize>().map_err(|_| {
+        "all" => None,
+        n => Some(n.parse::<usize>().map_err(|_| {
             anyhow::anyhow!("invalid --gpus {n:?}: expected a number of GPUs or all")
-        })?,
+        })?),
     };
-    if count == 0 && request != "all" {
+    if count == Some(0) {
         return Ok(false);
     }
-    if gpus.is_empty() {
-        anyhow::bail!("cannot allocate GPUs: this host has no GPUs for caisson to manage ({why})");
-    }
-    let got = Allocator::new(root).allocate(&spec.id, count, &gpus)?;
-    spec.devices = gpu::task_devices(&got);
-    for e in gpu::task_env(&got) {
-        let key = e.split('=').next().unwrap_or_default().to_string();
-        spec.process
-            .env
-            .retain(|x| x.split('=').next() != Some(key.as_str()));
-        spec.process.env.push(e);
-    }
-    spec.volumes.extend(gpu::driver_volumes(Path::new("/")));
+    let inv = managed()?;
+    let count = count.unwrap_or(inv.gpus.len());
+    gpu::attach_to_task(root, &inv, count, spec)?;
     Ok(true)
 }
 

@@ -16,7 +16,7 @@ pub use alloc::{Allocation, Allocator};
 pub use nvml::discover;
 
 use crate::cgroups::devices::{DeviceNode, DeviceRule, DeviceType, Devices};
-use crate::launch::Volume;
+use crate::launch::{TaskSpec, Volume};
 
 /// Major number of the NVIDIA character devices (`/dev/nvidiaN`, `nvidiactl`, `nvidia-modeset`).
 pub const NVIDIA_MAJOR: u32 = 195;
@@ -37,6 +37,8 @@ pub enum GpuError {
         total: usize,
         held: String,
     },
+    #[error("cannot allocate GPUs: this host has no GPUs for caisson to manage ({0})")]
+    NoGpus(String),
     #[error("GPUs are not supported for Wasm tasks")]
     Wasm,
     #[error("{context}: {source}")]
@@ -69,6 +71,47 @@ pub struct Inventory {
     pub gpus: Vec<Gpu>,
     /// Why NVML could not be used (no library, no driver), when it could not.
     pub unavailable: Option<String>,
+}
+
+impl Inventory {
+    /// Keeps the GPUs `selection` names (see [`Selection::apply`]).
+    pub fn select(self, selection: &Selection) -> Result<Inventory, GpuError> {
+        let gpus = selection.apply(&self.gpus)?;
+        let unavailable = match (&self.unavailable, selection) {
+            (Some(why), _) => Some(why.clone()),
+            (None, Selection::None) => Some("--gpus none".into()),
+            (None, _) if gpus.is_empty() => Some("NVML lists no GPU".into()),
+            (None, _) => None,
+        };
+        Ok(Inventory { gpus, unavailable })
+    }
+}
+
+/// Gives the task of `spec` `count` whole GPUs of `managed`, exclusively: allocates them to
+/// `spec.id` (recorded under `root`), then adds their device nodes and cgroup rules,
+/// `NVIDIA_VISIBLE_DEVICES`/`CUDA_VISIBLE_DEVICES` and the driver's files to the spec. The
+/// caller releases ([`Allocator::release`]) if the launch fails, and when the task is removed.
+pub fn attach_to_task(
+    root: &Path,
+    managed: &Inventory,
+    count: usize,
+    spec: &mut TaskSpec,
+) -> Result<Vec<Gpu>, GpuError> {
+    if managed.gpus.is_empty() {
+        let why = managed.unavailable.clone().unwrap_or_default();
+        return Err(GpuError::NoGpus(why));
+    }
+    let got = Allocator::new(root).allocate(&spec.id, count, &managed.gpus)?;
+    spec.devices = task_devices(&got);
+    for e in task_env(&got) {
+        let key = e.split('=').next().unwrap_or_default().to_string();
+        spec.process
+            .env
+            .retain(|x| x.split('=').next() != Some(key.as_str()));
+        spec.process.env.push(e);
+    }
+    spec.volumes.extend(driver_volumes(Path::new("/")));
+    Ok(got)
 }
 
 /// Which GPUs caisson manages (`--gpus all|none|0,2|GPU-uuid,...`).
