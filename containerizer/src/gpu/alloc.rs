@@ -121,13 +121,7 @@ impl Allocator {
         let mut rec = self.load()?;
         self.reclaim(&mut rec);
         if rec.allocations.iter().any(|a| a.task == task) {
-            return Err(GpuError::Io {
-                context: format!("task {task}"),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "already holds GPUs",
-                ),
-            });
+            return Err(GpuError::AlreadyHolds(task.to_string()));
         }
         let holder = |uuid: &str| {
             rec.allocations

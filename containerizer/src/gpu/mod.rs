@@ -39,6 +39,8 @@ pub enum GpuError {
     },
     #[error("cannot allocate GPUs: this host has no GPUs for caisson to manage ({0})")]
     NoGpus(String),
+    #[error("task {0} already holds GPUs")]
+    AlreadyHolds(String),
     #[error("GPUs are not supported for Wasm tasks")]
     Wasm,
     #[error("{context}: {source}")]
