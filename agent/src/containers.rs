@@ -12,6 +12,10 @@ use containerizer::launch::{
     TaskInfo, TaskSpec, Volume,
 };
 use nix::sys::signal::{SigSet, Signal};
+use std::process::ExitCode;
+
+use crate::network::CniArgs;
+use crate::tasknet;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -57,9 +61,14 @@ pub struct RunArgs {
     /// Maximum number of processes (-1 or 0: unlimited).
     #[arg(long = "pids-limit", allow_negative_numbers = true)]
     pids_limit: Option<i64>,
-    /// Network mode: none (loopback only) or host.
-    #[arg(long = "network", alias = "net", default_value = "none")]
-    network: String,
+    /// Network: none (loopback only, the default), host, or CNI network names (repeatable or
+    /// comma-separated; `bridge` is the default network `caisson`).
+    #[arg(long = "network", alias = "net")]
+    network: Vec<String>,
+    /// Publish a port: [HOSTIP:]HOSTPORT:CTRPORT[/tcp|udp] (on the default network unless
+    /// --network names one).
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<String>,
     /// Mount the root filesystem read-only.
     #[arg(long = "read-only")]
     read_only: bool,
@@ -150,7 +159,10 @@ pub struct RmArgs {
     /// Kill a running container first.
     #[arg(short = 'f', long)]
     force: bool,
-    #[arg(required = true)]
+    /// Remove all containers.
+    #[arg(short = 'a', long)]
+    all: bool,
+    #[arg(required_unless_present = "all")]
     containers: Vec<String>,
 }
 
@@ -180,8 +192,8 @@ fn report(res: anyhow::Result<i32>) -> i32 {
     }
 }
 
-pub fn run(root: &Path, a: RunArgs) -> i32 {
-    report(run_inner(root, a.split()))
+pub fn run(root: &Path, cni: &CniArgs, a: RunArgs) -> i32 {
+    report(run_inner(root, cni, a.split()))
 }
 
 /// Parses a size such as `512`, `64k`, `64m`, `1g` (podman's units, binary multiples); the
@@ -247,7 +259,11 @@ fn prepare_image_root(root: &Path, image: &str, id: &str) -> anyhow::Result<Prep
     })
 }
 
-fn build_spec(root: &Path, a: &RunArgs) -> anyhow::Result<(TaskSpec, Option<PathBuf>)> {
+fn build_spec(
+    root: &Path,
+    a: &RunArgs,
+    mode: NetworkMode,
+) -> anyhow::Result<(TaskSpec, Option<PathBuf>)> {
     let mut env = vec![];
     for f in &a.env_file {
         let text = std::fs::read_to_string(f)
@@ -274,7 +290,7 @@ fn build_spec(root: &Path, a: &RunArgs) -> anyhow::Result<(TaskSpec, Option<Path
         prepare_image_root(root, &a.image, &id)?
     };
     let owned = prepared.owned.clone();
-    let spec = build_spec_on(a, env, id, prepared);
+    let spec = build_spec_on(a, env, id, prepared, mode);
     if spec.is_err() {
         if let Some(dir) = &owned {
             let _ = containerizer::image::rootfs::remove(dir);
@@ -288,6 +304,7 @@ fn build_spec_on(
     env: Vec<String>,
     id: String,
     prepared: PreparedRoot,
+    network: NetworkMode,
 ) -> anyhow::Result<TaskSpec> {
     let process = process_from_image(
         prepared.config.as_ref(),
@@ -331,7 +348,7 @@ fn build_spec_on(
         process,
         hostname: a.hostname.clone().unwrap_or_default(),
         volumes,
-        network: a.network.parse::<NetworkMode>()?,
+        network,
         limits: Limits {
             cpus: a.cpus,
             cpu_shares: a.cpu_shares,
@@ -340,33 +357,68 @@ fn build_spec_on(
         },
         auto_remove: a.rm,
         seccomp_unconfined,
-        devices: Default::default(),
+        ..Default::default()
     })
 }
 
-fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
-    let (mut spec, owned_root) = build_spec(root, &a)?;
+fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
+    let plan = tasknet::plan(&a.network, &a.publish)?;
+    let mode = match plan {
+        tasknet::Plan::Host => NetworkMode::Host,
+        _ => NetworkMode::None,
+    };
+    let (mut spec, owned_root) = build_spec(root, &a, mode)?;
+    let remove_root = || {
+        if let Some(dir) = &owned_root {
+            let _ = containerizer::image::rootfs::remove(dir);
+        }
+    };
     // GPUs: allocated before the launch, released if it fails or when the task is done.
-    let task_id = spec.id.clone();
-    let gpus = crate::gpus::attach(root, a.gpus.as_deref(), &mut spec);
-    let gpus = match gpus {
+    let gpus = match crate::gpus::attach(root, a.gpus.as_deref(), &mut spec) {
         Ok(g) => g,
         Err(e) => {
-            if let Some(dir) = &owned_root {
-                let _ = containerizer::image::rootfs::remove(dir);
-            }
+            remove_root();
             return Err(e);
         }
     };
+    let cni = cni_args.cni(root);
+    let networked = matches!(plan, tasknet::Plan::Cni(_));
+    if let tasknet::Plan::Cni(reqs) = &plan {
+        match tasknet::attach(&cni, root, &spec.id, reqs) {
+            Ok(att) => {
+                use containerizer::net::files;
+                if spec.hostname.is_empty() {
+                    spec.hostname = spec.id[..12].to_string();
+                }
+                spec.hosts_file = Some(files::hosts_file(&spec.hostname, &att.attachments, &[]));
+                let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                spec.resolv_conf = Some(files::resolv_conf(&att.attachments, &host_resolv));
+                spec.netns = Some(att.netns);
+                spec.network_us = Some(att.took_us);
+                spec.exit_command = cleanup_command(root, cni_args, &spec.id)?;
+            }
+            Err(e) => {
+                if gpus {
+                    crate::gpus::release(root, &spec.id);
+                }
+                remove_root();
+                return Err(e);
+            }
+        }
+    }
     let rt = Runtime::new(root);
+    let id = spec.id.clone();
     let mut launched = match rt.launch(spec) {
         Ok(l) => l,
         Err(e) => {
             if gpus {
-                crate::gpus::release(root, &task_id);
+                crate::gpus::release(root, &id);
             }
-            if let Some(dir) = &owned_root {
-                let _ = containerizer::image::rootfs::remove(dir);
+            remove_root();
+            if networked {
+                if let Err(de) = tasknet::detach(&cni, root, &id) {
+                    tracing::warn!("releasing the network after a failed launch: {de:#}");
+                }
             }
             return Err(e.into());
         }
@@ -430,7 +482,7 @@ fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
     let _ = tail.join();
     launched.finish();
     if gpus {
-        crate::gpus::release(root, &task_id);
+        crate::gpus::release(root, &id);
     }
     let st = st?;
     match st.status {
@@ -445,6 +497,26 @@ fn run_inner(root: &Path, a: RunArgs) -> anyhow::Result<i32> {
             Ok(125)
         }
     }
+}
+
+/// `caisson cleanup ID`, run by the task's supervisor when it exits (podman's
+/// `container cleanup` as conmon's exit command), with the CLI's store and CNI settings.
+fn cleanup_command(root: &Path, cni: &CniArgs, id: &str) -> anyhow::Result<Vec<String>> {
+    let exe = std::env::current_exe().context("locating the caisson executable")?;
+    let mut v = vec![
+        exe.to_string_lossy().into_owned(),
+        "--root".into(),
+        root.to_string_lossy().into_owned(),
+    ];
+    v.extend(cni.argv());
+    v.extend(["cleanup".into(), id.to_string()]);
+    Ok(v)
+}
+
+/// Releases what a task holds outside its own directory (its networks). Idempotent.
+pub fn cleanup(root: &Path, cni: &CniArgs, id: &str) -> anyhow::Result<ExitCode> {
+    tasknet::detach(&cni.cni(root), root, id)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ago(ms: u64) -> String {
@@ -591,14 +663,23 @@ pub fn stop(root: &Path, a: StopArgs) -> i32 {
     })())
 }
 
-pub fn rm(root: &Path, a: RmArgs) -> i32 {
+pub fn rm(root: &Path, cni: &CniArgs, a: RmArgs) -> i32 {
     report((|| {
         let rt = Runtime::new(root);
-        for c in &a.containers {
+        let mut targets = a.containers.clone();
+        if a.all {
+            targets.extend(rt.list()?.into_iter().map(|t| t.id));
+        }
+        for c in &targets {
             let id = rt.resolve(c)?;
             rt.remove(&id, a.force)
                 .with_context(|| format!("removing {c}"))?;
             crate::gpus::release(root, &id);
+            // Normally done by the supervisor's exit command already; this covers a
+            // supervisor that died first.
+            if let Err(e) = tasknet::detach(&cni.cni(root), root, &id) {
+                eprintln!("Warning: {e:#}");
+            }
             println!("{id}");
         }
         Ok(0)
@@ -620,12 +701,42 @@ pub fn wait(root: &Path, a: WaitArgs) -> i32 {
     })())
 }
 
-pub fn inspect(root: &Path, a: InspectArgs) -> i32 {
+/// What `inspect` shows of each attachment: interfaces, addresses, gateways.
+fn network_summary(atts: &[containerizer::net::Attachment]) -> Vec<serde_json::Value> {
+    atts.iter()
+        .map(|a| {
+            let r = a.result.clone().unwrap_or_default();
+            let ips: Vec<_> = r
+                .task_ips(&a.ifname)
+                .iter()
+                .map(
+                    |i| serde_json::json!({"address": i.address.to_string(), "gateway": i.gateway}),
+                )
+                .collect();
+            serde_json::json!({
+                "network": a.network,
+                "interface": a.ifname,
+                "netns": a.netns,
+                "ips": ips,
+                "interfaces": r.interfaces,
+                "routes": r.routes,
+                "dns": r.dns,
+            })
+        })
+        .collect()
+}
+
+pub fn inspect(root: &Path, cni: &CniArgs, a: InspectArgs) -> i32 {
     report((|| {
         let rt = Runtime::new(root);
+        let cni = cni.cni(root);
         let mut infos = vec![];
         for c in &a.containers {
-            infos.push(rt.info(&rt.resolve(c)?)?);
+            let info = rt.info(&rt.resolve(c)?)?;
+            let mut v = serde_json::to_value(&info)?;
+            let atts = cni.attachments(&info.id).unwrap_or_default();
+            v["networks"] = serde_json::to_value(network_summary(&atts))?;
+            infos.push(v);
         }
         let mut out = std::io::stdout().lock();
         serde_json::to_writer_pretty(&mut out, &infos)?;

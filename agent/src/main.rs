@@ -3,6 +3,7 @@ mod containers;
 mod gpus;
 mod images;
 mod network;
+mod tasknet;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -63,6 +64,10 @@ enum Command {
     /// Manage CNI networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Release what an ended container holds outside its directory (its networks); run by
+    /// the container's supervisor.
+    #[command(hide = true)]
+    Cleanup { id: String },
 }
 
 fn main() -> ExitCode {
@@ -75,14 +80,15 @@ fn main() -> ExitCode {
     gpus::configure(&cli.gpu);
     let code = |c: i32| ExitCode::from(c.clamp(0, 255) as u8);
     let result = match cli.command {
-        Command::Run(a) => Ok(code(containers::run(&cli.root, *a))),
+        Command::Run(a) => Ok(code(containers::run(&cli.root, &cli.cni, *a))),
         Command::Ps(a) => Ok(code(containers::ps(&cli.root, a))),
         Command::Logs(a) => Ok(code(containers::logs(&cli.root, a))),
         Command::Kill(a) => Ok(code(containers::kill(&cli.root, a))),
         Command::Stop(a) => Ok(code(containers::stop(&cli.root, a))),
-        Command::Rm(a) => Ok(code(containers::rm(&cli.root, a))),
+        Command::Rm(a) => Ok(code(containers::rm(&cli.root, &cli.cni, a))),
         Command::Wait(a) => Ok(code(containers::wait(&cli.root, a))),
-        Command::Inspect(a) => Ok(code(containers::inspect(&cli.root, a))),
+        Command::Inspect(a) => Ok(code(containers::inspect(&cli.root, &cli.cni, a))),
+        Command::Cleanup { id } => containers::cleanup(&cli.root, &cli.cni, &id),
         Command::Pull(a) => images::pull(&cli.root, a),
         Command::Load(a) => images::load(&cli.root, a),
         Command::Images(a) => images::list(&cli.root, a),

@@ -27,6 +27,16 @@ pub struct CniArgs {
 }
 
 impl CniArgs {
+    /// These settings as command-line arguments (for commands caisson runs later).
+    pub fn argv(&self) -> Vec<String> {
+        vec![
+            "--cni-config-dir".into(),
+            self.cni_config_dir.to_string_lossy().into_owned(),
+            "--cni-plugin-dir".into(),
+            self.cni_plugin_dir.clone(),
+        ]
+    }
+
     pub fn cni(&self, root: &Path) -> Cni {
         Cni::new(CniOptions {
             config_dir: self.cni_config_dir.clone(),

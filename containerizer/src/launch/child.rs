@@ -133,6 +133,13 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     sys::dup2(a.stderr.as_raw_fd(), 2).ctx(|| "dup2 stderr".into())?;
     unistd::setsid().ok();
     umask(Mode::empty());
+    if let Some(ns) = &spec.netns {
+        // Before the mounts: the new /sys must show this namespace's devices. We are the
+        // single thread of a fresh process, so the switch affects only the task.
+        let f = fs::File::open(ns).ctx(|| format!("opening netns {}", ns.display()))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .ctx(|| format!("joining netns {}", ns.display()))?;
+    }
 
     let root = spec.rootfs.as_path();
     let none: Option<&str> = None;
@@ -209,6 +216,7 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         .ctx(|| "remounting / read-only".into())?;
     }
     unistd::sethostname(&spec.hostname).ctx(|| "sethostname".into())?;
+    // In a joined (CNI) namespace too: not every network's chain has the loopback plugin.
     if spec.network == NetworkMode::None {
         sys::loopback_up().ctx(|| "bringing up lo".into())?;
     }

@@ -314,18 +314,24 @@ impl Runtime {
             fs::write(td.etc().join(name), data).map_err(io_err(format!("writing etc/{name}")))
         };
         w("hostname", format!("{}\n", spec.hostname).as_bytes())?;
-        w(
-            "hosts",
-            format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
-                spec.hostname
-            )
-            .as_bytes(),
-        )?;
-        w(
-            "resolv.conf",
-            &fs::read("/etc/resolv.conf").unwrap_or_default(),
-        )?;
+        match &spec.hosts_file {
+            Some(h) => w("hosts", h.as_bytes())?,
+            None => w(
+                "hosts",
+                format!(
+                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                    spec.hostname
+                )
+                .as_bytes(),
+            )?,
+        }
+        match &spec.resolv_conf {
+            Some(r) => w("resolv.conf", r.as_bytes())?,
+            None => w(
+                "resolv.conf",
+                &fs::read("/etc/resolv.conf").unwrap_or_default(),
+            )?,
+        }
         let id = spec.id.clone();
         let name = spec.name.clone();
         td.write_state(&TaskState::created(state::now_ms()))
@@ -584,6 +590,19 @@ fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
             "rootfs {} must be an absolute path to a directory",
             spec.rootfs.display()
         )));
+    }
+    if let Some(ns) = &spec.netns {
+        if spec.network != NetworkMode::None {
+            return Err(LaunchError::Invalid(
+                "a network namespace to join needs network mode none".into(),
+            ));
+        }
+        if !crate::sys::netns::is_netns(ns) {
+            return Err(LaunchError::Invalid(format!(
+                "{} is not a network namespace",
+                ns.display()
+            )));
+        }
     }
     for v in &spec.volumes {
         fs::metadata(&v.source).map_err(|e| {

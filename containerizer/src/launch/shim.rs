@@ -9,7 +9,7 @@
 //! removes the task's directory.
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -49,6 +49,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     state.shim_start_ticks = process_start_ticks(me);
     let mut timings = Timings {
         rootfs_us: spec.rootfs_prepare_us,
+        network_us: spec.network_us,
         prepare_us: spawned_ns
             .unwrap_or(cfg.launch_started_ns)
             .saturating_sub(cfg.launch_started_ns)
@@ -135,7 +136,8 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
 
     let mut flags =
         (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
-    if spec.network == NetworkMode::None {
+    // A task joining a prepared namespace (CNI) setns's into it in the init instead.
+    if spec.network == NetworkMode::None && spec.netns.is_none() {
         flags |= libc::CLONE_NEWNET as u64;
     }
     let v2fd = early_cg.as_ref().and_then(|cg| cg.open_v2_dir());
@@ -291,6 +293,8 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             }
         }
     };
+    // Started at once, it runs while we account and clean up.
+    let mut exit_command = spawn_exit_command(spec);
     let mut usage = cg.usage();
     // Without cpuacct/memory accounting (e.g. a v2 tree without those controllers), fall back
     // to the rusage of the reaped task (its largest process, not the cgroup total).
@@ -329,9 +333,38 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         let mut buf = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
-        remove_task(&td, spec);
+        remove_task(&td, spec, exit_command.take());
     }
+    wait_exit_command(spec, exit_command);
     0
+}
+
+/// Starts the spec's exit command, its output into our log (our stdout is the launcher's pipe).
+fn spawn_exit_command(spec: &super::spec::TaskSpec) -> Option<std::process::Child> {
+    let (prog, args) = spec.exit_command.split_first()?;
+    let log = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
+    match std::process::Command::new(prog)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .spawn()
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(id = %spec.id, "exit command {prog}: {e}");
+            None
+        }
+    }
+}
+
+fn wait_exit_command(spec: &super::spec::TaskSpec, child: Option<std::process::Child>) {
+    if let Some(mut c) = child {
+        match c.wait() {
+            Ok(st) if !st.success() => tracing::error!(id = %spec.id, "exit command: {st}"),
+            Err(e) => tracing::error!(id = %spec.id, "exit command: {e}"),
+            Ok(_) => {}
+        }
+    }
 }
 
 /// `--rm`: makes the task disappear at once, tells the launcher, then deletes its files.
@@ -343,7 +376,11 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
 /// every freed block is a synchronous discard (milliseconds each under I/O load), and a task
 /// frees a few dozen. A path that cannot be renamed (another filesystem) is deleted in place
 /// before the report, as before.
-fn remove_task(td: &TaskDir, spec: &super::spec::TaskSpec) {
+fn remove_task(
+    td: &TaskDir,
+    spec: &super::spec::TaskSpec,
+    exit_command: Option<std::process::Child>,
+) {
     let trash = td
         .dir
         .parent()
@@ -374,6 +411,8 @@ fn remove_task(td: &TaskDir, spec: &super::spec::TaskSpec) {
         None => true,
     };
     td.release_name(&spec.name, &spec.id);
+    // What it releases (addresses, ports) must be free once the launcher hears "removed".
+    wait_exit_command(spec, exit_command);
     if dir_left {
         if let Err(e) = fs::remove_dir_all(&td.dir) {
             tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());

@@ -147,6 +147,26 @@ pub struct TaskSpec {
     /// Time the caller spent preparing the root filesystem, for the phase timings.
     #[serde(default)]
     pub rootfs_prepare_us: Option<u64>,
+    /// Join this network namespace (prepared by the caller, e.g. attached to CNI networks)
+    /// instead of a fresh loopback-only one. Only with [`NetworkMode::None`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// Time the caller spent on the network (netns + CNI ADD), for the phase timings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_us: Option<u64>,
+    /// Content of the task's `/etc/hosts` (e.g. with its network addresses); loopback names
+    /// and `127.0.1.1 hostname` when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts_file: Option<String>,
+    /// Content of the task's `/etc/resolv.conf`; the host's when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
+    /// A command the supervisor runs once the task has exited (conmon's `--exit-command`),
+    /// e.g. to release network attachments at once rather than at `rm`. Its output goes to
+    /// the supervisor's log; with `auto_remove` it has finished before the task is reported
+    /// removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exit_command: Vec<String>,
 }
 
 /// The user's overrides on top of an image config (`caisson run` flags).

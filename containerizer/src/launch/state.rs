@@ -36,6 +36,9 @@ impl Status {
 pub struct Timings {
     /// Root filesystem preparation by the caller, if any.
     pub rootfs_us: Option<u64>,
+    /// Network namespace and CNI attachments by the caller, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_us: Option<u64>,
     /// The launcher's bookkeeping: validation, task directory, records, generated /etc files.
     #[serde(default)]
     pub prepare_us: u64,

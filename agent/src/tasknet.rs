@@ -1,0 +1,185 @@
+//! CNI networking of `caisson run`: which networks a task asks for, its network namespace and
+//! CNI ADD before the launch, and the release (DEL, netns removal) when it ends.
+//!
+//! The task's namespace is bind-mounted at `<root>/netns/<id>` and its attachments are cached
+//! under `<root>/cni` (containerizer::net), so that any later process (`caisson rm`, the
+//! supervisor's exit command `caisson cleanup ID`, an agent after a restart) can undo them.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use containerizer::net::{self, Attachment, Cni, Netns, NetworkRequest, PortMapping};
+
+/// The network a task asked for with `--network` and `-p`.
+#[derive(Debug)]
+pub enum Plan {
+    /// Its own namespace with loopback only.
+    None,
+    /// The host's namespace.
+    Host,
+    /// Its own namespace attached to these CNI networks, in order (`eth0`, `eth1`, ...).
+    Cni(Vec<NetworkRequest>),
+}
+
+/// podman's name for "the default network".
+const BRIDGE_ALIAS: &str = "bridge";
+
+/// `--network` values (repeatable, comma-separated) and `-p` mappings. Without `--network`,
+/// port mappings mean the default network (`caisson`), as podman's rootful default does.
+pub fn plan(networks: &[String], publish: &[String]) -> anyhow::Result<Plan> {
+    let mut names: Vec<String> = vec![];
+    for n in networks.iter().flat_map(|n| n.split(',')).map(str::trim) {
+        if n.is_empty() {
+            bail!(
+                "invalid --network {:?}: empty network name",
+                networks.join(",")
+            );
+        }
+        let n = if n == BRIDGE_ALIAS {
+            net::DEFAULT_NETWORK.to_string()
+        } else {
+            n.to_string()
+        };
+        if names.contains(&n) {
+            bail!("network {n:?} given twice");
+        }
+        names.push(n);
+    }
+    let ports = publish
+        .iter()
+        .map(|p| p.parse::<PortMapping>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let special = |n: &str| n == "none" || n == "host";
+    if names.len() > 1 && names.iter().any(|n| special(n)) {
+        bail!("--network none or host cannot be combined with other networks");
+    }
+    match names.first().map(String::as_str) {
+        None if ports.is_empty() => Ok(Plan::None),
+        None => Ok(Plan::Cni(vec![request(net::DEFAULT_NETWORK, ports)])),
+        Some(m @ ("none" | "host")) => {
+            if !ports.is_empty() {
+                bail!("port mappings (-p) need a CNI network; --network {m} has none");
+            }
+            Ok(if m == "none" { Plan::None } else { Plan::Host })
+        }
+        Some(_) => {
+            // The mappings go to the first network: one host port can be forwarded only once.
+            let mut reqs: Vec<NetworkRequest> = vec![];
+            let mut ports = Some(ports);
+            for n in names {
+                reqs.push(request(&n, ports.take().unwrap_or_default()));
+            }
+            Ok(Plan::Cni(reqs))
+        }
+    }
+}
+
+fn request(name: &str, port_mappings: Vec<PortMapping>) -> NetworkRequest {
+    NetworkRequest {
+        port_mappings,
+        ..NetworkRequest::new(name)
+    }
+}
+
+/// Where a task's network namespace is pinned.
+pub fn netns_path(root: &Path, id: &str) -> PathBuf {
+    root.join("netns").join(id)
+}
+
+/// A task's network, ready for the launch.
+pub struct Attached {
+    pub netns: PathBuf,
+    pub attachments: Vec<Attachment>,
+    pub took_us: u64,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // Plugins are child processes: one thread is enough, and no pooled thread ever setns's.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the CNI runtime")
+}
+
+/// Creates the task's namespace and attaches it to every requested network (all or nothing:
+/// on failure, what was attached is detached and the namespace removed).
+pub fn attach(
+    cni: &Cni,
+    root: &Path,
+    id: &str,
+    reqs: &[NetworkRequest],
+) -> anyhow::Result<Attached> {
+    let t0 = Instant::now();
+    if reqs.iter().any(|r| r.name == net::DEFAULT_NETWORK) {
+        cni.ensure_default_network()
+            .context("creating the default network")?;
+    }
+    // An unknown network is reported before anything is made.
+    for r in reqs {
+        cni.network(&r.name)?;
+    }
+    let path = netns_path(root, id);
+    let ns = Netns::create(&path)?;
+    let res = runtime().and_then(|rt| Ok(rt.block_on(cni.setup(id, ns.path(), reqs))?));
+    match res {
+        Ok(attachments) => Ok(Attached {
+            netns: path,
+            attachments,
+            took_us: t0.elapsed().as_micros() as u64,
+        }),
+        Err(e) => {
+            let _ = ns.delete();
+            Err(e)
+        }
+    }
+}
+
+/// Releases a task's network: DEL on every cached attachment (newest first), then removes its
+/// namespace. Idempotent; a task without networks costs a directory lookup.
+pub fn detach(cni: &Cni, root: &Path, id: &str) -> anyhow::Result<()> {
+    let path = netns_path(root, id);
+    let cached = cni.attachments(id).map(|a| !a.is_empty()).unwrap_or(true);
+    let mut result = Ok(());
+    if cached {
+        result = runtime().and_then(|rt| {
+            rt.block_on(cni.teardown(id))
+                .with_context(|| format!("releasing the networks of {id}"))
+        });
+    }
+    net::delete_netns(&path)?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn plans() {
+        assert!(matches!(plan(&[], &[]).unwrap(), Plan::None));
+        assert!(matches!(plan(&s(&["none"]), &[]).unwrap(), Plan::None));
+        assert!(matches!(plan(&s(&["host"]), &[]).unwrap(), Plan::Host));
+        let Plan::Cni(r) = plan(&[], &s(&["8080:80"])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].name, net::DEFAULT_NETWORK);
+        assert_eq!(r[0].port_mappings[0].host_port, 8080);
+        let Plan::Cni(r) = plan(&s(&["a,b", "bridge"]), &s(&["1:2/udp"])).unwrap() else {
+            panic!()
+        };
+        let names: Vec<_> = r.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", net::DEFAULT_NETWORK]);
+        assert_eq!(r[0].port_mappings.len(), 1);
+        assert!(r[1].port_mappings.is_empty());
+        assert!(plan(&s(&["none"]), &s(&["1:2"])).is_err());
+        assert!(plan(&s(&["host,a"]), &[]).is_err());
+        assert!(plan(&s(&["a,a"]), &[]).is_err());
+        assert!(plan(&s(&["a,"]), &[]).is_err());
+        assert!(plan(&[], &s(&["99999:1"])).is_err());
+    }
+}

@@ -1,0 +1,376 @@
+//! `caisson run --network NAME[,NAME2] -p HOST:CTR`: real containers on real CNI networks, with
+//! our plugins and with the reference plugins; nothing left behind (netns, cache, veths, IPs,
+//! port forwards), also when the launcher is killed.
+use caisson_tests::*;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const REFERENCE: &str = "/usr/lib/cni";
+/// How `caisson load` names the test layout.
+const IMAGE: &str = "localhost/oci:latest";
+
+fn our_plugins() -> PathBuf {
+    let dir = caisson_bin().parent().unwrap().to_path_buf();
+    for p in ["bridge", "host-local", "loopback", "portmap"] {
+        assert!(dir.join(p).exists(), "{} not built", dir.join(p).display());
+    }
+    dir
+}
+
+/// A caisson root with the busybox test image loaded and a private CNI config dir.
+struct Env {
+    c: Caisson,
+    conf: tempfile::TempDir,
+    plugins: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(plugins: &Path) -> Option<Env> {
+        if !require_root() || !require_tool("umoci") || !require_tool("iptables") {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = busybox_layout(tmp.path(), "latest").unwrap();
+        let c = Caisson::new();
+        let (code, _, err) = c.run(&["load", "-i", &format!("{}:latest", layout.display())]);
+        assert_eq!(code, 0, "{err}");
+        Some(Env {
+            c,
+            conf: tempfile::tempdir().unwrap(),
+            plugins: plugins.to_str().unwrap().to_string(),
+            _tmp: tmp,
+        })
+    }
+
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec![
+            "--cni-config-dir",
+            self.conf.path().to_str().unwrap(),
+            "--cni-plugin-dir",
+            &self.plugins,
+        ];
+        all.extend_from_slice(args);
+        self.c.run(&all)
+    }
+
+    fn cmd(&self) -> std::process::Command {
+        let mut c = self.c.cmd();
+        c.arg("--cni-config-dir")
+            .arg(self.conf.path())
+            .arg("--cni-plugin-dir")
+            .arg(&self.plugins);
+        c
+    }
+
+    fn create(&self, name: &str, subnet: &str, bridge: &str) {
+        let (code, _, err) = self.run(&[
+            "network", "create", "--subnet", subnet, "--bridge", bridge, name,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+
+    /// Nothing of any task's networking is left: no pinned netns, no cached attachment, no
+    /// port on the bridge.
+    fn assert_clean(&self, bridges: &[&str]) {
+        let root = self.c.root.path();
+        let netns: Vec<_> = std::fs::read_dir(root.join("netns"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(netns.is_empty(), "netns left: {netns:?}");
+        let cache: Vec<_> = walk_files(&root.join("cni"));
+        assert!(cache.is_empty(), "CNI cache left: {cache:?}");
+        for b in bridges {
+            let ports: Vec<_> = std::fs::read_dir(format!("/sys/class/net/{b}/brif"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(ports.is_empty(), "veths left on {b}: {ports:?}");
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.run(&["rm", "-f", "--all"]);
+    }
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn del_bridge(name: &str) {
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", name])
+        .output();
+}
+
+/// Polls `f` for up to 10 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn named_network(plugins: &Path, tag: &str, octet: u8) {
+    let Some(env) = Env::new(plugins) else { return };
+    let bridge = format!("cst{tag}{octet}");
+    let net = format!("runnet{tag}");
+    del_bridge(&bridge);
+    // host-local's default data dir (ours uses the same layout).
+    let ipam = Path::new("/var/lib/cni/networks");
+    let _ = std::fs::remove_dir_all(ipam.join(&net));
+    env.create(&net, &format!("10.231.{octet}.0/24"), &bridge);
+    for round in 0..2 {
+        let (code, out, err) = env.run(&[
+            "run",
+            "--rm",
+            "--hostname",
+            "web1",
+            "--network",
+            &net,
+            IMAGE,
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!(
+                "busybox ip -4 addr show eth0 && cat /etc/hosts && busybox ping -c1 -W2 10.231.{octet}.1"
+            ),
+        ]);
+        assert_eq!(code, 0, "round {round}: {out}{err}");
+        let prefix = format!("inet 10.231.{octet}.");
+        let at = out
+            .find(&prefix)
+            .unwrap_or_else(|| panic!("no address: {out}"));
+        let ip: String = out[at + 5..].chars().take_while(|c| *c != '/').collect();
+        assert!(out.contains(&format!("{ip}\tweb1")), "/etc/hosts: {out}");
+        assert!(
+            out.contains("1 packets received"),
+            "gateway unreachable: {out}"
+        );
+        env.assert_clean(&[&bridge]);
+        // host-local released the address.
+        let held: Vec<_> = std::fs::read_dir(ipam.join(&net))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(held.is_empty(), "addresses still allocated: {held:?}");
+    }
+    drop(env);
+    del_bridge(&bridge);
+}
+
+#[test]
+fn run_on_a_named_network_with_our_plugins() {
+    named_network(&our_plugins(), "o", 41);
+}
+
+#[test]
+fn run_on_a_named_network_with_the_reference_plugins() {
+    if !require_tool("/usr/lib/cni/bridge") {
+        return;
+    }
+    named_network(Path::new(REFERENCE), "r", 42);
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_millis(500),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn published_port_reaches_the_task_and_two_networks_show_in_inspect() {
+    let Some(env) = Env::new(&our_plugins()) else {
+        return;
+    };
+    let (b1, b2) = ("cstp43", "cstp44");
+    del_bridge(b1);
+    del_bridge(b2);
+    env.create("front", "10.231.43.0/24", b1);
+    env.create("back", "10.231.44.0/24", b2);
+    let port = free_port();
+    let (code, out, err) = env.run(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "front,back",
+        "-p",
+        &format!("{port}:8080"),
+        IMAGE,
+        "/bin/busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/etc",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    let mut body = None;
+    eventually("httpd answers on the published port", || {
+        body = http_get(port, "/motd");
+        body.is_some()
+    });
+    assert!(
+        body.unwrap().contains("hello from caisson tests"),
+        "wrong answer"
+    );
+    let (code, out, _) = env.run(&["inspect", "web"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let nets = v[0]["networks"].as_array().unwrap();
+    assert_eq!(nets.len(), 2, "{out}");
+    assert_eq!(nets[0]["network"], "front");
+    assert_eq!(nets[0]["interface"], "eth0");
+    assert!(nets[0]["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .starts_with("10.231.43."));
+    assert_eq!(nets[0]["ips"][0]["gateway"], "10.231.43.1");
+    assert_eq!(nets[1]["network"], "back");
+    assert_eq!(nets[1]["interface"], "eth1");
+    assert!(v[0]["state"]["timings"]["network_us"].as_u64().unwrap() > 0);
+    // The same host port again: refused, and nothing of the second task is left.
+    let (code, _, err) = env.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "front",
+        "-p",
+        &format!("{port}:8080"),
+        IMAGE,
+        "/bin/true",
+    ]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("portmap"), "{err}");
+    let (_, out, _) = env.run(&["ps", "-aq"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    // Removing the task releases everything, the forward included.
+    let (code, _, err) = env.run(&["rm", "-f", &id]);
+    assert_eq!(code, 0, "{err}");
+    env.assert_clean(&[b1, b2]);
+    assert!(http_get(port, "/motd").is_none(), "port still forwarded");
+    drop(env);
+    del_bridge(b1);
+    del_bridge(b2);
+}
+
+#[test]
+fn the_supervisor_releases_the_network_after_the_launcher_is_killed() {
+    let Some(env) = Env::new(&our_plugins()) else {
+        return;
+    };
+    let bridge = "cstk45";
+    del_bridge(bridge);
+    env.create("killnet", "10.231.45.0/24", bridge);
+    let mut launcher = env
+        .cmd()
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            "victim",
+            "--network",
+            "killnet",
+            IMAGE,
+            "sleep",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let netns = env.c.root.path().join("netns");
+    eventually("the task is running", || {
+        let (_, out, _) = env.run(&["ps", "-q"]);
+        !out.trim().is_empty()
+    });
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    // The task runs on; when it ends its supervisor removes it and releases its network.
+    eventually("the task is gone and its network released", || {
+        let (_, out, _) = env.run(&["ps", "-aq"]);
+        out.trim().is_empty() && std::fs::read_dir(&netns).map_or(true, |mut d| d.next().is_none())
+    });
+    env.assert_clean(&[bridge]);
+    drop(env);
+    del_bridge(bridge);
+}
+
+#[test]
+fn bad_networks_fail_cleanly() {
+    let Some(env) = Env::new(&our_plugins()) else {
+        return;
+    };
+    let root = env.c.root.path().to_path_buf();
+    let nothing_left = |what: &str| {
+        let (_, out, _) = env.run(&["ps", "-aq"]);
+        assert!(out.trim().is_empty(), "{what}: task left: {out}");
+        let roots: Vec<_> = std::fs::read_dir(root.join("rootfs"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(roots.is_empty(), "{what}: rootfs left: {roots:?}");
+        env.assert_clean(&[]);
+    };
+    let (code, _, err) = env.run(&["run", "--rm", "--network", "nosuchnet", IMAGE, "true"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("nosuchnet"), "{err}");
+    nothing_left("unknown network");
+
+    // A configuration whose plugin does not exist.
+    std::fs::write(
+        env.conf.path().join("50-broken.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"broken","plugins":[{"type":"nosuchplugin"}]}"#,
+    )
+    .unwrap();
+    let (code, _, err) = env.run(&["run", "--rm", "--network", "broken", IMAGE, "true"]);
+    assert_eq!(code, 125);
+    assert!(
+        err.contains("nosuchplugin") && err.contains("broken"),
+        "{err}"
+    );
+    nothing_left("missing plugin");
+
+    let (code, _, err) = env.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-p",
+        "1:2",
+        IMAGE,
+        "true",
+    ]);
+    assert_eq!(code, 125);
+    assert!(err.contains("-p"), "{err}");
+    nothing_left("ports without a network");
+}
