@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// Security options: `seccomp=unconfined` disables the default seccomp filter.
     #[arg(long = "security-opt")]
     security_opt: Vec<String>,
+    /// Give the task this many whole GPUs (or all), exclusively, with their devices.
+    #[arg(long = "gpus", value_name = "N|all")]
+    gpus: Option<String>,
     /// Write the container id to this file.
     #[arg(long)]
     cidfile: Option<PathBuf>,
@@ -370,6 +373,14 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             let _ = containerizer::image::rootfs::remove(dir);
         }
     };
+    // GPUs: allocated before the launch, released if it fails or when the task is done.
+    let gpus = match crate::gpus::attach(root, a.gpus.as_deref(), &mut spec) {
+        Ok(g) => g,
+        Err(e) => {
+            remove_root();
+            return Err(e);
+        }
+    };
     let cni = cni_args.cni(root);
     let networked = matches!(plan, tasknet::Plan::Cni(_));
     if let tasknet::Plan::Cni(reqs) = &plan {
@@ -387,6 +398,9 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
                 spec.exit_command = cleanup_command(root, cni_args, &spec.id)?;
             }
             Err(e) => {
+                if gpus {
+                    crate::gpus::release(root, &spec.id);
+                }
                 remove_root();
                 return Err(e);
             }
@@ -397,6 +411,9 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     let mut launched = match rt.launch(spec) {
         Ok(l) => l,
         Err(e) => {
+            if gpus {
+                crate::gpus::release(root, &id);
+            }
             remove_root();
             if networked {
                 if let Err(de) = tasknet::detach(&cni, root, &id) {
@@ -464,6 +481,9 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     tail.thread().unpark();
     let _ = tail.join();
     launched.finish();
+    if gpus {
+        crate::gpus::release(root, &id);
+    }
     let st = st?;
     match st.status {
         Status::Exited => Ok(st.exit_code.unwrap_or(125)),
@@ -654,6 +674,7 @@ pub fn rm(root: &Path, cni: &CniArgs, a: RmArgs) -> i32 {
             let id = rt.resolve(c)?;
             rt.remove(&id, a.force)
                 .with_context(|| format!("removing {c}"))?;
+            crate::gpus::release(root, &id);
             // Normally done by the supervisor's exit command already; this covers a
             // supervisor that died first.
             if let Err(e) = tasknet::detach(&cni.cni(root), root, &id) {

@@ -1,5 +1,6 @@
 //! `caisson`: a daemonless container agent. Thin CLI over the `containerizer` library.
 mod containers;
+mod gpus;
 mod images;
 mod network;
 mod tasknet;
@@ -23,6 +24,8 @@ struct Cli {
     log_level: String,
     #[command(flatten)]
     cni: network::CniArgs,
+    #[command(flatten)]
+    gpu: gpus::GpuArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +59,8 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// List the GPUs caisson manages and the task holding each.
+    Gpus(gpus::GpusArgs),
     /// Manage CNI networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
         .with_writer(std::io::stderr)
         .init();
+    gpus::configure(&cli.gpu);
     let code = |c: i32| ExitCode::from(c.clamp(0, 255) as u8);
     let result = match cli.command {
         Command::Run(a) => Ok(code(containers::run(&cli.root, &cli.cni, *a))),
@@ -88,6 +94,7 @@ fn main() -> ExitCode {
         Command::Images(a) => images::list(&cli.root, a),
         Command::Rmi(a) => images::rmi(&cli.root, a),
         Command::Image(c) => images::image(&cli.root, c),
+        Command::Gpus(a) => gpus::list(&cli.root, a),
         Command::Network(c) => network::network(&cli.root, &cli.cni, c),
     };
     match result {

@@ -1,5 +1,6 @@
 //! caisson's containerizer: the library that does the work (no gRPC, no global state).
 pub mod cgroups;
+pub mod gpu;
 pub mod image;
 pub mod launch;
 pub mod net;

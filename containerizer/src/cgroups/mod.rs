@@ -17,6 +17,9 @@ use cgroups_rs::fs::pid::PidController;
 use cgroups_rs::fs::{Cgroup, Controller, MaxValue};
 use serde::{Deserialize, Serialize};
 
+pub mod devices;
+use devices::DeviceRule;
+
 /// The parent of every task cgroup, in every hierarchy.
 pub const PARENT: &str = "caisson";
 
@@ -184,21 +187,6 @@ pub fn prime_migration() {
     let _ = fs::write(tasks, nix::unistd::gettid().as_raw().to_string());
 }
 
-/// Device rules of a task on cgroup v1: deny all, allow the nodes of the minimal /dev and mknod.
-const V1_DEVICE_ALLOW: &[&str] = &[
-    "c *:* m",
-    "b *:* m",
-    "c 1:3 rwm",
-    "c 1:5 rwm",
-    "c 1:7 rwm",
-    "c 1:8 rwm",
-    "c 1:9 rwm",
-    "c 5:0 rwm",
-    "c 5:1 rwm",
-    "c 5:2 rwm",
-    "c 136:* rwm",
-];
-
 /// The cgroup of one task.
 pub struct TaskCgroup {
     cg: Cgroup,
@@ -241,6 +229,13 @@ impl TaskCgroup {
     /// Creates the cgroup of task `id` (in the hierarchies a task with `limits` needs) and
     /// applies `limits`.
     pub fn create(id: &str, limits: &Limits) -> Result<Self> {
+        Self::create_with_devices(id, limits, &[])
+    }
+
+    /// Like [`TaskCgroup::create`], also allowing the devices of `extra` (beyond the default
+    /// minimal /dev): on v1 as `devices.allow` lines, on v2 (only when `extra` is not empty)
+    /// through a device BPF program attached to the cgroup.
+    pub fn create_with_devices(id: &str, limits: &Limits, extra: &[DeviceRule]) -> Result<Self> {
         limits.validate()?;
         let me = Self::load_with(id, Some(limits));
         me.cg.create().map_err(|source| CgroupError::Cgroups {
@@ -248,7 +243,7 @@ impl TaskCgroup {
             op: "create",
             source,
         })?;
-        if let Err(e) = me.apply(limits) {
+        if let Err(e) = me.apply(limits).and_then(|()| me.apply_devices(extra)) {
             let _ = me.cg.delete();
             return Err(e);
         }
@@ -305,20 +300,40 @@ impl TaskCgroup {
             c.set_pid_max(MaxValue::Value(p))
                 .map_err(self.err("pids limit"))?;
         }
-        if !self.v2 {
-            if let Some(dir) = self.controller_dir("devices") {
-                let w = |file: &str, v: &str| {
-                    fs::write(dir.join(file), v).map_err(|source| CgroupError::Io {
-                        path: dir.display().to_string(),
-                        op: "device rules",
-                        source,
-                    })
-                };
-                w("devices.deny", "a")?;
-                for rule in V1_DEVICE_ALLOW {
-                    w("devices.allow", rule)?;
-                }
+        Ok(())
+    }
+
+    /// Deny all devices but the default minimal /dev and `extra`.
+    fn apply_devices(&self, extra: &[DeviceRule]) -> Result<()> {
+        let rules = devices::default_allow()
+            .into_iter()
+            .chain(extra.iter().cloned());
+        if self.v2 {
+            if extra.is_empty() {
+                // No device program by default on v2: the init then drops CAP_MKNOD instead.
+                return Ok(());
             }
+            let dir = self.dirs().remove(0);
+            let rules: Vec<DeviceRule> = rules.collect();
+            return devices::attach_v2(&dir, &rules).map_err(|source| CgroupError::Io {
+                path: dir.display().to_string(),
+                op: "attaching the device program",
+                source,
+            });
+        }
+        let Some(dir) = self.controller_dir("devices") else {
+            return Ok(());
+        };
+        let w = |file: &str, v: &str| {
+            fs::write(dir.join(file), v).map_err(|source| CgroupError::Io {
+                path: dir.display().to_string(),
+                op: "device rules",
+                source,
+            })
+        };
+        w("devices.deny", "a")?;
+        for rule in rules {
+            w("devices.allow", &rule.to_v1())?;
         }
         Ok(())
     }

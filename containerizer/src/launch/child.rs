@@ -155,6 +155,7 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     .ctx(|| format!("bind mounting the root filesystem {}", root.display()))?;
 
     mount_proc_dev_sys(root, spec.network)?;
+    make_device_nodes(root, &spec.devices.nodes)?;
     if a.cgroup_ns {
         let cg = root.join("sys/fs/cgroup");
         if cg.is_dir() {
@@ -471,6 +472,35 @@ fn mount_proc_dev_sys(root: &Path, _network: NetworkMode) -> Result<(), ChildErr
     if sysfs.is_err() {
         // Without a network namespace of our own, sysfs may refuse a new mount: bind the host's.
         bind(Path::new("/sys"), &sys_, true)?;
+    }
+    Ok(())
+}
+
+/// Creates the task's extra device nodes (e.g. allocated GPUs) in its fresh /dev tmpfs; the
+/// device cgroup decides whether they can be opened.
+fn make_device_nodes(root: &Path, nodes: &[super::spec::DeviceNode]) -> Result<(), ChildError> {
+    use super::spec::DeviceType;
+    for n in nodes {
+        let rel = n
+            .path
+            .strip_prefix("/dev/")
+            .filter(|r| !r.split('/').any(|c| c.is_empty() || c == "." || c == ".."))
+            .ok_or_else(|| fail(125, format!("device node {:?} is not under /dev", n.path)))?;
+        let p = root.join("dev").join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).ctx(|| format!("creating the parent of {}", n.path))?;
+        }
+        let kind = match n.kind {
+            DeviceType::Block => SFlag::S_IFBLK,
+            _ => SFlag::S_IFCHR,
+        };
+        mknod(
+            &p,
+            kind,
+            Mode::from_bits_truncate(n.mode),
+            makedev(n.major as u64, n.minor as u64),
+        )
+        .ctx(|| format!("mknod {}", n.path))?;
     }
     Ok(())
 }

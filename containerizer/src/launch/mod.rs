@@ -286,7 +286,7 @@ impl Runtime {
                 // init sets up its mounts, and the supervisor only has to move the init in.
                 // (On v2 the supervisor creates it and clones into it.)
                 if !crate::cgroups::is_v2() {
-                    TaskCgroup::create(&spec.id, &spec.limits)?;
+                    TaskCgroup::create_with_devices(&spec.id, &spec.limits, &spec.devices.allow)?;
                     let _ = std::thread::Builder::new()
                         .name("cgroup-prime".into())
                         .stack_size(64 * 1024)

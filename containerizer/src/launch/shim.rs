@@ -82,7 +82,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         // On v1 the launcher has created it already (an older launcher may not have).
         let made = match (v2, TaskCgroup::open(&spec.id, &spec.limits)) {
             (false, Some(cg)) => Ok(cg),
-            _ => TaskCgroup::create(&spec.id, &spec.limits),
+            _ => TaskCgroup::create_with_devices(&spec.id, &spec.limits, &spec.devices.allow),
         };
         match made {
             Ok(cg) => {
@@ -176,7 +176,8 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
                 dir: &td,
                 wait_for_cgroup: (!joined_at_birth).then_some(go_r),
                 cgroup_ns: joined_at_birth,
-                device_cgroup: !v2,
+                // On v2 a device program is attached only for tasks with device rules.
+                device_cgroup: !v2 || !spec.devices.allow.is_empty(),
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
                 devnull: &devnull,

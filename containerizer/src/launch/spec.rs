@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cgroups::devices::{DeviceNode, DeviceRule, DeviceType, Devices};
 pub use crate::cgroups::Limits;
 
 use super::LaunchError;
@@ -127,6 +128,10 @@ pub struct TaskSpec {
     pub network: NetworkMode,
     #[serde(default)]
     pub limits: Limits,
+    /// Devices beyond the minimal /dev (e.g. allocated GPUs): nodes created in the task's /dev
+    /// and the matching device cgroup rules.
+    #[serde(default, skip_serializing_if = "Devices::is_empty")]
+    pub devices: Devices,
     /// Run without the default seccomp filter (`--security-opt seccomp=unconfined`).
     #[serde(default)]
     pub seccomp_unconfined: bool,

@@ -1,4 +1,5 @@
 //! Raw syscalls: the only module where `unsafe` is allowed. Each block carries a `// SAFETY:` note.
+pub mod bpf;
 pub mod launch;
 pub mod mount;
 pub mod netns;

@@ -1,0 +1,120 @@
+//! GPUs in the CLI: the global `--gpus SEL` / `--nvml-lib PATH` options, `caisson gpus`, and
+//! the `run --gpus N` hook (allocate before the launch, release when the task is done).
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::Result;
+use clap::Args;
+use containerizer::gpu::{self, Allocator, Gpu, Inventory, Selection};
+use containerizer::launch::TaskSpec;
+
+/// Which GPUs caisson manages and where NVML is.
+#[derive(Args, Clone, Debug, Default)]
+pub struct GpuArgs {
+    /// GPUs caisson manages: all, none, or a list of indexes and UUIDs (0,2 or GPU-...).
+    /// Give it before the subcommand (`run --gpus N` is the number a task gets).
+    #[arg(long = "gpus", env = "CAISSON_GPUS", default_value = "all")]
+    gpus: String,
+    /// The NVML library to load instead of libnvidia-ml.so.1.
+    #[arg(long = "nvml-lib", global = true, env = "CAISSON_NVML_LIB")]
+    nvml_lib: Option<PathBuf>,
+}
+
+static CONFIG: OnceLock<GpuArgs> = OnceLock::new();
+
+/// Records the global options for the commands that need them (`run --gpus`, `gpus`).
+pub fn configure(a: &GpuArgs) {
+    let _ = CONFIG.set(a.clone());
+}
+
+/// The GPUs caisson manages on this host (none without NVML: one warning says why).
+fn managed() -> Result<Inventory> {
+    let cfg = CONFIG.get().cloned().unwrap_or_default();
+    let selection: Selection = cfg.gpus.parse()?;
+    if selection == Selection::None {
+        return Ok(Inventory::default().select(&selection)?);
+    }
+    Ok(gpu::discover(cfg.nvml_lib.as_deref()).select(&selection)?)
+}
+
+#[derive(Args, Debug)]
+pub struct GpusArgs {
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `caisson gpus`: the managed GPUs and the task holding each.
+pub fn list(root: &Path, a: GpusArgs) -> Result<std::process::ExitCode> {
+    let gpus = managed()?.gpus;
+    let allocs = Allocator::new(root).allocations()?;
+    let holder = |g: &Gpu| {
+        allocs
+            .iter()
+            .find(|al| al.gpus.contains(&g.uuid))
+            .map(|al| al.task.clone())
+    };
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v: Vec<serde_json::Value> = gpus
+            .iter()
+            .map(|g| {
+                let mut o = serde_json::to_value(g).expect("plain struct");
+                o["task"] = holder(g).map_or(serde_json::Value::Null, Into::into);
+                o
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<5}  {:<40}  {:<24}  {:>9}  {:>5}  {:<16}  TASK",
+        "INDEX", "UUID", "NAME", "MEMORY", "MINOR", "PCI BUS ID"
+    )?;
+    for g in &gpus {
+        let task = holder(g).map_or("-".to_string(), |t| t.chars().take(12).collect());
+        writeln!(
+            out,
+            "{:<5}  {:<40}  {:<24}  {:>6} GiB  {:>5}  {:<16}  {task}",
+            g.index,
+            g.uuid,
+            g.name,
+            g.memory_bytes >> 30,
+            g.minor,
+            g.pci_bus_id
+        )?;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `run --gpus N|all`: allocates the GPUs to the task of `spec` and gives it their devices,
+/// environment and the driver's files. Returns whether anything was allocated (the caller
+/// releases on a failed launch and when the task is done).
+pub fn attach(root: &Path, request: Option<&str>, spec: &mut TaskSpec) -> Result<bool> {
+    let Some(request) = request else {
+        return Ok(false);
+    };
+    let count = match request {
+        "all" => None,
+        n => Some(n.parse::<usize>().map_err(|_| {
+            anyhow::anyhow!("invalid --gpus {n:?}: expected a number of GPUs or all")
+        })?),
+    };
+    if count == Some(0) {
+        return Ok(false);
+    }
+    let inv = managed()?;
+    let count = count.unwrap_or(inv.gpus.len());
+    gpu::attach_to_task(root, &inv, count, spec)?;
+    Ok(true)
+}
+
+/// Releases the GPUs of task `id` (best effort: a stale allocation is reclaimed anyway).
+pub fn release(root: &Path, id: &str) {
+    if let Err(e) = Allocator::new(root).release(id) {
+        tracing::warn!("releasing the GPUs of {id}: {e}");
+    }
+}

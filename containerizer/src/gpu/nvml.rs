@@ -1,0 +1,69 @@
+//! Inventory through NVML (`nvml-wrapper`, which loads `libnvidia-ml.so.1` at run time).
+use std::path::Path;
+
+use nvml_wrapper::Nvml;
+
+use super::{Gpu, Inventory};
+
+/// Lists the GPUs NVML sees, loading `lib` (default: `libnvidia-ml.so.1` from the loader's
+/// path). Never fails: without a library, a driver or GPUs the inventory is empty, with the
+/// reason in [`Inventory::unavailable`] and one warning logged.
+pub fn discover(lib: Option<&Path>) -> Inventory {
+    let mut builder = Nvml::builder();
+    if let Some(p) = lib {
+        builder.lib_path(p.as_os_str());
+    }
+    let nvml = match builder.init() {
+        Ok(n) => n,
+        Err(e) => {
+            let what = lib.map_or("libnvidia-ml.so.1".to_string(), |p| p.display().to_string());
+            let reason = format!("NVML unavailable ({what}: {e}): no GPUs");
+            tracing::warn!("{reason}");
+            return Inventory {
+                gpus: vec![],
+                unavailable: Some(reason),
+            };
+        }
+    };
+    let count = match nvml.device_count() {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = format!("NVML cannot count GPUs ({e}): no GPUs");
+            tracing::warn!("{reason}");
+            return Inventory {
+                gpus: vec![],
+                unavailable: Some(reason),
+            };
+        }
+    };
+    let mut gpus = vec![];
+    for index in 0..count {
+        let dev = match nvml.device_by_index(index) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("GPU {index}: {e}; skipped");
+                continue;
+            }
+        };
+        // Without its UUID (identity) and minor (device node) a GPU cannot be handed out.
+        let (uuid, minor) = match (dev.uuid(), dev.minor_number()) {
+            (Ok(u), Ok(m)) => (u, m),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("GPU {index}: {e}; skipped");
+                continue;
+            }
+        };
+        gpus.push(Gpu {
+            index,
+            uuid,
+            name: dev.name().unwrap_or_default(),
+            memory_bytes: dev.memory_info().map(|m| m.total).unwrap_or(0),
+            pci_bus_id: dev.pci_info().map(|p| p.bus_id).unwrap_or_default(),
+            minor,
+        });
+    }
+    Inventory {
+        gpus,
+        unavailable: None,
+    }
+}
