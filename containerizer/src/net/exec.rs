@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-
 use super::result::PluginError;
 
 /// The CNI operation.
@@ -65,6 +63,19 @@ pub(crate) struct Invocation<'a> {
     pub timeout: Duration,
 }
 
+/// The configuration as a plugin's stdin: an in-memory file rather than a pipe, so that a
+/// plugin that exits without reading it cannot raise SIGPIPE in us (the CLI keeps SIGPIPE's
+/// default action, which would kill it), and no write has to be driven concurrently.
+fn config_file(config: &[u8]) -> std::io::Result<Stdio> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use std::io::{Seek, Write};
+    let fd = memfd_create("cni-config", MFdFlags::MFD_CLOEXEC).map_err(std::io::Error::from)?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(config)?;
+    f.rewind()?;
+    Ok(Stdio::from(f))
+}
+
 /// Runs `binary` with `stdin` as its configuration and returns its stdout on success.
 pub(crate) async fn run_plugin(
     binary: &Path,
@@ -88,7 +99,7 @@ pub(crate) async fn run_plugin(
         )
         .env("CNI_COMMAND", inv.command.as_str())
         .env("CNI_PATH", cni_path)
-        .stdin(Stdio::piped())
+        .stdin(config_file(stdin).map_err(ExecFailure::Spawn)?)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Own process group: on timeout the whole group (the plugin and whatever it started,
@@ -102,22 +113,12 @@ pub(crate) async fn run_plugin(
             .env("CNI_IFNAME", inv.ifname)
             .env("CNI_ARGS", args);
     }
-    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+    let child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ExecFailure::NotFound,
         _ => ExecFailure::Spawn(e),
     })?;
     let pid = child.id();
-    let mut pipe = child.stdin.take().expect("stdin is piped");
-    let feed = async move {
-        // A plugin may exit without reading its input: a broken pipe here is not our error.
-        let _ = pipe.write_all(stdin).await;
-        drop(pipe);
-    };
-    let run = async {
-        let (_, out) = tokio::join!(feed, child.wait_with_output());
-        out
-    };
-    let out = match tokio::time::timeout(inv.timeout, run).await {
+    let out = match tokio::time::timeout(inv.timeout, child.wait_with_output()).await {
         Ok(Ok(out)) => out,
         Ok(Err(e)) => return Err(ExecFailure::Spawn(e)),
         Err(_) => {
