@@ -13,6 +13,9 @@ use containerizer::launch::{
 };
 use nix::sys::signal::{SigSet, Signal};
 
+#[path = "wasm_run.rs"]
+pub mod wasm_run;
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Remove the container when it exits.
@@ -84,6 +87,8 @@ pub struct RunArgs {
         value_name = "IMAGE [CMD]..."
     )]
     image_and_cmd: Vec<String>,
+    #[command(flatten)]
+    wasm: wasm_run::WasmFlags,
     #[arg(skip)]
     image: String,
     #[arg(skip)]
@@ -258,6 +263,9 @@ fn build_spec(root: &Path, a: &RunArgs) -> anyhow::Result<(TaskSpec, Option<Path
     }
     env.extend(a.env.iter().filter_map(|e| env_entry(e)));
     let id = launch::new_id();
+    if let Some(spec) = wasm_run::task_spec(root, a, &env, &id)? {
+        return Ok((spec, None));
+    }
     let prepared = if a.rootfs {
         let rootfs = std::fs::canonicalize(&a.image)
             .map_err(|e| LaunchError::Invalid(format!("rootfs {}: {e}", a.image)))?;
@@ -337,6 +345,7 @@ fn build_spec_on(
         },
         auto_remove: a.rm,
         seccomp_unconfined,
+        wasm: None,
     })
 }
 

@@ -163,6 +163,10 @@ fn run(args: RunArgs) -> i32 {
             return EXIT_HOST_ERROR;
         }
     };
+    if let Some(addr) = &spec.http {
+        eprintln!("caisson-wasm: serving wasi:http on {addr} is not supported by this build");
+        return EXIT_HOST_ERROR;
+    }
     let engine = match engine(&args.cache) {
         Ok(e) => e,
         Err(e) => return fail(&e),
@@ -307,5 +311,6 @@ fn to_spec(args: &RunArgs) -> Result<RunSpec> {
             table_elements: args.table_elements,
         },
         timeout_ms,
+        http: None,
     })
 }
