@@ -548,3 +548,128 @@ fn wasm_images_from_a_registry() {
     }
     assert_eq!(c.layer_count(), 0);
 }
+
+/// The wasi:http guest (a wasm32-wasip2 component), built once; `None` (skip) if the target is
+/// missing, a failure under CI.
+fn http_guest() -> Option<String> {
+    static G: OnceLock<Option<String>> = OnceLock::new();
+    G.get_or_init(|| {
+        let target_dir = workspace().join("target/wasm-guests");
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+            .arg("--manifest-path")
+            .arg(workspace().join("tests/guests/http-guest/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env_remove("RUSTFLAGS")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if std::env::var_os("CI").is_some() {
+                panic!("building the wasi:http guest failed: {err}");
+            }
+            eprintln!("skipping: cannot build the wasi:http guest: {err}");
+            return None;
+        }
+        Some(
+            target_dir
+                .join("wasm32-wasip2/release/caisson_http_guest.wasm")
+                .to_string_lossy()
+                .into_owned(),
+        )
+    })
+    .clone()
+}
+
+/// One HTTP/1.1 request over loopback; returns (status, body).
+fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    // Chunked bodies: keep the data lines only.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n.min(after.len())]);
+            rest = after.get(n + 2..).unwrap_or("");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+#[test]
+fn wasi_http_service_answers_on_its_port() {
+    if !require_root() {
+        return;
+    }
+    let Some(g) = http_guest() else { return };
+    let c = Caisson::new();
+    let port = caisson_tests::free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    c.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        &publish,
+        "-e",
+        "GREETING=hi",
+        &g,
+    ]);
+    // The first start compiles the component (seconds in a debug build).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(port, "/").is_err() {
+        assert!(Instant::now() < deadline, "service never answered");
+        assert_eq!(inspect(&c, "web")["state"]["status"], "running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A fresh instance per request: every request is answered, in any order.
+    for i in 0..20 {
+        let (status, body) = http_get(port, &format!("/req/{i}?q=1")).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, format!("hello from wasi:http GET /req/{i}?q=1\n"));
+    }
+    assert_eq!(http_get(port, "/env/GREETING").unwrap(), (200, "hi".into()));
+    // A trapping request fails alone; the service keeps serving.
+    let (status, _) = http_get(port, "/trap").unwrap();
+    assert_eq!(status, 500);
+    assert_eq!(http_get(port, "/").unwrap().0, 200);
+    let logs = c.cmd().args(["logs", "web"]).output().unwrap();
+    let err = String::from_utf8_lossy(&logs.stderr);
+    assert!(err.contains("trap requested"), "{err}");
+    assert!(c.ok(&["ps"]).contains("web"));
+    c.ok(&["stop", "-t", "1", "web"]);
+    assert!(http_get(port, "/").is_err());
+    c.ok(&["rm", "web"]);
+
+    // A command is not a service, and a service is not a command.
+    let (code, _, err) = c.run(&["run", "--rm", &g]);
+    assert_eq!(code, 126, "{err}");
+    assert!(err.contains("wasi:http components are served"), "{err}");
+}
