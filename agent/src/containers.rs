@@ -17,6 +17,9 @@ use std::process::ExitCode;
 use crate::network::CniArgs;
 use crate::tasknet;
 
+#[path = "wasm_run.rs"]
+pub mod wasm_run;
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Remove the container when it exits.
@@ -96,6 +99,8 @@ pub struct RunArgs {
         value_name = "IMAGE [CMD]..."
     )]
     image_and_cmd: Vec<String>,
+    #[command(flatten)]
+    wasm: wasm_run::WasmFlags,
     #[arg(skip)]
     image: String,
     #[arg(skip)]
@@ -277,6 +282,9 @@ fn build_spec(
     }
     env.extend(a.env.iter().filter_map(|e| env_entry(e)));
     let id = launch::new_id();
+    if let Some(spec) = wasm_run::task_spec(root, a, &env, &id)? {
+        return Ok((spec, None));
+    }
     let prepared = if a.rootfs {
         let rootfs = std::fs::canonicalize(&a.image)
             .map_err(|e| LaunchError::Invalid(format!("rootfs {}: {e}", a.image)))?;
@@ -368,6 +376,19 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         _ => NetworkMode::None,
     };
     let (mut spec, owned_root) = build_spec(root, &a, mode)?;
+    // A Wasm task runs in the host's network namespace; its `-p` is where it serves HTTP.
+    let plan = if spec.wasm.is_some() {
+        if !a.network.is_empty() {
+            return Err(LaunchError::Invalid(
+                "--network applies to native tasks; a Wasm service listens on the host with -p"
+                    .into(),
+            )
+            .into());
+        }
+        tasknet::Plan::None
+    } else {
+        plan
+    };
     let remove_root = || {
         if let Some(dir) = &owned_root {
             let _ = containerizer::image::rootfs::remove(dir);

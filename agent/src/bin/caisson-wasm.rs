@@ -163,6 +163,9 @@ fn run(args: RunArgs) -> i32 {
             return EXIT_HOST_ERROR;
         }
     };
+    if let Some(addr) = &spec.http {
+        return serve(&spec, addr, &args.cache);
+    }
     let engine = match engine(&args.cache) {
         Ok(e) => e,
         Err(e) => return fail(&e),
@@ -204,6 +207,54 @@ fn run(args: RunArgs) -> i32 {
     }
     write_status(args.status_file.as_deref(), &status);
     status.exit_code()
+}
+
+/// Serves a `wasi:http/proxy` component on `addr` until this process is stopped.
+fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs) -> i32 {
+    let env = spec
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let service = match wasm::Service::load(
+        &spec.module,
+        wasm::ServiceConfig {
+            cache_dir: cache_dir(cache),
+            limits: spec.limits,
+            env,
+            ..Default::default()
+        },
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("caisson-wasm: tokio runtime: {e}");
+            return EXIT_HOST_ERROR;
+        }
+    };
+    let res = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        eprintln!(
+            "caisson-wasm: serving {} on http://{}",
+            service.name(),
+            listener.local_addr()?
+        );
+        service.serve(listener).await
+    });
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("caisson-wasm: serving on {addr}: {e}");
+            EXIT_HOST_ERROR
+        }
+    }
 }
 
 fn write_status(path: Option<&std::path::Path>, status: &ExitStatus) {
@@ -307,5 +358,6 @@ fn to_spec(args: &RunArgs) -> Result<RunSpec> {
             table_elements: args.table_elements,
         },
         timeout_ms,
+        http: None,
     })
 }

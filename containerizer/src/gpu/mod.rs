@@ -99,6 +99,9 @@ pub fn attach_to_task(
     count: usize,
     spec: &mut TaskSpec,
 ) -> Result<Vec<Gpu>, GpuError> {
+    if spec.wasm.is_some() {
+        return Err(GpuError::Wasm);
+    }
     if managed.gpus.is_empty() {
         let why = managed.unavailable.clone().unwrap_or_default();
         return Err(GpuError::NoGpus(why));

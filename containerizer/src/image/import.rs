@@ -256,6 +256,14 @@ pub(crate) async fn import(
     opts: &PullOptions,
     progress: Arc<dyn LayerProgress>,
 ) -> Result<ImageRecord> {
+    if super::wasm::is_artifact(&r.manifest) {
+        let store = store.clone();
+        return tokio::task::spawn_blocking(move || {
+            super::wasm::import_artifact(&store, r, opener)
+        })
+        .await
+        .expect("artifact import panicked");
+    }
     let (platform, diff_ids, created) = check_config(
         &r.image,
         &r.manifest,

@@ -152,6 +152,10 @@ impl ImageManifest {
     /// valid digests.
     pub fn validate(&self) -> Result<(), String> {
         self.config.digest()?;
+        if super::wasm::is_artifact(self) {
+            // Checked when it is stored (`image::wasm`): one Wasm layer, the module.
+            return self.layers.iter().try_for_each(|l| l.digest().map(drop));
+        }
         if !self.config.media_type.is_empty()
             && self.config.media_type != OCI_CONFIG
             && self.config.media_type != DOCKER_CONFIG

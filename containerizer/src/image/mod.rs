@@ -15,6 +15,7 @@ pub mod registry;
 pub mod rootfs;
 pub mod store;
 pub mod unpack;
+pub mod wasm;
 
 pub use import::{LayerProgress, NoProgress, PullOptions};
 pub use platform::Platform;

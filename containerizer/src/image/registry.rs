@@ -239,32 +239,41 @@ pub async fn pull(
         image: image_s.clone(),
         message: m,
     };
-    let (manifest_bytes, manifest_digest, manifest) = match manifest::parse(&bytes, None)
-        .map_err(bad)?
-    {
-        Parsed::Image(m) => (bytes.to_vec(), digest, m),
-        Parsed::Index(index) => {
-            let wanted = opts.platform.clone().unwrap_or_else(Platform::host);
-            let chosen = index
-                .select(&wanted)
-                .map_err(|available| Error::NoMatchingPlatform {
-                    image: image_s.clone(),
-                    wanted: wanted.to_string(),
-                    available,
-                })?;
-            let by_digest = reference.clone_with_digest(chosen.digest.clone());
-            let (b, d) = client
-                .pull_manifest_raw(&by_digest, &auth, manifest::ACCEPTED)
-                .await
-                .map_err(|e| map_err(image, e))?;
-            match manifest::parse(&b, None).map_err(bad)? {
-                Parsed::Image(m) => (b.to_vec(), d, m),
-                Parsed::Index(_) => {
-                    return Err(bad("an index inside an index is not supported".into()))
+    let (manifest_bytes, manifest_digest, manifest) =
+        match manifest::parse(&bytes, None).map_err(bad)? {
+            Parsed::Image(m) => (bytes.to_vec(), digest, m),
+            Parsed::Index(index) => {
+                let wanted = opts.platform.clone().unwrap_or_else(Platform::host);
+                // Without an explicit platform, an index offering only Wasm still runs here.
+                let wasi = Platform {
+                    os: "wasi".into(),
+                    architecture: "wasm".into(),
+                    variant: None,
+                };
+                let chosen = index
+                    .select(&wanted)
+                    .or_else(|e| match opts.platform {
+                        None => index.select(&wasi).map_err(|_| e),
+                        Some(_) => Err(e),
+                    })
+                    .map_err(|available| Error::NoMatchingPlatform {
+                        image: image_s.clone(),
+                        wanted: wanted.to_string(),
+                        available,
+                    })?;
+                let by_digest = reference.clone_with_digest(chosen.digest.clone());
+                let (b, d) = client
+                    .pull_manifest_raw(&by_digest, &auth, manifest::ACCEPTED)
+                    .await
+                    .map_err(|e| map_err(image, e))?;
+                match manifest::parse(&b, None).map_err(bad)? {
+                    Parsed::Image(m) => (b.to_vec(), d, m),
+                    Parsed::Index(_) => {
+                        return Err(bad("an index inside an index is not supported".into()))
+                    }
                 }
             }
-        }
-    };
+        };
     manifest.validate().map_err(bad)?;
     let mut config_bytes = Vec::new();
     client

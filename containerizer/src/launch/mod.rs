@@ -48,6 +48,7 @@ pub mod child;
 pub mod shim;
 pub mod spec;
 pub mod state;
+pub mod wasm;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -608,6 +609,10 @@ fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
             "invalid container name {:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]*",
             spec.name
         )));
+    }
+    if let Some(run) = &spec.wasm {
+        wasm::validate(run)?;
+        return spec.limits.validate().map_err(Into::into);
     }
     if spec.process.args.is_empty() {
         return Err(LaunchError::Invalid("no command specified".into()));

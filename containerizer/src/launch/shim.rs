@@ -57,6 +57,9 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         spawn_us: t_start.saturating_sub(spawned_ns.unwrap_or(cfg.launch_started_ns)) / 1000,
         ..Default::default()
     };
+    if let Some(run) = &spec.wasm {
+        return super::wasm::supervise(&td, &cfg, run, state, timings);
+    }
 
     let report_failure =
         |state: &mut TaskState, out: &mut std::io::Stdout, code: i32, msg: String| {
@@ -376,7 +379,7 @@ fn wait_exit_command(spec: &super::spec::TaskSpec, child: Option<std::process::C
 /// every freed block is a synchronous discard (milliseconds each under I/O load), and a task
 /// frees a few dozen. A path that cannot be renamed (another filesystem) is deleted in place
 /// before the report, as before.
-fn remove_task(
+pub(super) fn remove_task(
     td: &TaskDir,
     spec: &super::spec::TaskSpec,
     exit_command: Option<std::process::Child>,

@@ -167,6 +167,11 @@ pub struct TaskSpec {
     /// removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exit_command: Vec<String>,
+    /// A Wasm task instead of a native one: the supervisor runs this module in a `caisson-wasm`
+    /// host process (see [`super::wasm`]); `rootfs`, `process.cwd`/`user`, `volumes` and the
+    /// namespace options do not apply. Build it with [`super::wasm::wasm_task`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<crate::wasm::RunSpec>,
 }
 
 /// The user's overrides on top of an image config (`caisson run` flags).

@@ -17,11 +17,13 @@
 //! `run` blocks the calling thread while the guest runs: from async code call it on a blocking
 //! thread (`tokio::task::spawn_blocking`), never directly inside a task.
 mod engine;
+mod http;
 mod source;
 mod spec;
 mod task;
 
 pub use engine::{CacheOrigin, Engine, EngineConfig, Program, ProgramKind};
+pub use http::{Service, ServiceConfig};
 pub use source::{
     is_wasm_layer_media_type, is_wasm_platform, module_from_layer, module_from_rootfs, sniff,
     Source, WasmKind, WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPES,

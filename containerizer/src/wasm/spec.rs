@@ -23,6 +23,9 @@ pub struct RunSpec {
     pub stderr: Option<PathBuf>,
     pub limits: Limits,
     pub timeout_ms: Option<u64>,
+    /// Serve a `wasi:http/proxy` component on this address (`IP:PORT`) instead of running a
+    /// command: a fresh instance per request, until the host process is stopped.
+    pub http: Option<String>,
 }
 
 impl RunSpec {

@@ -1,0 +1,482 @@
+//! Wasm tasks under the same supervisor, records and verbs as native ones.
+//!
+//! A Wasm task is a [`TaskSpec`] whose `wasm` field holds a [`RunSpec`] (build it with
+//! [`wasm_task`]). [`super::Runtime::launch`] records it under `<root>/containers/<id>/` like any
+//! task and starts `caisson-shim`, which sees the `wasm` field and, instead of building
+//! namespaces and a root filesystem, forks a child born in (v2) or moved into (v1) the task's
+//! cgroup that execs the `caisson-wasm` host process on the task's spec. The host process
+//! writes the guest's stdout/stderr into the task's log files and its [`ExitStatus`] into
+//! `wasm-status.json`; the shim reaps it and records exit code and reason in `state.json`
+//! (a trap's message, "memory limit", "timeout"). So `ps`, `logs`, `kill`, `stop`, `rm`,
+//! `inspect` and `wait` work unchanged, CPU time is the cgroup's, and the task survives the
+//! launcher's death exactly as a native one does.
+//!
+//! ```no_run
+//! use containerizer::launch::{wasm::wasm_task, Runtime};
+//! use containerizer::wasm::RunSpec;
+//! # fn f() -> Result<(), containerizer::launch::LaunchError> {
+//! let rt = Runtime::new("/var/lib/caisson");
+//! let mut task = rt.launch(wasm_task(RunSpec {
+//!     module: "/srv/hello.wasm".into(),
+//!     argv: vec!["hello.wasm".into(), "world".into()],
+//!     ..Default::default()
+//! }))?;
+//! let state = task.wait()?; // exit code, reason (trap message, memory limit, timeout)
+//! task.finish();
+//! # let _ = state; Ok(()) }
+//! ```
+//!
+//! By default the guest sees the task's sandbox directory as `/` (as a native task sees its
+//! root filesystem); further preopens come from [`RunSpec::preopens`]. The compile cache is
+//! `<root>/cache/wasm`, shared by every task of the root, so a module is compiled once.
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use super::spec::{Process, TaskSpec};
+use super::state::{now_ms, Status, TaskConfig, TaskDir, TaskState, Timings};
+use crate::cgroups::TaskCgroup;
+use crate::sys::launch::{self as sys, CloneResult};
+use crate::wasm::{ExitStatus, Preopen, RunSpec};
+
+/// Name of the Wasm host process binary, looked up next to the supervisor (or `$CAISSON_WASM`).
+pub const RUNNER_NAME: &str = "caisson-wasm";
+/// Where the host process writes the task's [`ExitStatus`] (JSON), in the task directory.
+pub const STATUS_FILE: &str = "wasm-status.json";
+/// The host process's spec (a [`RunSpec`] with the sandbox preopen added), in the task directory.
+pub const SPEC_FILE: &str = "wasm.json";
+
+/// A task spec for the Wasm program `run`: `process.args` mirrors the guest's argv (what `ps`
+/// shows) and `image` names the module unless the caller sets it (e.g. to an image reference).
+/// Set `id`, `name`, `limits` (CPU, and `memory` for the cgroup), `auto_remove` as for a native
+/// task; Wasm memory limits go in `run.limits`.
+pub fn wasm_task(run: RunSpec) -> TaskSpec {
+    TaskSpec {
+        image: run.module.display().to_string(),
+        process: Process {
+            args: run.argv(),
+            env: run.env.clone(),
+            cwd: "/".into(),
+            user: String::new(),
+        },
+        wasm: Some(run),
+        ..Default::default()
+    }
+}
+
+/// The compile cache of the tasks of the state root `root`.
+pub fn cache_dir(root: &Path) -> PathBuf {
+    root.join("cache").join("wasm")
+}
+
+/// Checks what the launcher can check of a Wasm spec before anything is recorded.
+pub(super) fn validate(run: &RunSpec) -> Result<(), super::LaunchError> {
+    use super::LaunchError;
+    if run.module.as_os_str().is_empty() {
+        return Err(LaunchError::Invalid("no Wasm module given".into()));
+    }
+    fs::metadata(&run.module).map_err(|e| LaunchError::Start {
+        code: if e.kind() == std::io::ErrorKind::NotFound {
+            crate::wasm::EXIT_NOT_FOUND
+        } else {
+            crate::wasm::EXIT_CANNOT_RUN
+        },
+        message: format!("{}: {e}", run.module.display()),
+    })?;
+    for p in &run.preopens {
+        let m = fs::metadata(&p.host).map_err(|e| {
+            LaunchError::Invalid(format!("invalid volume source {}: {e}", p.host.display()))
+        })?;
+        if !m.is_dir() {
+            return Err(LaunchError::Invalid(format!(
+                "volume source {} of a Wasm task must be a directory",
+                p.host.display()
+            )));
+        }
+        if !p.guest.starts_with('/') {
+            return Err(LaunchError::Invalid(format!(
+                "guest path {:?} must be absolute",
+                p.guest
+            )));
+        }
+    }
+    if let Some(env) = run.env.iter().find(|e| !e.contains('=')) {
+        return Err(LaunchError::Invalid(format!(
+            "env entry {env:?} is not KEY=VALUE"
+        )));
+    }
+    Ok(())
+}
+
+/// The host process binary: `$CAISSON_WASM`, else next to this executable.
+fn runner() -> PathBuf {
+    std::env::var_os("CAISSON_WASM")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join(RUNNER_NAME)))
+        })
+        .unwrap_or_else(|| PathBuf::from(RUNNER_NAME))
+}
+
+/// The supervisor of a Wasm task (called by [`super::shim::main`] when the spec has `wasm`):
+/// same protocol on stdout (`started`, `failed`, `exited`), same records.
+pub(super) fn supervise(
+    td: &TaskDir,
+    cfg: &TaskConfig,
+    run: &RunSpec,
+    mut state: TaskState,
+    mut timings: Timings,
+) -> i32 {
+    let spec = &cfg.spec;
+    let mut out = std::io::stdout();
+    let fail = |state: &mut TaskState, out: &mut std::io::Stdout, code: i32, msg: String| {
+        tracing::error!(id = %spec.id, code, "launch failed: {msg}");
+        state.status = Status::Failed;
+        state.exit_code = Some(code);
+        state.reason = Some("launch failed".into());
+        state.error = Some(msg.clone());
+        state.finished_ms = Some(now_ms());
+        let _ = td.write_state(state);
+        let _ = writeln!(out, "failed {code} {msg}");
+        let _ = out.flush();
+    };
+
+    // The host process's spec: the sandbox is the guest's `/` unless the user mapped `/`.
+    let mut host_spec = run.clone();
+    if !host_spec.preopens.iter().any(|p| p.guest == "/") {
+        host_spec.preopens.insert(
+            0,
+            Preopen {
+                host: td.sandbox(),
+                guest: "/".into(),
+                read_only: false,
+            },
+        );
+    }
+    host_spec.stdin = None;
+    host_spec.stdout = None;
+    host_spec.stderr = None;
+    let spec_path = td.dir.join(SPEC_FILE);
+    let status_path = td.dir.join(STATUS_FILE);
+    let root = td
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    let cache = root.as_deref().map(cache_dir);
+    let wrote = serde_json::to_vec_pretty(&host_spec)
+        .map_err(std::io::Error::other)
+        .and_then(|j| fs::write(&spec_path, j));
+    if let Err(e) = wrote {
+        fail(
+            &mut state,
+            &mut out,
+            125,
+            format!("writing {SPEC_FILE}: {e}"),
+        );
+        return 1;
+    }
+    let runner = runner();
+    let mut argv: Vec<std::ffi::CString> = vec![];
+    let cstr = |s: &std::ffi::OsStr| {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::CString::new(s.as_bytes()).unwrap_or_default()
+    };
+    argv.push(cstr(runner.as_os_str()));
+    for a in ["run", "--spec"] {
+        argv.push(cstr(a.as_ref()));
+    }
+    argv.push(cstr(spec_path.as_os_str()));
+    argv.push(cstr("--status-file".as_ref()));
+    argv.push(cstr(status_path.as_os_str()));
+    match &cache {
+        Some(c) => {
+            argv.push(cstr("--cache".as_ref()));
+            argv.push(cstr(c.as_os_str()));
+        }
+        None => argv.push(cstr("--no-cache".as_ref())),
+    }
+
+    // Cgroup: created by the launcher on v1 (then we move the child in before it execs), here
+    // on v2 (the child is born in it).
+    let v2 = crate::cgroups::is_v2();
+    let t0 = sys::monotonic_ns();
+    let made = match (v2, TaskCgroup::open(&spec.id, &spec.limits)) {
+        (false, Some(cg)) => Ok(cg),
+        _ => TaskCgroup::create(&spec.id, &spec.limits),
+    };
+    let cg = match made {
+        Ok(cg) => cg,
+        Err(e) => {
+            fail(
+                &mut state,
+                &mut out,
+                125,
+                format!("creating the cgroup: {e}"),
+            );
+            return 1;
+        }
+    };
+    state.cgroup_paths = cg.dirs();
+    timings.cgroup_us = (sys::monotonic_ns() - t0) / 1000;
+    let open_log = |p: &Path| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map(OwnedFd::from)
+    };
+    let fds = (|| -> std::io::Result<_> {
+        Ok((
+            open_log(&td.stdout_log())?,
+            open_log(&td.stderr_log())?,
+            OwnedFd::from(File::open("/dev/null")?),
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?,
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?,
+        ))
+    })();
+    let (stdout_fd, stderr_fd, devnull, (status_r, status_w), (go_r, go_w)) = match fds {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = cg.destroy(Duration::from_secs(1));
+            fail(&mut state, &mut out, 125, format!("opening log files: {e}"));
+            return 1;
+        }
+    };
+    let v2fd = if v2 { cg.open_v2_dir() } else { None };
+    let t_clone = sys::monotonic_ns();
+    let mut born_in_cgroup = v2fd.is_some();
+    let mut res = sys::clone_fork(0, v2fd.as_ref().map(|f| f.as_raw_fd()));
+    if res.is_err() && v2fd.is_some() {
+        born_in_cgroup = false;
+        res = sys::clone_fork(0, None);
+    }
+    drop(v2fd);
+    let pid = match res {
+        Ok(CloneResult::Child) => {
+            // Single-threaded supervisor, forked child: only descriptor work and exec here.
+            drop(status_r);
+            drop(go_w);
+            if !born_in_cgroup {
+                let mut b = [0u8; 1];
+                let _ = nix::unistd::read(&go_r, &mut b);
+            }
+            let ok = sys::reset_signals()
+                .and_then(|()| sys::dup2(devnull.as_raw_fd(), 0))
+                .and_then(|()| sys::dup2(stdout_fd.as_raw_fd(), 1))
+                .and_then(|()| sys::dup2(stderr_fd.as_raw_fd(), 2));
+            let err = match ok {
+                Ok(()) => match nix::unistd::execv(&argv[0], &argv) {
+                    Ok(never) => match never {},
+                    Err(e) => (
+                        127,
+                        format!("starting the Wasm host {}: {e}", runner.display()),
+                    ),
+                },
+                Err(e) => (125, format!("setting up the Wasm host's stdio: {e}")),
+            };
+            let _ = File::from(status_w).write_all(format!("E {} {}\n", err.0, err.1).as_bytes());
+            sys::exit_now(err.0);
+        }
+        Ok(CloneResult::Parent(pid)) => pid,
+        Err(e) => {
+            let _ = cg.destroy(Duration::from_secs(1));
+            fail(&mut state, &mut out, 125, format!("fork: {e}"));
+            return 1;
+        }
+    };
+    drop((status_w, go_r, stdout_fd, stderr_fd, devnull));
+    if !born_in_cgroup {
+        let t_join = sys::monotonic_ns();
+        let joined = cg
+            .procs_files()
+            .iter()
+            .try_for_each(|f| fs::write(f, pid.to_string()).map_err(|e| (f.clone(), e)));
+        timings.cgroup_join_us = (sys::monotonic_ns() - t_join) / 1000;
+        if let Err((f, e)) = joined {
+            drop(go_w);
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            let _ = cg.destroy(Duration::from_secs(5));
+            fail(
+                &mut state,
+                &mut out,
+                125,
+                format!("moving the task into {}: {e}", f.display()),
+            );
+            return 1;
+        }
+        let _ = File::from(go_w).write_all(b"1");
+    } else {
+        drop(go_w);
+    }
+    // EOF on the status pipe: the host process exec'd.
+    let mut error: Option<(i32, String)> = None;
+    for line in BufReader::new(File::from(status_r)).lines() {
+        let Ok(line) = line else { break };
+        if let Some(rest) = line.strip_prefix("E ") {
+            let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+            error = Some((code.parse().unwrap_or(125), msg.to_string()));
+        }
+    }
+    let t_exec = sys::monotonic_ns();
+    if let Some((code, msg)) = error {
+        let _ = waitpid(Pid::from_raw(pid), None);
+        let _ = cg.destroy(Duration::from_secs(5));
+        state.pid = Some(pid);
+        fail(&mut state, &mut out, code, msg);
+        return 0;
+    }
+    timings.namespaces_us = 0;
+    timings.exec_us = t_exec.saturating_sub(t_clone) / 1000;
+    timings.total_us = t_exec.saturating_sub(cfg.launch_started_ns) / 1000;
+    timings.clone_into_cgroup = born_in_cgroup;
+    state.status = Status::Running;
+    state.pid = Some(pid);
+    state.started_ms = Some(now_ms());
+    state.timings = timings;
+    let _ = writeln!(out, "started {pid}");
+    let _ = out.flush();
+    if let Err(e) = td.write_state(&state) {
+        tracing::error!(id = %spec.id, "writing state: {e}");
+    }
+
+    let status = loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => break (code, None),
+            Ok(WaitStatus::Signaled(_, sig, _)) => break (128 + sig as i32, Some(sig as i32)),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(id = %spec.id, "waitpid: {e}");
+                break (255, None);
+            }
+        }
+    };
+    let mut usage = cg.usage();
+    let (cpu_us, maxrss) = sys::children_usage();
+    if usage.cpu_ns == 0 {
+        usage.cpu_ns = cpu_us * 1000;
+    }
+    if usage.memory_peak_bytes == 0 {
+        usage.memory_peak_bytes = maxrss;
+    }
+    state.status = Status::Exited;
+    state.exit_code = Some(status.0);
+    state.signal = status.1;
+    // The host process's own account of how the guest ended, when it lived to write it.
+    let wasm_status: Option<ExitStatus> = fs::read(&status_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (reason, error) = outcome(status.0, status.1, wasm_status.as_ref());
+    state.reason = reason;
+    state.error = error;
+    state.oom_killed =
+        usage.oom_kills > 0 || matches!(wasm_status, Some(ExitStatus::MemoryLimit { .. }));
+    if usage.oom_kills > 0 {
+        state.reason = Some("memory limit".into());
+    }
+    state.usage = Some(usage);
+    state.finished_ms = Some(now_ms());
+    if let Err(e) = cg.destroy(Duration::from_secs(10)) {
+        tracing::error!(id = %spec.id, "removing the cgroup: {e}");
+    }
+    if let Err(e) = td.write_state(&state) {
+        tracing::error!(id = %spec.id, "writing state: {e}");
+    }
+    let _ = writeln!(out, "exited {}", status.0);
+    let _ = out.flush();
+    if spec.auto_remove {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(std::io::Read::read(&mut stdin, &mut buf), Ok(n) if n > 0) {}
+        super::shim::remove_task(td, spec, None);
+    }
+    0
+}
+
+/// `state.json`'s reason and error for a Wasm task that ended with `code` (or `signal`), given
+/// the host process's report.
+fn outcome(
+    code: i32,
+    signal: Option<i32>,
+    reported: Option<&ExitStatus>,
+) -> (Option<String>, Option<String>) {
+    if let Some(sig) = signal {
+        return (Some(format!("killed by signal {sig}")), None);
+    }
+    match reported {
+        Some(ExitStatus::Trap { message, .. }) => (Some(format!("trap: {message}")), None),
+        Some(ExitStatus::MemoryLimit { detail }) => {
+            (Some("memory limit".into()), Some(detail.clone()))
+        }
+        Some(ExitStatus::Timeout { after_ms }) => {
+            (Some(format!("timeout after {after_ms} ms")), None)
+        }
+        Some(ExitStatus::Killed) => (Some("killed".into()), None),
+        Some(ExitStatus::Exited { .. }) => (None, None),
+        // No report: the module could not be loaded (the reason is in stderr.log) or the host
+        // process died.
+        None if code == 0 => (None, None),
+        None => (
+            Some("wasm host failed".into()),
+            Some(format!(
+                "caisson-wasm exited with {code}; see the task's stderr"
+            )),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes() {
+        let trap = ExitStatus::Trap {
+            message: "wasm trap: unreachable".into(),
+            backtrace: String::new(),
+        };
+        assert_eq!(
+            outcome(134, None, Some(&trap)).0.as_deref(),
+            Some("trap: wasm trap: unreachable")
+        );
+        let mem = ExitStatus::MemoryLimit { detail: "x".into() };
+        assert_eq!(
+            outcome(137, None, Some(&mem)),
+            (Some("memory limit".into()), Some("x".into()))
+        );
+        assert_eq!(
+            outcome(137, Some(9), Some(&trap)).0.as_deref(),
+            Some("killed by signal 9")
+        );
+        assert_eq!(
+            outcome(3, None, Some(&ExitStatus::Exited { code: 3 })),
+            (None, None)
+        );
+        assert!(outcome(126, None, None).0.is_some());
+    }
+
+    #[test]
+    fn task_spec_shape() {
+        let t = wasm_task(RunSpec {
+            module: "/m/hello.wasm".into(),
+            ..Default::default()
+        });
+        assert_eq!(t.process.args, ["hello.wasm"]);
+        assert_eq!(t.image, "/m/hello.wasm");
+        let json = serde_json::to_string(&t).unwrap();
+        let back: TaskSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, t);
+        // Native specs written before the field existed still load.
+        let native = serde_json::to_value(TaskSpec::default()).unwrap();
+        assert!(native.get("wasm").is_none());
+    }
+}
