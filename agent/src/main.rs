@@ -1,4 +1,5 @@
 //! `caisson`: a daemonless container agent. Thin CLI over the `containerizer` library.
+mod bench;
 mod containers;
 mod images;
 mod network;
@@ -63,6 +64,9 @@ enum Command {
     /// the container's supervisor.
     #[command(hide = true)]
     Cleanup { id: String },
+    /// Benchmark task launches (throughput and per-phase latency).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
         Command::Rmi(a) => images::rmi(&cli.root, a),
         Command::Image(c) => images::image(&cli.root, c),
         Command::Network(c) => network::network(&cli.root, &cli.cni, c),
+        Command::Bench(c) => bench::bench(&cli.root, c),
     };
     match result {
         Ok(code) => code,

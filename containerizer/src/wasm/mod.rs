@@ -21,7 +21,7 @@ mod source;
 mod spec;
 mod task;
 
-pub use engine::{CacheOrigin, Engine, EngineConfig, Program, ProgramKind};
+pub use engine::{CacheOrigin, Engine, EngineConfig, Program, ProgramKind, RunTimings};
 pub use source::{
     is_wasm_layer_media_type, is_wasm_platform, module_from_layer, module_from_rootfs, sniff,
     Source, WasmKind, WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPES,
