@@ -14,8 +14,12 @@ use clap::{Args, Subcommand, ValueEnum};
 use containerizer::launch::{
     self, process_from_image, NetworkMode, ProcessOverrides, Runtime, Status, TaskSpec,
 };
+use containerizer::net::{Cni, NetworkRequest};
 use containerizer::wasm;
 use serde::Serialize;
+
+use crate::network::CniArgs;
+use crate::tasknet;
 
 mod plot;
 
@@ -54,9 +58,10 @@ pub struct LaunchArgs {
     /// Untimed tasks launched first (caches, the v1 cgroup hierarchy, page cache).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// Network mode of native tasks: none (own netns, loopback only) or host.
-    #[arg(long, default_value = "none")]
-    network: String,
+    /// Network of native tasks, as `caisson run --network`: none (own netns, loopback only,
+    /// the default), host, or CNI network names (comma-separated or repeated).
+    #[arg(long)]
+    network: Vec<String>,
     /// Compile cache of Wasm modules [default: <root>/wasm-cache].
     #[arg(long)]
     wasm_cache: Option<PathBuf>,
@@ -76,9 +81,9 @@ pub struct LaunchArgs {
     cmd: Vec<String>,
 }
 
-pub fn bench(root: &Path, c: BenchCommand) -> Result<std::process::ExitCode> {
+pub fn bench(root: &Path, cni: &CniArgs, c: BenchCommand) -> Result<std::process::ExitCode> {
     match c {
-        BenchCommand::Launch(a) => launch_bench(root, a),
+        BenchCommand::Launch(a) => launch_bench(root, cni, a),
     }
 }
 
@@ -111,7 +116,7 @@ const NATIVE_PHASES: &[(&str, &str)] = &[
     ("cgroup", "cgroup creation and limits by the supervisor"),
     (
         "namespaces",
-        "clone3 into new pid/mount/uts/ipc/net namespaces (loopback netns included)",
+        "clone3 into new namespaces (own loopback-only netns, or joins the CNI one)",
     ),
     (
         "cgroup_join",
@@ -124,6 +129,12 @@ const NATIVE_PHASES: &[(&str, &str)] = &[
     ("teardown", "--rm: unmount, rename away, release the name"),
     ("total", "whole task, rootfs to teardown"),
 ];
+
+/// Only with CNI networks: between `rootfs` and `launcher`.
+const NETWORK_PHASE: (&str, &str) = (
+    "network",
+    "netns + CNI ADD before the launch (DEL runs in the supervisor's exit command)",
+);
 
 const WASM_PHASES: &[(&str, &str)] = &[
     (
@@ -234,6 +245,8 @@ enum Target {
         image: String,
         cmd: Vec<String>,
         network: NetworkMode,
+        /// CNI networks to attach each task to, and how.
+        cni: Option<Box<(Cni, CniArgs, Vec<NetworkRequest>)>>,
     },
     Wasm {
         engine: wasm::Engine,
@@ -244,10 +257,15 @@ enum Target {
 }
 
 impl Target {
-    fn phases(&self) -> &'static [(&'static str, &'static str)] {
+    fn phases(&self) -> Vec<(&'static str, &'static str)> {
         match self {
-            Target::Native { .. } => NATIVE_PHASES,
-            Target::Wasm { .. } => WASM_PHASES,
+            Target::Native { cni: None, .. } => NATIVE_PHASES.to_vec(),
+            Target::Native { cni: Some(_), .. } => {
+                let mut v = NATIVE_PHASES.to_vec();
+                v.insert(1, NETWORK_PHASE);
+                v
+            }
+            Target::Wasm { .. } => WASM_PHASES.to_vec(),
         }
     }
 
@@ -259,7 +277,8 @@ impl Target {
                 image,
                 cmd,
                 network,
-            } => native_task(root, rt, image, cmd, *network),
+                cni,
+            } => native_task(root, rt, image, cmd, *network, cni.as_deref()),
             Target::Wasm {
                 engine,
                 source,
@@ -277,6 +296,7 @@ fn native_task(
     image: &str,
     cmd: &[String],
     network: NetworkMode,
+    cni: Option<&(Cni, CniArgs, Vec<NetworkRequest>)>,
 ) -> Sample {
     let t0 = Instant::now();
     let id = launch::new_id();
@@ -304,7 +324,7 @@ fn native_task(
         }
     };
     let owned = prepared.owned.clone();
-    let spec = TaskSpec {
+    let mut spec = TaskSpec {
         id,
         image: image.to_string(),
         rootfs: prepared.rootfs,
@@ -315,11 +335,24 @@ fn native_task(
         auto_remove: true,
         ..Default::default()
     };
+    if let Some((cni, cni_args, reqs)) = cni {
+        if let Err(e) = crate::containers::attach_networks(root, cni_args, cni, reqs, &mut spec) {
+            remove_root(&owned);
+            return Sample::failed(format!("{e:#}"));
+        }
+    }
+    let network_ns = spec.network_us.map(|us| us * 1000);
+    let id = spec.id.clone();
     let t2 = Instant::now();
     let mut launched = match rt.launch(spec) {
         Ok(l) => l,
         Err(e) => {
             remove_root(&owned);
+            if let Some((cni, ..)) = cni {
+                if let Err(de) = tasknet::detach(cni, root, &id) {
+                    tracing::warn!("releasing the network after a failed launch: {de:#}");
+                }
+            }
             return Sample::failed(e);
         }
     };
@@ -343,21 +376,25 @@ fn native_task(
             st.reason.clone().or(st.error.clone()).unwrap_or_default()
         )),
     };
+    let mut phases = vec![
+        ns(t1 - t0),
+        t.prepare_us * 1000,
+        t.spawn_us * 1000,
+        t.cgroup_us * 1000,
+        t.namespaces_us * 1000,
+        t.cgroup_join_us * 1000,
+        t.mounts_us * 1000,
+        t.exec_us * 1000,
+        ns(t3 - t2),
+        ns(t4 - t3),
+        ns(t5 - t4),
+        ns(t5 - t0),
+    ];
+    if let Some(n) = network_ns {
+        phases.insert(1, n);
+    }
     Sample {
-        phases: vec![
-            ns(t1 - t0),
-            t.prepare_us * 1000,
-            t.spawn_us * 1000,
-            t.cgroup_us * 1000,
-            t.namespaces_us * 1000,
-            t.cgroup_join_us * 1000,
-            t.mounts_us * 1000,
-            t.exec_us * 1000,
-            ns(t3 - t2),
-            ns(t4 - t3),
-            ns(t5 - t4),
-            ns(t5 - t0),
-        ],
+        phases,
         exit_code,
         error,
     }
@@ -439,7 +476,7 @@ fn run_pool(
     )
 }
 
-fn launch_bench(root: &Path, a: LaunchArgs) -> Result<std::process::ExitCode> {
+fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::process::ExitCode> {
     if a.count == 0 {
         bail!("--count must be at least 1");
     }
@@ -464,12 +501,24 @@ fn launch_bench(root: &Path, a: LaunchArgs) -> Result<std::process::ExitCode> {
                 }
                 Err(e) => return Err(e.into()),
             }
+            let plan = tasknet::plan(&a.network, &[])?;
+            let network = match plan {
+                tasknet::Plan::Host => NetworkMode::Host,
+                _ => NetworkMode::None,
+            };
+            let cni = match plan {
+                tasknet::Plan::Cni(reqs) => {
+                    Some(Box::new((cni_args.cni(root), cni_args.clone(), reqs)))
+                }
+                _ => None,
+            };
             Target::Native {
                 root: root.to_path_buf(),
                 rt: Runtime::new(root),
                 image,
                 cmd: a.cmd.clone(),
-                network: a.network.parse::<NetworkMode>()?,
+                network,
+                cni,
             }
         }
         Kind::Wasm => {
@@ -480,7 +529,7 @@ fn launch_bench(root: &Path, a: LaunchArgs) -> Result<std::process::ExitCode> {
             if a.image.is_some() {
                 bail!("--image is for --kind native");
             }
-            if a.network != "none" {
+            if !a.network.is_empty() {
                 bail!("--network is for --kind native");
             }
             let cache = a
@@ -676,11 +725,11 @@ fn print_table(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
             p.what
         )?;
     }
-    if r.kind == Kind::Native {
+    if r.kind == Kind::Native && !r.phases.iter().any(|p| p.name == "network") {
         writeln!(
             out,
-            "(network: with --network none the task's loopback-only netns is made in \
-             `namespaces`; first output is not measured separately)"
+            "(no CNI network: a loopback-only netns is made in `namespaces`; \
+             first output is not measured separately)"
         )?;
     }
     Ok(())

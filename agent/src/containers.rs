@@ -362,6 +362,29 @@ fn build_spec_on(
     })
 }
 
+/// Creates the task's namespace, attaches it to `reqs` and fills in what the launch needs
+/// (netns, /etc/hosts, resolv.conf, the supervisor's exit command that releases it all).
+pub(crate) fn attach_networks(
+    root: &Path,
+    cni_args: &CniArgs,
+    cni: &containerizer::net::Cni,
+    reqs: &[containerizer::net::NetworkRequest],
+    spec: &mut TaskSpec,
+) -> anyhow::Result<()> {
+    use containerizer::net::files;
+    let att = tasknet::attach(cni, root, &spec.id, reqs)?;
+    if spec.hostname.is_empty() {
+        spec.hostname = spec.id[..12].to_string();
+    }
+    spec.hosts_file = Some(files::hosts_file(&spec.hostname, &att.attachments, &[]));
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    spec.resolv_conf = Some(files::resolv_conf(&att.attachments, &host_resolv));
+    spec.netns = Some(att.netns);
+    spec.network_us = Some(att.took_us);
+    spec.exit_command = cleanup_command(root, cni_args, &spec.id)?;
+    Ok(())
+}
+
 fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
     let plan = tasknet::plan(&a.network, &a.publish)?;
     let mode = match plan {
@@ -377,23 +400,9 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     let cni = cni_args.cni(root);
     let networked = matches!(plan, tasknet::Plan::Cni(_));
     if let tasknet::Plan::Cni(reqs) = &plan {
-        match tasknet::attach(&cni, root, &spec.id, reqs) {
-            Ok(att) => {
-                use containerizer::net::files;
-                if spec.hostname.is_empty() {
-                    spec.hostname = spec.id[..12].to_string();
-                }
-                spec.hosts_file = Some(files::hosts_file(&spec.hostname, &att.attachments, &[]));
-                let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-                spec.resolv_conf = Some(files::resolv_conf(&att.attachments, &host_resolv));
-                spec.netns = Some(att.netns);
-                spec.network_us = Some(att.took_us);
-                spec.exit_command = cleanup_command(root, cni_args, &spec.id)?;
-            }
-            Err(e) => {
-                remove_root();
-                return Err(e);
-            }
+        if let Err(e) = attach_networks(root, cni_args, &cni, reqs, &mut spec) {
+            remove_root();
+            return Err(e);
         }
     }
     let rt = Runtime::new(root);

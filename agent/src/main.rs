@@ -93,7 +93,7 @@ fn main() -> ExitCode {
         Command::Rmi(a) => images::rmi(&cli.root, a),
         Command::Image(c) => images::image(&cli.root, c),
         Command::Network(c) => network::network(&cli.root, &cli.cni, c),
-        Command::Bench(c) => bench::bench(&cli.root, c),
+        Command::Bench(c) => bench::bench(&cli.root, &cli.cni, c),
     };
     match result {
         Ok(code) => code,
