@@ -10,7 +10,7 @@ cargo build --release -p caisson-cni-plugins
 if [ "${QUICK:-}" = 1 ]; then
   # Debug-built runner (no release build of the whole containerizer), release plugins: the
   # runtime's share is the same for both plugin sets.
-  CAISSON_CNI_PLUGINS="$PWD/target/release" cargo test -p caisson-benches --bench cni -- "$RUNS"
+  CAISSON_CNI_PLUGINS="${CARGO_TARGET_DIR:-$PWD/target}/release" cargo test -p caisson-benches --bench cni -- "$RUNS"
 else
   cargo bench -p caisson-benches --bench cni -- "$RUNS"
 fi
@@ -22,7 +22,7 @@ cleanup() { ip netns del "$ns" 2>/dev/null || true; ip link del cstbench1 2>/dev
 trap cleanup EXIT
 ip netns add "$ns"
 for set in ref ours; do
-  if [ $set = ref ]; then dir=/usr/lib/cni; else dir=$PWD/target/release; fi
+  if [ $set = ref ]; then dir=/usr/lib/cni; else dir=${CARGO_TARGET_DIR:-$PWD/target}/release; fi
   printf '{"cniVersion":"1.0.0","name":"bench","type":"bridge","bridge":"cstbench1","isGateway":true,"ipam":{"type":"host-local","dataDir":"%s","ranges":[[{"subnet":"10.232.201.0/24"}]],"routes":[{"dst":"0.0.0.0/0"}]}}' "$work/ipam-$set" > "$work/$set.json"
   cat > "$work/$set.sh" <<SH
 export CNI_CONTAINERID=bench CNI_NETNS=/run/netns/$ns CNI_IFNAME=eth0 CNI_PATH=$dir
@@ -30,4 +30,6 @@ CNI_COMMAND=ADD $dir/bridge < $work/$set.json >/dev/null
 CNI_COMMAND=DEL $dir/bridge < $work/$set.json >/dev/null
 SH
 done
-hyperfine -N --warmup 5 --runs "$RUNS" -n reference "sh $work/ref.sh" -n caisson "sh $work/ours.sh"
+hyperfine -N --warmup 5 --runs "$RUNS" --export-json "$work/cni.json" \
+  -n reference "sh $work/ref.sh" -n caisson "sh $work/ours.sh"
+if [ -n "${CAISSON_BENCH_OUT:-}" ]; then cp "$work/cni.json" "$CAISSON_BENCH_OUT/"; fi

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-100}
 scripts/install-deps.sh
 cargo build --release -p caisson --bins
-CAISSON="$PWD/target/release/caisson"
+CAISSON="${CARGO_TARGET_DIR:-$PWD/target}/release/caisson"
 work=$(mktemp -d /tmp/caisson-launch.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
@@ -45,7 +45,11 @@ hyperfine -N --runs $RUNS --warmup 5 --export-json "$work/launch.json" \\
   -n "crun run (same rootfs)" "crun --root $work/crun run -b $bundle cbench" \\
   -n "runc run (same rootfs)" "runc --root $work/runc run -b $bundle rbench" \\
   -n "unshare -pfmuin /bin/true" "unshare --pid --fork --mount --uts --ipc --net /bin/true" \\
-  -n "/bin/true" "/bin/true" $BASE_CMD
+  -n "/bin/true" "/bin/true" \\
+  -n "caisson --version (process start)" "$CAISSON --version" $BASE_CMD
+# The same work timed by caisson itself, for the cross-check below.
+"$CAISSON" --root $root bench launch --kind native --image $IMAGE -n $RUNS --warmup 5 --json \\
+  -- /bin/true > "$work/bench-launch.json"
 INNER
 unshare --mount --propagation private bash "$work/inner.sh"
 echo
@@ -53,6 +57,11 @@ echo "| command | median | mean ± σ |"
 echo "| --- | --- | --- |"
 jq -r '.results[] | "| `\(.command)` | \(.median*1000*100|floor/100) ms | \(.mean*1000*100|floor/100) ± \(.stddev*1000*100|floor/100) ms |"' "$work/launch.json"
 jq -r '.results as $r | "ratios of medians: caisson/crun \(($r[0].median/$r[1].median)*100|floor/100), caisson/runc \(($r[0].median/$r[2].median)*100|floor/100)"' "$work/launch.json"
+# Cross-check: caisson bench launch (in one process) plus a caisson process start should match
+# hyperfine's caisson run --rm within noise.
+jq -r --slurpfile b "$work/bench-launch.json" '.results as $r | ($b[0].phases[] | select(.name=="total")) as $t |
+  "cross-check: bench launch p50 total \($t.p50_us/1000*100|floor/100) ms + process start \($r[5].median*1000*100|floor/100) ms = \(($t.p50_us/1000 + $r[5].median*1000)*100|floor/100) ms; hyperfine caisson run --rm median \($r[0].median*1000*100|floor/100) ms (ratio \((($t.p50_us/1000 + $r[5].median*1000)/($r[0].median*1000))*100|floor/100))"' "$work/launch.json"
+if [ -n "${CAISSON_BENCH_OUT:-}" ]; then cp "$work/launch.json" "$work/bench-launch.json" "$CAISSON_BENCH_OUT/"; fi
 echo
 echo "caisson's own per-phase timings (last run, microseconds):"
 "$CAISSON" --root "$root" run --name timing "$IMAGE" /bin/true >/dev/null

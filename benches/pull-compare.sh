@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-10}
 scripts/install-deps.sh
 cargo build --release -p caisson
-CAISSON="$PWD/target/release/caisson"
+CAISSON="${CARGO_TARGET_DIR:-$PWD/target}/release/caisson"
 work=$(mktemp -d /tmp/caisson-bench.XXXXXX)
 reg_pid=""
 cleanup() { [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null; rm -rf "$work"; }
@@ -59,4 +59,5 @@ for t in small large; do
     "skopeo copy --quiet --src-tls-verify=false docker://$reg/bench/img:$t oci:$work/p-oci:$t && umoci unpack --image $work/p-oci:$t $work/p-bundle >/dev/null"
   jq -r '.results[] | "\(.command)\tmedian \(.median*1000|floor) ms"' "$work/$t.json"
   jq -r '"ratio caisson/peer (medians): \((.results[0].median / .results[1].median) * 100 | floor / 100)"' "$work/$t.json"
+  if [ -n "${CAISSON_BENCH_OUT:-}" ]; then cp "$work/$t.json" "$CAISSON_BENCH_OUT/pull-$t.json"; fi
 done

@@ -216,17 +216,21 @@ fn env_entry(e: &str) -> Option<String> {
 }
 
 /// The root filesystem of a task: a directory given with `--rootfs`, or an overlay of an image.
-struct PreparedRoot {
-    rootfs: PathBuf,
-    config: Option<oci_spec::image::Config>,
+pub(crate) struct PreparedRoot {
+    pub(crate) rootfs: PathBuf,
+    pub(crate) config: Option<oci_spec::image::Config>,
     /// The overlay dir caisson made (removed with the task, or here if the launch fails).
-    owned: Option<PathBuf>,
-    prepare_us: Option<u64>,
+    pub(crate) owned: Option<PathBuf>,
+    pub(crate) prepare_us: Option<u64>,
 }
 
 /// Resolves IMAGE in the store (pulling it if missing, as podman does) and mounts an overlay
 /// root for task `id` under `<root>/rootfs/<id>`.
-fn prepare_image_root(root: &Path, image: &str, id: &str) -> anyhow::Result<PreparedRoot> {
+pub(crate) fn prepare_image_root(
+    root: &Path,
+    image: &str,
+    id: &str,
+) -> anyhow::Result<PreparedRoot> {
     use containerizer::image::{rootfs, Store};
     let t0 = std::time::Instant::now();
     let store = Store::open(root)?;
@@ -369,6 +373,29 @@ fn build_spec_on(
     })
 }
 
+/// Creates the task's namespace, attaches it to `reqs` and fills in what the launch needs
+/// (netns, /etc/hosts, resolv.conf, the supervisor's exit command that releases it all).
+pub(crate) fn attach_networks(
+    root: &Path,
+    cni_args: &CniArgs,
+    cni: &containerizer::net::Cni,
+    reqs: &[containerizer::net::NetworkRequest],
+    spec: &mut TaskSpec,
+) -> anyhow::Result<()> {
+    use containerizer::net::files;
+    let att = tasknet::attach(cni, root, &spec.id, reqs)?;
+    if spec.hostname.is_empty() {
+        spec.hostname = spec.id[..12].to_string();
+    }
+    spec.hosts_file = Some(files::hosts_file(&spec.hostname, &att.attachments, &[]));
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    spec.resolv_conf = Some(files::resolv_conf(&att.attachments, &host_resolv));
+    spec.netns = Some(att.netns);
+    spec.network_us = Some(att.took_us);
+    spec.exit_command = cleanup_command(root, cni_args, &spec.id)?;
+    Ok(())
+}
+
 fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
     let plan = tasknet::plan(&a.network, &a.publish)?;
     let mode = match plan {
@@ -405,26 +432,12 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     let cni = cni_args.cni(root);
     let networked = matches!(plan, tasknet::Plan::Cni(_));
     if let tasknet::Plan::Cni(reqs) = &plan {
-        match tasknet::attach(&cni, root, &spec.id, reqs) {
-            Ok(att) => {
-                use containerizer::net::files;
-                if spec.hostname.is_empty() {
-                    spec.hostname = spec.id[..12].to_string();
-                }
-                spec.hosts_file = Some(files::hosts_file(&spec.hostname, &att.attachments, &[]));
-                let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-                spec.resolv_conf = Some(files::resolv_conf(&att.attachments, &host_resolv));
-                spec.netns = Some(att.netns);
-                spec.network_us = Some(att.took_us);
-                spec.exit_command = cleanup_command(root, cni_args, &spec.id)?;
+        if let Err(e) = attach_networks(root, cni_args, &cni, reqs, &mut spec) {
+            if gpus {
+                crate::gpus::release(root, &spec.id);
             }
-            Err(e) => {
-                if gpus {
-                    crate::gpus::release(root, &spec.id);
-                }
-                remove_root();
-                return Err(e);
-            }
+            remove_root();
+            return Err(e);
         }
     }
     let rt = Runtime::new(root);

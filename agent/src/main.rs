@@ -1,4 +1,5 @@
 //! `caisson`: a daemonless container agent. Thin CLI over the `containerizer` library.
+mod bench;
 mod containers;
 mod gpus;
 mod images;
@@ -68,6 +69,9 @@ enum Command {
     /// the container's supervisor.
     #[command(hide = true)]
     Cleanup { id: String },
+    /// Benchmark task launches (throughput and per-phase latency).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Command::Image(c) => images::image(&cli.root, c),
         Command::Gpus(a) => gpus::list(&cli.root, a),
         Command::Network(c) => network::network(&cli.root, &cli.cni, c),
+        Command::Bench(c) => bench::bench(&cli.root, &cli.cni, c),
     };
     match result {
         Ok(code) => code,

@@ -22,7 +22,7 @@ mod source;
 mod spec;
 mod task;
 
-pub use engine::{CacheOrigin, Engine, EngineConfig, Program, ProgramKind};
+pub use engine::{CacheOrigin, Engine, EngineConfig, Program, ProgramKind, RunTimings};
 pub use http::{Service, ServiceConfig};
 pub use source::{
     is_wasm_layer_media_type, is_wasm_platform, module_from_layer, module_from_rootfs, sniff,
