@@ -196,17 +196,21 @@ fn env_entry(e: &str) -> Option<String> {
 }
 
 /// The root filesystem of a task: a directory given with `--rootfs`, or an overlay of an image.
-struct PreparedRoot {
-    rootfs: PathBuf,
-    config: Option<oci_spec::image::Config>,
+pub(crate) struct PreparedRoot {
+    pub(crate) rootfs: PathBuf,
+    pub(crate) config: Option<oci_spec::image::Config>,
     /// The overlay dir caisson made (removed with the task, or here if the launch fails).
-    owned: Option<PathBuf>,
-    prepare_us: Option<u64>,
+    pub(crate) owned: Option<PathBuf>,
+    pub(crate) prepare_us: Option<u64>,
 }
 
 /// Resolves IMAGE in the store (pulling it if missing, as podman does) and mounts an overlay
 /// root for task `id` under `<root>/rootfs/<id>`.
-fn prepare_image_root(root: &Path, image: &str, id: &str) -> anyhow::Result<PreparedRoot> {
+pub(crate) fn prepare_image_root(
+    root: &Path,
+    image: &str,
+    id: &str,
+) -> anyhow::Result<PreparedRoot> {
     use containerizer::image::{rootfs, Store};
     let t0 = std::time::Instant::now();
     let store = Store::open(root)?;
