@@ -1,5 +1,6 @@
 //! `caisson`: a daemonless container agent. Thin CLI over the `containerizer` library.
 mod bench;
+mod cluster;
 mod containers;
 mod gpus;
 mod images;
@@ -72,6 +73,27 @@ enum Command {
     /// Benchmark task launches (throughput and per-phase latency).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run the reference master (cluster mode).
+    Master(cluster::cli::MasterArgs),
+    /// Run the agent daemon: join a master and run its tasks.
+    Agent(cluster::cli::AgentArgs),
+    /// Submit a task to the master; prints its id.
+    Submit(cluster::cli::SubmitArgs),
+    /// List the master's tasks.
+    Tasks(cluster::cli::TasksArgs),
+    /// Show one task (JSON).
+    Task(cluster::cli::TaskArgs),
+    /// List the master's agents.
+    Agents(cluster::cli::AgentsArgs),
+    /// Kill tasks through the master.
+    Cancel(cluster::cli::CancelArgs),
+    /// Create a local CA and server/agent/user certificates for the cluster's TLS.
+    Certs(cluster::tls::CertsArgs),
+    /// Start a master and an agent, run a native and a Wasm task side by side, clean up.
+    Demo(cluster::demo::DemoArgs),
+    /// Benchmark: native tasks through an in-process master and agent.
+    #[command(name = "bench-cluster", hide = true)]
+    BenchCluster(cluster::demo::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +123,16 @@ fn main() -> ExitCode {
         Command::Gpus(a) => gpus::list(&cli.root, a),
         Command::Network(c) => network::network(&cli.root, &cli.cni, c),
         Command::Bench(c) => bench::bench(&cli.root, &cli.cni, c),
+        Command::Master(a) => cluster::cli::master(a),
+        Command::Agent(a) => cluster::cli::agent(&cli.root, a),
+        Command::Submit(a) => cluster::cli::submit(a),
+        Command::Tasks(a) => cluster::cli::tasks(a),
+        Command::Task(a) => cluster::cli::task(a),
+        Command::Agents(a) => cluster::cli::agents(a),
+        Command::Cancel(a) => cluster::cli::cancel(a),
+        Command::Certs(a) => cluster::tls::certs(a),
+        Command::Demo(a) => cluster::demo::demo(&cli.root, a),
+        Command::BenchCluster(a) => cluster::demo::bench(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,875 @@
+//! The agent daemon: registers with the master over one bidirectional stream, heartbeats,
+//! launches tasks through the containerizer, and reports every transition through an on-disk
+//! outbox (appended and fsynced before it is sent, resent until acked, in order), so a task's
+//! fate survives agent crashes, master restarts and lost connections.
+//!
+//! Recovery after a restart (even `kill -9`): the outbox is replayed (unacked updates are
+//! resent), live tasks are re-adopted (their supervisors kept running), tasks that ended while
+//! the agent was away are reported from their records, and the agent reregisters with the full
+//! list. A new boot id means the old tasks died with the machine: LOST.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use caisson_proto::agent_message::Msg as Up;
+use caisson_proto::agent_service_client::AgentServiceClient;
+use caisson_proto::master_message::Msg as Down;
+use caisson_proto::outbox_record::Rec;
+use caisson_proto::*;
+use containerizer::launch::{self, Launched, Runtime, Status as CStatus};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::wal::{self, Wal};
+use super::{is_task_id, now_ms, token_interceptor};
+
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// `http://host:port` or `https://host:port`.
+    pub master: String,
+    pub root: PathBuf,
+    pub token: String,
+    pub resources: Resources,
+    pub attributes: HashMap<String, String>,
+    /// Launches in flight at once.
+    pub parallelism: usize,
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Keep ended tasks' containers and logs (the demo shows them, then removes them).
+    pub keep_finished: bool,
+}
+
+struct Pending {
+    status: TaskStatus,
+}
+
+struct Outbox {
+    wal: Wal,
+    next_seq: u64,
+    pending: BTreeMap<u64, Pending>,
+    by_uuid: HashMap<String, u64>,
+}
+
+#[derive(Clone)]
+struct Known {
+    spec: Option<TaskSpec>,
+    state: TaskState,
+    killing: bool,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    rt: Runtime,
+    dir: PathBuf,
+    boot_id: String,
+    agent_id: Mutex<String>,
+    outbox: Mutex<Outbox>,
+    durable_tx: mpsc::UnboundedSender<u64>,
+    tasks: Mutex<HashMap<String, Known>>,
+    launches: Arc<Semaphore>,
+    wasm: std::sync::OnceLock<Result<containerizer::wasm::Engine, String>>,
+    wasm_kills: Mutex<HashMap<String, containerizer::wasm::KillSwitch>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_atomic(path: &Path, data: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn boot_id() -> String {
+    std::env::var("CAISSON_BOOT_ID").unwrap_or_else(|_| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// This host's cpus and memory.
+pub fn host_resources() -> Resources {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    Resources {
+        cpus,
+        memory_bytes: mem,
+        ..Default::default()
+    }
+}
+
+/// The master's view of how a container ended.
+fn terminal_of(st: &launch::TaskState, killing: bool) -> (TaskState, Reason, String) {
+    match st.status {
+        CStatus::Exited if st.oom_killed => (
+            TaskState::Failed,
+            Reason::MemoryLimit,
+            "killed at its memory limit".into(),
+        ),
+        CStatus::Exited if killing => (TaskState::Killed, Reason::KilledByUser, "killed".into()),
+        CStatus::Exited if st.exit_code == Some(0) => {
+            (TaskState::Finished, Reason::Exited, "exited 0".into())
+        }
+        CStatus::Exited => (
+            TaskState::Failed,
+            Reason::Exited,
+            format!("exited with code {}", st.exit_code.unwrap_or(-1)),
+        ),
+        CStatus::Failed => (
+            TaskState::Failed,
+            Reason::LaunchFailed,
+            st.error.clone().unwrap_or_else(|| "launch failed".into()),
+        ),
+        CStatus::Lost | CStatus::Created | CStatus::Running => (
+            TaskState::Lost,
+            Reason::SupervisorGone,
+            "the task's supervisor is gone".into(),
+        ),
+    }
+}
+
+fn timings_of(t: &launch::Timings, agent_us: u64) -> LaunchTimings {
+    LaunchTimings {
+        rootfs_us: t.rootfs_us.unwrap_or(0),
+        spawn_us: t.spawn_us,
+        cgroup_us: t.cgroup_us,
+        namespaces_us: t.namespaces_us,
+        mounts_us: t.mounts_us,
+        exec_us: t.exec_us,
+        total_us: t.total_us,
+        agent_us,
+    }
+}
+
+fn status(id: &str, state: TaskState, reason: Reason, message: impl Into<String>) -> TaskStatus {
+    TaskStatus {
+        task_id: id.to_string(),
+        state: state as i32,
+        reason: reason as i32,
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+impl Agent {
+    /// Opens the agent's state under `<root>/agent` and recovers (see the module docs).
+    pub fn open(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, mpsc::UnboundedReceiver<u64>)> {
+        let dir = cfg.root.join("agent");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let agent_id = std::fs::read_to_string(dir.join("agent_id"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let boot = boot_id();
+        let old_boot = std::fs::read_to_string(dir.join("boot_id"))
+            .map(|s| s.trim().to_string())
+            .ok();
+        let rebooted = old_boot.as_deref().is_some_and(|b| b != boot);
+        if old_boot.as_deref() != Some(boot.as_str()) {
+            write_atomic(&dir.join("boot_id"), &boot)?;
+        }
+
+        // Replay the outbox: what is unacked is resent; what ended is remembered.
+        let log = dir.join("outbox.log");
+        let records: Vec<OutboxRecord> = wal::read_all(&log)?;
+        let mut updates: Vec<TaskStatus> = vec![];
+        let mut acked: HashSet<String> = HashSet::new();
+        for r in records {
+            match r.rec {
+                Some(Rec::Update(u)) => updates.push(u),
+                Some(Rec::Acked(a)) => {
+                    acked.insert(a);
+                }
+                None => {}
+            }
+        }
+        let mut latest: HashMap<String, TaskState> = HashMap::new();
+        let mut ended: HashSet<String> = HashSet::new();
+        for u in &updates {
+            latest.insert(u.task_id.clone(), u.state());
+            if u.state().is_terminal() {
+                ended.insert(u.task_id.clone());
+            }
+        }
+        let unacked: Vec<TaskStatus> = updates
+            .into_iter()
+            .filter(|u| !acked.contains(&u.uuid))
+            .collect();
+        let compact: Vec<OutboxRecord> = unacked
+            .iter()
+            .map(|u| OutboxRecord {
+                rec: Some(Rec::Update(u.clone())),
+            })
+            .collect();
+        let wal = Wal::open(&log, &compact)?;
+        let mut outbox = Outbox {
+            wal,
+            next_seq: 1,
+            pending: BTreeMap::new(),
+            by_uuid: HashMap::new(),
+        };
+        let mut known: HashMap<String, Known> = HashMap::new();
+        for u in unacked {
+            let seq = outbox.next_seq;
+            outbox.next_seq += 1;
+            outbox.by_uuid.insert(u.uuid.clone(), seq);
+            known.insert(
+                u.task_id.clone(),
+                Known {
+                    spec: None,
+                    state: u.state(),
+                    killing: false,
+                },
+            );
+            outbox.pending.insert(seq, Pending { status: u });
+        }
+        let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+        // Everything replayed is already on disk.
+        let _ = durable_tx.send(outbox.next_seq - 1);
+        let parallelism = cfg.parallelism.max(1);
+        let agent = Arc::new(Agent {
+            rt: Runtime::new(&cfg.root),
+            cfg,
+            dir,
+            boot_id: boot,
+            agent_id: Mutex::new(agent_id),
+            outbox: Mutex::new(outbox),
+            durable_tx,
+            tasks: Mutex::new(known),
+            launches: Arc::new(Semaphore::new(parallelism)),
+            wasm: std::sync::OnceLock::new(),
+            wasm_kills: Mutex::new(HashMap::new()),
+        });
+        agent.recover(rebooted, &latest, &ended)?;
+        Ok((agent, durable_rx))
+    }
+
+    fn recover(
+        self: &Arc<Self>,
+        rebooted: bool,
+        latest: &HashMap<String, TaskState>,
+        ended: &HashSet<String>,
+    ) -> anyhow::Result<()> {
+        let mut seen = HashSet::new();
+        for info in self.rt.list()?.into_iter().filter(|t| is_task_id(&t.id)) {
+            let id = info.id.clone();
+            seen.insert(id.clone());
+            if rebooted {
+                if !ended.contains(&id) {
+                    self.report(
+                        status(
+                            &id,
+                            TaskState::Lost,
+                            Reason::AgentRebooted,
+                            "the host rebooted",
+                        ),
+                        None,
+                    );
+                }
+                let _ = self.rt.remove(&id, true);
+                continue;
+            }
+            if info.state.status.is_terminal() {
+                if ended.contains(&id) {
+                    let _ = self.rt.remove(&id, true);
+                } else {
+                    // It ended while we were away: its record tells how.
+                    let (s, r, m) = terminal_of(&info.state, false);
+                    let mut st = status(&id, s, r, m);
+                    st.exit_code = info.state.exit_code;
+                    self.report_then_remove(st);
+                }
+                continue;
+            }
+            tracing::info!(task = %id, "re-adopting a live task");
+            lock(&self.tasks).insert(
+                id.clone(),
+                Known {
+                    spec: None,
+                    state: TaskState::Running,
+                    killing: false,
+                },
+            );
+            if latest.get(&id) != Some(&TaskState::Running) {
+                let mut st = status(&id, TaskState::Running, Reason::Unspecified, "re-adopted");
+                st.timings = Some(timings_of(&info.state.timings, 0));
+                self.report(st, None);
+            }
+            let me = self.clone();
+            std::thread::Builder::new()
+                .name("task-wait".into())
+                .stack_size(256 * 1024)
+                .spawn(move || me.watch_adopted(id))?;
+        }
+        // Launches interrupted before their container existed.
+        for (id, state) in latest {
+            if !state.is_terminal() && !seen.contains(id) && !ended.contains(id) {
+                self.report(
+                    status(
+                        id,
+                        TaskState::Lost,
+                        Reason::LaunchFailed,
+                        "the agent restarted during the launch",
+                    ),
+                    None,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends an update to the outbox; it is sent once durable (and again after reconnects
+    /// until acked). `on_durable` runs after it is on disk.
+    fn report(&self, mut st: TaskStatus, on_durable: Option<Box<dyn FnOnce() + Send>>) {
+        st.uuid = hex::encode(rand::random::<[u8; 16]>());
+        st.timestamp_ms = now_ms();
+        st.agent_id = lock(&self.agent_id).clone();
+        {
+            let mut tasks = lock(&self.tasks);
+            let k = tasks.entry(st.task_id.clone()).or_insert(Known {
+                spec: None,
+                state: st.state(),
+                killing: false,
+            });
+            k.state = st.state();
+        }
+        let mut ob = lock(&self.outbox);
+        let seq = ob.next_seq;
+        ob.next_seq += 1;
+        ob.by_uuid.insert(st.uuid.clone(), seq);
+        let rec = OutboxRecord {
+            rec: Some(Rec::Update(st.clone())),
+        };
+        ob.pending.insert(seq, Pending { status: st });
+        let tx = self.durable_tx.clone();
+        ob.wal.append(
+            &rec,
+            Some(Box::new(move |r| {
+                if r.is_ok() {
+                    let _ = tx.send(seq);
+                    if let Some(f) = on_durable {
+                        f();
+                    }
+                }
+            })),
+        );
+    }
+
+    /// Reports a terminal update, then removes the container once the update is on disk.
+    fn report_then_remove(self: &Arc<Self>, st: TaskStatus) {
+        if self.cfg.keep_finished {
+            self.report(st, None);
+            return;
+        }
+        let me = self.clone();
+        let id = st.task_id.clone();
+        self.report(
+            st,
+            Some(Box::new(move || {
+                // Off the log's writer thread: removal unmounts and deletes.
+                let _ = std::thread::Builder::new()
+                    .name("task-rm".into())
+                    .spawn(move || {
+                        if let Err(e) = me.rt.remove(&id, true) {
+                            tracing::warn!(task = %id, "removing: {e}");
+                        }
+                    });
+            })),
+        );
+    }
+
+    fn acked(&self, uuid: &str) {
+        let mut ob = lock(&self.outbox);
+        let Some(seq) = ob.by_uuid.remove(uuid) else {
+            return;
+        };
+        let Some(p) = ob.pending.remove(&seq) else {
+            return;
+        };
+        ob.wal.append(
+            &OutboxRecord {
+                rec: Some(Rec::Acked(uuid.to_string())),
+            },
+            None,
+        );
+        drop(ob);
+        if p.status.state().is_terminal() {
+            let mut tasks = lock(&self.tasks);
+            if tasks
+                .get(&p.status.task_id)
+                .is_some_and(|k| k.state.is_terminal())
+            {
+                tasks.remove(&p.status.task_id);
+            }
+        }
+    }
+
+    fn killing(&self, id: &str) -> bool {
+        lock(&self.tasks).get(id).is_some_and(|k| k.killing)
+    }
+
+    fn watch_adopted(self: Arc<Self>, id: String) {
+        match self.rt.wait_terminal(&id, Duration::MAX) {
+            Ok(Some(st)) => {
+                let (s, r, m) = terminal_of(&st, self.killing(&id));
+                let mut u = status(&id, s, r, m);
+                u.exit_code = st.exit_code;
+                self.report_then_remove(u);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.report(
+                    status(&id, TaskState::Lost, Reason::SupervisorGone, e.to_string()),
+                    None,
+                );
+            }
+        }
+    }
+
+    fn launch(self: &Arc<Self>, lt: LaunchTask) {
+        let id = lt.task_id.clone();
+        {
+            let mut tasks = lock(&self.tasks);
+            if tasks.contains_key(&id) || !is_task_id(&id) {
+                return; // launches are idempotent by task id
+            }
+            tasks.insert(
+                id.clone(),
+                Known {
+                    spec: lt.spec.clone(),
+                    state: TaskState::Starting,
+                    killing: false,
+                },
+            );
+        }
+        let received = Instant::now();
+        self.report(
+            status(&id, TaskState::Starting, Reason::Unspecified, ""),
+            None,
+        );
+        let me = self.clone();
+        let sem = self.launches.clone();
+        tokio::spawn(async move {
+            let Ok(permit) = sem.acquire_owned().await else {
+                return;
+            };
+            // A plain thread, not the blocking pool: image pulls start their own runtime.
+            let _ = std::thread::Builder::new()
+                .name("task-launch".into())
+                .spawn(move || {
+                    me.launch_blocking(id, lt.spec, received);
+                    drop(permit);
+                });
+        });
+    }
+
+    fn launch_blocking(self: Arc<Self>, id: String, spec: Option<TaskSpec>, received: Instant) {
+        if self.killing(&id) {
+            self.report(
+                status(
+                    &id,
+                    TaskState::Killed,
+                    Reason::KilledByUser,
+                    "killed before it started",
+                ),
+                None,
+            );
+            return;
+        }
+        let spec = spec.unwrap_or_default();
+        if TaskKind::try_from(spec.kind) == Ok(TaskKind::Wasm) {
+            return self.launch_wasm(id, spec, received);
+        }
+        let mut launched = match self.start(&id, &spec) {
+            Ok(l) => l,
+            Err((reason, msg)) => {
+                tracing::warn!(task = %id, "launch failed: {msg}");
+                self.report(status(&id, TaskState::Failed, reason, msg), None);
+                return;
+            }
+        };
+        let timings = self
+            .rt
+            .dir(&id)
+            .read_state()
+            .map(|s| s.timings)
+            .unwrap_or_default();
+        let mut running = status(&id, TaskState::Running, Reason::Unspecified, "");
+        running.timings = Some(timings_of(&timings, received.elapsed().as_micros() as u64));
+        self.report(running, None);
+        if self.killing(&id) {
+            let _ = self.rt.stop(&id, Duration::ZERO);
+        }
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("task-wait".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let st = launched.wait();
+                launched.finish();
+                match st {
+                    Ok(st) => {
+                        let (s, r, m) = terminal_of(&st, me.killing(&id));
+                        let mut u = status(&id, s, r, m);
+                        u.exit_code = st.exit_code;
+                        me.report_then_remove(u);
+                    }
+                    Err(e) => me.report(
+                        status(&id, TaskState::Lost, Reason::SupervisorGone, e.to_string()),
+                        None,
+                    ),
+                }
+            });
+    }
+
+    /// The directory of a Wasm task's logs.
+    pub fn wasm_dir(root: &Path, id: &str) -> PathBuf {
+        root.join("agent").join("wasm").join(id)
+    }
+
+    /// Wasm command tasks run in the agent's process on its shared engine (compiled modules
+    /// cached on disk), so unlike native tasks they do not survive an agent restart: the
+    /// restarted agent reports them LOST.
+    fn launch_wasm(self: Arc<Self>, id: String, spec: TaskSpec, received: Instant) {
+        use containerizer::wasm;
+        let engine = self.wasm.get_or_init(|| {
+            wasm::Engine::new(wasm::EngineConfig {
+                cache_dir: Some(self.cfg.root.join("wasm-cache")),
+                max_instances: 256,
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())
+        });
+        let engine = match engine {
+            Ok(e) => e.clone(),
+            Err(e) => {
+                self.report(
+                    status(&id, TaskState::Failed, Reason::LaunchFailed, e.clone()),
+                    None,
+                );
+                return;
+            }
+        };
+        let program = match engine.load(&wasm::Source::path(&spec.image)) {
+            Ok(p) => p,
+            Err(e) => {
+                self.report(
+                    status(&id, TaskState::Failed, Reason::LaunchFailed, e.to_string()),
+                    None,
+                );
+                return;
+            }
+        };
+        let dir = Self::wasm_dir(&self.cfg.root, &id);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.report(
+                status(&id, TaskState::Failed, Reason::LaunchFailed, e.to_string()),
+                None,
+            );
+            return;
+        }
+        let name = Path::new(&spec.image)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut ts = wasm::TaskSpec::new(std::iter::once(name).chain(spec.command.iter().cloned()));
+        ts.env = spec
+            .env
+            .iter()
+            .filter_map(|e| {
+                e.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        ts.stdout = wasm::Stdio::Path(dir.join("stdout.log"));
+        ts.stderr = wasm::Stdio::Path(dir.join("stderr.log"));
+        let mem = spec.resources.as_ref().map_or(0, |r| r.memory_bytes);
+        ts.limits.memory_bytes = (mem > 0).then_some(mem);
+        let kill = wasm::KillSwitch::new();
+        ts.kill = Some(kill.clone());
+        lock(&self.wasm_kills).insert(id.clone(), kill);
+        let mut running = status(&id, TaskState::Running, Reason::Unspecified, "");
+        running.timings = Some(LaunchTimings {
+            total_us: received.elapsed().as_micros() as u64,
+            agent_us: received.elapsed().as_micros() as u64,
+            ..Default::default()
+        });
+        self.report(running, None);
+        let out = engine.run(&program, ts);
+        lock(&self.wasm_kills).remove(&id);
+        let killing = self.killing(&id);
+        let mut u = match &out {
+            Ok(wasm::ExitStatus::Exited { code: 0 }) if !killing => {
+                status(&id, TaskState::Finished, Reason::Exited, "exited 0")
+            }
+            Ok(wasm::ExitStatus::Killed) => {
+                status(&id, TaskState::Killed, Reason::KilledByUser, "killed")
+            }
+            Ok(wasm::ExitStatus::MemoryLimit { detail }) => {
+                status(&id, TaskState::Failed, Reason::MemoryLimit, detail.clone())
+            }
+            Ok(other) => status(&id, TaskState::Failed, Reason::Exited, other.to_string()),
+            Err(e) => status(&id, TaskState::Failed, Reason::LaunchFailed, e.to_string()),
+        };
+        if let Ok(o) = &out {
+            u.exit_code = Some(o.exit_code());
+        }
+        let keep = self.cfg.keep_finished;
+        self.report(
+            u,
+            Some(Box::new(move || {
+                if !keep {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            })),
+        );
+    }
+
+    /// Prepares and launches the container; on failure nothing is left behind.
+    fn start(&self, id: &str, spec: &TaskSpec) -> Result<Launched, (Reason, String)> {
+        match TaskKind::try_from(spec.kind).unwrap_or_default() {
+            TaskKind::NativeImage => {}
+            other => {
+                return Err((
+                    Reason::LaunchFailed,
+                    format!("{other:?} tasks are not supported by this agent yet"),
+                ))
+            }
+        }
+        let prepared = crate::containers::prepare_image_root(&self.cfg.root, &spec.image, id)
+            .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")))?;
+        let owned = prepared.owned.clone();
+        let cleanup = || {
+            if let Some(dir) = &owned {
+                let _ = containerizer::image::rootfs::remove(dir);
+            }
+        };
+        let process = match launch::process_from_image(
+            prepared.config.as_ref(),
+            &launch::ProcessOverrides {
+                cmd: spec.command.clone(),
+                env: spec.env.clone(),
+                workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
+                ..Default::default()
+            },
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                cleanup();
+                return Err((Reason::LaunchFailed, e.to_string()));
+            }
+        };
+        let res = spec.resources.clone().unwrap_or_default();
+        let network = spec.networks.first().map(String::as_str).unwrap_or("none");
+        let ts = launch::TaskSpec {
+            id: id.to_string(),
+            name: String::new(),
+            image: spec.image.clone(),
+            rootfs: prepared.rootfs,
+            cleanup: prepared.owned.into_iter().collect(),
+            rootfs_prepare_us: prepared.prepare_us,
+            process,
+            network: match network.parse() {
+                Ok(n) => n,
+                Err(e) => {
+                    cleanup();
+                    return Err((Reason::LaunchFailed, format!("{e}")));
+                }
+            },
+            volumes: spec
+                .volumes
+                .iter()
+                .map(|v| launch::Volume {
+                    source: v.host_path.clone().into(),
+                    target: v.container_path.clone(),
+                    readonly: v.read_only,
+                })
+                .collect(),
+            limits: launch::Limits {
+                cpus: (res.cpus > 0.0).then_some(res.cpus),
+                memory: (res.memory_bytes > 0).then_some(res.memory_bytes),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.rt.launch(ts).map_err(|e| {
+            cleanup();
+            (Reason::LaunchFailed, e.to_string())
+        })
+    }
+
+    fn kill(self: &Arc<Self>, k: KillTask) {
+        {
+            let mut tasks = lock(&self.tasks);
+            match tasks.get_mut(&k.task_id) {
+                Some(t) if !t.state.is_terminal() => t.killing = true,
+                _ => return,
+            }
+        }
+        if let Some(k) = lock(&self.wasm_kills).get(&k.task_id) {
+            k.kill();
+            return;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let grace = Duration::from_millis(k.grace_period_ms as u64);
+            // Not started yet: the launch sees `killing` and stops.
+            if me.rt.info(&k.task_id).is_ok() {
+                if let Err(e) = me.rt.stop(&k.task_id, grace) {
+                    tracing::warn!(task = %k.task_id, "kill: {e}");
+                }
+            }
+        });
+    }
+
+    fn register_msg(&self) -> AgentMessage {
+        let tasks = lock(&self.tasks)
+            .iter()
+            .map(|(id, k)| KnownTask {
+                task_id: id.clone(),
+                state: k.state as i32,
+                spec: k.spec.clone(),
+            })
+            .collect();
+        AgentMessage {
+            msg: Some(Up::Register(Register {
+                agent_id: lock(&self.agent_id).clone(),
+                hostname: nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                resources: Some(self.cfg.resources.clone()),
+                attributes: self.cfg.attributes.clone(),
+                tasks,
+                boot_id: self.boot_id.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            })),
+        }
+    }
+
+    /// Connects, reconnecting with jittered exponential backoff, until the master says
+    /// Shutdown or refuses our token.
+    pub async fn run(
+        self: Arc<Self>,
+        mut durable_rx: mpsc::UnboundedReceiver<u64>,
+    ) -> anyhow::Result<()> {
+        let mut durable_upto = 0u64;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match self.session(&mut durable_rx, &mut durable_upto).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if let Some(s) = e.downcast_ref::<tonic::Status>() {
+                        if s.code() == tonic::Code::Unauthenticated {
+                            anyhow::bail!("the master refused us: {}", s.message());
+                        }
+                    }
+                    tracing::warn!("master session: {e:#}");
+                }
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+            tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(
+        self: &Arc<Self>,
+        durable_rx: &mut mpsc::UnboundedReceiver<u64>,
+        durable_upto: &mut u64,
+    ) -> anyhow::Result<()> {
+        let mut ep = tonic::transport::Endpoint::from_shared(self.cfg.master.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
+        if let Some(tls) = &self.cfg.tls {
+            ep = ep.tls_config(tls.clone())?;
+        }
+        let channel = ep.connect().await?;
+        let mut client =
+            AgentServiceClient::with_interceptor(channel, token_interceptor(&self.cfg.token)?);
+        let (tx, rx) = mpsc::unbounded_channel::<AgentMessage>();
+        tx.send(self.register_msg())?;
+        let mut inbound = client
+            .session(UnboundedReceiverStream::new(rx))
+            .await
+            .map_err(anyhow::Error::new)?
+            .into_inner();
+        let registered = match inbound.message().await.map_err(anyhow::Error::new)? {
+            Some(MasterMessage {
+                msg: Some(Down::Registered(r)),
+            }) => r,
+            _ => anyhow::bail!("the master did not answer Registered first"),
+        };
+        {
+            let mut id = lock(&self.agent_id);
+            if *id != registered.agent_id {
+                write_atomic(&self.dir.join("agent_id"), &registered.agent_id)?;
+                *id = registered.agent_id.clone();
+            }
+        }
+        tracing::info!(agent = %registered.agent_id, master = %self.cfg.master, "registered");
+        // Resend what is durable and unacked, in order.
+        while let Ok(seq) = durable_rx.try_recv() {
+            *durable_upto = seq;
+        }
+        let resent_upto = *durable_upto;
+        {
+            let ob = lock(&self.outbox);
+            for p in ob.pending.range(..=resent_upto).map(|(_, p)| p) {
+                tx.send(AgentMessage {
+                    msg: Some(Up::Status(p.status.clone())),
+                })?;
+            }
+        }
+        let hb_every = Duration::from_millis(registered.heartbeat_interval_ms.max(100) as u64);
+        let mut hb = tokio::time::interval(hb_every);
+        let mut seq_no = 0u64;
+        loop {
+            tokio::select! {
+                m = inbound.message() => match m.map_err(anyhow::Error::new)? {
+                    None => anyhow::bail!("the master closed the stream"),
+                    Some(MasterMessage { msg: Some(m) }) => match m {
+                        Down::Launch(lt) => self.launch(lt),
+                        Down::Kill(k) => self.kill(k),
+                        Down::Ack(a) => self.acked(&a.uuid),
+                        Down::Reconcile(_) | Down::Registered(_) => {}
+                        Down::Shutdown(s) => {
+                            tracing::info!("the master asked us to shut down: {}", s.reason);
+                            return Ok(());
+                        }
+                    },
+                    Some(_) => {}
+                },
+                Some(seq) = durable_rx.recv() => {
+                    *durable_upto = seq;
+                    if seq > resent_upto {
+                        let st = lock(&self.outbox).pending.get(&seq).map(|p| p.status.clone());
+                        if let Some(st) = st {
+                            tx.send(AgentMessage { msg: Some(Up::Status(st)) })?;
+                        }
+                    }
+                }
+                _ = hb.tick() => {
+                    seq_no += 1;
+                    tx.send(AgentMessage { msg: Some(Up::Heartbeat(Heartbeat { sequence: seq_no })) })?;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! `caisson demo`: a whole cluster in one command. It starts a master and an agent in this
+//! process (temp state, loopback, random tokens), builds a busybox image locally (no
+//! registry), submits a native container task and a Wasm task side by side, shows them
+//! running with their output, prints each task's launch latency per phase and its final
+//! state, and removes everything it made.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use caisson_proto::*;
+use clap::Args;
+use sha2::{Digest, Sha256};
+
+use super::agent::{Agent, AgentConfig};
+use super::cli::{state_name, ClientArgs};
+use super::master::{Master, MasterConfig};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Keep the temp directory (state, logs) for a look afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// The busybox-static binary to build the demo image from.
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+}
+
+const IMAGE: &str = "localhost/caisson-demo:latest";
+
+/// A WASI command module: prints, sleeps 2 s (poll_oneoff on the monotonic clock), prints.
+const WASM_TASK: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello from a Wasm task (WASI), sleeping 2 s\n")
+  (data (i32.const 128) "wasm task done\n")
+  (func $print (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "_start")
+    (call $print (i32.const 16) (i32.const 44))
+    (i64.store (i32.const 256) (i64.const 0))
+    (i32.store8 (i32.const 264) (i32.const 0))
+    (i32.store (i32.const 272) (i32.const 1))
+    (i64.store (i32.const 280) (i64.const 2000000000))
+    (i64.store (i32.const 288) (i64.const 0))
+    (i32.store16 (i32.const 296) (i32.const 0))
+    (drop (call $poll (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))
+    (call $print (i32.const 128) (i32.const 15))))
+"#;
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Writes an OCI image layout with one layer: busybox and its applet links.
+fn build_image(busybox: &Path, dir: &Path) -> Result<PathBuf> {
+    let bb = std::fs::read(busybox).with_context(|| {
+        format!(
+            "reading {} (the demo builds its image from busybox-static: apt-get install busybox-static)",
+            busybox.display()
+        )
+    })?;
+    let layout = dir.join("caisson-demo");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let mut tar = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    };
+    let dir_hdr = |name: &str, tar: &mut tar::Builder<Vec<u8>>| -> Result<()> {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        tar.append_data(&mut h, name, std::io::empty())?;
+        Ok(())
+    };
+    for d in ["bin/", "etc/", "tmp/"] {
+        dir_hdr(d, &mut tar)?;
+    }
+    let mut h = header(tar::EntryType::Regular, 0o755, bb.len() as u64);
+    tar.append_data(&mut h, "bin/busybox", &bb[..])?;
+    for applet in [
+        "sh", "echo", "cat", "sleep", "true", "false", "ls", "hostname", "id", "date",
+    ] {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
+    }
+    let layer = tar.into_inner()?;
+    let layer_digest = sha(&layer);
+    std::fs::write(blobs.join(&layer_digest), &layer)?;
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": { "Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/" },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_digest}")] },
+    }))?;
+    let config_digest = sha(&config);
+    std::fs::write(blobs.join(&config_digest), &config)?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": format!("sha256:{config_digest}"), "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                     "digest": format!("sha256:{layer_digest}"), "size": layer.len() }],
+    }))?;
+    let manifest_digest = sha(&manifest);
+    std::fs::write(blobs.join(&manifest_digest), &manifest)?;
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{ "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                            "digest": format!("sha256:{manifest_digest}"), "size": manifest.len(),
+                            "annotations": { "org.opencontainers.image.ref.name": "latest" } }],
+        }))?,
+    )?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    Ok(layout)
+}
+
+/// A master and an agent in this process, on loopback, with random tokens.
+pub struct LocalCluster {
+    pub url: String,
+    pub client: super::cli::Client,
+    pub agent_info: caisson_proto::Agent,
+    agent_task: tokio::task::JoinHandle<Result<()>>,
+    server: tokio::task::JoinHandle<Result<()>>,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+}
+
+impl LocalCluster {
+    pub async fn start(
+        agent_root: &Path,
+        master_dir: &Path,
+        parallelism: usize,
+        keep_finished: bool,
+    ) -> Result<LocalCluster> {
+        let join_token = hex::encode(rand::random::<[u8; 16]>());
+        let api_token = hex::encode(rand::random::<[u8; 16]>());
+        let master = Master::open(
+            master_dir,
+            MasterConfig {
+                join_token: join_token.clone(),
+                api_token: api_token.clone(),
+                heartbeat_interval: Duration::from_millis(500),
+                ..Default::default()
+            },
+        )?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(master.serve(listener, None, async {
+            let _ = stop_rx.await;
+        }));
+        let url = format!("http://{addr}");
+        let (agent, durable) = Agent::open(AgentConfig {
+            master: url.clone(),
+            root: agent_root.to_path_buf(),
+            token: join_token,
+            resources: super::agent::host_resources(),
+            attributes: [("demo".to_string(), "yes".to_string())].into(),
+            parallelism,
+            tls: None,
+            keep_finished,
+        })?;
+        let agent_task = tokio::spawn(agent.run(durable));
+        let mut client = super::cli::connect(&ClientArgs {
+            master: url.clone(),
+            token: Some(api_token),
+            tls: Default::default(),
+        })
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let agent_info = loop {
+            let agents = client
+                .list_agents(ListAgentsRequest {})
+                .await?
+                .into_inner()
+                .agents;
+            if let Some(ag) = agents
+                .into_iter()
+                .find(|x| x.state == AgentState::Active as i32)
+            {
+                break ag;
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not register");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Ok(LocalCluster {
+            url,
+            client,
+            agent_info,
+            agent_task,
+            server,
+            stop_tx,
+        })
+    }
+
+    pub async fn stop(self) {
+        self.agent_task.abort();
+        let _ = self.stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+    }
+}
+
+/// Builds the demo image into the store at `root`.
+pub async fn demo_image(busybox: &Path, work: &Path, root: &Path) -> Result<()> {
+    let layout = build_image(busybox, work)?;
+    let store = containerizer::image::Store::open(root)?;
+    containerizer::image::archive::load(
+        &store,
+        &layout.to_string_lossy(),
+        &Default::default(),
+        Arc::new(containerizer::image::NoProgress),
+    )
+    .await?;
+    Ok(())
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+pub fn demo(_root: &Path, a: DemoArgs) -> Result<ExitCode> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("caisson demo runs containers: run it as root");
+    }
+    let tmp = tempfile::Builder::new().prefix("caisson-demo").tempdir()?;
+    let work = tmp.path().to_path_buf();
+    let rt = super::cli::runtime()?;
+    let res = rt.block_on(run(&work, &a));
+    if a.keep {
+        let kept = tmp.keep();
+        println!("kept {}", kept.display());
+    } else {
+        // Containers are removed by then; what is left is plain files.
+        drop(tmp);
+    }
+    res?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
+    let agent_root = work.join("agent");
+    let say = |s: &str| {
+        println!("{s}");
+        let _ = std::io::stdout().flush();
+    };
+
+    // 1. The image, built here and loaded into the agent's store.
+    let t0 = Instant::now();
+    demo_image(&a.busybox, work, &agent_root).await?;
+    say(&format!(
+        "==> built {IMAGE} from {} ({} ms)",
+        a.busybox.display(),
+        t0.elapsed().as_millis()
+    ));
+    let wat = work.join("hello.wat");
+    std::fs::write(&wat, WASM_TASK)?;
+
+    // 2. A master and an agent on loopback.
+    let local = LocalCluster::start(&agent_root, &work.join("master"), 4, true).await?;
+    say(&format!("==> master listening on {}", local.url));
+    let mut client = local.client.clone();
+    let ag = local.agent_info.clone();
+    let t = ag.total.clone().unwrap_or_default();
+    say(&format!(
+        "==> agent {} joined: {} cpus, {} MiB",
+        ag.id,
+        t.cpus,
+        t.memory_bytes >> 20
+    ));
+
+    // 3. Two tasks side by side.
+    let native = TaskSpec {
+        name: "native-hello".into(),
+        kind: TaskKind::NativeImage as i32,
+        image: IMAGE.into(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo \"hello from a native container: $(hostname), pid $$\"; sleep 2; echo native task done".into(),
+        ],
+        resources: Some(Resources {
+            cpus: 0.5,
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let wasm = TaskSpec {
+        name: "wasm-hello".into(),
+        kind: TaskKind::Wasm as i32,
+        image: wat.to_string_lossy().into_owned(),
+        resources: Some(Resources {
+            cpus: 0.1,
+            memory_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut ids = vec![];
+    for spec in [native, wasm] {
+        let name = spec.name.clone();
+        let id = client
+            .submit_task(SubmitTaskRequest { spec: Some(spec) })
+            .await?
+            .into_inner()
+            .task_id;
+        say(&format!("==> submitted {name}: {id}"));
+        ids.push(id);
+    }
+
+    // 4. Watch them: states as they change, and their output.
+    let logs: Vec<PathBuf> = vec![
+        agent_root
+            .join("containers")
+            .join(&ids[0])
+            .join("stdout.log"),
+        Agent::wasm_dir(&agent_root, &ids[1]).join("stdout.log"),
+    ];
+    let names = ["native-hello", "wasm-hello"];
+    let mut offsets = [0u64; 2];
+    let mut last = [0i32; 2];
+    let mut shown_running = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let finals = loop {
+        let mut tasks = vec![];
+        for id in &ids {
+            tasks.push(
+                client
+                    .get_task(GetTaskRequest {
+                        task_id: id.clone(),
+                    })
+                    .await?
+                    .into_inner(),
+            );
+        }
+        for (i, t) in tasks.iter().enumerate() {
+            if t.state != last[i] {
+                last[i] = t.state;
+                say(&format!("    {:<13} {}", names[i], state_name(t.state)));
+            }
+            let mut buf = vec![];
+            let _ = containerizer::launch::copy_new(&logs[i], &mut offsets[i], &mut buf);
+            for line in String::from_utf8_lossy(&buf).lines() {
+                say(&format!("    {:<13} | {line}", names[i]));
+            }
+        }
+        if !shown_running && tasks.iter().all(|t| t.state == TaskState::Running as i32) {
+            shown_running = true;
+            say("==> both tasks are running side by side:");
+            let list = client
+                .list_tasks(ListTasksRequest {
+                    include_terminal: false,
+                })
+                .await?
+                .into_inner()
+                .tasks;
+            for t in &list {
+                let s = t.spec.clone().unwrap_or_default();
+                say(&format!(
+                    "    {}  {:<13} {:<8} on {}",
+                    t.id,
+                    s.name,
+                    state_name(t.state),
+                    t.agent_id
+                ));
+            }
+        }
+        if tasks.iter().all(|t| t.state().is_terminal()) {
+            break tasks;
+        }
+        if Instant::now() > deadline {
+            bail!("the demo tasks did not finish in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // 5. Latency per phase and the final states.
+    say("==> launch latency (submit -> RUNNING as the master saw it; phases from the agent)");
+    for (i, t) in finals.iter().enumerate() {
+        let tm = t.timings.unwrap_or_default();
+        say(&format!(
+            "    {:<13} submit->running {}; agent {}; rootfs {}, spawn {}, cgroup {}, namespaces {}, mounts {}, exec {}, launch total {}",
+            names[i],
+            ms(t.submit_to_running_us),
+            ms(tm.agent_us),
+            ms(tm.rootfs_us),
+            ms(tm.spawn_us),
+            ms(tm.cgroup_us),
+            ms(tm.namespaces_us),
+            ms(tm.mounts_us),
+            ms(tm.exec_us),
+            ms(tm.total_us),
+        ));
+    }
+    say("==> final states");
+    let mut ok = true;
+    for (i, t) in finals.iter().enumerate() {
+        ok &= t.state == TaskState::Finished as i32;
+        say(&format!(
+            "    {:<13} {} ({}), exit code {}",
+            names[i],
+            state_name(t.state),
+            t.message,
+            t.exit_code.map_or("-".into(), |c| c.to_string())
+        ));
+    }
+
+    // 6. Clean up: the container (its overlay and cgroups), the agent, the master.
+    let rt = containerizer::launch::Runtime::new(&agent_root);
+    let _ = tokio::task::spawn_blocking(move || rt.remove(&ids[0], true)).await;
+    local.stop().await;
+    say("==> cleaned up");
+    if !ok {
+        bail!("a demo task did not finish cleanly");
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Native `/bin/true` tasks to run through the master.
+    #[arg(long, default_value_t = 1000)]
+    tasks: usize,
+    /// Submissions in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Launches in flight at once on the agent.
+    #[arg(long, default_value_t = 8)]
+    parallelism: usize,
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `caisson bench-cluster`: N native `true` tasks through an in-process master and agent
+/// (real gRPC over loopback, real containers); prints throughput and submit-to-RUNNING
+/// latency (median, p99).
+pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the cluster benchmark runs containers: run it as root");
+    }
+    let tmp = tempfile::Builder::new().prefix("caisson-bench").tempdir()?;
+    let work = tmp.path().to_path_buf();
+    super::cli::runtime()?.block_on(async {
+        let root = work.join("agent");
+        demo_image(&a.busybox, &work, &root).await?;
+        let local = LocalCluster::start(&root, &work.join("master"), a.parallelism, false).await?;
+        let mut watch = local
+            .client
+            .clone()
+            .watch_tasks(WatchTasksRequest {})
+            .await?
+            .into_inner();
+        let spec = TaskSpec {
+            kind: TaskKind::NativeImage as i32,
+            image: IMAGE.into(),
+            command: vec!["/bin/true".into()],
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+        let mut submits = vec![];
+        for _ in 0..a.tasks {
+            let permit = sem.clone().acquire_owned().await?;
+            let mut c = local.client.clone();
+            let spec = spec.clone();
+            submits.push(tokio::spawn(async move {
+                let r = c.submit_task(SubmitTaskRequest { spec: Some(spec) }).await;
+                drop(permit);
+                r
+            }));
+        }
+        for s in submits {
+            s.await??;
+        }
+        let submitted = t0.elapsed();
+        let mut done: std::collections::HashMap<String, Task> = Default::default();
+        while done.len() < a.tasks {
+            let Some(t) = watch.message().await? else {
+                bail!("the watch ended");
+            };
+            if t.state().is_terminal() {
+                done.insert(t.id.clone(), t);
+            }
+        }
+        let all = t0.elapsed();
+        let mut lat: Vec<u64> = done.values().map(|t| t.submit_to_running_us).collect();
+        lat.sort_unstable();
+        let finished = done
+            .values()
+            .filter(|t| t.state == TaskState::Finished as i32)
+            .count();
+        println!(
+            "{} native tasks through the master: all submitted in {:.2} s, all ended in {:.2} s ({:.0} tasks/s); {} FINISHED",
+            a.tasks,
+            submitted.as_secs_f64(),
+            all.as_secs_f64(),
+            a.tasks as f64 / all.as_secs_f64(),
+            finished
+        );
+        println!(
+            "submit -> RUNNING: median {}, p99 {}, max {}",
+            ms(pct(&lat, 0.5)),
+            ms(pct(&lat, 0.99)),
+            ms(lat.last().copied().unwrap_or(0))
+        );
+        local.stop().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,939 @@
+//! The reference master: admits agents (join token) and users (API token), places tasks on
+//! the least-loaded agent that fits, tracks resources and task states, acks status updates
+//! once they are durable, and keeps exactly one terminal state per task.
+//!
+//! Placement policy: among active, non-draining, connected agents whose attributes match the
+//! task's constraints and whose free cpus and memory fit the task, the one with the most free
+//! cpus (then the most free memory). Tasks that fit nowhere wait in STAGING, in order, and are
+//! placed when resources free up or an agent (re)registers.
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use caisson_proto::agent_message::Msg as Up;
+use caisson_proto::agent_service_server::{AgentService, AgentServiceServer};
+use caisson_proto::cluster_service_server::{ClusterService, ClusterServiceServer};
+use caisson_proto::master_message::Msg as Down;
+use caisson_proto::*;
+use futures_util::Stream;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::store::{LogStore, Store};
+use super::{auth_interceptor, now_ms, random_id};
+
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    pub join_token: String,
+    pub api_token: String,
+    pub heartbeat_interval: Duration,
+    /// No heartbeat for this long: the agent is unreachable.
+    pub unreachable_after: Duration,
+    /// Unreachable for this long: its tasks are LOST.
+    pub lost_after: Duration,
+    /// Agents must present a client certificate (mutual TLS; set when serving TLS).
+    pub require_agent_cert: bool,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        MasterConfig {
+            join_token: String::new(),
+            api_token: String::new(),
+            heartbeat_interval: Duration::from_secs(1),
+            unreachable_after: Duration::from_secs(5),
+            lost_after: Duration::from_secs(30),
+            require_agent_cert: false,
+        }
+    }
+}
+
+type Outbound = mpsc::UnboundedSender<Result<MasterMessage, Status>>;
+
+struct AgentEntry {
+    rec: AgentRecord,
+    state: AgentState,
+    used_cpus: f64,
+    used_mem: u64,
+    tasks: HashSet<String>,
+    last_hb: Instant,
+    last_hb_ms: u64,
+    unreachable_since: Option<Instant>,
+    session: u64,
+    tx: Option<Outbound>,
+}
+
+impl AgentEntry {
+    fn free(&self) -> (f64, u64) {
+        let t = self.rec.total.clone().unwrap_or_default();
+        (
+            t.cpus - self.used_cpus,
+            t.memory_bytes.saturating_sub(self.used_mem),
+        )
+    }
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<String, Task>,
+    order: Vec<String>,
+    submitted_at: HashMap<String, Instant>,
+    agents: HashMap<String, AgentEntry>,
+    acked: HashSet<String>,
+    pending: VecDeque<String>,
+    /// Kills asked while the task's agent was away: sent when it comes back.
+    kills: HashMap<String, u32>,
+    next_session: u64,
+}
+
+pub struct Master {
+    state: Mutex<State>,
+    store: Box<dyn Store>,
+    cfg: MasterConfig,
+    events: broadcast::Sender<Task>,
+}
+
+fn rank(s: TaskState) -> u8 {
+    match s {
+        TaskState::Unspecified => 0,
+        TaskState::Staging => 1,
+        TaskState::Starting => 2,
+        TaskState::Running => 3,
+        _ => 4,
+    }
+}
+
+fn needs(spec: &Option<TaskSpec>) -> (f64, u64) {
+    let r = spec
+        .as_ref()
+        .and_then(|s| s.resources.clone())
+        .unwrap_or_default();
+    (r.cpus, r.memory_bytes)
+}
+
+/// Checks a spec before anything happens; the error is the InvalidArgument message.
+pub fn validate_spec(spec: &TaskSpec) -> Result<(), String> {
+    let kind = TaskKind::try_from(spec.kind).map_err(|_| format!("unknown kind {}", spec.kind))?;
+    if kind == TaskKind::Unspecified {
+        return Err("task kind is missing".into());
+    }
+    if spec.image.is_empty()
+        || spec
+            .image
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("invalid image {:?}", spec.image));
+    }
+    if !spec.name.is_empty()
+        && (spec.name.len() > 128 || !containerizer::launch::valid_name(&spec.name))
+    {
+        return Err(format!(
+            "invalid task name {:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+            spec.name
+        ));
+    }
+    let r = spec.resources.clone().unwrap_or_default();
+    if !r.cpus.is_finite() || r.cpus < 0.0 || r.cpus > 4096.0 {
+        return Err(format!("invalid cpus {}", r.cpus));
+    }
+    if r.gpu_count > 0 || !r.gpus.is_empty() {
+        return Err("GPUs are not supported by this master yet".into());
+    }
+    for e in &spec.env {
+        if !e.contains('=') || e.starts_with('=') {
+            return Err(format!(
+                "invalid environment entry {e:?}: expected KEY=VALUE"
+            ));
+        }
+    }
+    if spec.networks.len() > 1 {
+        return Err("at most one network".into());
+    }
+    let net = spec.networks.first().map(String::as_str).unwrap_or("none");
+    if !matches!(net, "none" | "host") {
+        return Err(format!(
+            "network {net:?} is not supported by the agent yet (none, host)"
+        ));
+    }
+    for p in &spec.ports {
+        if !(1..=65535).contains(&p.host_port) || !(1..=65535).contains(&p.container_port) {
+            return Err(format!(
+                "invalid port mapping {}:{}",
+                p.host_port, p.container_port
+            ));
+        }
+        if !matches!(p.protocol.as_str(), "" | "tcp" | "udp") {
+            return Err(format!("invalid protocol {:?}", p.protocol));
+        }
+        if kind == TaskKind::NativeImage && (net != "host" || p.host_port != p.container_port) {
+            return Err(
+                "port mappings for native tasks need a CNI network (not supported yet); \
+                 with --network host use -p N:N"
+                    .into(),
+            );
+        }
+    }
+    for v in &spec.volumes {
+        if !v.host_path.starts_with('/') || !v.container_path.starts_with('/') {
+            return Err(format!(
+                "invalid volume {}:{}: paths must be absolute",
+                v.host_path, v.container_path
+            ));
+        }
+    }
+    if !spec.workdir.is_empty() && !spec.workdir.starts_with('/') {
+        return Err(format!(
+            "invalid workdir {:?}: must be absolute",
+            spec.workdir
+        ));
+    }
+    Ok(())
+}
+
+impl Master {
+    /// Opens the state in `dir` (creating it) and recovers every task and agent: agents start
+    /// unreachable and have `lost_after` to reregister before their tasks are LOST.
+    pub fn open(dir: &Path, cfg: MasterConfig) -> anyhow::Result<Arc<Master>> {
+        let (store, snap) = LogStore::open(dir)?;
+        let mut st = State::default();
+        let now = Instant::now();
+        for rec in snap.agents {
+            let state = if rec.draining {
+                AgentState::Draining
+            } else {
+                AgentState::Unreachable
+            };
+            st.agents.insert(
+                rec.id.clone(),
+                AgentEntry {
+                    rec,
+                    state,
+                    used_cpus: 0.0,
+                    used_mem: 0,
+                    tasks: HashSet::new(),
+                    last_hb: now,
+                    last_hb_ms: 0,
+                    unreachable_since: Some(now),
+                    session: 0,
+                    tx: None,
+                },
+            );
+        }
+        for t in snap.tasks {
+            let state = t.state();
+            if !state.is_terminal() {
+                if let Some(a) = st.agents.get_mut(&t.agent_id) {
+                    let (c, m) = needs(&t.spec);
+                    a.used_cpus += c;
+                    a.used_mem += m;
+                    a.tasks.insert(t.id.clone());
+                } else {
+                    st.pending.push_back(t.id.clone());
+                }
+            }
+            st.order.push(t.id.clone());
+            st.tasks.insert(t.id.clone(), t);
+        }
+        let (events, _) = broadcast::channel(1 << 16);
+        Ok(Arc::new(Master {
+            state: Mutex::new(st),
+            store: Box::new(store),
+            cfg,
+            events,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves both services on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let monitor = {
+            let m = self.clone();
+            tokio::spawn(async move { m.monitor().await })
+        };
+        let agents = AgentServiceServer::with_interceptor(
+            AgentSvc(self.clone()),
+            auth_interceptor(self.cfg.join_token.clone()),
+        );
+        let users = ClusterServiceServer::with_interceptor(
+            UserSvc(self.clone()),
+            auth_interceptor(self.cfg.api_token.clone()),
+        );
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let res = builder
+            .add_service(agents)
+            .add_service(users)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await;
+        monitor.abort();
+        res?;
+        Ok(())
+    }
+
+    fn emit(&self, t: &Task) {
+        let _ = self.events.send(t.clone());
+    }
+
+    /// Frees a task's resources on its agent.
+    fn release(st: &mut State, id: &str) {
+        let Some(t) = st.tasks.get(id) else { return };
+        let (c, m) = needs(&t.spec);
+        if let Some(a) = st.agents.get_mut(&t.agent_id) {
+            if a.tasks.remove(id) {
+                a.used_cpus = (a.used_cpus - c).max(0.0);
+                a.used_mem = a.used_mem.saturating_sub(m);
+            }
+        }
+    }
+
+    /// Ends a task on the master's own authority (LOST, or KILLED before it was placed).
+    fn end_task(&self, st: &mut State, id: &str, state: TaskState, reason: Reason, msg: &str) {
+        Self::release(st, id);
+        st.pending.retain(|p| p != id);
+        let Some(t) = st.tasks.get_mut(id) else {
+            return;
+        };
+        if t.state().is_terminal() {
+            return;
+        }
+        t.set_state(state);
+        t.set_reason(reason);
+        t.message = msg.to_string();
+        t.finished_ms = now_ms();
+        let t = t.clone();
+        self.store.put_task(&t, None);
+        self.emit(&t);
+    }
+
+    /// Picks an agent for task `id`; on success records the assignment and returns the
+    /// connection to send the launch on.
+    fn place(st: &mut State, id: &str) -> Option<Outbound> {
+        let task = st.tasks.get(id)?;
+        let (c, m) = needs(&task.spec);
+        let constraints = task
+            .spec
+            .as_ref()
+            .map(|s| s.constraints.clone())
+            .unwrap_or_default();
+        let best = st
+            .agents
+            .values()
+            .filter(|a| a.state == AgentState::Active && a.tx.is_some())
+            .filter(|a| {
+                constraints
+                    .iter()
+                    .all(|(k, v)| a.rec.attributes.get(k) == Some(v))
+            })
+            .filter(|a| {
+                let (fc, fm) = a.free();
+                fc + 1e-9 >= c && fm >= m
+            })
+            .max_by(|a, b| {
+                let (ac, am) = a.free();
+                let (bc, bm) = b.free();
+                ac.total_cmp(&bc).then(am.cmp(&bm))
+            })?;
+        let aid = best.rec.id.clone();
+        let a = st.agents.get_mut(&aid)?;
+        a.used_cpus += c;
+        a.used_mem += m;
+        a.tasks.insert(id.to_string());
+        let tx = a.tx.clone();
+        st.tasks.get_mut(id)?.agent_id = aid;
+        tx
+    }
+
+    /// Persists task `id` (just placed on `tx`'s agent) and sends its launch once durable.
+    fn persist_and_launch(
+        &self,
+        st: &State,
+        id: &str,
+        tx: Outbound,
+        done: Option<oneshot::Sender<()>>,
+    ) {
+        let t = st.tasks[id].clone();
+        let launch = MasterMessage {
+            msg: Some(Down::Launch(LaunchTask {
+                task_id: t.id.clone(),
+                spec: t.spec.clone(),
+            })),
+        };
+        self.store.put_task(
+            &t,
+            Some(Box::new(move |r| {
+                if r.is_ok() {
+                    let _ = tx.send(Ok(launch));
+                }
+                if let Some(d) = done {
+                    let _ = d.send(());
+                }
+            })),
+        );
+        self.emit(&t);
+    }
+
+    /// Places waiting tasks, in order, while they fit.
+    fn place_pending(&self, st: &mut State) {
+        let waiting: Vec<String> = st.pending.drain(..).collect();
+        for id in waiting {
+            match Self::place(st, &id) {
+                Some(tx) => self.persist_and_launch(st, &id, tx, None),
+                None => st.pending.push_back(id),
+            }
+        }
+    }
+
+    pub async fn submit(&self, spec: TaskSpec) -> Result<String, Status> {
+        validate_spec(&spec).map_err(Status::invalid_argument)?;
+        let id = random_id('t');
+        let (done_tx, done_rx) = oneshot::channel();
+        {
+            let mut st = self.lock();
+            let task = Task {
+                id: id.clone(),
+                spec: Some(spec),
+                state: TaskState::Staging as i32,
+                submitted_ms: now_ms(),
+                ..Default::default()
+            };
+            st.tasks.insert(id.clone(), task);
+            st.order.push(id.clone());
+            st.submitted_at.insert(id.clone(), Instant::now());
+            // Older waiting tasks go first.
+            let tx = if st.pending.is_empty() {
+                Self::place(&mut st, &id)
+            } else {
+                None
+            };
+            match tx {
+                Some(tx) => self.persist_and_launch(&st, &id, tx, Some(done_tx)),
+                None => {
+                    st.pending.push_back(id.clone());
+                    let t = st.tasks[&id].clone();
+                    self.store.put_task(
+                        &t,
+                        Some(Box::new(move |_| {
+                            let _ = done_tx.send(());
+                        })),
+                    );
+                    self.emit(&t);
+                }
+            }
+        }
+        done_rx
+            .await
+            .map_err(|_| Status::unavailable("the master's store is closed"))?;
+        Ok(id)
+    }
+
+    fn resolve(st: &State, id: &str) -> Result<String, Status> {
+        if st.tasks.contains_key(id) {
+            return Ok(id.to_string());
+        }
+        let m: Vec<&String> = if id.is_empty() {
+            vec![]
+        } else {
+            st.order.iter().filter(|t| t.starts_with(id)).collect()
+        };
+        match m.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(Status::not_found(format!("no task {id:?}"))),
+            _ => Err(Status::invalid_argument(format!(
+                "{id:?} matches more than one task"
+            ))),
+        }
+    }
+
+    pub fn kill(&self, id: &str, grace_ms: u32) -> Result<(), Status> {
+        let mut st = self.lock();
+        let id = Self::resolve(&st, id)?;
+        let t = &st.tasks[&id];
+        if t.state().is_terminal() {
+            return Ok(());
+        }
+        if t.agent_id.is_empty() {
+            self.end_task(
+                &mut st,
+                &id,
+                TaskState::Killed,
+                Reason::KilledByUser,
+                "killed before it was placed",
+            );
+            return Ok(());
+        }
+        let aid = t.agent_id.clone();
+        st.kills.insert(id.clone(), grace_ms);
+        if let Some(tx) = st.agents.get(&aid).and_then(|a| a.tx.clone()) {
+            let _ = tx.send(Ok(kill_msg(&id, grace_ms)));
+        }
+        Ok(())
+    }
+
+    /// Registration (first message of an agent's stream): assigns or confirms the agent id,
+    /// reconciles its task list with ours, and queues `Registered` first on `tx`.
+    fn register(&self, reg: Register, tx: Outbound) -> (String, u64) {
+        let mut st = self.lock();
+        st.next_session += 1;
+        let session = st.next_session;
+        let id = if reg.agent_id.is_empty() {
+            random_id('a')
+        } else {
+            reg.agent_id.clone()
+        };
+        let rec = AgentRecord {
+            id: id.clone(),
+            hostname: reg.hostname.clone(),
+            total: reg.resources.clone(),
+            attributes: reg.attributes.clone(),
+            boot_id: reg.boot_id.clone(),
+            draining: st.agents.get(&id).is_some_and(|a| a.rec.draining),
+        };
+        self.store.put_agent(&rec, None);
+        let _ = tx.send(Ok(MasterMessage {
+            msg: Some(Down::Registered(Registered {
+                agent_id: id.clone(),
+                heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
+            })),
+        }));
+        let reported: HashMap<String, TaskState> = reg
+            .tasks
+            .iter()
+            .map(|k| (k.task_id.clone(), k.state()))
+            .collect();
+        // Ours on this agent that it does not know: LOST.
+        let ours: Vec<String> = st
+            .tasks
+            .values()
+            .filter(|t| t.agent_id == id && !t.state().is_terminal())
+            .map(|t| t.id.clone())
+            .collect();
+        for tid in &ours {
+            if !reported.contains_key(tid) {
+                self.end_task(
+                    &mut st,
+                    tid,
+                    TaskState::Lost,
+                    Reason::TaskUnknown,
+                    "the agent does not know this task",
+                );
+            }
+        }
+        // Its tasks that we consider ended (or never heard of): kill them.
+        for (tid, state) in &reported {
+            let ours = st.tasks.get(tid);
+            let stale = ours.is_none_or(|t| t.state().is_terminal() || t.agent_id != id);
+            if stale && !state.is_terminal() {
+                let _ = tx.send(Ok(kill_msg(tid, 0)));
+            }
+        }
+        for (tid, grace) in st.kills.clone() {
+            if st
+                .tasks
+                .get(&tid)
+                .is_some_and(|t| t.agent_id == id && !t.state().is_terminal())
+            {
+                let _ = tx.send(Ok(kill_msg(&tid, grace)));
+            }
+        }
+        let draining = rec.draining;
+        let mut entry = AgentEntry {
+            rec,
+            state: if draining {
+                AgentState::Draining
+            } else {
+                AgentState::Active
+            },
+            used_cpus: 0.0,
+            used_mem: 0,
+            tasks: HashSet::new(),
+            last_hb: Instant::now(),
+            last_hb_ms: now_ms(),
+            unreachable_since: None,
+            session,
+            tx: Some(tx),
+        };
+        for t in st.tasks.values() {
+            if t.agent_id == id && !t.state().is_terminal() {
+                let (c, m) = needs(&t.spec);
+                entry.used_cpus += c;
+                entry.used_mem += m;
+                entry.tasks.insert(t.id.clone());
+            }
+        }
+        tracing::info!(agent = %id, host = %entry.rec.hostname, tasks = reported.len(), "agent registered");
+        st.agents.insert(id.clone(), entry);
+        self.place_pending(&mut st);
+        (id, session)
+    }
+
+    /// Records a heartbeat; false when the session is no longer the agent's live one (the
+    /// master gave up on it as unreachable, or a newer session replaced it): the agent must
+    /// then reconnect and reregister.
+    fn heartbeat(&self, agent: &str, session: u64) -> bool {
+        let mut st = self.lock();
+        match st.agents.get_mut(agent) {
+            Some(a) if a.session == session && a.tx.is_some() => {
+                a.last_hb = Instant::now();
+                a.last_hb_ms = now_ms();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A status update from `agent`: applied at most once, acked once durable.
+    fn status(&self, agent: &str, s: TaskStatus, tx: &Outbound) {
+        let ack = MasterMessage {
+            msg: Some(Down::Ack(Ack {
+                uuid: s.uuid.clone(),
+                task_id: s.task_id.clone(),
+            })),
+        };
+        let mut st = self.lock();
+        if s.uuid.is_empty() || st.acked.contains(&s.uuid) {
+            let _ = tx.send(Ok(ack));
+            return;
+        }
+        let Some(t) = st.tasks.get(&s.task_id) else {
+            let _ = tx.send(Ok(ack));
+            return;
+        };
+        let new = s.state();
+        if t.agent_id != agent || t.state().is_terminal() || rank(new) <= rank(t.state()) {
+            // A duplicate, stale, or about a task we already ended: the first terminal
+            // state stands; a task we ended that still runs is killed.
+            if t.state().is_terminal() && !new.is_terminal() && t.agent_id == agent {
+                let _ = tx.send(Ok(kill_msg(&s.task_id, 0)));
+            }
+            st.acked.insert(s.uuid.clone());
+            let _ = tx.send(Ok(ack));
+            return;
+        }
+        let submitted = st.submitted_at.get(&s.task_id).copied();
+        let t = st.tasks.get_mut(&s.task_id).expect("checked");
+        t.set_state(new);
+        t.reason = s.reason;
+        t.message = s.message.clone();
+        if s.exit_code.is_some() {
+            t.exit_code = s.exit_code;
+        }
+        if new == TaskState::Running {
+            t.started_ms = s.timestamp_ms;
+            t.timings = s.timings;
+            if let Some(at) = submitted {
+                t.submit_to_running_us = at.elapsed().as_micros() as u64;
+            }
+        }
+        if new.is_terminal() {
+            t.finished_ms = s.timestamp_ms;
+        }
+        let t = t.clone();
+        st.acked.insert(s.uuid.clone());
+        if new.is_terminal() {
+            Self::release(&mut st, &s.task_id);
+            st.submitted_at.remove(&s.task_id);
+            st.kills.remove(&s.task_id);
+        }
+        let tx = tx.clone();
+        self.store.put_task(
+            &t,
+            Some(Box::new(move |r| {
+                if r.is_ok() {
+                    let _ = tx.send(Ok(ack));
+                }
+            })),
+        );
+        self.emit(&t);
+        if new.is_terminal() && !st.pending.is_empty() {
+            self.place_pending(&mut st);
+        }
+    }
+
+    fn disconnected(&self, agent: &str, session: u64) {
+        let mut st = self.lock();
+        if let Some(a) = st.agents.get_mut(agent) {
+            if a.session == session {
+                a.tx = None;
+                if a.state == AgentState::Active {
+                    a.state = AgentState::Unreachable;
+                }
+                a.unreachable_since.get_or_insert_with(Instant::now);
+                tracing::info!(agent, "agent disconnected");
+            }
+        }
+    }
+
+    /// Marks silent agents unreachable, and their tasks LOST after `lost_after`.
+    async fn monitor(self: Arc<Self>) {
+        let tick = (self.cfg.heartbeat_interval / 2).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(tick).await;
+            let mut st = self.lock();
+            let now = Instant::now();
+            let mut lost = vec![];
+            for a in st.agents.values_mut() {
+                if a.tx.is_some() && now.duration_since(a.last_hb) > self.cfg.unreachable_after {
+                    tracing::warn!(agent = %a.rec.id, "missed heartbeats: unreachable");
+                    // Dropping our end closes its stream; it will reconnect if it can.
+                    a.tx = None;
+                    if a.state == AgentState::Active {
+                        a.state = AgentState::Unreachable;
+                    }
+                    a.unreachable_since = Some(now);
+                }
+                if a.tx.is_none()
+                    && a.unreachable_since
+                        .is_some_and(|s| now.duration_since(s) > self.cfg.lost_after)
+                    && !a.tasks.is_empty()
+                {
+                    lost.extend(a.tasks.iter().cloned());
+                }
+            }
+            for id in lost {
+                self.end_task(
+                    &mut st,
+                    &id,
+                    TaskState::Lost,
+                    Reason::AgentLost,
+                    "the agent is unreachable",
+                );
+            }
+        }
+    }
+
+    fn agents(&self) -> Vec<Agent> {
+        let st = self.lock();
+        let mut v: Vec<Agent> = st
+            .agents
+            .values()
+            .map(|a| Agent {
+                id: a.rec.id.clone(),
+                hostname: a.rec.hostname.clone(),
+                state: a.state as i32,
+                total: a.rec.total.clone(),
+                used: Some(Resources {
+                    cpus: a.used_cpus,
+                    memory_bytes: a.used_mem,
+                    ..Default::default()
+                }),
+                attributes: a.rec.attributes.clone(),
+                last_heartbeat_ms: a.last_hb_ms,
+                tasks: a.tasks.len() as u32,
+            })
+            .collect();
+        v.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.id.cmp(&b.id)));
+        v
+    }
+}
+
+fn kill_msg(id: &str, grace_ms: u32) -> MasterMessage {
+    MasterMessage {
+        msg: Some(Down::Kill(KillTask {
+            task_id: id.to_string(),
+            grace_period_ms: grace_ms,
+        })),
+    }
+}
+
+struct AgentSvc(Arc<Master>);
+
+#[tonic::async_trait]
+impl AgentService for AgentSvc {
+    type SessionStream = UnboundedReceiverStream<Result<MasterMessage, Status>>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        if self.0.cfg.require_agent_cert && req.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "agents must present a client certificate",
+            ));
+        }
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register"))??;
+        let Some(AgentMessage {
+            msg: Some(Up::Register(reg)),
+        }) = first
+        else {
+            return Err(Status::failed_precondition(
+                "the first message must be Register",
+            ));
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (agent, session) = self.0.register(reg, tx.clone());
+        let master = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(AgentMessage { msg: Some(m) })) => match m {
+                        Up::Heartbeat(_) => {
+                            if !master.heartbeat(&agent, session) {
+                                // Ending the stream (this task holds the last sender) makes
+                                // the agent reconnect and reregister.
+                                let _ = tx.send(Err(Status::unavailable(
+                                    "session expired (missed heartbeats): reregister",
+                                )));
+                                break;
+                            }
+                        }
+                        Up::Status(s) => master.status(&agent, s, &tx),
+                        Up::Register(_) => {
+                            let _ = tx.send(Err(Status::failed_precondition("already registered")));
+                            break;
+                        }
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            master.disconnected(&agent, session);
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+struct UserSvc(Arc<Master>);
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<Task, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClusterService for UserSvc {
+    async fn submit_task(
+        &self,
+        req: Request<SubmitTaskRequest>,
+    ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("no task spec"))?;
+        let task_id = self.0.submit(spec).await?;
+        Ok(Response::new(SubmitTaskResponse { task_id }))
+    }
+
+    async fn kill_task(
+        &self,
+        req: Request<KillTaskRequest>,
+    ) -> Result<Response<KillTaskResponse>, Status> {
+        let r = req.into_inner();
+        self.0.kill(&r.task_id, r.grace_period_ms)?;
+        Ok(Response::new(KillTaskResponse {}))
+    }
+
+    async fn get_task(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        let st = self.0.lock();
+        let id = Master::resolve(&st, &req.into_inner().task_id)?;
+        Ok(Response::new(st.tasks[&id].clone()))
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let all = req.into_inner().include_terminal;
+        let st = self.0.lock();
+        let tasks = st
+            .order
+            .iter()
+            .map(|id| &st.tasks[id])
+            .filter(|t| all || !t.state().is_terminal())
+            .cloned()
+            .collect();
+        Ok(Response::new(ListTasksResponse { tasks }))
+    }
+
+    type WatchTasksStream = TaskStream;
+
+    async fn watch_tasks(
+        &self,
+        _req: Request<WatchTasksRequest>,
+    ) -> Result<Response<TaskStream>, Status> {
+        // Subscribe before the snapshot so no change falls between them.
+        let mut events = self.0.events.subscribe();
+        let snapshot: Vec<Task> = {
+            let st = self.0.lock();
+            st.order.iter().map(|id| st.tasks[id].clone()).collect()
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            for t in snapshot {
+                if tx.send(Ok(t)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match events.recv().await {
+                    Ok(t) => {
+                        if tx.send(Ok(t)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell {n} changes behind"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        Ok(Response::new(ListAgentsResponse {
+            agents: self.0.agents(),
+        }))
+    }
+
+    async fn drain_agent(
+        &self,
+        req: Request<DrainAgentRequest>,
+    ) -> Result<Response<DrainAgentResponse>, Status> {
+        let id = req.into_inner().agent_id;
+        let mut st = self.0.lock();
+        let a = st
+            .agents
+            .get_mut(&id)
+            .ok_or_else(|| Status::not_found(format!("no agent {id:?}")))?;
+        a.rec.draining = true;
+        a.state = AgentState::Draining;
+        self.0.store.put_agent(&a.rec, None);
+        Ok(Response::new(DrainAgentResponse {}))
+    }
+}
+
+/// Whether plaintext is acceptable on `addr` (loopback only, unless the user insists).
+pub fn plaintext_ok(addr: &SocketAddr, insecure: bool) -> bool {
+    insecure || addr.ip().is_loopback()
+}
