@@ -63,15 +63,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
 
     let report_failure =
         |state: &mut TaskState, out: &mut std::io::Stdout, code: i32, msg: String| {
-            tracing::error!(id = %spec.id, code, "launch failed: {msg}");
-            state.status = Status::Failed;
-            state.exit_code = Some(code);
-            state.reason = Some("launch failed".into());
-            state.error = Some(msg.clone());
-            state.finished_ms = Some(now_ms());
-            let _ = td.write_state(state);
-            let _ = writeln!(out, "failed {code} {msg}");
-            let _ = out.flush();
+            launch_failed(&td, &spec.id, state, out, code, msg)
         };
 
     // Cgroup. On v2 it must exist before the clone (CLONE_INTO_CGROUP); on v1 and hybrid hosts
@@ -113,13 +105,6 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         }
     };
 
-    let open_log = |p: &Path| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .map(OwnedFd::from)
-    };
     let fds = (|| -> std::io::Result<_> {
         Ok((
             open_log(&td.stdout_log())?,
@@ -340,6 +325,36 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     }
     wait_exit_command(spec, exit_command);
     0
+}
+
+/// Records a launch failure (state `Failed`, reason "launch failed") and tells the launcher.
+/// Shared by the native and the Wasm supervisor.
+pub(super) fn launch_failed(
+    td: &TaskDir,
+    id: &str,
+    state: &mut TaskState,
+    out: &mut std::io::Stdout,
+    code: i32,
+    msg: String,
+) {
+    tracing::error!(id, code, "launch failed: {msg}");
+    state.status = Status::Failed;
+    state.exit_code = Some(code);
+    state.reason = Some("launch failed".into());
+    state.error = Some(msg.clone());
+    state.finished_ms = Some(now_ms());
+    let _ = td.write_state(state);
+    let _ = writeln!(out, "failed {code} {msg}");
+    let _ = out.flush();
+}
+
+/// Opens a task log for appending (the task's stdout/stderr go straight into it).
+pub(super) fn open_log(p: &Path) -> std::io::Result<OwnedFd> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map(OwnedFd::from)
 }
 
 /// Starts the spec's exit command, its output into our log (our stdout is the launcher's pipe).

@@ -29,7 +29,7 @@
 //! By default the guest sees the task's sandbox directory as `/` (as a native task sees its
 //! root filesystem); further preopens come from [`RunSpec::preopens`]. The compile cache is
 //! `<root>/cache/wasm`, shared by every task of the root, so a module is compiled once.
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -137,15 +137,7 @@ pub(super) fn supervise(
     let spec = &cfg.spec;
     let mut out = std::io::stdout();
     let fail = |state: &mut TaskState, out: &mut std::io::Stdout, code: i32, msg: String| {
-        tracing::error!(id = %spec.id, code, "launch failed: {msg}");
-        state.status = Status::Failed;
-        state.exit_code = Some(code);
-        state.reason = Some("launch failed".into());
-        state.error = Some(msg.clone());
-        state.finished_ms = Some(now_ms());
-        let _ = td.write_state(state);
-        let _ = writeln!(out, "failed {code} {msg}");
-        let _ = out.flush();
+        super::shim::launch_failed(td, &spec.id, state, out, code, msg)
     };
 
     // The host process's spec: the sandbox is the guest's `/` unless the user mapped `/`.
@@ -226,13 +218,7 @@ pub(super) fn supervise(
     };
     state.cgroup_paths = cg.dirs();
     timings.cgroup_us = (sys::monotonic_ns() - t0) / 1000;
-    let open_log = |p: &Path| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .map(OwnedFd::from)
-    };
+    let open_log = super::shim::open_log;
     let fds = (|| -> std::io::Result<_> {
         Ok((
             open_log(&td.stdout_log())?,
