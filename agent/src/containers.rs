@@ -72,6 +72,18 @@ pub struct RunArgs {
     /// --network names one).
     #[arg(short = 'p', long = "publish")]
     publish: Vec<String>,
+    /// Add a line to /etc/hosts: NAME:IP (IPv6 as NAME:[ADDR] or NAME:ADDR).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    add_host: Vec<String>,
+    /// Nameserver for /etc/resolv.conf (repeatable; replaces the network's or host's).
+    #[arg(long = "dns", value_name = "IP")]
+    dns: Vec<std::net::IpAddr>,
+    /// Search domain for /etc/resolv.conf (repeatable; replaces the network's or host's).
+    #[arg(long = "dns-search", value_name = "DOMAIN")]
+    dns_search: Vec<String>,
+    /// Resolver option for /etc/resolv.conf, e.g. ndots:2 (repeatable).
+    #[arg(long = "dns-option", value_name = "OPT")]
+    dns_option: Vec<String>,
     /// Mount the root filesystem read-only.
     #[arg(long = "read-only")]
     read_only: bool,
@@ -396,8 +408,102 @@ pub(crate) fn attach_networks(
     Ok(())
 }
 
+/// `--add-host NAME:IP` as an /etc/hosts line.
+fn host_line(v: &str) -> Result<String, LaunchError> {
+    let bad = || LaunchError::Invalid(format!("invalid --add-host {v:?}: expected NAME:IP"));
+    let (name, ip) = v.split_once(':').ok_or_else(bad)?;
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '#') {
+        return Err(bad());
+    }
+    Ok(format!("{ip}\t{name}"))
+}
+
+/// The /etc/hosts and resolv.conf flags, checked before anything is made.
+struct NameFlags {
+    hosts: Vec<String>,
+    dns: Vec<String>,
+    search: Vec<String>,
+    options: Vec<String>,
+}
+
+impl NameFlags {
+    fn parse(a: &RunArgs) -> Result<NameFlags, LaunchError> {
+        let word = |flag: &str, v: &String| {
+            if v.is_empty() || v.chars().any(char::is_whitespace) {
+                Err(LaunchError::Invalid(format!("invalid {flag} {v:?}")))
+            } else {
+                Ok(v.clone())
+            }
+        };
+        Ok(NameFlags {
+            hosts: a
+                .add_host
+                .iter()
+                .map(|h| host_line(h))
+                .collect::<Result<_, _>>()?,
+            dns: a.dns.iter().map(|ip| ip.to_string()).collect(),
+            search: a
+                .dns_search
+                .iter()
+                .map(|d| word("--dns-search", d))
+                .collect::<Result<_, _>>()?,
+            options: a
+                .dns_option
+                .iter()
+                .map(|o| word("--dns-option", o))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+            && self.dns.is_empty()
+            && self.search.is_empty()
+            && self.options.is_empty()
+    }
+
+    /// Rewrites the task's /etc/hosts and resolv.conf (the network's, or the defaults the
+    /// launcher would write).
+    fn apply(&self, spec: &mut TaskSpec) {
+        use containerizer::net::files;
+        if self.is_empty() {
+            return;
+        }
+        if spec.hostname.is_empty() {
+            spec.hostname = spec.id[..12].to_string();
+        }
+        let hosts = spec.hosts_file.take().unwrap_or_else(|| {
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                spec.hostname
+            )
+        });
+        spec.hosts_file = Some(
+            hosts
+                + &self
+                    .hosts
+                    .iter()
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>(),
+        );
+        let resolv = spec
+            .resolv_conf
+            .take()
+            .unwrap_or_else(|| std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+        spec.resolv_conf = Some(files::override_resolv_conf(
+            &resolv,
+            &self.dns,
+            &self.search,
+            &self.options,
+        ));
+    }
+}
+
 fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
     let plan = tasknet::plan(&a.network, &a.publish)?;
+    let names = NameFlags::parse(&a)?;
     let mode = match plan {
         tasknet::Plan::Host => NetworkMode::Host,
         _ => NetworkMode::None,
@@ -409,6 +515,12 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             return Err(LaunchError::Invalid(
                 "--network applies to native tasks; a Wasm service listens on the host with -p"
                     .into(),
+            )
+            .into());
+        }
+        if !names.is_empty() {
+            return Err(LaunchError::Invalid(
+                "--add-host and --dns* apply to native tasks (a Wasm task has no /etc)".into(),
             )
             .into());
         }
@@ -440,6 +552,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             return Err(e);
         }
     }
+    names.apply(&mut spec);
     let rt = Runtime::new(root);
     let id = spec.id.clone();
     let mut launched = match rt.launch(spec) {

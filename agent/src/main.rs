@@ -98,7 +98,15 @@ enum Command {
 
 fn main() -> ExitCode {
     containerizer::sys::default_sigpipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // podman's convention: a usage error is the tool's own failure, 125 (help and
+            // version are not errors).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 125 } else { 0 });
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
         .with_writer(std::io::stderr)
