@@ -260,8 +260,9 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let _ = writeln!(out, "started {pid}");
     let _ = out.flush();
     // Each state write renames a new file over the old one, and freeing the old file's block
-    // can cost a synchronous discard (ext4 without a journal, `discard`): keep the replaced
-    // files open until the exit has been reported, so that they are freed after it.
+    // can cost a synchronous discard (ext4 without a journal, `discard`; tens of ms under I/O
+    // load): keep the replaced files open until the launcher has heard everything (exit, and
+    // with --rm the removal), so that they are freed after it.
     let mut replaced = vec![];
     replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
@@ -314,7 +315,6 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
     drop(mount_ns);
-    drop(replaced);
 
     if spec.auto_remove {
         // Wait until the launcher is done with the logs (or gone), then remove everything.
@@ -324,6 +324,8 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         remove_task(&td, spec, exit_command.take());
     }
     wait_exit_command(spec, exit_command);
+    // Only now, with nobody waiting on us: freeing the old state files' blocks can be slow.
+    drop(replaced);
     0
 }
 
