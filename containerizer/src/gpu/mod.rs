@@ -39,6 +39,12 @@ pub enum GpuError {
     },
     #[error("cannot allocate GPUs: this host has no GPUs for caisson to manage ({0})")]
     NoGpus(String),
+    #[error("GPU {index} ({uuid}) is held by task {task}")]
+    Held {
+        index: u32,
+        uuid: String,
+        task: String,
+    },
     #[error("task {0} already holds GPUs")]
     AlreadyHolds(String),
     #[error("GPUs are not supported for Wasm tasks")]
@@ -99,6 +105,19 @@ pub fn attach_to_task(
     count: usize,
     spec: &mut TaskSpec,
 ) -> Result<Vec<Gpu>, GpuError> {
+    attach_with(root, managed, count, &[], spec)
+}
+
+/// Like [`attach_to_task`], also allocating `required` (GPUs a CDI device names, whose
+/// nodes and environment come from its spec): only the `count` others get caisson's own
+/// devices and driver files; the environment then lists them all.
+pub fn attach_with(
+    root: &Path,
+    managed: &Inventory,
+    count: usize,
+    required: &[Gpu],
+    spec: &mut TaskSpec,
+) -> Result<Vec<Gpu>, GpuError> {
     if spec.wasm.is_some() {
         return Err(GpuError::Wasm);
     }
@@ -106,8 +125,22 @@ pub fn attach_to_task(
         let why = managed.unavailable.clone().unwrap_or_default();
         return Err(GpuError::NoGpus(why));
     }
-    let got = Allocator::new(root).allocate(&spec.id, count, &managed.gpus)?;
-    spec.devices = task_devices(&got);
+    let got = Allocator::new(root).allocate_with(&spec.id, count, &managed.gpus, required)?;
+    let counted: Vec<Gpu> = got[required.len()..].to_vec();
+    if counted.is_empty() {
+        return Ok(got);
+    }
+    let d = task_devices(&counted);
+    for n in d.nodes {
+        if !spec.devices.nodes.iter().any(|x| x.path == n.path) {
+            spec.devices.nodes.push(n);
+        }
+    }
+    for r in d.allow {
+        if !spec.devices.allow.contains(&r) {
+            spec.devices.allow.push(r);
+        }
+    }
     for e in task_env(&got) {
         let key = e.split('=').next().unwrap_or_default().to_string();
         spec.process
@@ -115,7 +148,11 @@ pub fn attach_to_task(
             .retain(|x| x.split('=').next() != Some(key.as_str()));
         spec.process.env.push(e);
     }
-    spec.volumes.extend(driver_volumes(Path::new("/")));
+    for v in driver_volumes(Path::new("/")) {
+        if !spec.volumes.iter().any(|x| x.target == v.target) {
+            spec.volumes.push(v);
+        }
+    }
     Ok(got)
 }
 
@@ -198,6 +235,8 @@ pub fn task_devices(gpus: &[Gpu]) -> Devices {
             major,
             minor,
             mode: 0o666,
+            uid: None,
+            gid: None,
         });
     };
     for g in gpus {
