@@ -86,6 +86,19 @@ pub fn list(root: &Path, a: GpusArgs) -> Result<std::process::ExitCode> {
             g.minor,
             g.pci_bus_id
         )?;
+        // MIG devices under their parent, as `<gpu>:<mig>` (nvidia-ctk's CDI naming).
+        for m in &g.mig_devices {
+            writeln!(
+                out,
+                "{:<5}  {:<40}  {:<24}  {:>6} GiB  {:>5}  {:<16}  -",
+                format!("{}:{}", g.index, m.index),
+                m.uuid,
+                format!("MIG {}", m.profile),
+                m.memory_bytes >> 30,
+                "-",
+                ""
+            )?;
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

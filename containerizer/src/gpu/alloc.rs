@@ -245,6 +245,8 @@ mod tests {
                 memory_bytes: 0,
                 pci_bus_id: String::new(),
                 minor: index,
+                mig_mode: false,
+                mig_devices: vec![],
             })
             .collect()
     }
@@ -275,7 +277,10 @@ mod tests {
         );
         // Named GPUs (CDI) first, then counted ones; a held one is refused by name.
         let e = a.allocate_with("t4", 0, &all, &all[2..]).unwrap_err();
-        assert!(e.to_string().contains("GPU 2 (GPU-2) is held by t2"), "{e}");
+        assert!(
+            e.to_string().contains("GPU 2 (GPU-2) is held by task t2"),
+            "{e}"
+        );
         a.release("t3").unwrap();
         let got = a.allocate_with("t4", 1, &all, &all[1..2]).unwrap();
         assert_eq!(got.iter().map(|g| g.index).collect::<Vec<_>>(), [1, 0]);

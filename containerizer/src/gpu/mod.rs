@@ -71,6 +71,34 @@ pub struct Gpu {
     pub pci_bus_id: String,
     /// Minor number of its `/dev/nvidiaN`.
     pub minor: u32,
+    /// MIG mode is on (then its MIG devices are listed; caisson still allocates the GPU
+    /// whole).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mig_mode: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mig_devices: Vec<MigDevice>,
+}
+
+/// A MIG (Multi-Instance GPU) device of a GPU in MIG mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigDevice {
+    /// Its index among its parent's MIG devices.
+    pub index: u32,
+    /// `MIG-xxxxxxxx-...`.
+    pub uuid: String,
+    pub name: String,
+    /// The GPU instance profile (`1g.10gb`), from the name NVML gives.
+    pub profile: String,
+    pub memory_bytes: u64,
+}
+
+impl MigDevice {
+    /// The profile part of a MIG device name (`NVIDIA A100-SXM4-40GB MIG 1g.5gb`).
+    pub fn profile_of(name: &str) -> String {
+        name.rsplit_once("MIG ")
+            .map(|(_, p)| p.trim().to_string())
+            .unwrap_or_default()
+    }
 }
 
 /// What NVML reported: the GPUs, or why there are none.
@@ -359,6 +387,8 @@ mod tests {
             memory_bytes: 1,
             pci_bus_id: String::new(),
             minor: index + 4,
+            mig_mode: false,
+            mig_devices: vec![],
         }
     }
 
@@ -389,6 +419,15 @@ mod tests {
         ));
         assert!("0,,1".parse::<Selection>().is_err());
         assert!("some".parse::<Selection>().is_err());
+    }
+
+    #[test]
+    fn mig_profiles() {
+        assert_eq!(
+            MigDevice::profile_of("NVIDIA A100-SXM4-40GB MIG 1g.5gb"),
+            "1g.5gb"
+        );
+        assert_eq!(MigDevice::profile_of("Tesla T4"), "");
     }
 
     #[test]
