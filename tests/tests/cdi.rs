@@ -557,3 +557,75 @@ fn root_cdi_gpus_share_the_allocator_and_release_at_exit() {
     h.ok(&["rm", &id]);
     h.nothing_left();
 }
+
+/// The cgroup v2 path (task born in its cgroup, BPF device program, the init waiting for the
+/// createRuntime hooks before its own): on a hybrid host, in a private mount namespace where
+/// the cgroup2 mount is bound over /sys/fs/cgroup, as the GPU tests do.
+#[test]
+fn root_cdi_on_the_v2_path_with_a_create_runtime_hook() {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    let Some(h) = Host::new() else { return };
+    if !unified.join("cgroup.procs").exists() {
+        // A pure v2 host runs this path in the other tests already.
+        assert!(
+            containerizer::cgroups::is_v2() || std::env::var_os("CI").is_none(),
+            "no cgroup2 mount to test the v2 path on"
+        );
+        return;
+    }
+    h.spec("dev.yaml", &dev_yaml(&h));
+    let log = h.path("v2hooks.log");
+    h.spec(
+        "hooks.json",
+        &serde_json::json!({
+            "cdiVersion": "0.6.0",
+            "kind": "example.com/hooks",
+            "devices": [{"name": "h", "containerEdits": {"hooks": [
+                {"hookName": "createRuntime", "path": "/bin/sh",
+                 "args": ["sh", "-c", "echo createRuntime >> \"$LOG\""],
+                 "env": [format!("LOG={}", log.display())]},
+                {"hookName": "createContainer", "path": "/bin/sh",
+                 "args": ["sh", "-c", "echo createContainer >> \"$LOG\""],
+                 "env": [format!("LOG={}", log.display())]},
+            ]}}],
+        })
+        .to_string(),
+    );
+    let mut c = Command::new("unshare");
+    c.args([
+        "-m",
+        "sh",
+        "-c",
+        "mount --make-rprivate / && mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup && exec \"$0\" \"$@\"",
+    ])
+    .arg(caisson_bin())
+    .arg("--root")
+    .arg(h.c.root.path())
+    .arg("--cdi-spec-dir")
+    .arg(&h.specs)
+    .args([
+        "run",
+        "--rm",
+        "--device",
+        "example.com/dev=a",
+        "--device",
+        "example.com/hooks=h",
+        &h.image,
+        "sh",
+        "-c",
+        PROBE,
+    ]);
+    let o = c.output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    check_probe(&out);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "createRuntime\ncreateContainer\n"
+    );
+    h.nothing_left();
+}
