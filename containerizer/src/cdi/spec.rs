@@ -369,7 +369,8 @@ impl ContainerEdits {
 mod tests {
     use super::*;
 
-    const NVIDIA_YAML: &str = r#"
+    /// Shaped as `nvidia-ctk cdi generate` writes it (document marker included).
+    const NVIDIA_YAML: &str = r#"---
 cdiVersion: 0.5.0
 kind: nvidia.com/gpu
 devices:
@@ -398,6 +399,9 @@ containerEdits:
   - hostPath: /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15
     containerPath: /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15
     options: [ro, nosuid, nodev, bind]
+  - hostPath: /usr/lib/wsl/lib
+    containerPath: /usr/lib/wsl/lib
+    options: [ro, nosuid, nodev, rbind, rprivate]
 "#;
 
     fn yaml(s: &str) -> Result<Spec, String> {

@@ -480,6 +480,32 @@ mod tests {
     }
 
     #[test]
+    fn mount_options() {
+        use nix::mount::MsFlags as F;
+        let m = |fstype: &str, opts: &[&str]| Mount {
+            source: "/x".into(),
+            target: "/y".into(),
+            fstype: fstype.into(),
+            options: opts.iter().map(|o| o.to_string()).collect(),
+        };
+        let f = m("", &["ro", "nosuid", "nodev", "rbind", "rprivate"])
+            .flags()
+            .unwrap();
+        assert!(f.bind && f.recursive);
+        assert_eq!(f.flags, (F::MS_RDONLY | F::MS_NOSUID | F::MS_NODEV).bits());
+        assert_eq!(f.propagation, (F::MS_PRIVATE | F::MS_REC).bits());
+        let t = m("tmpfs", &["nosuid", "size=1m", "mode=755", "rw"])
+            .flags()
+            .unwrap();
+        assert!(!t.bind);
+        assert_eq!(
+            (t.flags, t.data.as_str()),
+            (F::MS_NOSUID.bits(), "size=1m,mode=755")
+        );
+        assert!(m("none", &["bind", "size=1m"]).flags().is_err());
+    }
+
+    #[test]
     fn volume_parsing() {
         let v: Volume = "/a:/b:ro".parse().unwrap();
         assert!(v.readonly);
