@@ -461,6 +461,20 @@ fn root_cdi_bad_input_is_refused_and_leaves_nothing() {
         "device node /dev/x: host device /nonexistent/node",
     );
     refused("/nonexistent/dev", "invalid --device \"/nonexistent/dev\"");
+
+    // Wasm tasks have no devices.
+    let wat = h.path("t.wat");
+    std::fs::write(&wat, "(module (func (export \"_start\")))").unwrap();
+    h.refused(
+        &[
+            "run",
+            "--rm",
+            "--device",
+            "example.com/dev=a",
+            wat.to_str().unwrap(),
+        ],
+        "devices are not supported for Wasm tasks",
+    );
 }
 
 /// GPUs named by CDI devices count in the GPU allocator, and a detached GPU task that ends by
