@@ -200,7 +200,6 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             }
         },
     };
-    let go_w: Option<OwnedFd>;
     if !joined_at_birth {
         let t_join = sys::monotonic_ns();
         let joined = cg
@@ -208,51 +207,48 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             .iter()
             .try_for_each(|f| fs::write(f, pid.to_string()).map_err(|e| (f.clone(), e)));
         timings.cgroup_join_us = (sys::monotonic_ns() - t_join) / 1000;
-        match joined {
-            Ok(()) => go_w = Some(go_w_fd),
-            Err((f, e)) => {
-                drop(go_w_fd);
-                let _ = waitpid(Pid::from_raw(pid), None);
-                let _ = cg.destroy(Duration::from_secs(5));
-                report_failure(
-                    &mut state,
-                    &mut out,
-                    125,
-                    format!("moving the task into {}: {e}", f.display()),
-                );
-                return 1;
-            }
+        if let Err((f, e)) = joined {
+            drop(go_w_fd);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            let _ = cg.destroy(Duration::from_secs(5));
+            report_failure(
+                &mut state,
+                &mut out,
+                125,
+                format!("moving the task into {}: {e}", f.display()),
+            );
+            return 1;
         }
-    } else {
-        go_w = Some(go_w_fd);
     }
-    if let Some(w) = go_w {
-        if early_go {
-            let hook_state = super::hooks::state_json(
-                &spec.id,
-                "creating",
-                Some(pid),
-                &super::hooks::bundle_dir(&td),
-            );
-            let ran = super::hooks::run_all(
-                "createRuntime",
-                &spec.hooks.create_runtime,
-                &hook_state,
-                None,
-            );
-            if let Err(e) = ran {
-                // Without its go the init gives up; make sure it is gone before cleaning up.
-                drop(w);
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-                let _ = waitpid(Pid::from_raw(pid), None);
-                let _ = cg.destroy(Duration::from_secs(5));
-                report_failure(&mut state, &mut out, 125, e);
-                return 1;
-            }
+    if early_go {
+        let hook_state = super::hooks::state_json(
+            &spec.id,
+            "creating",
+            Some(pid),
+            &super::hooks::bundle_dir(&td),
+        );
+        let ran = super::hooks::run_all(
+            "createRuntime",
+            &spec.hooks.create_runtime,
+            &hook_state,
+            None,
+        );
+        if let Err(e) = ran {
+            // Without its go the init gives up; make sure it is gone before cleaning up.
+            drop(go_w_fd);
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            let _ = cg.destroy(Duration::from_secs(5));
+            report_failure(&mut state, &mut out, 125, e);
+            return 1;
         }
-        if early_go || !joined_at_birth {
-            let _ = File::from(w).write_all(b"1");
-        }
+    }
+    // The init waits for this byte unless it was born in its cgroup (and has no createRuntime
+    // hooks to wait for).
+    if early_go || !joined_at_birth {
+        let _ = File::from(go_w_fd).write_all(b"1");
+    } else {
+        drop(go_w_fd);
     }
 
     // Wait for exec (EOF) or an error report.
