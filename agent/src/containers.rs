@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// Give the task this many whole GPUs (or all), exclusively, with their devices.
     #[arg(long = "gpus", value_name = "N|all")]
     gpus: Option<String>,
+    /// Give the task a device: a CDI device (vendor.com/class=name, or =all) from the CDI
+    /// spec directories, or a host device node HOST[:CONTAINER][:PERMISSIONS]. Repeatable.
+    #[arg(long = "device", value_name = "NAME|HOST[:CTR][:PERMS]")]
+    device: Vec<String>,
     /// Write the container id to this file.
     #[arg(long)]
     cidfile: Option<PathBuf>,
@@ -533,14 +537,25 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             let _ = containerizer::image::rootfs::remove(dir);
         }
     };
-    // GPUs: allocated before the launch, released if it fails or when the task is done.
-    let gpus = match crate::gpus::attach(root, a.gpus.as_deref(), &mut spec) {
+    // Devices and GPUs: allocated before the launch, released if it fails or when the task
+    // is done (by the supervisor's exit command as soon as it exits).
+    let gpus = match crate::cdi::attach(root, a.gpus.as_deref(), &a.device, &mut spec) {
         Ok(g) => g,
         Err(e) => {
             remove_root();
             return Err(e);
         }
     };
+    if gpus {
+        match cleanup_command(root, cni_args, &spec.id) {
+            Ok(c) => spec.exit_command = c,
+            Err(e) => {
+                crate::gpus::release(root, &spec.id);
+                remove_root();
+                return Err(e);
+            }
+        }
+    }
     let cni = cni_args.cni(root);
     let networked = matches!(plan, tasknet::Plan::Cni(_));
     if let tasknet::Plan::Cni(reqs) = &plan {
@@ -660,8 +675,9 @@ fn cleanup_command(root: &Path, cni: &CniArgs, id: &str) -> anyhow::Result<Vec<S
     Ok(v)
 }
 
-/// Releases what a task holds outside its own directory (its networks). Idempotent.
+/// Releases what a task holds outside its own directory (its networks, its GPUs). Idempotent.
 pub fn cleanup(root: &Path, cni: &CniArgs, id: &str) -> anyhow::Result<ExitCode> {
+    crate::gpus::release(root, id);
     tasknet::detach(&cni.cni(root), root, id)?;
     Ok(ExitCode::SUCCESS)
 }
