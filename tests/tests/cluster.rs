@@ -271,9 +271,15 @@ fn tokens_and_specs_are_checked_before_anything_happens() {
     for args in [
         vec!["submit", "--name", "bad name!", "img"],
         vec!["submit", "--cpus=-1", "img"],
-        vec!["submit", "--network", "nosuchnet", "img"],
         vec!["submit", "-e", "=x", "img"],
-        vec!["submit", "-p", "8080:80", "img"],
+        vec!["submit", "--network", "none", "-p", "8080:80", "img"],
+        vec!["submit", "--network", "host,net1", "img"],
+        vec!["submit", "-p", "99999:80", "img"],
+        vec!["submit", "-p", "8080:80", "-p", "8080:81", "img"],
+        vec!["submit", "--http", "svc.wasm"],
+        vec!["submit", "-p", "8080:80", "cmd.wasm"],
+        vec!["submit", "--gpus", "1", "cmd.wasm"],
+        vec!["submit", "--network", "net1", "cmd.wasm"],
     ] {
         let (code, _, err) = c.cli(&args);
         assert_ne!(code, 0, "{args:?}");
