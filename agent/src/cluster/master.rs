@@ -8,7 +8,8 @@
 //! cpus (then the most free memory). Tasks that fit nowhere wait in STAGING, in order, with
 //! reason NO_RESOURCES and a message saying what is missing (as a Nomad job waits on blocked
 //! placement, a Mesos framework on offers), and are placed when resources free up or an agent
-//! (re)registers.
+//! (re)registers: first fit in submission order, so a waiting task does not hold up later
+//! ones that fit.
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -580,12 +581,10 @@ impl Master {
             st.tasks.insert(id.clone(), task);
             st.order.push(id.clone());
             st.submitted_at.insert(id.clone(), Instant::now());
-            // Older waiting tasks go first.
-            let tx = if st.pending.is_empty() {
-                Self::place(&mut st, &id)
-            } else {
-                None
-            };
+            // Waiting tasks were tried whenever resources freed up, so none of them fits now:
+            // trying this one is first fit in submission order, and a task that cannot be
+            // placed (a taken port, too many GPUs) does not hold up the ones behind it.
+            let tx = Self::place(&mut st, &id);
             match tx {
                 Some(tx) => self.persist_and_launch(&st, &id, tx, Some(done_tx)),
                 None => {
