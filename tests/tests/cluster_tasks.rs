@@ -94,6 +94,8 @@ fn root_wasm_tasks_survive_agent_kill9_and_the_service_answers_until_killed() {
         state(t) == "RUNNING"
     });
     assert_eq!(t["kind"], "TASK_KIND_WASM_HTTP");
+    // The supervisor's phase timings came with RUNNING (they used to read as 0 at times).
+    assert!(t["timings_us"]["launch_total"].as_u64().unwrap() > 0, "{t}");
     // RUNNING means serving: the first request answers.
     let reply = http_get(port, "/hello").expect("the service answers once RUNNING");
     assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
@@ -231,9 +233,12 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
     let mut args = vec!["--network", net, "-p", &p];
     args.extend(web);
     let first = c.submit(&args);
-    c.wait_task(&first, "web running", Duration::from_secs(60), |t| {
+    let t = c.wait_task(&first, "web running", Duration::from_secs(60), |t| {
         state(t) == "RUNNING"
     });
+    for phase in ["rootfs", "namespaces", "exec", "launch_total"] {
+        assert!(t["timings_us"][phase].as_u64().unwrap() > 0, "{phase}: {t}");
+    }
     let mut body = None;
     eventually("httpd answers on the host port", || {
         body = http_get(port, "/motd");
@@ -469,4 +474,95 @@ fn mutual_tls_with_caisson_certs() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+const BENCH_PHASES: &[&str] = &[
+    "submit",
+    "agent",
+    "launch",
+    "to_running",
+    "to_terminal",
+    "total",
+];
+
+/// `caisson bench launch --master`: the report's structure and sanity, never timings.
+fn check_bench(r: &serde_json::Value, count: usize) {
+    assert_eq!(r["count"], count, "{r}");
+    assert_eq!(r["ok"], count, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    assert_eq!(r["exit_codes"]["0"], count, "{r}");
+    assert!(r["master"].as_str().unwrap().starts_with("http://"), "{r}");
+    let phases = r["phases"].as_array().unwrap();
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, BENCH_PHASES);
+    for p in phases {
+        assert_eq!(p["n"], count, "{p}");
+        let v = |k: &str| p[k].as_f64().unwrap();
+        let seq = [
+            v("min_us"),
+            v("p50_us"),
+            v("p90_us"),
+            v("p99_us"),
+            v("max_us"),
+        ];
+        assert!(seq.windows(2).all(|w| w[0] <= w[1]), "unordered: {p}");
+    }
+    let p50 = |name: &str| {
+        phases.iter().find(|p| p["name"] == name).unwrap()["p50_us"]
+            .as_f64()
+            .unwrap()
+    };
+    // Parts inside wholes: the agent's launch inside its own span, RUNNING before the end.
+    assert!(p50("launch") <= p50("agent") + 1.0, "{r}");
+    assert!(p50("to_running") > 0.0 && p50("to_terminal") > 0.0, "{r}");
+}
+
+#[test]
+fn root_bench_launch_through_the_master() {
+    if !require_root() || !require_tool("umoci") {
+        return;
+    }
+    let c = Cluster::new(&[]);
+    let img = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(img.path(), "latest").unwrap();
+    c.load_image("b1", &layout);
+    let _m = c.master();
+    let _a = c.agent("b1", JOIN);
+    c.wait_agents(1);
+    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/hello.wat");
+    let bench = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(caisson_bin())
+            .args([
+                "bench",
+                "launch",
+                "--json",
+                "--master",
+                &c.url(),
+                "--token",
+                API,
+            ])
+            .args(["-n", "6", "-c", "3", "--warmup", "1"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let r = bench(&["--kind", "wasm", "--module", hello.to_str().unwrap()]);
+    check_bench(&r, 6);
+    assert_eq!(r["kind"], "wasm");
+    let r = bench(&[
+        "--kind",
+        "native",
+        "--image",
+        "localhost/oci:latest",
+        "--",
+        "/bin/true",
+    ]);
+    check_bench(&r, 6);
+    // Warmup and timed tasks all went through the master, and all ended.
+    let tasks = c.tasks();
+    assert_eq!(tasks.len(), 14);
+    assert!(tasks.iter().all(|t| t["state"] == "FINISHED"), "{tasks:?}");
+    c.assert_no_containers("b1");
 }

@@ -1111,3 +1111,63 @@ impl ClusterService for UserSvc {
 pub fn plaintext_ok(addr: &SocketAddr, insecure: bool) -> bool {
     insecure || addr.ip().is_loopback()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acked_uuids_are_kept_per_task_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Master::open(dir.path(), MasterConfig::default()).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (agent, _) = m.register(
+            Register {
+                resources: Some(Resources {
+                    cpus: 4.0,
+                    memory_bytes: 1 << 30,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            tx.clone(),
+        );
+        let spec = TaskSpec {
+            kind: TaskKind::NativeImage as i32,
+            image: "img".into(),
+            ..Default::default()
+        };
+        let id = m.submit(spec).await.unwrap();
+        let upd = |state: TaskState, uuid: &str| TaskStatus {
+            task_id: id.clone(),
+            state: state as i32,
+            uuid: uuid.into(),
+            ..Default::default()
+        };
+        m.status(&agent, upd(TaskState::Starting, "u1"), &tx);
+        m.status(&agent, upd(TaskState::Running, "u2"), &tx);
+        assert_eq!(m.lock().acked.get(&id).map(HashSet::len), Some(2));
+        m.status(&agent, upd(TaskState::Running, "u2"), &tx);
+        m.status(&agent, upd(TaskState::Finished, "u3"), &tx);
+        assert!(m.lock().acked.is_empty(), "dropped at the terminal update");
+        // Resent after the end (an agent that missed the ack): acked, ignored, no growth.
+        m.status(&agent, upd(TaskState::Finished, "u3"), &tx);
+        m.status(&agent, upd(TaskState::Failed, "u4"), &tx);
+        assert_eq!(m.lock().tasks[&id].state(), TaskState::Finished);
+        assert!(m.lock().acked.is_empty());
+        // Every update was acked (the applied ones once durable).
+        let mut acks = vec![];
+        while acks.len() < 6 {
+            let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("acks")
+                .expect("open")
+                .expect("no error");
+            if let Some(Down::Ack(a)) = msg.msg {
+                acks.push(a.uuid);
+            }
+        }
+        acks.sort();
+        assert_eq!(acks, ["u1", "u2", "u2", "u3", "u3", "u4"]);
+    }
+}
