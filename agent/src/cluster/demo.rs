@@ -407,6 +407,12 @@ async fn run(work: &Path, a: &DemoArgs, cni: &crate::network::CniArgs) -> Result
             );
         }
         for (i, t) in tasks.iter().enumerate() {
+            // Output first: a task that just ended has written all of it.
+            let mut buf = vec![];
+            let _ = containerizer::launch::copy_new(&logs[i], &mut offsets[i], &mut buf);
+            for line in String::from_utf8_lossy(&buf).lines() {
+                say(&format!("    {:<13} | {line}", names[i]));
+            }
             if t.state != last[i] {
                 last[i] = t.state;
                 let why = if t.state().is_terminal() || t.message.is_empty() {
@@ -419,11 +425,6 @@ async fn run(work: &Path, a: &DemoArgs, cni: &crate::network::CniArgs) -> Result
                     names[i],
                     state_name(t.state)
                 ));
-            }
-            let mut buf = vec![];
-            let _ = containerizer::launch::copy_new(&logs[i], &mut offsets[i], &mut buf);
-            for line in String::from_utf8_lossy(&buf).lines() {
-                say(&format!("    {:<13} | {line}", names[i]));
             }
         }
         if !shown_running && tasks.iter().all(|t| t.state == TaskState::Running as i32) {
@@ -497,7 +498,7 @@ async fn run(work: &Path, a: &DemoArgs, cni: &crate::network::CniArgs) -> Result
     };
 
     // 5. Latency per phase and the final states.
-    say("==> launch latency (submit -> RUNNING as the master saw it; phases from the agent)");
+    say("==> launch latency (submit -> RUNNING as the master saw it; for the service, until it accepts connections; phases from the agent)");
     for (i, t) in finals.iter().enumerate() {
         let tm = t.timings.unwrap_or_default();
         say(&format!(

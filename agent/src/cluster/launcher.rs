@@ -162,7 +162,6 @@ impl Launcher {
         }
         let mut ts = launch::wasm::wasm_task(run);
         ts.id = id.to_string();
-        ts.name = id.to_string();
         ts.image = spec.image.clone();
         // The guest's memory is bounded in the engine; the cgroup gets CPU only.
         ts.limits = launch::Limits {
@@ -208,7 +207,6 @@ impl Launcher {
             let r = spec.resources.clone().unwrap_or_default();
             let mut ts = launch::TaskSpec {
                 id: id.to_string(),
-                name: id.to_string(),
                 image: spec.image.clone(),
                 rootfs: prepared.rootfs.clone(),
                 cleanup: prepared.owned.iter().cloned().collect(),
@@ -266,7 +264,8 @@ impl Launcher {
     /// `state.json` (reading it at once sometimes found no timings yet).
     pub fn running_timings(&self, id: &str) -> launch::Timings {
         let td = self.rt.dir(id);
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // Milliseconds normally; seconds only on a host under heavy load.
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match td.read_state() {
                 Ok(st) if st.status != launch::Status::Created => return st.timings,
