@@ -54,7 +54,8 @@ pub struct AgentArgs {
     /// The join token.
     #[arg(long, env = "CAISSON_JOIN_TOKEN")]
     token: Option<String>,
-    /// Resources to offer, e.g. `cpus=4,mem=8g` (default: the host's).
+    /// Resources to offer, e.g. `cpus=4,mem=8g,ports=31000-32000` (default: the host's cpus and
+    /// memory, every host port; GPUs are the ones caisson manages, see the global `--gpus`).
     #[arg(long)]
     resources: Option<String>,
     /// Attributes for placement constraints, `k=v` (repeatable).
@@ -108,7 +109,8 @@ pub struct SubmitArgs {
     /// Placement constraint on agent attributes, k=v.
     #[arg(long = "constraint")]
     constraints: Vec<String>,
-    /// Serve the Wasm component as a wasi:http/proxy service.
+    /// Serve the Wasm component as a wasi:http/proxy service on the host port of its one
+    /// port mapping (`-p 8080:80`); it runs until cancelled.
     #[arg(long)]
     http: bool,
     /// IMAGE (or WASM module path), then the command.
