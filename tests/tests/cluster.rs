@@ -67,12 +67,21 @@ fn root_two_agents_survive_agent_kill9_and_master_restart() {
     let _a2 = c.agent("a2", JOIN);
     c.wait_agents(2);
 
-    // Short tasks and tasks that outlive the agent's crash.
+    // Short tasks and tasks that outlive the agent's crash, native and Wasm (each Wasm task
+    // has its own supervisor too).
+    let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guests");
+    let (hello, sleep2) = (guests.join("hello.wat"), guests.join("sleep2.wat"));
     let mut ids = vec![];
     for i in 0..30 {
         ids.push(c.submit(&["--cpus", "0.1", image, "true"]));
         if i % 3 == 0 {
             ids.push(c.submit(&["--name", &format!("sleeper{i}"), image, "sleep", "2"]));
+            ids.push(c.submit(&["--name", &format!("wasm{i}"), hello.to_str().unwrap()]));
+            ids.push(c.submit(&[
+                "--name",
+                &format!("wasmsleeper{i}"),
+                sleep2.to_str().unwrap(),
+            ]));
         }
     }
     // Every task is placed and launched (no launch in flight), then a1 dies hard.
