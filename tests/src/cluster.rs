@@ -44,6 +44,28 @@ pub struct Cluster {
     pub master_args: Vec<String>,
     /// With `caisson certs` output here: https, and users present it (`--tls-dir`).
     pub tls_dir: Option<PathBuf>,
+    /// Global flags for the final `rm -f --all` of each agent's root (e.g. the CNI dirs).
+    pub cleanup_args: Vec<String>,
+}
+
+impl Drop for Cluster {
+    /// A failed test must not leave tasks running: every agent root's containers are removed
+    /// (the test's master and agents, declared after the cluster, are gone by then).
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if e.path().join("containers").is_dir() {
+                let _ = Command::new(caisson_bin())
+                    .arg("--root")
+                    .arg(e.path())
+                    .args(&self.cleanup_args)
+                    .args(["rm", "-f", "--all"])
+                    .output();
+            }
+        }
+    }
 }
 
 impl Cluster {
@@ -56,6 +78,7 @@ impl Cluster {
             port: free_port(),
             master_args: master_args.iter().map(|s| s.to_string()).collect(),
             tls_dir: None,
+            cleanup_args: vec![],
         }
     }
 

@@ -188,7 +188,7 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
         return;
     }
     let Some(plugins) = plugins() else { return };
-    let c = Cluster::new(&["--heartbeat-ms", "200"]);
+    let mut c = Cluster::new(&["--heartbeat-ms", "200"]);
     let conf = c.dir.path().join("cni-conf");
     std::fs::create_dir_all(&conf).unwrap();
     let cni = [
@@ -197,6 +197,7 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
         "--cni-plugin-dir",
         plugins.as_str(),
     ];
+    c.cleanup_args = cni.iter().map(|s| s.to_string()).collect();
     let (bridge, net, subnet) = ("cstcl61", "clnet61", "10.231.61.0/24");
     del_bridge(bridge);
     let ipam = Path::new("/var/lib/cni/networks").join(net);
