@@ -563,20 +563,21 @@ pub fn agents(a: AgentsArgs) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!(
-                "{:<24}  {:<20}  {:<11}  {:>11}  {:>15}  TASKS",
-                "AGENT ID", "HOSTNAME", "STATE", "CPUS", "MEMORY (MiB)"
+                "{:<24}  {:<20}  {:<11}  {:>11}  {:>15}  {:>5}  TASKS",
+                "AGENT ID", "HOSTNAME", "STATE", "CPUS", "MEMORY (MiB)", "GPUS"
             );
             for ag in &list {
                 let j = agent_json(ag);
                 let total = ag.total.clone().unwrap_or_default();
                 let used = ag.used.clone().unwrap_or_default();
                 println!(
-                    "{:<24}  {:<20}  {:<11}  {:>11}  {:>15}  {}",
+                    "{:<24}  {:<20}  {:<11}  {:>11}  {:>15}  {:>5}  {}",
                     ag.id,
                     ag.hostname,
                     j["state"].as_str().unwrap_or(""),
                     format!("{:.1}/{:.1}", used.cpus, total.cpus),
                     format!("{}/{}", used.memory_bytes >> 20, total.memory_bytes >> 20),
+                    format!("{}/{}", used.gpu_count, total.gpus.len()),
                     ag.tasks
                 );
             }
