@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::network::CniArgs;
 use crate::tasknet;
 
-mod master;
+mod via_master;
 mod plot;
 
 #[derive(Subcommand, Debug)]
@@ -497,7 +497,7 @@ fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::p
         bail!("--concurrency must be at least 1");
     }
     if a.master.is_some() {
-        return master::launch_bench(a);
+        return via_master::launch_bench(a);
     }
     let target = match a.kind {
         Kind::Native => {
