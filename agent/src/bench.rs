@@ -21,13 +21,17 @@ use serde::Serialize;
 use crate::network::CniArgs;
 use crate::tasknet;
 
-mod via_master;
+mod master;
 mod plot;
+mod via_master;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Launch N tasks (C at a time) and report throughput and per-phase latency percentiles.
     Launch(LaunchArgs),
+    /// Load a master with N simulated agents and M task submissions (no containers): master
+    /// throughput and submit-to-RUNNING/FINISHED percentiles.
+    Master(master::MasterArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -95,6 +99,7 @@ pub struct LaunchArgs {
 pub fn bench(root: &Path, cni: &CniArgs, c: BenchCommand) -> Result<std::process::ExitCode> {
     match c {
         BenchCommand::Launch(a) => launch_bench(root, cni, a),
+        BenchCommand::Master(a) => master::bench(a),
     }
 }
 

@@ -72,6 +72,18 @@ pub struct RunArgs {
     /// --network names one).
     #[arg(short = 'p', long = "publish")]
     publish: Vec<String>,
+    /// Add a line to /etc/hosts: NAME:IP (IPv6 as NAME:[ADDR] or NAME:ADDR).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    add_host: Vec<String>,
+    /// Nameserver for /etc/resolv.conf (repeatable; replaces the network's or host's).
+    #[arg(long = "dns", value_name = "IP")]
+    dns: Vec<std::net::IpAddr>,
+    /// Search domain for /etc/resolv.conf (repeatable; replaces the network's or host's).
+    #[arg(long = "dns-search", value_name = "DOMAIN")]
+    dns_search: Vec<String>,
+    /// Resolver option for /etc/resolv.conf, e.g. ndots:2 (repeatable).
+    #[arg(long = "dns-option", value_name = "OPT")]
+    dns_option: Vec<String>,
     /// Mount the root filesystem read-only.
     #[arg(long = "read-only")]
     read_only: bool,
@@ -81,6 +93,10 @@ pub struct RunArgs {
     /// Give the task this many whole GPUs (or all), exclusively, with their devices.
     #[arg(long = "gpus", value_name = "N|all")]
     gpus: Option<String>,
+    /// Give the task a device: a CDI device (vendor.com/class=name, or =all) from the CDI
+    /// spec directories, or a host device node HOST[:CONTAINER][:PERMISSIONS]. Repeatable.
+    #[arg(long = "device", value_name = "NAME|HOST[:CTR][:PERMS]")]
+    device: Vec<String>,
     /// Write the container id to this file.
     #[arg(long)]
     cidfile: Option<PathBuf>,
@@ -396,8 +412,102 @@ pub(crate) fn attach_networks(
     Ok(())
 }
 
+/// `--add-host NAME:IP` as an /etc/hosts line.
+fn host_line(v: &str) -> Result<String, LaunchError> {
+    let bad = || LaunchError::Invalid(format!("invalid --add-host {v:?}: expected NAME:IP"));
+    let (name, ip) = v.split_once(':').ok_or_else(bad)?;
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '#') {
+        return Err(bad());
+    }
+    Ok(format!("{ip}\t{name}"))
+}
+
+/// The /etc/hosts and resolv.conf flags, checked before anything is made.
+struct NameFlags {
+    hosts: Vec<String>,
+    dns: Vec<String>,
+    search: Vec<String>,
+    options: Vec<String>,
+}
+
+impl NameFlags {
+    fn parse(a: &RunArgs) -> Result<NameFlags, LaunchError> {
+        let word = |flag: &str, v: &String| {
+            if v.is_empty() || v.chars().any(char::is_whitespace) {
+                Err(LaunchError::Invalid(format!("invalid {flag} {v:?}")))
+            } else {
+                Ok(v.clone())
+            }
+        };
+        Ok(NameFlags {
+            hosts: a
+                .add_host
+                .iter()
+                .map(|h| host_line(h))
+                .collect::<Result<_, _>>()?,
+            dns: a.dns.iter().map(|ip| ip.to_string()).collect(),
+            search: a
+                .dns_search
+                .iter()
+                .map(|d| word("--dns-search", d))
+                .collect::<Result<_, _>>()?,
+            options: a
+                .dns_option
+                .iter()
+                .map(|o| word("--dns-option", o))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+            && self.dns.is_empty()
+            && self.search.is_empty()
+            && self.options.is_empty()
+    }
+
+    /// Rewrites the task's /etc/hosts and resolv.conf (the network's, or the defaults the
+    /// launcher would write).
+    fn apply(&self, spec: &mut TaskSpec) {
+        use containerizer::net::files;
+        if self.is_empty() {
+            return;
+        }
+        if spec.hostname.is_empty() {
+            spec.hostname = spec.id[..12].to_string();
+        }
+        let hosts = spec.hosts_file.take().unwrap_or_else(|| {
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                spec.hostname
+            )
+        });
+        spec.hosts_file = Some(
+            hosts
+                + &self
+                    .hosts
+                    .iter()
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>(),
+        );
+        let resolv = spec
+            .resolv_conf
+            .take()
+            .unwrap_or_else(|| std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+        spec.resolv_conf = Some(files::override_resolv_conf(
+            &resolv,
+            &self.dns,
+            &self.search,
+            &self.options,
+        ));
+    }
+}
+
 fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
     let plan = tasknet::plan(&a.network, &a.publish)?;
+    let names = NameFlags::parse(&a)?;
     let mode = match plan {
         tasknet::Plan::Host => NetworkMode::Host,
         _ => NetworkMode::None,
@@ -412,6 +522,12 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             )
             .into());
         }
+        if !names.is_empty() {
+            return Err(LaunchError::Invalid(
+                "--add-host and --dns* apply to native tasks (a Wasm task has no /etc)".into(),
+            )
+            .into());
+        }
         tasknet::Plan::None
     } else {
         plan
@@ -421,14 +537,25 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             let _ = containerizer::image::rootfs::remove(dir);
         }
     };
-    // GPUs: allocated before the launch, released if it fails or when the task is done.
-    let gpus = match crate::gpus::attach(root, a.gpus.as_deref(), &mut spec) {
+    // Devices and GPUs: allocated before the launch, released if it fails or when the task
+    // is done (by the supervisor's exit command as soon as it exits).
+    let gpus = match crate::cdi::attach(root, a.gpus.as_deref(), &a.device, &mut spec) {
         Ok(g) => g,
         Err(e) => {
             remove_root();
             return Err(e);
         }
     };
+    if gpus {
+        match cleanup_command(root, cni_args, &spec.id) {
+            Ok(c) => spec.exit_command = c,
+            Err(e) => {
+                crate::gpus::release(root, &spec.id);
+                remove_root();
+                return Err(e);
+            }
+        }
+    }
     let cni = cni_args.cni(root);
     let networked = matches!(plan, tasknet::Plan::Cni(_));
     if let tasknet::Plan::Cni(reqs) = &plan {
@@ -440,6 +567,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             return Err(e);
         }
     }
+    names.apply(&mut spec);
     let rt = Runtime::new(root);
     let id = spec.id.clone();
     let mut launched = match rt.launch(spec) {
@@ -547,8 +675,9 @@ fn cleanup_command(root: &Path, cni: &CniArgs, id: &str) -> anyhow::Result<Vec<S
     Ok(v)
 }
 
-/// Releases what a task holds outside its own directory (its networks). Idempotent.
+/// Releases what a task holds outside its own directory (its networks, its GPUs). Idempotent.
 pub fn cleanup(root: &Path, cni: &CniArgs, id: &str) -> anyhow::Result<ExitCode> {
+    crate::gpus::release(root, id);
     tasknet::detach(&cni.cni(root), root, id)?;
     Ok(ExitCode::SUCCESS)
 }

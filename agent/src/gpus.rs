@@ -86,6 +86,19 @@ pub fn list(root: &Path, a: GpusArgs) -> Result<std::process::ExitCode> {
             g.minor,
             g.pci_bus_id
         )?;
+        // MIG devices under their parent, as `<gpu>:<mig>` (nvidia-ctk's CDI naming).
+        for m in &g.mig_devices {
+            writeln!(
+                out,
+                "{:<5}  {:<40}  {:<24}  {:>6} GiB  {:>5}  {:<16}  -",
+                format!("{}:{}", g.index, m.index),
+                m.uuid,
+                format!("MIG {}", m.profile),
+                m.memory_bytes >> 30,
+                "-",
+                ""
+            )?;
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -93,22 +106,39 @@ pub fn list(root: &Path, a: GpusArgs) -> Result<std::process::ExitCode> {
 /// `run --gpus N|all`: allocates the GPUs to the task of `spec` and gives it their devices,
 /// environment and the driver's files. Returns whether anything was allocated (the caller
 /// releases on a failed launch and when the task is done).
-pub fn attach(root: &Path, request: Option<&str>, spec: &mut TaskSpec) -> Result<bool> {
-    let Some(request) = request else {
-        return Ok(false);
-    };
+///
+/// `cdi_minors` are the GPUs (by minor number) that CDI devices already gave the task: those
+/// known to NVML are allocated too, so that `--gpus` and `--device nvidia.com/gpu=N` never
+/// hand out the same GPU twice.
+pub fn attach(
+    root: &Path,
+    request: Option<&str>,
+    cdi_minors: &[u32],
+    spec: &mut TaskSpec,
+) -> Result<bool> {
     let count = match request {
-        "all" => None,
-        n => Some(n.parse::<usize>().map_err(|_| {
+        None => Some(0),
+        Some("all") => None,
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
             anyhow::anyhow!("invalid --gpus {n:?}: expected a number of GPUs or all")
         })?),
     };
-    if count == Some(0) {
+    if count == Some(0) && cdi_minors.is_empty() {
         return Ok(false);
     }
     let inv = managed()?;
-    let count = count.unwrap_or(inv.gpus.len());
-    gpu::attach_to_task(root, &inv, count, spec)?;
+    let required: Vec<Gpu> = inv
+        .gpus
+        .iter()
+        .filter(|g| cdi_minors.contains(&g.minor))
+        .cloned()
+        .collect();
+    let count = count.unwrap_or(inv.gpus.len().saturating_sub(required.len()));
+    if count == 0 && required.is_empty() {
+        // CDI GPUs that NVML does not know (or does not manage): nothing to account.
+        return Ok(false);
+    }
+    gpu::attach_with(root, &inv, count, &required, spec)?;
     Ok(true)
 }
 

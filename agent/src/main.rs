@@ -1,5 +1,6 @@
 //! `caisson`: a daemonless container agent. Thin CLI over the `containerizer` library.
 mod bench;
+mod cdi;
 mod cluster;
 mod containers;
 mod gpus;
@@ -28,6 +29,8 @@ struct Cli {
     cni: network::CniArgs,
     #[command(flatten)]
     gpu: gpus::GpuArgs,
+    #[command(flatten)]
+    cdi: cdi::CdiArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,10 +66,12 @@ enum Command {
     Image(images::ImageCommand),
     /// List the GPUs caisson manages and the task holding each.
     Gpus(gpus::GpusArgs),
+    /// List the CDI devices (`vendor.com/class=name`) of the CDI spec directories.
+    Devices(cdi::DevicesArgs),
     /// Manage CNI networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
-    /// Release what an ended container holds outside its directory (its networks); run by
+    /// Release what an ended container holds outside its directory (networks, GPUs); run by
     /// the container's supervisor.
     #[command(hide = true)]
     Cleanup { id: String },
@@ -98,12 +103,21 @@ enum Command {
 
 fn main() -> ExitCode {
     containerizer::sys::default_sigpipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // podman's convention: a usage error is the tool's own failure, 125 (help and
+            // version are not errors).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 125 } else { 0 });
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
         .with_writer(std::io::stderr)
         .init();
     gpus::configure(&cli.gpu);
+    cdi::configure(&cli.cdi);
     let code = |c: i32| ExitCode::from(c.clamp(0, 255) as u8);
     let result = match cli.command {
         Command::Run(a) => Ok(code(containers::run(&cli.root, &cli.cni, *a))),
@@ -121,6 +135,7 @@ fn main() -> ExitCode {
         Command::Rmi(a) => images::rmi(&cli.root, a),
         Command::Image(c) => images::image(&cli.root, c),
         Command::Gpus(a) => gpus::list(&cli.root, a),
+        Command::Devices(a) => cdi::list(a),
         Command::Network(c) => network::network(&cli.root, &cli.cni, c),
         Command::Bench(c) => bench::bench(&cli.root, &cli.cni, c),
         Command::Master(a) => cluster::cli::master(a),

@@ -1,4 +1,5 @@
 //! caisson's containerizer: the library that does the work (no gRPC, no global state).
+pub mod cdi;
 pub mod cgroups;
 pub mod gpu;
 pub mod image;

@@ -165,10 +165,10 @@ fn wasm_table_and_plot() {
 fn bad_input_is_refused_clearly() {
     let c = Caisson::new();
     let (code, _, err) = c.run(&["bench", "launch", "--kind", "wasm"]);
-    assert_eq!(code, 2, "clap usage error: {err}");
+    assert_eq!(code, 125, "usage error (podman's 125): {err}");
     assert!(err.contains("--module"), "{err}");
     let (code, _, err) = c.run(&["bench", "launch", "--kind", "native"]);
-    assert_eq!(code, 2, "{err}");
+    assert_eq!(code, 125, "{err}");
     assert!(err.contains("--image"), "{err}");
     let missing = c.root.path().join("missing.wasm");
     let (code, _, err) = c.run(&[

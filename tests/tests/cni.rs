@@ -736,10 +736,11 @@ fn root_teardown_after_launcher_kill_9() {
     }
 }
 
-/// `ipMasq` with our bridge: a masquerade rule for the task's address while attached, none
-/// after DEL (the rule names network and container, so DEL removes exactly it).
+/// `ipMasq` with our bridge: one masquerade rule for the network's subnet, made by the first
+/// ADD, kept by DEL (other tasks of the network use it), removed with the bridge by
+/// `network rm`.
 #[test]
-fn root_our_bridge_ip_masq_rule_follows_the_attachment() {
+fn root_our_bridge_ip_masq_rule_is_the_networks() {
     if !prerequisites() || !require_tool("iptables") {
         return;
     }
@@ -751,12 +752,6 @@ fn root_our_bridge_ip_masq_rule_follows_the_attachment() {
     let mut conf: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
     conf["plugins"][0]["ipMasq"] = json!(true);
     std::fs::write(&p, conf.to_string()).unwrap();
-    let ns = w.netns();
-    let rt = rt();
-    let atts = rt
-        .block_on(cni.setup("masq", &ns, &[NetworkRequest::new("br")]))
-        .unwrap();
-    let ip = atts[0].ips()[0].to_string();
     let rules = || {
         String::from_utf8_lossy(
             &Command::new("iptables")
@@ -765,16 +760,37 @@ fn root_our_bridge_ip_masq_rule_follows_the_attachment() {
                 .unwrap()
                 .stdout,
         )
-        .into_owned()
+        .lines()
+        .filter(|l| l.contains("\"caisson-cni br\""))
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
     };
+    let rt = rt();
+    let (a, b) = (w.netns(), w.netns());
+    rt.block_on(cni.setup("masq1", &a, &[NetworkRequest::new("br")]))
+        .unwrap();
+    rt.block_on(cni.setup("masq2", &b, &[NetworkRequest::new("br")]))
+        .unwrap();
     let r = rules();
-    let teardown = rt.block_on(cni.teardown("masq"));
+    let t1 = rt.block_on(cni.teardown("masq1"));
+    let after_one = rules();
+    let t2 = rt.block_on(cni.teardown("masq2"));
+    let after_both = rules();
+    let removed = cni.remove_network("br", false);
+    let after_rm = rules();
+    let bridge_left = Path::new("/sys/class/net/cstmasq0").exists();
+    t1.unwrap();
+    t2.unwrap();
+    removed.unwrap();
+    assert_eq!(r.len(), 1, "{r:?}");
     assert!(
-        r.contains(&format!("-s {ip}/32 ! -d 10.232.60.0/24")) && r.contains("MASQUERADE"),
-        "{r}"
+        r[0].contains("-s 10.232.60.0/24 ! -d 10.232.60.0/24") && r[0].contains("MASQUERADE"),
+        "{r:?}"
     );
-    teardown.unwrap();
-    assert!(!rules().contains(&format!("-s {ip}/32")), "{}", rules());
+    assert_eq!(after_one, r);
+    assert_eq!(after_both, r);
+    assert!(after_rm.is_empty(), "{after_rm:?}");
+    assert!(!bridge_left, "network rm left the bridge");
 }
 
 /// Spec 1.1 with our plugins: STATUS answers, GC releases the addresses of attachments that

@@ -407,3 +407,73 @@ fn root_gpu_allocation_concurrency_exhaustion_release_and_restart() {
     assert!(h.ok(&["ps", "-aq"]).is_empty());
     assert_eq!(h.holders(), [None, None, None]);
 }
+
+#[test]
+fn gpus_lists_mig_devices_under_their_parent() {
+    let h = Host::new(3);
+    let out = h
+        .cmd()
+        .env("FAKE_NVML_MIG", "0:2,2:0")
+        .args(["gpus", "--json"])
+        .output()
+        .unwrap();
+    let (code, stdout, stderr) = out3(out);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stderr, "",
+        "MIG not supported on GPU 1 is not worth a warning"
+    );
+    let v: Vec<Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v[0]["mig_mode"], true);
+    let migs = v[0]["mig_devices"].as_array().unwrap();
+    assert_eq!(migs.len(), 2, "{stdout}");
+    for (j, m) in migs.iter().enumerate() {
+        assert_eq!(m["index"], j);
+        assert_eq!(
+            m["uuid"],
+            format!("MIG-fa4e0000-0000-0000-0000-{j:012}").as_str()
+        );
+        assert_eq!(
+            m["name"],
+            format!("Fake NVIDIA GPU 0 MIG {}g.{}gb", j + 1, (j + 1) * 10).as_str()
+        );
+        assert_eq!(
+            m["profile"],
+            format!("{}g.{}gb", j + 1, (j + 1) * 10).as_str()
+        );
+        assert_eq!(m["memory_bytes"], ((j as u64 + 1) * 10) << 30);
+    }
+    // GPU 1 does not support MIG; GPU 2 is in MIG mode without instances.
+    assert_eq!(v[1].get("mig_mode"), None);
+    assert_eq!(v[1].get("mig_devices"), None);
+    assert_eq!(v[2]["mig_mode"], true);
+    assert_eq!(v[2].get("mig_devices"), None);
+
+    let table = String::from_utf8(
+        h.cmd()
+            .env("FAKE_NVML_MIG", "0:2")
+            .arg("gpus")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        rows.len(),
+        6,
+        "header, GPU 0, its 2 MIG devices, GPUs 1 and 2: {table}"
+    );
+    assert!(rows[1].starts_with("0  "), "{table}");
+    assert!(
+        rows[2].starts_with("0:0")
+            && rows[2].contains("MIG-fa4e0000")
+            && rows[2].contains("MIG 1g.10gb"),
+        "{table}"
+    );
+    assert!(
+        rows[3].starts_with("0:1") && rows[3].contains("20 GiB"),
+        "{table}"
+    );
+    assert!(rows[4].starts_with("1  "), "{table}");
+}

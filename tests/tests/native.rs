@@ -1005,3 +1005,65 @@ fn root_cgroup_v2_layout_via_private_mount_namespace() {
         assert!(!p.exists(), "{} left behind", p.display());
     }
 }
+
+/// `--add-host` and `--dns*` write the task's /etc/hosts and /etc/resolv.conf as podman does;
+/// a malformed value is refused before anything is made.
+#[test]
+fn root_add_host_and_dns_flags() {
+    if !root_or_skip("root_add_host_and_dns_flags") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.sh(
+        &[
+            "--rm",
+            "--hostname",
+            "web",
+            "--add-host",
+            "db.test:10.1.2.3",
+            "--add-host",
+            "v6.test:[fd00::7]",
+            "--dns",
+            "192.0.2.53",
+            "--dns-search",
+            "example.test",
+            "--dns-option",
+            "ndots:3",
+        ],
+        "cat /etc/hosts; echo ---; cat /etc/resolv.conf",
+    );
+    let s = stdout_ok(&out);
+    let (hosts, resolv) = s.split_once("---\n").unwrap();
+    assert!(hosts.contains("127.0.0.1\tlocalhost"), "{hosts}");
+    assert!(hosts.contains("\tweb"), "{hosts}");
+    assert!(hosts.contains("10.1.2.3\tdb.test\n"), "{hosts}");
+    assert!(hosts.contains("fd00::7\tv6.test\n"), "{hosts}");
+    let ns: Vec<&str> = resolv
+        .lines()
+        .filter(|l| l.starts_with("nameserver"))
+        .collect();
+    assert_eq!(ns, ["nameserver 192.0.2.53"], "{resolv}");
+    assert!(resolv.contains("search example.test\n"), "{resolv}");
+    assert!(resolv.contains("options ndots:3\n"), "{resolv}");
+    for bad in [
+        ["--add-host", "nocolon"],
+        ["--add-host", "db:not-an-ip"],
+        ["--add-host", ":10.0.0.1"],
+        ["--dns", "resolver.example"],
+        ["--dns-search", "two words"],
+    ] {
+        let out = env.run(&["--rm", bad[0], bad[1]], &["true"]);
+        assert_eq!(out.status.code(), Some(125), "{bad:?}");
+        assert!(
+            text(&out.stderr).contains(bad[0]) || text(&out.stderr).contains("invalid"),
+            "{bad:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert!(list_ids(&env).is_empty());
+    let containers = env.state_root().join("containers");
+    let left = std::fs::read_dir(containers)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0);
+}

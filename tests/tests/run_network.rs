@@ -23,6 +23,7 @@ struct Env {
     c: Caisson,
     conf: tempfile::TempDir,
     plugins: String,
+    networks: std::cell::RefCell<Vec<String>>,
     _tmp: tempfile::TempDir,
 }
 
@@ -40,6 +41,7 @@ impl Env {
             c,
             conf: tempfile::tempdir().unwrap(),
             plugins: plugins.to_str().unwrap().to_string(),
+            networks: Default::default(),
             _tmp: tmp,
         })
     }
@@ -69,6 +71,7 @@ impl Env {
             "network", "create", "--subnet", subnet, "--bridge", bridge, name,
         ]);
         assert_eq!(code, 0, "{err}");
+        self.networks.borrow_mut().push(name.to_string());
     }
 
     /// Nothing of any task's networking is left: no pinned netns, no cached attachment, no
@@ -101,6 +104,10 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         let _ = self.run(&["rm", "-f", "--all"]);
+        // network rm also removes the bridge and the network's masquerade rule.
+        for name in self.networks.borrow().iter() {
+            let _ = self.run(&["network", "rm", "-f", name]);
+        }
     }
 }
 

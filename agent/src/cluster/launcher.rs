@@ -234,7 +234,7 @@ impl Launcher {
             };
             if r.gpu_count > 0 {
                 let n = r.gpu_count.to_string();
-                gpus = crate::gpus::attach(&self.root, Some(&n), &mut ts)
+                gpus = crate::gpus::attach(&self.root, Some(&n), &[], &mut ts)
                     .map_err(|e| failed(format!("{e:#}")))?;
             }
             if let tasknet::Plan::Cni(reqs) = &plan {

@@ -62,14 +62,18 @@ fn veth_name() -> String {
     format!("veth{:08x}", r as u32)
 }
 
-/// The masquerade rule for one task address: everything leaving the subnet is NATed. The
-/// comment ties the rule to the attachment so DEL removes exactly it.
-fn masq_rule(ip: &IpNet, network: &str, id: &str) -> Vec<String> {
-    let bin = if ip.addr().is_ipv4() {
+/// The masquerade rule of a network: everything from the subnet leaving the subnet is NATed.
+///
+/// One rule per network and subnet (docker's choice), not per task: a per-task rule cost two
+/// iptables runs in ADD and three in DEL, ~10 ms each, most of a networked launch. The rule
+/// lives as long as the bridge: `caisson network rm` removes both.
+fn masq_rule(subnet: &IpNet, network: &str) -> Vec<String> {
+    let bin = if subnet.addr().is_ipv4() {
         "iptables"
     } else {
         "ip6tables"
     };
+    let subnet = subnet.trunc().to_string();
     [
         bin,
         "-w",
@@ -77,14 +81,14 @@ fn masq_rule(ip: &IpNet, network: &str, id: &str) -> Vec<String> {
         "nat",
         "POSTROUTING",
         "-s",
-        &ip.addr().to_string(),
+        &subnet,
         "!",
         "-d",
-        &ip.trunc().to_string(),
+        &subnet,
         "-m",
         "comment",
         "--comment",
-        &format!("caisson-cni {network} {id}"),
+        &format!("caisson-cni {network}"),
         "-j",
         "MASQUERADE",
     ]
@@ -101,6 +105,50 @@ fn iptables(rule: &[String], op: &str) -> Result<bool, CniError> {
         .output()
         .map_err(|e| CniError::io(format!("running {}", a[0]), e))?;
     Ok(out.status.success())
+}
+
+/// Where the bridge plugin remembers that a network's masquerade rule is in place: on tmpfs,
+/// so a reboot (which also empties the nat table) forgets it.
+const MASQ_STATE: &str = "/run/caisson-cni/masq";
+
+/// Makes sure the network's masquerade rule exists. The marker records the bridge's ifindex:
+/// while the same bridge lives, the rule made with it is assumed to live too and no iptables
+/// process runs; a recreated bridge (network removed and made again) checks again.
+fn ensure_masq(subnet: &IpNet, network: &str, bridge_index: u32) -> Result<(), CniError> {
+    let rule = masq_rule(subnet, network);
+    let key: String = format!("{network}_{}", subnet.trunc())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let marker = std::path::Path::new(MASQ_STATE).join(key);
+    let want = format!("{bridge_index} {}\n", rule.join(" "));
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == want) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(MASQ_STATE)
+        .map_err(|e| CniError::io(format!("creating {MASQ_STATE}"), e))?;
+    // Concurrent first ADDs of one network must not add the rule twice.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::path::Path::new(MASQ_STATE).join(".lock"))
+        .map_err(|e| CniError::io("opening the masquerade lock", e))?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| CniError::io("locking the masquerade state", e))?;
+    if !iptables(&rule, "-C")? && !iptables(&rule, "-A")? {
+        return Err(CniError::io("adding the masquerade rule", rule.join(" ")));
+    }
+    let tmp = marker.with_extension("tmp");
+    std::fs::write(&tmp, want)
+        .and_then(|()| std::fs::rename(&tmp, &marker))
+        .map_err(|e| CniError::io(format!("writing {}", marker.display()), e))
 }
 
 fn enable_forwarding(v6: bool) {
@@ -215,10 +263,7 @@ impl Bridge {
             }
             if c.ip_masq {
                 for ip in &r.ips {
-                    let rule = masq_rule(&ip.address, &args.conf.name, &args.container_id);
-                    if !iptables(&rule, "-C")? && !iptables(&rule, "-A")? {
-                        return Err(CniError::io("adding the masquerade rule", rule.join(" ")));
-                    }
+                    ensure_masq(&ip.address, &args.conf.name, br.header.index)?;
                 }
             }
             // The bridge's MAC can change when its first port joins: read it last.
@@ -255,14 +300,7 @@ impl Plugin for Bridge {
             if let Some(h) = host_veth {
                 let _ = nl::runtime().block_on(async { nl::del_link(&nl::connect()?, &h).await });
             }
-            if c.ip_masq {
-                for ip in &r.ips {
-                    let _ = iptables(
-                        &masq_rule(&ip.address, &args.conf.name, &args.container_id),
-                        "-D",
-                    );
-                }
-            }
+            // The network's masquerade rule stays: it serves the network's other tasks.
             let _ = ipam::del(args);
             return Err(e);
         }
@@ -280,6 +318,17 @@ impl Plugin for Bridge {
             .transpose()
             .map_err(|e| CniError::new(code::DECODE, "decoding prevResult").with_details(e))?
             .ok_or_else(|| CniError::config("CHECK needs a prevResult"))?;
+        if c.ip_masq {
+            for ip in &prev.ips {
+                let rule = masq_rule(&ip.address, &args.conf.name);
+                if !iptables(&rule, "-C")? {
+                    return Err(CniError::new(
+                        code::UNKNOWN_CONTAINER,
+                        format!("the masquerade rule is gone: {}", rule.join(" ")),
+                    ));
+                }
+            }
+        }
         let ns = nl::open_netns(&args.netns)?;
         nl::runtime().block_on(async {
             let h = nl::connect()?;
@@ -336,21 +385,7 @@ impl Plugin for Bridge {
         if args.conf.ipam.is_some() {
             ipam::del(args)?;
         }
-        if c.ip_masq {
-            if let Some(prev) = args
-                .conf
-                .prev_result
-                .as_ref()
-                .and_then(|p| CniResult::from_value(p).ok())
-            {
-                for ip in &prev.ips {
-                    let rule = masq_rule(&ip.address, &args.conf.name, &args.container_id);
-                    while iptables(&rule, "-C")? {
-                        iptables(&rule, "-D")?;
-                    }
-                }
-            }
-        }
+        // The masquerade rule is the network's, not the task's: it stays (see masq_rule).
         // No namespace any more: its interfaces, and with them the veth pair, are gone too.
         if args.netns.is_empty() {
             return Ok(());

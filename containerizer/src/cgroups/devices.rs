@@ -89,6 +89,11 @@ pub struct DeviceNode {
     pub minor: u32,
     /// Permission bits (e.g. 0o666).
     pub mode: u32,
+    /// Owner in the task (default root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// Devices of a task beyond the default minimal `/dev`: nodes to create and rules to allow.

@@ -117,6 +117,18 @@ impl Allocator {
         count: usize,
         managed: &[Gpu],
     ) -> Result<Vec<Gpu>, GpuError> {
+        self.allocate_with(task, count, managed, &[])
+    }
+
+    /// Allocates `required` (e.g. GPUs named by CDI devices), which must be free, and `count`
+    /// more free GPUs among `managed`, to `task` in one allocation; returns `required` first.
+    pub fn allocate_with(
+        &self,
+        task: &str,
+        count: usize,
+        managed: &[Gpu],
+        required: &[Gpu],
+    ) -> Result<Vec<Gpu>, GpuError> {
         let _lock = self.lock()?;
         let mut rec = self.load()?;
         self.reclaim(&mut rec);
@@ -129,9 +141,18 @@ impl Allocator {
                 .find(|a| a.gpus.iter().any(|g| g == uuid))
                 .map(|a| a.task.clone())
         };
+        for g in required {
+            if let Some(t) = holder(&g.uuid) {
+                return Err(GpuError::Held {
+                    index: g.index,
+                    uuid: g.uuid.clone(),
+                    task: t.chars().take(12).collect(),
+                });
+            }
+        }
         let free: Vec<&Gpu> = managed
             .iter()
-            .filter(|g| holder(&g.uuid).is_none())
+            .filter(|g| holder(&g.uuid).is_none() && !required.iter().any(|r| r.uuid == g.uuid))
             .collect();
         if count > free.len() || count == 0 && managed.is_empty() {
             let held: Vec<String> = managed
@@ -152,7 +173,11 @@ impl Allocator {
                 },
             });
         }
-        let picked: Vec<Gpu> = free.into_iter().take(count).cloned().collect();
+        let picked: Vec<Gpu> = required
+            .iter()
+            .cloned()
+            .chain(free.into_iter().take(count).cloned())
+            .collect();
         let me = std::process::id() as i32;
         rec.allocations.push(Allocation {
             task: task.to_string(),
@@ -220,6 +245,8 @@ mod tests {
                 memory_bytes: 0,
                 pci_bus_id: String::new(),
                 minor: index,
+                mig_mode: false,
+                mig_devices: vec![],
             })
             .collect()
     }
@@ -248,6 +275,15 @@ mod tests {
             a.allocate("t3", 0, &all).is_err(),
             "one allocation per task"
         );
+        // Named GPUs (CDI) first, then counted ones; a held one is refused by name.
+        let e = a.allocate_with("t4", 0, &all, &all[2..]).unwrap_err();
+        assert!(
+            e.to_string().contains("GPU 2 (GPU-2) is held by task t2"),
+            "{e}"
+        );
+        a.release("t3").unwrap();
+        let got = a.allocate_with("t4", 1, &all, &all[1..2]).unwrap();
+        assert_eq!(got.iter().map(|g| g.index).collect::<Vec<_>>(), [1, 0]);
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub enum GpuError {
     },
     #[error("cannot allocate GPUs: this host has no GPUs for caisson to manage ({0})")]
     NoGpus(String),
+    #[error("GPU {index} ({uuid}) is held by task {task}")]
+    Held {
+        index: u32,
+        uuid: String,
+        task: String,
+    },
     #[error("task {0} already holds GPUs")]
     AlreadyHolds(String),
     #[error("GPUs are not supported for Wasm tasks")]
@@ -65,6 +71,34 @@ pub struct Gpu {
     pub pci_bus_id: String,
     /// Minor number of its `/dev/nvidiaN`.
     pub minor: u32,
+    /// MIG mode is on (then its MIG devices are listed; caisson still allocates the GPU
+    /// whole).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mig_mode: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mig_devices: Vec<MigDevice>,
+}
+
+/// A MIG (Multi-Instance GPU) device of a GPU in MIG mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigDevice {
+    /// Its index among its parent's MIG devices.
+    pub index: u32,
+    /// `MIG-xxxxxxxx-...`.
+    pub uuid: String,
+    pub name: String,
+    /// The GPU instance profile (`1g.10gb`), from the name NVML gives.
+    pub profile: String,
+    pub memory_bytes: u64,
+}
+
+impl MigDevice {
+    /// The profile part of a MIG device name (`NVIDIA A100-SXM4-40GB MIG 1g.5gb`).
+    pub fn profile_of(name: &str) -> String {
+        name.rsplit_once("MIG ")
+            .map(|(_, p)| p.trim().to_string())
+            .unwrap_or_default()
+    }
 }
 
 /// What NVML reported: the GPUs, or why there are none.
@@ -99,6 +133,19 @@ pub fn attach_to_task(
     count: usize,
     spec: &mut TaskSpec,
 ) -> Result<Vec<Gpu>, GpuError> {
+    attach_with(root, managed, count, &[], spec)
+}
+
+/// Like [`attach_to_task`], also allocating `required` (GPUs a CDI device names, whose
+/// nodes and environment come from its spec): only the `count` others get caisson's own
+/// devices and driver files; the environment then lists them all.
+pub fn attach_with(
+    root: &Path,
+    managed: &Inventory,
+    count: usize,
+    required: &[Gpu],
+    spec: &mut TaskSpec,
+) -> Result<Vec<Gpu>, GpuError> {
     if spec.wasm.is_some() {
         return Err(GpuError::Wasm);
     }
@@ -106,8 +153,22 @@ pub fn attach_to_task(
         let why = managed.unavailable.clone().unwrap_or_default();
         return Err(GpuError::NoGpus(why));
     }
-    let got = Allocator::new(root).allocate(&spec.id, count, &managed.gpus)?;
-    spec.devices = task_devices(&got);
+    let got = Allocator::new(root).allocate_with(&spec.id, count, &managed.gpus, required)?;
+    let counted: Vec<Gpu> = got[required.len()..].to_vec();
+    if counted.is_empty() {
+        return Ok(got);
+    }
+    let d = task_devices(&counted);
+    for n in d.nodes {
+        if !spec.devices.nodes.iter().any(|x| x.path == n.path) {
+            spec.devices.nodes.push(n);
+        }
+    }
+    for r in d.allow {
+        if !spec.devices.allow.contains(&r) {
+            spec.devices.allow.push(r);
+        }
+    }
     for e in task_env(&got) {
         let key = e.split('=').next().unwrap_or_default().to_string();
         spec.process
@@ -115,7 +176,11 @@ pub fn attach_to_task(
             .retain(|x| x.split('=').next() != Some(key.as_str()));
         spec.process.env.push(e);
     }
-    spec.volumes.extend(driver_volumes(Path::new("/")));
+    for v in driver_volumes(Path::new("/")) {
+        if !spec.volumes.iter().any(|x| x.target == v.target) {
+            spec.volumes.push(v);
+        }
+    }
     Ok(got)
 }
 
@@ -198,6 +263,8 @@ pub fn task_devices(gpus: &[Gpu]) -> Devices {
             major,
             minor,
             mode: 0o666,
+            uid: None,
+            gid: None,
         });
     };
     for g in gpus {
@@ -320,6 +387,8 @@ mod tests {
             memory_bytes: 1,
             pci_bus_id: String::new(),
             minor: index + 4,
+            mig_mode: false,
+            mig_devices: vec![],
         }
     }
 
@@ -350,6 +419,15 @@ mod tests {
         ));
         assert!("0,,1".parse::<Selection>().is_err());
         assert!("some".parse::<Selection>().is_err());
+    }
+
+    #[test]
+    fn mig_profiles() {
+        assert_eq!(
+            MigDevice::profile_of("NVIDIA A100-SXM4-40GB MIG 1g.5gb"),
+            "1g.5gb"
+        );
+        assert_eq!(MigDevice::profile_of("Tesla T4"), "");
     }
 
     #[test]

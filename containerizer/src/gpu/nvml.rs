@@ -3,7 +3,7 @@ use std::path::Path;
 
 use nvml_wrapper::Nvml;
 
-use super::{Gpu, Inventory};
+use super::{Gpu, Inventory, MigDevice};
 
 /// Lists the GPUs NVML sees, loading `lib` (default: `libnvidia-ml.so.1` from the loader's
 /// path). Never fails: without a library, a driver or GPUs the inventory is empty, with the
@@ -53,6 +53,13 @@ pub fn discover(lib: Option<&Path>) -> Inventory {
                 continue;
             }
         };
+        // MIG: most GPUs answer NotSupported, which simply means no MIG.
+        let mig_mode = dev.mig_mode().map(|m| m.current == 1).unwrap_or(false);
+        let mig_devices = if mig_mode {
+            mig_devices(&dev, index)
+        } else {
+            vec![]
+        };
         gpus.push(Gpu {
             index,
             uuid,
@@ -60,10 +67,45 @@ pub fn discover(lib: Option<&Path>) -> Inventory {
             memory_bytes: dev.memory_info().map(|m| m.total).unwrap_or(0),
             pci_bus_id: dev.pci_info().map(|p| p.bus_id).unwrap_or_default(),
             minor,
+            mig_mode,
+            mig_devices,
         });
     }
     Inventory {
         gpus,
         unavailable: None,
     }
+}
+
+/// The MIG devices of a GPU in MIG mode: NVML numbers them up to a maximum, with holes
+/// (`NotFound`) where no instance is configured.
+fn mig_devices(dev: &nvml_wrapper::Device<'_>, gpu: u32) -> Vec<MigDevice> {
+    let max = match dev.mig_device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("GPU {gpu}: MIG mode on, but NVML gives no MIG device count: {e}");
+            return vec![];
+        }
+    };
+    let mut out = vec![];
+    for index in 0..max {
+        let mig = match dev.mig_device_by_index(index) {
+            Ok(m) => m,
+            Err(nvml_wrapper::error::NvmlError::NotFound) => continue,
+            Err(e) => {
+                tracing::warn!("GPU {gpu}: MIG device {index}: {e}; skipped");
+                continue;
+            }
+        };
+        let Ok(uuid) = mig.uuid() else { continue };
+        let name = mig.name().unwrap_or_default();
+        out.push(MigDevice {
+            index,
+            uuid,
+            profile: MigDevice::profile_of(&name),
+            name,
+            memory_bytes: mig.memory_info().map(|m| m.total).unwrap_or(0),
+        });
+    }
+    out
 }

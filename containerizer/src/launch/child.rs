@@ -93,6 +93,9 @@ pub struct ChildArgs<'a> {
     /// Unless born in its cgroup (v2): the supervisor writes one byte here once it has moved
     /// the init into its cgroups; the init waits for it before exec (EOF: failed).
     pub wait_for_cgroup: Option<OwnedFd>,
+    /// Wait for the supervisor's byte before the createContainer hooks (after the mounts)
+    /// rather than before exec: it runs the createRuntime hooks first.
+    pub wait_early: bool,
     /// The init has its own cgroup namespace (v2): mount its cgroup read-only at /sys/fs/cgroup.
     pub cgroup_ns: bool,
     /// Whether the device cgroup restricts devices (else CAP_MKNOD is dropped).
@@ -187,6 +190,27 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         }
         bind(&v.source, &target, v.readonly)?;
     }
+    for m in &spec.mounts {
+        mount_one(root, m)?;
+    }
+    // The host pid of the task (what hooks' state says): /proc is still the host's here.
+    let host_pid: Option<i32> = fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse().ok());
+    let bundle = super::hooks::bundle_dir(a.dir);
+    if let Some(fd) = a.wait_for_cgroup.as_ref().filter(|_| a.wait_early) {
+        wait_for_go(fd)?;
+    }
+    if !spec.hooks.create_container.is_empty() {
+        let state = super::hooks::state_json(&spec.id, "created", host_pid, &bundle);
+        super::hooks::run_all(
+            "createContainer",
+            &spec.hooks.create_container,
+            &state,
+            Some(root),
+        )
+        .map_err(|e| fail(125, e))?;
+    }
     let cwd_host = resolve_in_root(root, &spec.process.cwd);
     if !cwd_host.exists() {
         let _ = fs::create_dir_all(&cwd_host);
@@ -221,8 +245,24 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         sys::loopback_up().ctx(|| "bringing up lo".into())?;
     }
 
+    if !spec.hooks.start_container.is_empty() {
+        let state = super::hooks::state_json(&spec.id, "created", host_pid, &bundle);
+        super::hooks::run_all(
+            "startContainer",
+            &spec.hooks.start_container,
+            &state,
+            Some(Path::new("/")),
+        )
+        .map_err(|e| fail(125, e))?;
+    }
+
     // Identity, environment, executable (resolved inside the task's root).
-    let ids = resolve_user(&spec.process.user)?;
+    let mut ids = resolve_user(&spec.process.user)?;
+    for g in spec.additional_gids.iter().filter(|g| **g != 0) {
+        if !ids.groups.contains(g) {
+            ids.groups.push(*g);
+        }
+    }
     let mut env = spec.process.env.clone();
     let has = |env: &[String], k: &str| env.iter().any(|e| e.split('=').next() == Some(k));
     if !has(&env, "HOSTNAME") {
@@ -279,19 +319,25 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         .collect::<Result<_, _>>()
         .ctx(|| "environment with a NUL byte".into())?;
     let cexe = CString::new(exe.as_os_str().as_encoded_bytes()).ctx(|| "path".into())?;
-    if let Some(fd) = &a.wait_for_cgroup {
-        let mut b = [0u8; 1];
-        let mut f = fs::File::from(fd.try_clone().ctx(|| "dup".into())?);
-        if !matches!(std::io::Read::read(&mut f, &mut b), Ok(1)) {
-            return Err(fail(
-                125,
-                "the supervisor could not move the task into its cgroup",
-            ));
-        }
+    if let Some(fd) = a.wait_for_cgroup.as_ref().filter(|_| !a.wait_early) {
+        wait_for_go(fd)?;
     }
     let _ = writeln!(status, "M {}", sys::monotonic_ns());
     let err = unistd::execve(&cexe, &cargs, &cenv).unwrap_err();
     Err(exec_error(&spec.process.args[0], err))
+}
+
+/// Waits for the supervisor's go (one byte; EOF means it gave up on the launch).
+fn wait_for_go(fd: &OwnedFd) -> Result<(), ChildError> {
+    let mut b = [0u8; 1];
+    let mut f = fs::File::from(fd.try_clone().ctx(|| "dup".into())?);
+    if !matches!(std::io::Read::read(&mut f, &mut b), Ok(1)) {
+        return Err(fail(
+            125,
+            "the supervisor stopped the launch (cgroup or createRuntime hook)",
+        ));
+    }
+    Ok(())
 }
 
 fn exec_error(arg0: &str, err: nix::errno::Errno) -> ChildError {
@@ -501,6 +547,77 @@ fn make_device_nodes(root: &Path, nodes: &[super::spec::DeviceNode]) -> Result<(
             makedev(n.major as u64, n.minor as u64),
         )
         .ctx(|| format!("mknod {}", n.path))?;
+        if n.uid.is_some() || n.gid.is_some() {
+            unistd::chown(&p, n.uid.map(Uid::from_raw), n.gid.map(Gid::from_raw))
+                .ctx(|| format!("chown {}", n.path))?;
+        }
+    }
+    Ok(())
+}
+
+/// One [`super::spec::Mount`]: a bind mount (then a remount for its flags) or a new mount of
+/// its type; the target is created like a volume's.
+fn mount_one(root: &Path, m: &super::spec::Mount) -> Result<(), ChildError> {
+    let f = m
+        .flags()
+        .map_err(|e| fail(125, format!("mount on {}: {e}", m.target)))?;
+    let target = resolve_in_root(root, &m.target);
+    let src_is_dir = !f.bind || fs::metadata(&m.source).map(|m| m.is_dir()).unwrap_or(true);
+    if src_is_dir {
+        fs::create_dir_all(&target).ctx(|| format!("creating mount target {}", m.target))?;
+    } else if !target.exists() {
+        if let Some(p) = target.parent() {
+            fs::create_dir_all(p).ctx(|| format!("creating mount target {}", m.target))?;
+        }
+        fs::File::create(&target).ctx(|| format!("creating mount target {}", m.target))?;
+    }
+    let none: Option<&str> = None;
+    let flags = MsFlags::from_bits_truncate(f.flags);
+    if f.bind {
+        let rec = if f.recursive {
+            MsFlags::MS_REC
+        } else {
+            MsFlags::empty()
+        };
+        mount(Some(&m.source), &target, none, MsFlags::MS_BIND | rec, none)
+            .ctx(|| format!("bind mounting {} on {}", m.source.display(), m.target))?;
+        if !flags.is_empty() {
+            mount(
+                none,
+                &target,
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+                none,
+            )
+            .ctx(|| format!("remounting {} ({})", m.target, m.options.join(",")))?;
+        }
+    } else {
+        let data = (!f.data.is_empty()).then_some(f.data.as_str());
+        mount(
+            Some(&m.source),
+            &target,
+            Some(m.fstype.as_str()),
+            flags,
+            data,
+        )
+        .ctx(|| {
+            format!(
+                "mounting {} ({}) on {}",
+                m.source.display(),
+                m.fstype,
+                m.target
+            )
+        })?;
+    }
+    if f.propagation != 0 {
+        mount(
+            none,
+            &target,
+            none,
+            MsFlags::from_bits_truncate(f.propagation),
+            none,
+        )
+        .ctx(|| format!("setting the propagation of {}", m.target))?;
     }
     Ok(())
 }

@@ -45,6 +45,7 @@
 //! `no_new_privs` and the seccomp filter, and execs, writing its stdout/stderr straight into
 //! the log files. The shim reaps it and writes `state.json` (exit code, signal, OOM, usage).
 pub mod child;
+pub mod hooks;
 pub mod shim;
 pub mod spec;
 pub mod state;
@@ -60,7 +61,8 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 
 pub use spec::{
-    process_from_image, Limits, NetworkMode, Process, ProcessOverrides, TaskSpec, Volume,
+    process_from_image, Hook, Hooks, Limits, Mount, NetworkMode, Process, ProcessOverrides,
+    TaskSpec, Volume,
 };
 pub use state::{Status, TaskConfig, TaskDir, TaskState, Timings};
 
@@ -332,6 +334,9 @@ impl Runtime {
                 "resolv.conf",
                 &fs::read("/etc/resolv.conf").unwrap_or_default(),
             )?,
+        }
+        if !spec.hooks.is_empty() {
+            hooks::write_bundle(td, &spec).map_err(io_err("writing the hooks' bundle"))?;
         }
         let id = spec.id.clone();
         let name = spec.name.clone();
@@ -642,6 +647,49 @@ fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
         fs::metadata(&v.source).map_err(|e| {
             LaunchError::Invalid(format!("invalid volume source {}: {e}", v.source.display()))
         })?;
+    }
+    for m in &spec.mounts {
+        if !m.target.starts_with('/') {
+            return Err(LaunchError::Invalid(format!(
+                "mount target {:?} is not an absolute path",
+                m.target
+            )));
+        }
+        let f = m
+            .flags()
+            .map_err(|e| LaunchError::Invalid(format!("mount on {}: {e}", m.target)))?;
+        if f.bind {
+            fs::metadata(&m.source).map_err(|e| {
+                LaunchError::Invalid(format!("mount source {}: {e}", m.source.display()))
+            })?;
+        }
+    }
+    // Hooks run in the host's view must exist now (startContainer's resolve in the task).
+    let h = &spec.hooks;
+    for (point, list) in [
+        ("createRuntime", &h.create_runtime),
+        ("createContainer", &h.create_container),
+        ("poststart", &h.poststart),
+        ("poststop", &h.poststop),
+    ] {
+        for hook in list.iter() {
+            use std::os::unix::fs::PermissionsExt;
+            match fs::metadata(&hook.path) {
+                Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+                Ok(_) => {
+                    return Err(LaunchError::Invalid(format!(
+                        "{point} hook {}: not an executable file",
+                        hook.path.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(LaunchError::Invalid(format!(
+                        "{point} hook {}: {e}",
+                        hook.path.display()
+                    )))
+                }
+            }
+        }
     }
     if !spec.process.cwd.starts_with('/') {
         return Err(LaunchError::Invalid(format!(

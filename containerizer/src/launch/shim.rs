@@ -141,6 +141,9 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             return 1;
         }
     };
+    // createRuntime hooks run (here) between the clone and the init's createContainer hooks:
+    // the init then waits for our go after its mounts, whatever the cgroup layout.
+    let early_go = !spec.hooks.create_runtime.is_empty();
     let t_clone = sys::monotonic_ns();
     let mut joined_at_birth = v2fd.is_some();
     // Born in its v2 cgroup, the init also gets a cgroup namespace rooted there, so that it can
@@ -154,15 +157,16 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         res = sys::clone_fork(flags, None);
     }
     drop(v2fd);
-    let (go_r, go_w) = go;
+    let (go_r, go_w_fd) = go;
     let pid = match res {
         Ok(CloneResult::Child) => {
             drop(status_r);
-            drop(go_w);
+            drop(go_w_fd);
             child::run(ChildArgs {
                 spec,
                 dir: &td,
-                wait_for_cgroup: (!joined_at_birth).then_some(go_r),
+                wait_for_cgroup: (!joined_at_birth || early_go).then_some(go_r),
+                wait_early: early_go,
                 cgroup_ns: joined_at_birth,
                 // On v2 a device program is attached only for tasks with device rules.
                 device_cgroup: !v2 || !spec.devices.allow.is_empty(),
@@ -190,7 +194,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         None => match create_cgroup(&mut state, &mut out, &mut timings) {
             Some(cg) => cg,
             None => {
-                drop(go_w);
+                drop(go_w_fd);
                 let _ = waitpid(Pid::from_raw(pid), None);
                 return 1;
             }
@@ -203,25 +207,48 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             .iter()
             .try_for_each(|f| fs::write(f, pid.to_string()).map_err(|e| (f.clone(), e)));
         timings.cgroup_join_us = (sys::monotonic_ns() - t_join) / 1000;
-        match joined {
-            Ok(()) => {
-                let _ = File::from(go_w).write_all(b"1");
-            }
-            Err((f, e)) => {
-                drop(go_w);
-                let _ = waitpid(Pid::from_raw(pid), None);
-                let _ = cg.destroy(Duration::from_secs(5));
-                report_failure(
-                    &mut state,
-                    &mut out,
-                    125,
-                    format!("moving the task into {}: {e}", f.display()),
-                );
-                return 1;
-            }
+        if let Err((f, e)) = joined {
+            drop(go_w_fd);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            let _ = cg.destroy(Duration::from_secs(5));
+            report_failure(
+                &mut state,
+                &mut out,
+                125,
+                format!("moving the task into {}: {e}", f.display()),
+            );
+            return 1;
         }
+    }
+    if early_go {
+        let hook_state = super::hooks::state_json(
+            &spec.id,
+            "creating",
+            Some(pid),
+            &super::hooks::bundle_dir(&td),
+        );
+        let ran = super::hooks::run_all(
+            "createRuntime",
+            &spec.hooks.create_runtime,
+            &hook_state,
+            None,
+        );
+        if let Err(e) = ran {
+            // Without its go the init gives up; make sure it is gone before cleaning up.
+            drop(go_w_fd);
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            let _ = cg.destroy(Duration::from_secs(5));
+            report_failure(&mut state, &mut out, 125, e);
+            return 1;
+        }
+    }
+    // The init waits for this byte unless it was born in its cgroup (and has no createRuntime
+    // hooks to wait for).
+    if early_go || !joined_at_birth {
+        let _ = File::from(go_w_fd).write_all(b"1");
     } else {
-        drop(go_w);
+        drop(go_w_fd);
     }
 
     // Wait for exec (EOF) or an error report.
@@ -260,13 +287,22 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let _ = writeln!(out, "started {pid}");
     let _ = out.flush();
     // Each state write renames a new file over the old one, and freeing the old file's block
-    // can cost a synchronous discard (ext4 without a journal, `discard`): keep the replaced
-    // files open until the exit has been reported, so that they are freed after it.
+    // can cost a synchronous discard (ext4 without a journal, `discard`; tens of ms under I/O
+    // load): keep the replaced files open until the launcher has heard everything (exit, and
+    // with --rm the removal), so that they are freed after it.
     let mut replaced = vec![];
     replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
+    run_logged_hooks(
+        &td,
+        spec,
+        "poststart",
+        &spec.hooks.poststart,
+        "running",
+        Some(pid),
+    );
 
     // Supervise.
     let status = loop {
@@ -307,6 +343,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     if let Err(e) = cg.destroy(Duration::from_secs(10)) {
         tracing::error!(id = %spec.id, "removing the cgroup: {e}");
     }
+    run_logged_hooks(&td, spec, "poststop", &spec.hooks.poststop, "stopped", None);
     replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
@@ -314,7 +351,6 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
     drop(mount_ns);
-    drop(replaced);
 
     if spec.auto_remove {
         // Wait until the launcher is done with the logs (or gone), then remove everything.
@@ -324,6 +360,8 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         remove_task(&td, spec, exit_command.take());
     }
     wait_exit_command(spec, exit_command);
+    // Only now, with nobody waiting on us: freeing the old state files' blocks can be slow.
+    drop(replaced);
     0
 }
 
@@ -355,6 +393,26 @@ pub(super) fn open_log(p: &Path) -> std::io::Result<OwnedFd> {
         .append(true)
         .open(p)
         .map(OwnedFd::from)
+}
+
+/// Runs poststart/poststop hooks: the OCI runtime spec has their failures logged, not fatal.
+fn run_logged_hooks(
+    td: &TaskDir,
+    spec: &super::spec::TaskSpec,
+    point: &str,
+    hooks: &[super::spec::Hook],
+    status: &str,
+    pid: Option<i32>,
+) {
+    if hooks.is_empty() {
+        return;
+    }
+    let state = super::hooks::state_json(&spec.id, status, pid, &super::hooks::bundle_dir(td));
+    for h in hooks {
+        if let Err(e) = super::hooks::run(point, h, &state, None) {
+            tracing::warn!(id = %spec.id, "{e}");
+        }
+    }
 }
 
 /// Starts the spec's exit command, its output into our log (our stdout is the launcher's pipe).

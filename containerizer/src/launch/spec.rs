@@ -172,6 +172,164 @@ pub struct TaskSpec {
     /// namespace options do not apply. Build it with [`super::wasm::wasm_task`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm: Option<crate::wasm::RunSpec>,
+    /// Mounts with a type and options (e.g. from CDI specs), after the volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+    /// OCI hooks (e.g. from CDI specs); see [`Hooks`] for where each point runs.
+    #[serde(default, skip_serializing_if = "Hooks::is_empty")]
+    pub hooks: Hooks,
+    /// Supplementary groups added to the user's (0 is ignored, as CDI says).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub additional_gids: Vec<u32>,
+}
+
+/// A mount into the task, OCI style: a bind mount when `fstype` is empty, `bind` or `none`
+/// or the options say `bind`/`rbind`; else a new mount of `fstype` (e.g. `tmpfs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub source: PathBuf,
+    /// Absolute path inside the task.
+    pub target: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fstype: String,
+    /// OCI/fstab options: flags (`ro`, `nosuid`, `nodev`, `noexec`, `bind`, `rbind`,
+    /// propagation, atime) and, for non-bind mounts, filesystem data (`size=64m`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+/// What a mount's options mean to mount(2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    pub bind: bool,
+    pub recursive: bool,
+    /// MS_* flags besides bind/rec/propagation.
+    pub flags: u64,
+    /// MS_PRIVATE/SLAVE/SHARED/UNBINDABLE (| MS_REC), applied after the mount.
+    pub propagation: u64,
+    /// Comma-joined filesystem options.
+    pub data: String,
+}
+
+impl Mount {
+    /// Interprets the options; unknown ones are filesystem data for a new mount and an
+    /// error for a bind mount.
+    pub fn flags(&self) -> Result<MountFlags, String> {
+        use nix::mount::MsFlags as F;
+        let mut m = MountFlags {
+            bind: matches!(self.fstype.as_str(), "" | "bind" | "none"),
+            ..Default::default()
+        };
+        let mut data = vec![];
+        for o in &self.options {
+            let (set, clear) = match o.as_str() {
+                "bind" => {
+                    m.bind = true;
+                    (F::empty(), F::empty())
+                }
+                "rbind" => {
+                    m.bind = true;
+                    m.recursive = true;
+                    (F::empty(), F::empty())
+                }
+                "ro" => (F::MS_RDONLY, F::empty()),
+                "rw" => (F::empty(), F::MS_RDONLY),
+                "nosuid" => (F::MS_NOSUID, F::empty()),
+                "suid" => (F::empty(), F::MS_NOSUID),
+                "nodev" => (F::MS_NODEV, F::empty()),
+                "dev" => (F::empty(), F::MS_NODEV),
+                "noexec" => (F::MS_NOEXEC, F::empty()),
+                "exec" => (F::empty(), F::MS_NOEXEC),
+                "noatime" => (F::MS_NOATIME, F::empty()),
+                "atime" => (F::empty(), F::MS_NOATIME),
+                "nodiratime" => (F::MS_NODIRATIME, F::empty()),
+                "relatime" => (F::MS_RELATIME, F::empty()),
+                "norelatime" => (F::empty(), F::MS_RELATIME),
+                "strictatime" => (F::MS_STRICTATIME, F::empty()),
+                "sync" => (F::MS_SYNCHRONOUS, F::empty()),
+                "async" => (F::empty(), F::MS_SYNCHRONOUS),
+                "defaults" => (F::empty(), F::empty()),
+                p @ ("private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared"
+                | "unbindable" | "runbindable") => {
+                    let base = match p.trim_start_matches('r') {
+                        "private" => F::MS_PRIVATE,
+                        "slave" => F::MS_SLAVE,
+                        "shared" => F::MS_SHARED,
+                        _ => F::MS_UNBINDABLE,
+                    };
+                    let rec = if p.starts_with('r') {
+                        F::MS_REC
+                    } else {
+                        F::empty()
+                    };
+                    m.propagation = (base | rec).bits();
+                    (F::empty(), F::empty())
+                }
+                other => {
+                    data.push(other.to_string());
+                    (F::empty(), F::empty())
+                }
+            };
+            m.flags = (m.flags | set.bits()) & !clear.bits();
+        }
+        if m.bind && !data.is_empty() {
+            return Err(format!(
+                "unsupported bind mount option(s) {}",
+                data.join(",")
+            ));
+        }
+        m.data = data.join(",");
+        Ok(m)
+    }
+}
+
+/// One OCI hook: an executable run with `args` (args[0] is its argv[0]) and exactly `env`,
+/// the OCI state JSON on stdin, killed after `timeout_secs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// OCI hooks by point. Where each runs in caisson:
+/// - `create_runtime`: by the supervisor, in the host's namespaces, once the task's init has
+///   been cloned (and joined its cgroup), before it does its mounts; failure stops the launch.
+/// - `create_container`: by the init, in the task's namespaces, after the task's mounts and
+///   before pivot_root (host paths still visible, cwd the root filesystem); failure stops the
+///   launch.
+/// - `start_container`: by the init, after pivot_root, before the task's capabilities are
+///   dropped and its command exec'd; path resolved in the task; failure stops the launch.
+/// - `poststart`: by the supervisor once the task runs; failure is logged.
+/// - `poststop`: by the supervisor once the task has exited; failure is logged.
+///
+/// Every hook gets the OCI state on stdin; its bundle is `<task dir>/bundle`, whose
+/// `config.json` names the root filesystem (what `nvidia-ctk hook ...` reads).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub create_runtime: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub create_container: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub start_container: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub poststart: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub poststop: Vec<Hook>,
+}
+
+impl Hooks {
+    pub fn is_empty(&self) -> bool {
+        self == &Hooks::default()
+    }
 }
 
 /// The user's overrides on top of an image config (`caisson run` flags).
@@ -319,6 +477,32 @@ mod tests {
         let p = process_from_image(None, &o).unwrap();
         assert_eq!(p.env, [format!("PATH={DEFAULT_PATH}")]);
         assert_eq!(p.cwd, "/");
+    }
+
+    #[test]
+    fn mount_options() {
+        use nix::mount::MsFlags as F;
+        let m = |fstype: &str, opts: &[&str]| Mount {
+            source: "/x".into(),
+            target: "/y".into(),
+            fstype: fstype.into(),
+            options: opts.iter().map(|o| o.to_string()).collect(),
+        };
+        let f = m("", &["ro", "nosuid", "nodev", "rbind", "rprivate"])
+            .flags()
+            .unwrap();
+        assert!(f.bind && f.recursive);
+        assert_eq!(f.flags, (F::MS_RDONLY | F::MS_NOSUID | F::MS_NODEV).bits());
+        assert_eq!(f.propagation, (F::MS_PRIVATE | F::MS_REC).bits());
+        let t = m("tmpfs", &["nosuid", "size=1m", "mode=755", "rw"])
+            .flags()
+            .unwrap();
+        assert!(!t.bind);
+        assert_eq!(
+            (t.flags, t.data.as_str()),
+            (F::MS_NOSUID.bits(), "size=1m,mode=755")
+        );
+        assert!(m("none", &["bind", "size=1m"]).flags().is_err());
     }
 
     #[test]

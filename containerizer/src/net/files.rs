@@ -72,6 +72,38 @@ pub fn resolv_conf(atts: &[Attachment], host_resolv_conf: &str) -> String {
     s
 }
 
+/// `resolv` with its nameservers, search domains or options replaced by the user's
+/// (`--dns`, `--dns-search`, `--dns-option`); an empty list keeps what was there.
+pub fn override_resolv_conf(
+    resolv: &str,
+    nameservers: &[String],
+    search: &[String],
+    options: &[String],
+) -> String {
+    let key = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
+    let mut out = String::new();
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    for n in nameservers {
+        out.push_str(&format!("nameserver {n}\n"));
+    }
+    for l in resolv.lines() {
+        let k = key(l);
+        let replaced = (k == "nameserver" && !nameservers.is_empty())
+            || ((k == "search" || k == "domain") && !search.is_empty())
+            || (k == "options" && !options.is_empty());
+        if !replaced {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    if !options.is_empty() {
+        out.push_str(&format!("options {}\n", options.join(" ")));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +155,21 @@ mod tests {
         assert_eq!(
             resolv_conf(&[att("10.232.0.6/24", d)], host),
             "search cluster svc\nnameserver 10.232.0.1\noptions ndots:2\n"
+        );
+    }
+
+    #[test]
+    fn user_dns_settings_replace_their_lines_only() {
+        let base =
+            "# generated\nsearch lan\nnameserver 192.0.2.1\noptions edns0\nsortlist 10.0.0.0\n";
+        assert_eq!(override_resolv_conf(base, &[], &[], &[]), base);
+        assert_eq!(
+            override_resolv_conf(base, &["198.51.100.7".into()], &[], &["ndots:3".into()]),
+            "nameserver 198.51.100.7\n# generated\nsearch lan\nsortlist 10.0.0.0\noptions ndots:3\n"
+        );
+        assert_eq!(
+            override_resolv_conf(base, &[], &["a.test".into(), "b.test".into()], &[]),
+            "search a.test b.test\n# generated\nnameserver 192.0.2.1\noptions edns0\nsortlist 10.0.0.0\n"
         );
     }
 }

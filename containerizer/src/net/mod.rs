@@ -374,9 +374,10 @@ impl Cni {
                 });
             }
         }
-        let path = net.source.expect("loaded from a file");
+        let path = net.source.clone().expect("loaded from a file");
         std::fs::remove_file(&path)
             .map_err(|e| NetError::io(format!("removing {}", path.display()), e))?;
+        release_bridge(&net);
         Ok(path)
     }
 
@@ -842,6 +843,80 @@ impl Cni {
             },
         })
     }
+}
+
+/// What a removed bridge network leaves on the host, as podman's `network rm` does: the
+/// masquerade rules our bridge plugin made for it (one per subnet, comment `caisson-cni NAME`)
+/// and the bridge itself once no interface is attached to it. Best effort: a leftover here is
+/// logged, never an error (the config is gone already).
+fn release_bridge(net: &NetworkConfigList) {
+    let Some(bridge) = net
+        .plugins
+        .iter()
+        .find(|p| plugin_type(p) == "bridge")
+        .map(|p| p.get("bridge").and_then(Value::as_str).unwrap_or("cni0"))
+    else {
+        return;
+    };
+    let comment = format!("\"caisson-cni {}\"", net.name);
+    for bin in ["iptables", "ip6tables"] {
+        let Ok(out) = std::process::Command::new(bin)
+            .args(["-w", "-t", "nat", "-S", "POSTROUTING"])
+            .output()
+        else {
+            continue;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(rule) = line.strip_prefix("-A POSTROUTING ") else {
+                continue;
+            };
+            if !rule.contains(&format!("--comment {comment} ")) {
+                continue;
+            }
+            let mut args = vec!["-w".to_string(), "-t".into(), "nat".into(), "-D".into()];
+            args.push("POSTROUTING".into());
+            args.extend(split_rule(rule));
+            match std::process::Command::new(bin).args(&args).output() {
+                Ok(o) if o.status.success() => {}
+                _ => tracing::warn!(network = %net.name, "could not remove rule: {line}"),
+            }
+        }
+    }
+    // Our bridge plugin's DEL lets the veth pair die in the background: give the last ones
+    // a moment to leave the bridge.
+    let ports = || std::fs::read_dir(format!("/sys/class/net/{bridge}/brif"));
+    let t0 = std::time::Instant::now();
+    while ports().is_ok_and(|mut d| d.next().is_some()) && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if ports().is_ok_and(|mut d| d.next().is_none()) {
+        let out = std::process::Command::new("ip")
+            .args(["link", "delete", bridge, "type", "bridge"])
+            .output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            tracing::warn!(network = %net.name, "could not delete bridge {bridge}");
+        }
+    }
+}
+
+/// Splits an `iptables -S` rule into arguments (double quotes group a comment).
+fn split_rule(s: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted) = (vec![], String::new(), false);
+    for ch in s.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 fn plugin_type(plugin: &Map<String, Value>) -> &str {

@@ -646,3 +646,25 @@ async fn status_and_gc_only_for_spec_1_1_networks() {
         "{e}"
     );
 }
+
+#[test]
+fn iptables_rules_split_like_the_shell() {
+    assert_eq!(
+        super::split_rule(
+            r#"-s 10.1.0.0/24 ! -d 10.1.0.0/24 -m comment --comment "caisson-cni a b" -j MASQUERADE"#
+        ),
+        [
+            "-s",
+            "10.1.0.0/24",
+            "!",
+            "-d",
+            "10.1.0.0/24",
+            "-m",
+            "comment",
+            "--comment",
+            "caisson-cni a b",
+            "-j",
+            "MASQUERADE"
+        ]
+    );
+}
