@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: builds caisson, runs `caisson demo` (master +
-# agent + a native and a Wasm task, latency per phase), then makes a busybox image with real
+# agent + a native task, a Wasm task and a wasi:http microservice it calls, latency per phase), then makes a busybox image with real
 # tools (umoci), pushes it to a local registry (docker-registry) and loads it as an archive,
 # then pulls, lists and inspects it with caisson. Run as root on Debian.
 set -euo pipefail
@@ -9,7 +9,7 @@ scripts/install-deps.sh
 cargo build --release -p caisson
 CAISSON="$PWD/target/release/caisson"
 
-echo "== caisson demo: a master, an agent, a native and a Wasm task side by side"
+echo "== caisson demo: a master, an agent, a native task, a Wasm task and a Wasm HTTP microservice side by side"
 "$CAISSON" demo
 
 work=$(mktemp -d /tmp/caisson-demo.XXXXXX)

@@ -23,6 +23,7 @@ use crate::tasknet;
 
 mod master;
 mod plot;
+mod via_master;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -69,6 +70,16 @@ pub struct LaunchArgs {
     /// Compile cache of Wasm modules [default: <root>/wasm-cache].
     #[arg(long)]
     wasm_cache: Option<PathBuf>,
+    /// Launch through a master and its agents (`caisson master`/`agent`) instead of the local
+    /// containerizer: the image (native) or module path (Wasm) must be on the agents' hosts.
+    #[arg(long, value_name = "URL")]
+    master: Option<String>,
+    /// The master's API token (with --master).
+    #[arg(long, env = "CAISSON_API_TOKEN", requires = "master")]
+    token: Option<String>,
+    /// TLS directory for an https:// master (ca.pem, user.pem), as `caisson submit --tls-dir`.
+    #[arg(long = "tls-dir", requires = "master")]
+    tls_dir: Option<PathBuf>,
     /// Print the report as JSON (times in microseconds).
     #[arg(long)]
     json: bool,
@@ -172,6 +183,8 @@ pub struct Report {
     pub kind: Kind,
     /// The image (native) or module (Wasm).
     pub target: String,
+    /// The master the tasks went through (absent: the local containerizer).
+    pub master: Option<String>,
     pub command: Vec<String>,
     pub count: usize,
     pub concurrency: usize,
@@ -488,6 +501,9 @@ fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::p
     if a.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
+    if a.master.is_some() {
+        return via_master::launch_bench(a);
+    }
     let target = match a.kind {
         Kind::Native => {
             let image = a
@@ -585,7 +601,12 @@ fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::p
     let (samples, wall) = run_pool(&target, a.count, a.concurrency, &progress);
     progress.finish_and_clear();
 
-    let report = build_report(&a, &target, samples, wall, started_unix_ms);
+    let report = build_report(&a, target.phases(), samples, wall, started_unix_ms);
+    emit(&a, &report)
+}
+
+/// Writes the report (table or JSON, and the histogram); exit 1 if any task failed.
+fn emit(a: &LaunchArgs, report: &Built) -> Result<std::process::ExitCode> {
     if let Some(path) = &a.plot {
         plot::histogram(path, &report.report, &report.totals_ns)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -612,12 +633,11 @@ struct Built {
 
 fn build_report(
     a: &LaunchArgs,
-    target: &Target,
+    names: Vec<(&'static str, &'static str)>,
     samples: Vec<Sample>,
     wall: Duration,
     started_unix_ms: u64,
 ) -> Built {
-    let names = target.phases();
     let mut exit_codes = BTreeMap::new();
     let mut error_messages: Vec<String> = vec![];
     let mut per_phase: Vec<Vec<u64>> = vec![vec![]; names.len()];
@@ -661,6 +681,7 @@ fn build_report(
         report: Report {
             kind: a.kind,
             target: target_name,
+            master: a.master.clone(),
             command: a.cmd.clone(),
             count: a.count,
             concurrency: a.concurrency,
@@ -696,9 +717,13 @@ fn print_table(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
     } else {
         format!(" {}", r.command.join(" "))
     };
+    let via = r
+        .master
+        .as_ref()
+        .map_or(String::new(), |m| format!(" through the master at {m}"));
     writeln!(
         out,
-        "{:?} launch of {}{cmd}: {} tasks, {} at a time ({} warmup), {} ok, {} errors",
+        "{:?} launch of {}{cmd}{via}: {} tasks, {} at a time ({} warmup), {} ok, {} errors",
         r.kind, r.target, r.count, r.concurrency, r.warmup, r.ok, r.errors
     )?;
     writeln!(

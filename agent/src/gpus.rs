@@ -29,7 +29,7 @@ pub fn configure(a: &GpuArgs) {
 }
 
 /// The GPUs caisson manages on this host (none without NVML: one warning says why).
-fn managed() -> Result<Inventory> {
+pub(crate) fn managed() -> Result<Inventory> {
     let cfg = CONFIG.get().cloned().unwrap_or_default();
     let selection: Selection = cfg.gpus.parse()?;
     if selection == Selection::None {

@@ -139,15 +139,15 @@ fn main() -> ExitCode {
         Command::Network(c) => network::network(&cli.root, &cli.cni, c),
         Command::Bench(c) => bench::bench(&cli.root, &cli.cni, c),
         Command::Master(a) => cluster::cli::master(a),
-        Command::Agent(a) => cluster::cli::agent(&cli.root, a),
+        Command::Agent(a) => cluster::cli::agent(&cli.root, &cli.cni, a),
         Command::Submit(a) => cluster::cli::submit(a),
         Command::Tasks(a) => cluster::cli::tasks(a),
         Command::Task(a) => cluster::cli::task(a),
         Command::Agents(a) => cluster::cli::agents(a),
         Command::Cancel(a) => cluster::cli::cancel(a),
         Command::Certs(a) => cluster::tls::certs(a),
-        Command::Demo(a) => cluster::demo::demo(&cli.root, a),
-        Command::BenchCluster(a) => cluster::demo::bench(a),
+        Command::Demo(a) => cluster::demo::demo(&cli.root, &cli.cni, a),
+        Command::BenchCluster(a) => cluster::demo::bench(&cli.cni, a),
     };
     match result {
         Ok(code) => code,

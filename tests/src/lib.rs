@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests: the real `caisson` binary, a real `docker-registry`, images
 //! built with `umoci`/`skopeo`/`busybox-static`, and hand-made OCI layouts for what those tools
 //! cannot make (indexes, hostile layers).
+pub mod cluster;
+
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::Write;

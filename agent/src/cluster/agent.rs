@@ -18,10 +18,11 @@ use caisson_proto::agent_service_client::AgentServiceClient;
 use caisson_proto::master_message::Msg as Down;
 use caisson_proto::outbox_record::Rec;
 use caisson_proto::*;
-use containerizer::launch::{self, Launched, Runtime, Status as CStatus};
+use containerizer::launch::{self, Runtime, Status as CStatus};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::launcher::{self as tl, Launcher};
 use super::wal::{self, Wal};
 use super::{is_task_id, now_ms, token_interceptor};
 
@@ -38,6 +39,8 @@ pub struct AgentConfig {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Keep ended tasks' containers and logs (the demo shows them, then removes them).
     pub keep_finished: bool,
+    /// Where CNI network configurations and plugins are (the global `--cni-*` flags).
+    pub cni: crate::network::CniArgs,
 }
 
 struct Pending {
@@ -61,6 +64,7 @@ struct Known {
 pub struct Agent {
     cfg: AgentConfig,
     rt: Runtime,
+    launcher: Launcher,
     dir: PathBuf,
     boot_id: String,
     agent_id: Mutex<String>,
@@ -68,8 +72,6 @@ pub struct Agent {
     durable_tx: mpsc::UnboundedSender<u64>,
     tasks: Mutex<HashMap<String, Known>>,
     launches: Arc<Semaphore>,
-    wasm: std::sync::OnceLock<Result<containerizer::wasm::Engine, String>>,
-    wasm_kills: Mutex<HashMap<String, containerizer::wasm::KillSwitch>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,6 +242,7 @@ impl Agent {
         let parallelism = cfg.parallelism.max(1);
         let agent = Arc::new(Agent {
             rt: Runtime::new(&cfg.root),
+            launcher: Launcher::new(&cfg.root, cfg.cni.clone()),
             cfg,
             dir,
             boot_id: boot,
@@ -248,8 +251,6 @@ impl Agent {
             durable_tx,
             tasks: Mutex::new(known),
             launches: Arc::new(Semaphore::new(parallelism)),
-            wasm: std::sync::OnceLock::new(),
-            wasm_kills: Mutex::new(HashMap::new()),
         });
         agent.recover(rebooted, &latest, &ended)?;
         Ok((agent, durable_rx))
@@ -277,17 +278,17 @@ impl Agent {
                         None,
                     );
                 }
+                self.launcher.release(&id);
                 let _ = self.rt.remove(&id, true);
                 continue;
             }
             if info.state.status.is_terminal() {
+                self.launcher.release(&id);
                 if ended.contains(&id) {
                     let _ = self.rt.remove(&id, true);
                 } else {
                     // It ended while we were away: its record tells how.
-                    let (s, r, m) = terminal_of(&info.state, false);
-                    let mut st = status(&id, s, r, m);
-                    st.exit_code = info.state.exit_code;
+                    let st = self.terminal_status(&id, &info.state, false);
                     self.report_then_remove(st);
                 }
                 continue;
@@ -422,9 +423,8 @@ impl Agent {
     fn watch_adopted(self: Arc<Self>, id: String) {
         match self.rt.wait_terminal(&id, Duration::MAX) {
             Ok(Some(st)) => {
-                let (s, r, m) = terminal_of(&st, self.killing(&id));
-                let mut u = status(&id, s, r, m);
-                u.exit_code = st.exit_code;
+                self.launcher.release(&id);
+                let u = self.terminal_status(&id, &st, self.killing(&id));
                 self.report_then_remove(u);
             }
             Ok(None) => {}
@@ -488,10 +488,7 @@ impl Agent {
             return;
         }
         let spec = spec.unwrap_or_default();
-        if TaskKind::try_from(spec.kind) == Ok(TaskKind::Wasm) {
-            return self.launch_wasm(id, spec, received);
-        }
-        let mut launched = match self.start(&id, &spec) {
+        let mut launched = match self.launcher.start(&id, &spec) {
             Ok(l) => l,
             Err((reason, msg)) => {
                 tracing::warn!(task = %id, "launch failed: {msg}");
@@ -499,13 +496,20 @@ impl Agent {
                 return;
             }
         };
-        let timings = self
-            .rt
-            .dir(&id)
-            .read_state()
-            .map(|s| s.timings)
-            .unwrap_or_default();
-        let mut running = status(&id, TaskState::Running, Reason::Unspecified, "");
+        let timings = self.launcher.running_timings(&id);
+        let mut message = String::new();
+        if TaskKind::try_from(spec.kind) == Ok(TaskKind::WasmHttp) {
+            // RUNNING means serving: the port accepts connections.
+            if let Some(port) = tl::http_port(&spec) {
+                if !self
+                    .launcher
+                    .wait_serving(&id, port, Duration::from_secs(10))
+                {
+                    message = format!("not accepting connections on port {port} yet");
+                }
+            }
+        }
+        let mut running = status(&id, TaskState::Running, Reason::Unspecified, message);
         running.timings = Some(timings_of(&timings, received.elapsed().as_micros() as u64));
         self.report(running, None);
         if self.killing(&id) {
@@ -518,11 +522,10 @@ impl Agent {
             .spawn(move || {
                 let st = launched.wait();
                 launched.finish();
+                me.launcher.release(&id);
                 match st {
                     Ok(st) => {
-                        let (s, r, m) = terminal_of(&st, me.killing(&id));
-                        let mut u = status(&id, s, r, m);
-                        u.exit_code = st.exit_code;
+                        let u = me.terminal_status(&id, &st, me.killing(&id));
                         me.report_then_remove(u);
                     }
                     Err(e) => me.report(
@@ -533,180 +536,21 @@ impl Agent {
             });
     }
 
-    /// The directory of a Wasm task's logs.
-    pub fn wasm_dir(root: &Path, id: &str) -> PathBuf {
-        root.join("agent").join("wasm").join(id)
-    }
-
-    /// Wasm command tasks run in the agent's process on its shared engine (compiled modules
-    /// cached on disk), so unlike native tasks they do not survive an agent restart: the
-    /// restarted agent reports them LOST.
-    fn launch_wasm(self: Arc<Self>, id: String, spec: TaskSpec, received: Instant) {
-        use containerizer::wasm;
-        let engine = self.wasm.get_or_init(|| {
-            wasm::Engine::new(wasm::EngineConfig {
-                cache_dir: Some(self.cfg.root.join("wasm-cache")),
-                max_instances: 256,
-                ..Default::default()
-            })
-            .map_err(|e| e.to_string())
-        });
-        let engine = match engine {
-            Ok(e) => e.clone(),
-            Err(e) => {
-                self.report(
-                    status(&id, TaskState::Failed, Reason::LaunchFailed, e.clone()),
-                    None,
-                );
-                return;
+    /// The terminal update of a task from its record, with why it failed when it did.
+    fn terminal_status(&self, id: &str, st: &launch::TaskState, killing: bool) -> TaskStatus {
+        let (s, r, mut m) = terminal_of(st, killing);
+        if s == TaskState::Failed {
+            if let Some(why) = st.reason.as_deref().filter(|w| !m.contains(*w)) {
+                m = format!("{m}: {why}");
             }
-        };
-        let program = match engine.load(&wasm::Source::path(&spec.image)) {
-            Ok(p) => p,
-            Err(e) => {
-                self.report(
-                    status(&id, TaskState::Failed, Reason::LaunchFailed, e.to_string()),
-                    None,
-                );
-                return;
-            }
-        };
-        let dir = Self::wasm_dir(&self.cfg.root, &id);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            self.report(
-                status(&id, TaskState::Failed, Reason::LaunchFailed, e.to_string()),
-                None,
-            );
-            return;
-        }
-        let name = Path::new(&spec.image)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut ts = wasm::TaskSpec::new(std::iter::once(name).chain(spec.command.iter().cloned()));
-        ts.env = spec
-            .env
-            .iter()
-            .filter_map(|e| {
-                e.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        ts.stdout = wasm::Stdio::Path(dir.join("stdout.log"));
-        ts.stderr = wasm::Stdio::Path(dir.join("stderr.log"));
-        let mem = spec.resources.as_ref().map_or(0, |r| r.memory_bytes);
-        ts.limits.memory_bytes = (mem > 0).then_some(mem);
-        let kill = wasm::KillSwitch::new();
-        ts.kill = Some(kill.clone());
-        lock(&self.wasm_kills).insert(id.clone(), kill);
-        let mut running = status(&id, TaskState::Running, Reason::Unspecified, "");
-        running.timings = Some(LaunchTimings {
-            total_us: received.elapsed().as_micros() as u64,
-            agent_us: received.elapsed().as_micros() as u64,
-            ..Default::default()
-        });
-        self.report(running, None);
-        let out = engine.run(&program, ts);
-        lock(&self.wasm_kills).remove(&id);
-        let killing = self.killing(&id);
-        let mut u = match &out {
-            Ok(wasm::ExitStatus::Exited { code: 0 }) if !killing => {
-                status(&id, TaskState::Finished, Reason::Exited, "exited 0")
-            }
-            Ok(wasm::ExitStatus::Killed) => {
-                status(&id, TaskState::Killed, Reason::KilledByUser, "killed")
-            }
-            Ok(wasm::ExitStatus::MemoryLimit { detail }) => {
-                status(&id, TaskState::Failed, Reason::MemoryLimit, detail.clone())
-            }
-            Ok(other) => status(&id, TaskState::Failed, Reason::Exited, other.to_string()),
-            Err(e) => status(&id, TaskState::Failed, Reason::LaunchFailed, e.to_string()),
-        };
-        if let Ok(o) = &out {
-            u.exit_code = Some(o.exit_code());
-        }
-        let keep = self.cfg.keep_finished;
-        self.report(
-            u,
-            Some(Box::new(move || {
-                if !keep {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-            })),
-        );
-    }
-
-    /// Prepares and launches the container; on failure nothing is left behind.
-    fn start(&self, id: &str, spec: &TaskSpec) -> Result<Launched, (Reason, String)> {
-        match TaskKind::try_from(spec.kind).unwrap_or_default() {
-            TaskKind::NativeImage => {}
-            other => {
-                return Err((
-                    Reason::LaunchFailed,
-                    format!("{other:?} tasks are not supported by this agent yet"),
-                ))
+            let tail = self.launcher.stderr_tail(id);
+            if !tail.is_empty() && r != Reason::MemoryLimit {
+                m = format!("{m} (stderr: {tail})");
             }
         }
-        let prepared = crate::containers::prepare_image_root(&self.cfg.root, &spec.image, id)
-            .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")))?;
-        let owned = prepared.owned.clone();
-        let cleanup = || {
-            if let Some(dir) = &owned {
-                let _ = containerizer::image::rootfs::remove(dir);
-            }
-        };
-        let process = match launch::process_from_image(
-            prepared.config.as_ref(),
-            &launch::ProcessOverrides {
-                cmd: spec.command.clone(),
-                env: spec.env.clone(),
-                workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
-                ..Default::default()
-            },
-        ) {
-            Ok(p) => p,
-            Err(e) => {
-                cleanup();
-                return Err((Reason::LaunchFailed, e.to_string()));
-            }
-        };
-        let res = spec.resources.clone().unwrap_or_default();
-        let network = spec.networks.first().map(String::as_str).unwrap_or("none");
-        let ts = launch::TaskSpec {
-            id: id.to_string(),
-            name: String::new(),
-            image: spec.image.clone(),
-            rootfs: prepared.rootfs,
-            cleanup: prepared.owned.into_iter().collect(),
-            rootfs_prepare_us: prepared.prepare_us,
-            process,
-            network: match network.parse() {
-                Ok(n) => n,
-                Err(e) => {
-                    cleanup();
-                    return Err((Reason::LaunchFailed, format!("{e}")));
-                }
-            },
-            volumes: spec
-                .volumes
-                .iter()
-                .map(|v| launch::Volume {
-                    source: v.host_path.clone().into(),
-                    target: v.container_path.clone(),
-                    readonly: v.read_only,
-                })
-                .collect(),
-            limits: launch::Limits {
-                cpus: (res.cpus > 0.0).then_some(res.cpus),
-                memory: (res.memory_bytes > 0).then_some(res.memory_bytes),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        self.rt.launch(ts).map_err(|e| {
-            cleanup();
-            (Reason::LaunchFailed, e.to_string())
-        })
+        let mut u = status(id, s, r, m);
+        u.exit_code = st.exit_code;
+        u
     }
 
     fn kill(self: &Arc<Self>, k: KillTask) {
@@ -716,10 +560,6 @@ impl Agent {
                 Some(t) if !t.state.is_terminal() => t.killing = true,
                 _ => return,
             }
-        }
-        if let Some(k) = lock(&self.wasm_kills).get(&k.task_id) {
-            k.kill();
-            return;
         }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {

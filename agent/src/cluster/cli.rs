@@ -54,7 +54,8 @@ pub struct AgentArgs {
     /// The join token.
     #[arg(long, env = "CAISSON_JOIN_TOKEN")]
     token: Option<String>,
-    /// Resources to offer, e.g. `cpus=4,mem=8g` (default: the host's).
+    /// Resources to offer, e.g. `cpus=4,mem=8g,ports=31000-32000` (default: the host's cpus and
+    /// memory, every host port; GPUs are the ones caisson manages, see the global `--gpus`).
     #[arg(long)]
     resources: Option<String>,
     /// Attributes for placement constraints, `k=v` (repeatable).
@@ -92,10 +93,14 @@ pub struct SubmitArgs {
     /// Memory to reserve and limit to (e.g. 64m).
     #[arg(long, short = 'm')]
     memory: Option<String>,
-    /// Network: none or host.
+    /// Network: none (default), host, or CNI network names (repeatable or comma-separated).
+    #[arg(long = "network", alias = "net")]
+    network: Vec<String>,
+    /// Whole GPUs to give the task (exclusively).
     #[arg(long)]
-    network: Option<String>,
-    /// Port mapping HOST:CONTAINER.
+    gpus: Option<u32>,
+    /// Port mapping HOST:CONTAINER[/tcp|udp] (native: on its CNI network, the default network
+    /// `caisson` unless --network names one; a wasi:http service (--http) listens on HOST).
     #[arg(short = 'p', long = "publish")]
     publish: Vec<String>,
     /// Environment KEY=VALUE.
@@ -104,7 +109,8 @@ pub struct SubmitArgs {
     /// Placement constraint on agent attributes, k=v.
     #[arg(long = "constraint")]
     constraints: Vec<String>,
-    /// Serve the Wasm component as a wasi:http/proxy service.
+    /// Serve the Wasm component as a wasi:http/proxy service on the host port of its one
+    /// port mapping (`-p 8080:80`); it runs until cancelled.
     #[arg(long)]
     http: bool,
     /// IMAGE (or WASM module path), then the command.
@@ -203,7 +209,7 @@ pub fn master(a: MasterArgs) -> Result<ExitCode> {
 }
 
 pub fn parse_resources(s: &str) -> Result<Resources> {
-    let mut r = super::agent::host_resources();
+    let mut r = default_offer();
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
@@ -212,10 +218,49 @@ pub fn parse_resources(s: &str) -> Result<Resources> {
             "cpus" => r.cpus = v.parse().with_context(|| format!("invalid cpus {v:?}"))?,
             "mem" | "memory" => r.memory_bytes = crate::containers::parse_size(v)?,
             "disk" => r.disk_bytes = crate::containers::parse_size(v)?,
-            other => bail!("unknown resource {other:?} (cpus, mem, disk)"),
+            "ports" => r.ports = parse_port_ranges(v)?,
+            other => bail!("unknown resource {other:?} (cpus, mem, disk, ports)"),
         }
     }
     Ok(r)
+}
+
+/// `A-B` ranges of host ports, joined with `+` (`31000-32000+8080-8080`); `none` offers none.
+pub fn parse_port_ranges(v: &str) -> Result<Vec<PortRange>> {
+    if v == "none" {
+        return Ok(vec![]);
+    }
+    v.split('+')
+        .map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            let p = |x: &str| -> Result<u32> {
+                let n: u32 = x
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("invalid port range {r:?}"))?;
+                if !(1..=65535).contains(&n) {
+                    bail!("invalid port {n} in {r:?}: 1-65535");
+                }
+                Ok(n)
+            };
+            let (begin, end) = (p(a)?, p(b)?);
+            if begin > end {
+                bail!("invalid port range {r:?}: begin > end");
+            }
+            Ok(PortRange { begin, end })
+        })
+        .collect()
+}
+
+/// What an agent offers by default: the host's cpus and memory, every host port, and the
+/// GPUs caisson manages (`--gpus`, `--nvml-lib`).
+pub fn default_offer() -> Resources {
+    let mut r = super::agent::host_resources();
+    r.ports = vec![PortRange {
+        begin: 1,
+        end: 65535,
+    }];
+    r
 }
 
 fn parse_kv(list: &[String], what: &str) -> Result<HashMap<String, String>> {
@@ -228,7 +273,7 @@ fn parse_kv(list: &[String], what: &str) -> Result<HashMap<String, String>> {
         .collect()
 }
 
-pub fn agent(root: &Path, a: AgentArgs) -> Result<ExitCode> {
+pub fn agent(root: &Path, cni: &crate::network::CniArgs, a: AgentArgs) -> Result<ExitCode> {
     let Some(token) = a.token else {
         bail!("an agent needs the master's join token (--token or CAISSON_JOIN_TOKEN)");
     };
@@ -237,14 +282,23 @@ pub fn agent(root: &Path, a: AgentArgs) -> Result<ExitCode> {
         master: a.master,
         root: root.to_path_buf(),
         token,
-        resources: match &a.resources {
-            Some(s) => parse_resources(s)?,
-            None => super::agent::host_resources(),
+        resources: {
+            let mut r = match &a.resources {
+                Some(s) => parse_resources(s)?,
+                None => default_offer(),
+            };
+            r.gpus = crate::gpus::managed()?
+                .gpus
+                .into_iter()
+                .map(|g| g.uuid)
+                .collect();
+            r
         },
         attributes: parse_kv(&a.attributes, "attribute")?,
         parallelism: a.parallelism,
         tls,
         keep_finished: false,
+        cni: cni.clone(),
     };
     let rt = runtime()?;
     rt.block_on(async {
@@ -291,7 +345,7 @@ pub fn spec_from(a: &SubmitArgs) -> Result<TaskSpec> {
     let command: Vec<String> = it.cloned().collect();
     let kind = if a.http {
         TaskKind::WasmHttp
-    } else if image.ends_with(".wasm") {
+    } else if image.ends_with(".wasm") || image.ends_with(".wat") {
         TaskKind::Wasm
     } else {
         TaskKind::NativeImage
@@ -321,9 +375,15 @@ pub fn spec_from(a: &SubmitArgs) -> Result<TaskSpec> {
         resources: Some(Resources {
             cpus: a.cpus.unwrap_or(0.0),
             memory_bytes: memory,
+            gpu_count: a.gpus.unwrap_or(0),
             ..Default::default()
         }),
-        networks: a.network.iter().cloned().collect(),
+        networks: a
+            .network
+            .iter()
+            .flat_map(|n| n.split(','))
+            .map(|n| n.trim().to_string())
+            .collect(),
         ports,
         constraints: parse_kv(&a.constraints, "constraint")?,
         ..Default::default()
@@ -373,6 +433,9 @@ pub fn task_json(t: &Task) -> serde_json::Value {
         "command": spec.command,
         "cpus": res.cpus,
         "memory": res.memory_bytes,
+        "gpus": res.gpu_count,
+        "networks": spec.networks,
+        "ports": spec.ports.iter().map(super::launcher::port_arg).collect::<Vec<_>>(),
         "state": state_name(t.state),
         "reason": reason_name(t.reason),
         "message": t.message,
@@ -477,6 +540,9 @@ pub fn agent_json(a: &caisson_proto::Agent) -> serde_json::Value {
         "memory": total.memory_bytes,
         "used_cpus": used.cpus,
         "used_memory": used.memory_bytes,
+        "gpus": total.gpus,
+        "used_gpus": used.gpu_count,
+        "used_ports": used.ports.iter().map(|r| r.begin).collect::<Vec<_>>(),
         "attributes": a.attributes,
         "tasks": a.tasks,
         "last_heartbeat_ms": a.last_heartbeat_ms,
@@ -497,20 +563,21 @@ pub fn agents(a: AgentsArgs) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!(
-                "{:<24}  {:<20}  {:<11}  {:>11}  {:>15}  TASKS",
-                "AGENT ID", "HOSTNAME", "STATE", "CPUS", "MEMORY (MiB)"
+                "{:<24}  {:<20}  {:<11}  {:>11}  {:>15}  {:>5}  TASKS",
+                "AGENT ID", "HOSTNAME", "STATE", "CPUS", "MEMORY (MiB)", "GPUS"
             );
             for ag in &list {
                 let j = agent_json(ag);
                 let total = ag.total.clone().unwrap_or_default();
                 let used = ag.used.clone().unwrap_or_default();
                 println!(
-                    "{:<24}  {:<20}  {:<11}  {:>11}  {:>15}  {}",
+                    "{:<24}  {:<20}  {:<11}  {:>11}  {:>15}  {:>5}  {}",
                     ag.id,
                     ag.hostname,
                     j["state"].as_str().unwrap_or(""),
                     format!("{:.1}/{:.1}", used.cpus, total.cpus),
                     format!("{}/{}", used.memory_bytes >> 20, total.memory_bytes >> 20),
+                    format!("{}/{}", used.gpu_count, total.gpus.len()),
                     ag.tasks
                 );
             }

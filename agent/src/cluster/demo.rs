@@ -1,8 +1,9 @@
 //! `caisson demo`: a whole cluster in one command. It starts a master and an agent in this
 //! process (temp state, loopback, random tokens), builds a busybox image locally (no
-//! registry), submits a native container task and a Wasm task side by side, shows them
-//! running with their output, prints each task's launch latency per phase and its final
-//! state, and removes everything it made.
+//! registry), submits a native container task, a Wasm command and a Wasm HTTP microservice
+//! (a wasi:http component, `demo_http.wat`) side by side, shows them running with their
+//! output, calls the microservice over HTTP, kills it, prints each task's launch latency per
+//! phase and its final state, and removes everything it made.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,6 +53,10 @@ const WASM_TASK: &str = r#"(module
     (drop (call $poll (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))
     (call $print (i32.const 128) (i32.const 15))))
 "#;
+
+/// The microservice: a wasi:http/proxy component in the component text format (no toolchain
+/// needed to build it; the engine compiles the text).
+const HTTP_SERVICE: &str = include_str!("demo_http.wat");
 
 fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -153,6 +158,7 @@ impl LocalCluster {
         master_dir: &Path,
         parallelism: usize,
         keep_finished: bool,
+        cni: &crate::network::CniArgs,
     ) -> Result<LocalCluster> {
         let join_token = hex::encode(rand::random::<[u8; 16]>());
         let api_token = hex::encode(rand::random::<[u8; 16]>());
@@ -176,11 +182,12 @@ impl LocalCluster {
             master: url.clone(),
             root: agent_root.to_path_buf(),
             token: join_token,
-            resources: super::agent::host_resources(),
+            resources: super::cli::default_offer(),
             attributes: [("demo".to_string(), "yes".to_string())].into(),
             parallelism,
             tls: None,
             keep_finished,
+            cni: cni.clone(),
         })?;
         let agent_task = tokio::spawn(agent.run(durable));
         let mut client = super::cli::connect(&ClientArgs {
@@ -242,14 +249,14 @@ fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-pub fn demo(_root: &Path, a: DemoArgs) -> Result<ExitCode> {
+pub fn demo(_root: &Path, cni: &crate::network::CniArgs, a: DemoArgs) -> Result<ExitCode> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("caisson demo runs containers: run it as root");
     }
     let tmp = tempfile::Builder::new().prefix("caisson-demo").tempdir()?;
     let work = tmp.path().to_path_buf();
     let rt = super::cli::runtime()?;
-    let res = rt.block_on(run(&work, &a));
+    let res = rt.block_on(run(&work, &a, cni));
     if a.keep {
         let kept = tmp.keep();
         println!("kept {}", kept.display());
@@ -261,7 +268,31 @@ pub fn demo(_root: &Path, a: DemoArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
+/// One HTTP/1.0 GET on loopback: (status line, body, latency).
+fn http_get(port: u16, path: &str) -> Result<(String, String, Duration)> {
+    use std::io::Read;
+    let t0 = Instant::now();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut raw = vec![];
+    conn.read_to_end(&mut raw)?;
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("").to_string();
+    Ok((status, body.trim_end().to_string(), took))
+}
+
+/// A port on loopback nobody listens on now.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn run(work: &Path, a: &DemoArgs, cni: &crate::network::CniArgs) -> Result<()> {
     let agent_root = work.join("agent");
     let say = |s: &str| {
         println!("{s}");
@@ -278,9 +309,12 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
     ));
     let wat = work.join("hello.wat");
     std::fs::write(&wat, WASM_TASK)?;
+    let service = work.join("hello-http.wat");
+    std::fs::write(&service, HTTP_SERVICE)?;
+    let port = free_port()?;
 
     // 2. A master and an agent on loopback.
-    let local = LocalCluster::start(&agent_root, &work.join("master"), 4, true).await?;
+    let local = LocalCluster::start(&agent_root, &work.join("master"), 4, true, cni).await?;
     say(&format!("==> master listening on {}", local.url));
     let mut client = local.client.clone();
     let ag = local.agent_info.clone();
@@ -292,7 +326,7 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
         t.memory_bytes >> 20
     ));
 
-    // 3. Two tasks side by side.
+    // 3. Three tasks side by side.
     let native = TaskSpec {
         name: "native-hello".into(),
         kind: TaskKind::NativeImage as i32,
@@ -320,8 +354,24 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
         }),
         ..Default::default()
     };
+    let http = TaskSpec {
+        name: "wasm-http".into(),
+        kind: TaskKind::WasmHttp as i32,
+        image: service.to_string_lossy().into_owned(),
+        ports: vec![PortMapping {
+            host_port: port as u32,
+            container_port: 80,
+            protocol: String::new(),
+        }],
+        resources: Some(Resources {
+            cpus: 0.1,
+            memory_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let mut ids = vec![];
-    for spec in [native, wasm] {
+    for spec in [native, wasm, http] {
         let name = spec.name.clone();
         let id = client
             .submit_task(SubmitTaskRequest { spec: Some(spec) })
@@ -332,18 +382,17 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
         ids.push(id);
     }
 
-    // 4. Watch them: states as they change, and their output.
-    let logs: Vec<PathBuf> = vec![
-        agent_root
-            .join("containers")
-            .join(&ids[0])
-            .join("stdout.log"),
-        Agent::wasm_dir(&agent_root, &ids[1]).join("stdout.log"),
-    ];
-    let names = ["native-hello", "wasm-hello"];
-    let mut offsets = [0u64; 2];
-    let mut last = [0i32; 2];
+    // 4. Watch them: states as they change, and their output; call the service once it
+    // runs, then kill it.
+    let logs: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| agent_root.join("containers").join(id).join("stdout.log"))
+        .collect();
+    let names = ["native-hello", "wasm-hello", "wasm-http"];
+    let mut offsets = [0u64; 3];
+    let mut last = [0i32; 3];
     let mut shown_running = false;
+    let mut called = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     let finals = loop {
         let mut tasks = vec![];
@@ -358,19 +407,29 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
             );
         }
         for (i, t) in tasks.iter().enumerate() {
-            if t.state != last[i] {
-                last[i] = t.state;
-                say(&format!("    {:<13} {}", names[i], state_name(t.state)));
-            }
+            // Output first: a task that just ended has written all of it.
             let mut buf = vec![];
             let _ = containerizer::launch::copy_new(&logs[i], &mut offsets[i], &mut buf);
             for line in String::from_utf8_lossy(&buf).lines() {
                 say(&format!("    {:<13} | {line}", names[i]));
             }
+            if t.state != last[i] {
+                last[i] = t.state;
+                let why = if t.state().is_terminal() || t.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", t.message)
+                };
+                say(&format!(
+                    "    {:<13} {}{why}",
+                    names[i],
+                    state_name(t.state)
+                ));
+            }
         }
         if !shown_running && tasks.iter().all(|t| t.state == TaskState::Running as i32) {
             shown_running = true;
-            say("==> both tasks are running side by side:");
+            say("==> all three tasks are running side by side:");
             let list = client
                 .list_tasks(ListTasksRequest {
                     include_terminal: false,
@@ -389,6 +448,46 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
                 ));
             }
         }
+        if !called && tasks[2].state == TaskState::Running as i32 {
+            called = true;
+            say(&format!(
+                "==> calling the microservice: GET http://127.0.0.1:{port}/hello"
+            ));
+            let (status, body, first) =
+                tokio::task::spawn_blocking(move || http_get(port, "/hello")).await??;
+            say(&format!("    {status}"));
+            for line in body.lines() {
+                say(&format!("    | {line}"));
+            }
+            // Warm: every request gets a fresh instance of the compiled component.
+            let lat = tokio::task::spawn_blocking(move || -> Result<Vec<Duration>> {
+                let mut v = (0..20)
+                    .map(|_| http_get(port, "/hello").map(|r| r.2))
+                    .collect::<Result<Vec<_>>>()?;
+                v.sort();
+                Ok(v)
+            })
+            .await??;
+            say(&format!(
+                "    latency: first request {:.2} ms, then median {:.2} ms over {} requests (a fresh instance each)",
+                first.as_secs_f64() * 1000.0,
+                lat[lat.len() / 2].as_secs_f64() * 1000.0,
+                lat.len()
+            ));
+        }
+        // The service runs until it is killed: once the others are done.
+        if called
+            && tasks[2].state == TaskState::Running as i32
+            && tasks[..2].iter().all(|t| t.state().is_terminal())
+        {
+            say("==> killing the microservice");
+            client
+                .kill_task(KillTaskRequest {
+                    task_id: ids[2].clone(),
+                    grace_period_ms: 2000,
+                })
+                .await?;
+        }
         if tasks.iter().all(|t| t.state().is_terminal()) {
             break tasks;
         }
@@ -399,7 +498,7 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
     };
 
     // 5. Latency per phase and the final states.
-    say("==> launch latency (submit -> RUNNING as the master saw it; phases from the agent)");
+    say("==> launch latency (submit -> RUNNING as the master saw it; for the service, until it accepts connections; phases from the agent)");
     for (i, t) in finals.iter().enumerate() {
         let tm = t.timings.unwrap_or_default();
         say(&format!(
@@ -417,9 +516,14 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
         ));
     }
     say("==> final states");
-    let mut ok = true;
+    let mut ok = called;
     for (i, t) in finals.iter().enumerate() {
-        ok &= t.state == TaskState::Finished as i32;
+        let want = if i == 2 {
+            TaskState::Killed
+        } else {
+            TaskState::Finished
+        };
+        ok &= t.state == want as i32;
         say(&format!(
             "    {:<13} {} ({}), exit code {}",
             names[i],
@@ -431,11 +535,16 @@ async fn run(work: &Path, a: &DemoArgs) -> Result<()> {
 
     // 6. Clean up: the container (its overlay and cgroups), the agent, the master.
     let rt = containerizer::launch::Runtime::new(&agent_root);
-    let _ = tokio::task::spawn_blocking(move || rt.remove(&ids[0], true)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for id in &ids {
+            let _ = rt.remove(id, true);
+        }
+    })
+    .await;
     local.stop().await;
     say("==> cleaned up");
     if !ok {
-        bail!("a demo task did not finish cleanly");
+        bail!("a demo task did not end as expected (native and Wasm FINISHED, the service KILLED)");
     }
     Ok(())
 }
@@ -465,7 +574,7 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 /// `caisson bench-cluster`: N native `true` tasks through an in-process master and agent
 /// (real gRPC over loopback, real containers); prints throughput and submit-to-RUNNING
 /// latency (median, p99).
-pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+pub fn bench(cni: &crate::network::CniArgs, a: BenchArgs) -> Result<ExitCode> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the cluster benchmark runs containers: run it as root");
     }
@@ -474,7 +583,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     super::cli::runtime()?.block_on(async {
         let root = work.join("agent");
         demo_image(&a.busybox, &work, &root).await?;
-        let local = LocalCluster::start(&root, &work.join("master"), a.parallelism, false).await?;
+        let local =
+            LocalCluster::start(&root, &work.join("master"), a.parallelism, false, cni).await?;
         let mut watch = local
             .client
             .clone()

@@ -3,9 +3,13 @@
 //! once they are durable, and keeps exactly one terminal state per task.
 //!
 //! Placement policy: among active, non-draining, connected agents whose attributes match the
-//! task's constraints and whose free cpus and memory fit the task, the one with the most free
-//! cpus (then the most free memory). Tasks that fit nowhere wait in STAGING, in order, and are
-//! placed when resources free up or an agent (re)registers.
+//! task's constraints and whose free resources fit the task (cpus, memory, GPUs by count, and
+//! each requested host port offered and not taken on that agent), the one with the most free
+//! cpus (then the most free memory). Tasks that fit nowhere wait in STAGING, in order, with
+//! reason NO_RESOURCES and a message saying what is missing (as a Nomad job waits on blocked
+//! placement, a Mesos framework on offers), and are placed when resources free up or an agent
+//! (re)registers: first fit in submission order, so a waiting task does not hold up later
+//! ones that fit.
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -59,6 +63,8 @@ struct AgentEntry {
     state: AgentState,
     used_cpus: f64,
     used_mem: u64,
+    used_gpus: u32,
+    used_ports: HashSet<u32>,
     tasks: HashSet<String>,
     last_hb: Instant,
     last_hb_ms: u64,
@@ -68,13 +74,82 @@ struct AgentEntry {
 }
 
 impl AgentEntry {
+    fn new(rec: AgentRecord, state: AgentState, session: u64, tx: Option<Outbound>) -> Self {
+        AgentEntry {
+            rec,
+            state,
+            used_cpus: 0.0,
+            used_mem: 0,
+            used_gpus: 0,
+            used_ports: HashSet::new(),
+            tasks: HashSet::new(),
+            last_hb: Instant::now(),
+            last_hb_ms: 0,
+            unreachable_since: None,
+            session,
+            tx,
+        }
+    }
+
+    fn total(&self) -> Resources {
+        self.rec.total.clone().unwrap_or_default()
+    }
+
     fn free(&self) -> (f64, u64) {
-        let t = self.rec.total.clone().unwrap_or_default();
+        let t = self.total();
         (
             t.cpus - self.used_cpus,
             t.memory_bytes.saturating_sub(self.used_mem),
         )
     }
+
+    fn offers_port(&self, p: u32) -> bool {
+        self.total()
+            .ports
+            .iter()
+            .any(|r| (r.begin..=r.end).contains(&p))
+    }
+
+    fn fits(&self, n: &Needs) -> bool {
+        let (fc, fm) = self.free();
+        let gpus_free = (self.total().gpus.len() as u32).saturating_sub(self.used_gpus);
+        fc + 1e-9 >= n.cpus
+            && fm >= n.mem
+            && gpus_free >= n.gpus
+            && n.ports
+                .iter()
+                .all(|p| self.offers_port(*p) && !self.used_ports.contains(p))
+    }
+
+    fn take(&mut self, id: &str, n: &Needs) {
+        if self.tasks.insert(id.to_string()) {
+            self.used_cpus += n.cpus;
+            self.used_mem += n.mem;
+            self.used_gpus += n.gpus;
+            self.used_ports.extend(n.ports.iter().copied());
+        }
+    }
+
+    fn give_back(&mut self, id: &str, n: &Needs) {
+        if self.tasks.remove(id) {
+            self.used_cpus = (self.used_cpus - n.cpus).max(0.0);
+            self.used_mem = self.used_mem.saturating_sub(n.mem);
+            self.used_gpus = self.used_gpus.saturating_sub(n.gpus);
+            for p in &n.ports {
+                self.used_ports.remove(p);
+            }
+        }
+    }
+}
+
+/// What a task takes from its agent while it is placed. Host ports are one resource whatever
+/// the protocol (as Mesos counts them).
+#[derive(Debug, Default, Clone)]
+struct Needs {
+    cpus: f64,
+    mem: u64,
+    gpus: u32,
+    ports: Vec<u32>,
 }
 
 #[derive(Default)]
@@ -83,7 +158,9 @@ struct State {
     order: Vec<String>,
     submitted_at: HashMap<String, Instant>,
     agents: HashMap<String, AgentEntry>,
-    acked: HashSet<String>,
+    /// Update uuids applied, per live task; dropped when the task ends (later duplicates of
+    /// an ended task are ignored because it is terminal), so this stays bounded.
+    acked: HashMap<String, HashSet<String>>,
     pending: VecDeque<String>,
     /// Kills asked while the task's agent was away: sent when it comes back.
     kills: HashMap<String, u32>,
@@ -107,12 +184,20 @@ fn rank(s: TaskState) -> u8 {
     }
 }
 
-fn needs(spec: &Option<TaskSpec>) -> (f64, u64) {
-    let r = spec
-        .as_ref()
-        .and_then(|s| s.resources.clone())
-        .unwrap_or_default();
-    (r.cpus, r.memory_bytes)
+fn needs(spec: &Option<TaskSpec>) -> Needs {
+    let Some(spec) = spec else {
+        return Needs::default();
+    };
+    let r = spec.resources.clone().unwrap_or_default();
+    let mut ports: Vec<u32> = spec.ports.iter().map(|p| p.host_port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    Needs {
+        cpus: r.cpus,
+        mem: r.memory_bytes,
+        gpus: r.gpu_count,
+        ports,
+    }
 }
 
 /// Checks a spec before anything happens; the error is the InvalidArgument message.
@@ -141,8 +226,11 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), String> {
     if !r.cpus.is_finite() || r.cpus < 0.0 || r.cpus > 4096.0 {
         return Err(format!("invalid cpus {}", r.cpus));
     }
-    if r.gpu_count > 0 || !r.gpus.is_empty() {
-        return Err("GPUs are not supported by this master yet".into());
+    if !r.gpus.is_empty() {
+        return Err("ask for GPUs by count (gpu_count), not by UUID".into());
+    }
+    if r.gpu_count > 1024 {
+        return Err(format!("invalid GPU count {}", r.gpu_count));
     }
     for e in &spec.env {
         if !e.contains('=') || e.starts_with('=') {
@@ -151,15 +239,7 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), String> {
             ));
         }
     }
-    if spec.networks.len() > 1 {
-        return Err("at most one network".into());
-    }
-    let net = spec.networks.first().map(String::as_str).unwrap_or("none");
-    if !matches!(net, "none" | "host") {
-        return Err(format!(
-            "network {net:?} is not supported by the agent yet (none, host)"
-        ));
-    }
+    let mut seen = HashSet::new();
     for p in &spec.ports {
         if !(1..=65535).contains(&p.host_port) || !(1..=65535).contains(&p.container_port) {
             return Err(format!(
@@ -170,12 +250,36 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), String> {
         if !matches!(p.protocol.as_str(), "" | "tcp" | "udp") {
             return Err(format!("invalid protocol {:?}", p.protocol));
         }
-        if kind == TaskKind::NativeImage && (net != "host" || p.host_port != p.container_port) {
+        if !seen.insert(p.host_port) {
+            return Err(format!("host port {} mapped twice", p.host_port));
+        }
+    }
+    if kind == TaskKind::NativeImage {
+        // The same rules as `caisson run --network/-p` (names are checked by the agent,
+        // which has the CNI configurations).
+        let ports: Vec<String> = spec.ports.iter().map(super::launcher::port_arg).collect();
+        crate::tasknet::plan(&spec.networks, &ports).map_err(|e| format!("{e:#}"))?;
+    } else {
+        if r.gpu_count > 0 {
+            return Err("GPUs are for native tasks; a Wasm task cannot use them".into());
+        }
+        if spec.networks.iter().any(|n| n != "none" && n != "host") {
             return Err(
-                "port mappings for native tasks need a CNI network (not supported yet); \
-                 with --network host use -p N:N"
+                "a Wasm task runs in the host's network; a wasi:http service listens on its \
+                 port mapping's host port"
                     .into(),
             );
+        }
+        match (kind, spec.ports.len()) {
+            (TaskKind::WasmHttp, 1) | (TaskKind::Wasm, 0) => {}
+            (TaskKind::WasmHttp, _) => {
+                return Err("a wasi:http service needs exactly one port mapping (HOST:80)".into())
+            }
+            _ => {
+                return Err(
+                    "port mappings are for native tasks and wasi:http services (--http)".into(),
+                )
+            }
         }
     }
     for v in &spec.volumes {
@@ -208,30 +312,16 @@ impl Master {
             } else {
                 AgentState::Unreachable
             };
-            st.agents.insert(
-                rec.id.clone(),
-                AgentEntry {
-                    rec,
-                    state,
-                    used_cpus: 0.0,
-                    used_mem: 0,
-                    tasks: HashSet::new(),
-                    last_hb: now,
-                    last_hb_ms: 0,
-                    unreachable_since: Some(now),
-                    session: 0,
-                    tx: None,
-                },
-            );
+            let mut entry = AgentEntry::new(rec, state, 0, None);
+            entry.last_hb = now;
+            entry.unreachable_since = Some(now);
+            st.agents.insert(entry.rec.id.clone(), entry);
         }
         for t in snap.tasks {
             let state = t.state();
             if !state.is_terminal() {
                 if let Some(a) = st.agents.get_mut(&t.agent_id) {
-                    let (c, m) = needs(&t.spec);
-                    a.used_cpus += c;
-                    a.used_mem += m;
-                    a.tasks.insert(t.id.clone());
+                    a.take(&t.id, &needs(&t.spec));
                 } else {
                     st.pending.push_back(t.id.clone());
                 }
@@ -297,12 +387,9 @@ impl Master {
     /// Frees a task's resources on its agent.
     fn release(st: &mut State, id: &str) {
         let Some(t) = st.tasks.get(id) else { return };
-        let (c, m) = needs(&t.spec);
+        let n = needs(&t.spec);
         if let Some(a) = st.agents.get_mut(&t.agent_id) {
-            if a.tasks.remove(id) {
-                a.used_cpus = (a.used_cpus - c).max(0.0);
-                a.used_mem = a.used_mem.saturating_sub(m);
-            }
+            a.give_back(id, &n);
         }
     }
 
@@ -310,6 +397,7 @@ impl Master {
     fn end_task(&self, st: &mut State, id: &str, state: TaskState, reason: Reason, msg: &str) {
         Self::release(st, id);
         st.pending.retain(|p| p != id);
+        st.acked.remove(id);
         let Some(t) = st.tasks.get_mut(id) else {
             return;
         };
@@ -329,7 +417,7 @@ impl Master {
     /// connection to send the launch on.
     fn place(st: &mut State, id: &str) -> Option<Outbound> {
         let task = st.tasks.get(id)?;
-        let (c, m) = needs(&task.spec);
+        let n = needs(&task.spec);
         let constraints = task
             .spec
             .as_ref()
@@ -344,10 +432,7 @@ impl Master {
                     .iter()
                     .all(|(k, v)| a.rec.attributes.get(k) == Some(v))
             })
-            .filter(|a| {
-                let (fc, fm) = a.free();
-                fc + 1e-9 >= c && fm >= m
-            })
+            .filter(|a| a.fits(&n))
             .max_by(|a, b| {
                 let (ac, am) = a.free();
                 let (bc, bm) = b.free();
@@ -355,12 +440,86 @@ impl Master {
             })?;
         let aid = best.rec.id.clone();
         let a = st.agents.get_mut(&aid)?;
-        a.used_cpus += c;
-        a.used_mem += m;
-        a.tasks.insert(id.to_string());
+        a.take(id, &n);
         let tx = a.tx.clone();
-        st.tasks.get_mut(id)?.agent_id = aid;
+        let t = st.tasks.get_mut(id)?;
+        t.agent_id = aid;
+        if t.reason == Reason::NoResources as i32 {
+            t.set_reason(Reason::Unspecified);
+            t.message.clear();
+        }
         tx
+    }
+
+    /// Why task `id` fits on no agent now: what a user waiting on STAGING wants to read.
+    fn unplaced_reason(st: &State, id: &str) -> String {
+        let Some(task) = st.tasks.get(id) else {
+            return String::new();
+        };
+        let n = needs(&task.spec);
+        let constraints = task
+            .spec
+            .as_ref()
+            .map(|s| s.constraints.clone())
+            .unwrap_or_default();
+        let live: Vec<&AgentEntry> = st
+            .agents
+            .values()
+            .filter(|a| a.state == AgentState::Active && a.tx.is_some())
+            .filter(|a| {
+                constraints
+                    .iter()
+                    .all(|(k, v)| a.rec.attributes.get(k) == Some(v))
+            })
+            .collect();
+        if live.is_empty() {
+            return if constraints.is_empty() {
+                "waiting for an agent".into()
+            } else {
+                "waiting for an agent matching the constraints".into()
+            };
+        }
+        let most_gpus = live
+            .iter()
+            .map(|a| a.total().gpus.len() as u32)
+            .max()
+            .unwrap_or(0);
+        if n.gpus > most_gpus {
+            return format!(
+                "no agent has {} GPUs (the most any agent offers: {most_gpus})",
+                n.gpus
+            );
+        }
+        for p in &n.ports {
+            let offering: Vec<&&AgentEntry> = live.iter().filter(|a| a.offers_port(*p)).collect();
+            if offering.is_empty() {
+                return format!("no agent offers host port {p}");
+            }
+            if offering.iter().all(|a| a.used_ports.contains(p)) {
+                return format!("host port {p} is in use on every agent that offers it");
+            }
+        }
+        format!(
+            "waiting for free resources (cpus {}, memory {} MiB, GPUs {})",
+            n.cpus,
+            n.mem >> 20,
+            n.gpus
+        )
+    }
+
+    /// Marks task `id` (left in STAGING) with why it waits, when that changed.
+    fn mark_waiting(&self, st: &mut State, id: &str) {
+        let why = Self::unplaced_reason(st, id);
+        let Some(t) = st.tasks.get_mut(id) else {
+            return;
+        };
+        if t.message != why || t.reason != Reason::NoResources as i32 {
+            t.set_reason(Reason::NoResources);
+            t.message = why;
+            let t = t.clone();
+            self.store.put_task(&t, None);
+            self.emit(&t);
+        }
     }
 
     /// Persists task `id` (just placed on `tx`'s agent) and sends its launch once durable.
@@ -398,7 +557,10 @@ impl Master {
         for id in waiting {
             match Self::place(st, &id) {
                 Some(tx) => self.persist_and_launch(st, &id, tx, None),
-                None => st.pending.push_back(id),
+                None => {
+                    self.mark_waiting(st, &id);
+                    st.pending.push_back(id);
+                }
             }
         }
     }
@@ -419,17 +581,19 @@ impl Master {
             st.tasks.insert(id.clone(), task);
             st.order.push(id.clone());
             st.submitted_at.insert(id.clone(), Instant::now());
-            // Older waiting tasks go first.
-            let tx = if st.pending.is_empty() {
-                Self::place(&mut st, &id)
-            } else {
-                None
-            };
+            // Waiting tasks were tried whenever resources freed up, so none of them fits now:
+            // trying this one is first fit in submission order, and a task that cannot be
+            // placed (a taken port, too many GPUs) does not hold up the ones behind it.
+            let tx = Self::place(&mut st, &id);
             match tx {
                 Some(tx) => self.persist_and_launch(&st, &id, tx, Some(done_tx)),
                 None => {
                     st.pending.push_back(id.clone());
-                    let t = st.tasks[&id].clone();
+                    let why = Self::unplaced_reason(&st, &id);
+                    let t = st.tasks.get_mut(&id).expect("just inserted");
+                    t.set_reason(Reason::NoResources);
+                    t.message = why;
+                    let t = t.clone();
                     self.store.put_task(
                         &t,
                         Some(Box::new(move |_| {
@@ -556,28 +720,16 @@ impl Master {
             }
         }
         let draining = rec.draining;
-        let mut entry = AgentEntry {
-            rec,
-            state: if draining {
-                AgentState::Draining
-            } else {
-                AgentState::Active
-            },
-            used_cpus: 0.0,
-            used_mem: 0,
-            tasks: HashSet::new(),
-            last_hb: Instant::now(),
-            last_hb_ms: now_ms(),
-            unreachable_since: None,
-            session,
-            tx: Some(tx),
+        let state = if draining {
+            AgentState::Draining
+        } else {
+            AgentState::Active
         };
+        let mut entry = AgentEntry::new(rec, state, session, Some(tx));
+        entry.last_hb_ms = now_ms();
         for t in st.tasks.values() {
             if t.agent_id == id && !t.state().is_terminal() {
-                let (c, m) = needs(&t.spec);
-                entry.used_cpus += c;
-                entry.used_mem += m;
-                entry.tasks.insert(t.id.clone());
+                entry.take(&t.id, &needs(&t.spec));
             }
         }
         tracing::info!(agent = %id, host = %entry.rec.hostname, tasks = reported.len(), "agent registered");
@@ -610,7 +762,11 @@ impl Master {
             })),
         };
         let mut st = self.lock();
-        if s.uuid.is_empty() || st.acked.contains(&s.uuid) {
+        let seen = st
+            .acked
+            .get(&s.task_id)
+            .is_some_and(|u| u.contains(&s.uuid));
+        if s.uuid.is_empty() || seen {
             let _ = tx.send(Ok(ack));
             return;
         }
@@ -625,7 +781,12 @@ impl Master {
             if t.state().is_terminal() && !new.is_terminal() && t.agent_id == agent {
                 let _ = tx.send(Ok(kill_msg(&s.task_id, 0)));
             }
-            st.acked.insert(s.uuid.clone());
+            if !t.state().is_terminal() {
+                st.acked
+                    .entry(s.task_id.clone())
+                    .or_default()
+                    .insert(s.uuid.clone());
+            }
             let _ = tx.send(Ok(ack));
             return;
         }
@@ -648,8 +809,13 @@ impl Master {
             t.finished_ms = s.timestamp_ms;
         }
         let t = t.clone();
-        st.acked.insert(s.uuid.clone());
-        if new.is_terminal() {
+        if !new.is_terminal() {
+            st.acked
+                .entry(s.task_id.clone())
+                .or_default()
+                .insert(s.uuid.clone());
+        } else {
+            st.acked.remove(&s.task_id);
             Self::release(&mut st, &s.task_id);
             st.submitted_at.remove(&s.task_id);
             st.kills.remove(&s.task_id);
@@ -734,6 +900,14 @@ impl Master {
                 used: Some(Resources {
                     cpus: a.used_cpus,
                     memory_bytes: a.used_mem,
+                    gpu_count: a.used_gpus,
+                    ports: {
+                        let mut p: Vec<u32> = a.used_ports.iter().copied().collect();
+                        p.sort_unstable();
+                        p.into_iter()
+                            .map(|p| PortRange { begin: p, end: p })
+                            .collect()
+                    },
                     ..Default::default()
                 }),
                 attributes: a.rec.attributes.clone(),
@@ -936,4 +1110,64 @@ impl ClusterService for UserSvc {
 /// Whether plaintext is acceptable on `addr` (loopback only, unless the user insists).
 pub fn plaintext_ok(addr: &SocketAddr, insecure: bool) -> bool {
     insecure || addr.ip().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acked_uuids_are_kept_per_task_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Master::open(dir.path(), MasterConfig::default()).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (agent, _) = m.register(
+            Register {
+                resources: Some(Resources {
+                    cpus: 4.0,
+                    memory_bytes: 1 << 30,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            tx.clone(),
+        );
+        let spec = TaskSpec {
+            kind: TaskKind::NativeImage as i32,
+            image: "img".into(),
+            ..Default::default()
+        };
+        let id = m.submit(spec).await.unwrap();
+        let upd = |state: TaskState, uuid: &str| TaskStatus {
+            task_id: id.clone(),
+            state: state as i32,
+            uuid: uuid.into(),
+            ..Default::default()
+        };
+        m.status(&agent, upd(TaskState::Starting, "u1"), &tx);
+        m.status(&agent, upd(TaskState::Running, "u2"), &tx);
+        assert_eq!(m.lock().acked.get(&id).map(HashSet::len), Some(2));
+        m.status(&agent, upd(TaskState::Running, "u2"), &tx);
+        m.status(&agent, upd(TaskState::Finished, "u3"), &tx);
+        assert!(m.lock().acked.is_empty(), "dropped at the terminal update");
+        // Resent after the end (an agent that missed the ack): acked, ignored, no growth.
+        m.status(&agent, upd(TaskState::Finished, "u3"), &tx);
+        m.status(&agent, upd(TaskState::Failed, "u4"), &tx);
+        assert_eq!(m.lock().tasks[&id].state(), TaskState::Finished);
+        assert!(m.lock().acked.is_empty());
+        // Every update was acked (the applied ones once durable).
+        let mut acks = vec![];
+        while acks.len() < 6 {
+            let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("acks")
+                .expect("open")
+                .expect("no error");
+            if let Some(Down::Ack(a)) = msg.msg {
+                acks.push(a.uuid);
+            }
+        }
+        acks.sort();
+        assert_eq!(acks, ["u1", "u2", "u2", "u3", "u3", "u4"]);
+    }
 }

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cli;
 pub mod demo;
+pub mod launcher;
 pub mod master;
 pub mod store;
 pub mod tls;

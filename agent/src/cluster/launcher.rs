@@ -1,0 +1,307 @@
+//! How the agent turns a master's [`TaskSpec`] into a supervised launch, the same way the
+//! local CLI does (`caisson run`): native tasks on an overlay of their image, with CNI
+//! networks and port mappings (tasknet: namespace + ADD before the launch, the supervisor's
+//! exit command releases them) and GPUs (the `run --gpus` allocator); Wasm commands and
+//! wasi:http services through `launch::wasm::wasm_task` under their own supervisor, so every
+//! kind of task survives an agent restart and is re-adopted from its record.
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use caisson_proto::{PortMapping, Reason, TaskKind, TaskSpec};
+use containerizer::launch::{self, Launched, Runtime};
+use containerizer::wasm;
+
+use crate::network::CniArgs;
+use crate::tasknet;
+
+/// What a launch failed on: the reason the master gets, and the message.
+pub type Failure = (Reason, String);
+
+fn failed(e: impl std::fmt::Display) -> Failure {
+    (Reason::LaunchFailed, e.to_string())
+}
+
+/// `HOST:CONTAINER[/PROTO]`, the form tasknet (and `run -p`) parses.
+pub fn port_arg(p: &PortMapping) -> String {
+    if p.protocol.is_empty() {
+        format!("{}:{}", p.host_port, p.container_port)
+    } else {
+        format!("{}:{}/{}", p.host_port, p.container_port, p.protocol)
+    }
+}
+
+/// The port a wasi:http service listens on (its only mapping's host port).
+pub fn http_port(spec: &TaskSpec) -> Option<u16> {
+    match spec.ports.as_slice() {
+        [one] => u16::try_from(one.host_port).ok(),
+        _ => None,
+    }
+}
+
+/// The agent's side of a launch: where state lives, how to reach CNI, the shared compile
+/// engine (cache under `<root>/cache/wasm`, the one the Wasm host process maps).
+pub struct Launcher {
+    pub root: PathBuf,
+    pub cni: CniArgs,
+    pub rt: Runtime,
+    engine: std::sync::OnceLock<Result<wasm::Engine, String>>,
+}
+
+impl Launcher {
+    pub fn new(root: &Path, cni: CniArgs) -> Launcher {
+        Launcher {
+            root: root.to_path_buf(),
+            cni,
+            rt: Runtime::new(root),
+            engine: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn engine(&self) -> Result<&wasm::Engine, Failure> {
+        self.engine
+            .get_or_init(|| {
+                wasm::Engine::new(wasm::EngineConfig {
+                    cache_dir: Some(launch::wasm::cache_dir(&self.root)),
+                    max_instances: 1,
+                    ..Default::default()
+                })
+                .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(failed)
+    }
+
+    /// Prepares and launches task `id`; on failure nothing is left behind (overlay, netns,
+    /// CNI attachments, GPU allocation, records).
+    pub fn start(&self, id: &str, spec: &TaskSpec) -> Result<Launched, Failure> {
+        match TaskKind::try_from(spec.kind).unwrap_or_default() {
+            TaskKind::NativeImage => self.start_native(id, spec),
+            TaskKind::Wasm | TaskKind::WasmHttp => {
+                let ts = self.wasm_spec(id, spec)?;
+                self.rt.launch(ts).map_err(failed)
+            }
+            TaskKind::Unspecified => Err(failed("task kind is missing")),
+        }
+    }
+
+    /// The module of a Wasm task: a file on the agent's host, or a Wasm image in its store.
+    fn wasm_module(&self, spec: &TaskSpec) -> Result<(PathBuf, Vec<String>, Vec<String>), Failure> {
+        let p = Path::new(&spec.image);
+        if p.is_absolute() || spec.image.ends_with(".wasm") || spec.image.ends_with(".wat") {
+            let module = std::fs::canonicalize(p)
+                .map_err(|e| failed(format!("Wasm module {}: {e}", spec.image)))?;
+            let mut argv = vec![module
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()];
+            argv.extend(spec.command.iter().cloned());
+            return Ok((module, argv, spec.env.clone()));
+        }
+        let store = containerizer::image::Store::open(&self.root).map_err(failed)?;
+        let record = match store.resolve(&spec.image) {
+            Ok(r) => r,
+            Err(containerizer::image::Error::ImageNotKnown(_)) => {
+                crate::images::pull_for_run(&store, &spec.image)
+                    .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")))?
+            }
+            Err(e) => return Err((Reason::ImagePullFailed, e.to_string())),
+        };
+        let overrides = launch::ProcessOverrides {
+            cmd: spec.command.clone(),
+            env: spec.env.clone(),
+            ..Default::default()
+        };
+        match crate::containers::wasm_run::module_of_image(&store, &record, &overrides) {
+            Ok(Some(crate::containers::wasm_run::WasmSource::Image { module, argv, env })) => {
+                Ok((module, argv, env))
+            }
+            Ok(_) => Err(failed(format!("{} is not a Wasm image", spec.image))),
+            Err(e) => Err(failed(format!("{e:#}"))),
+        }
+    }
+
+    fn wasm_spec(&self, id: &str, spec: &TaskSpec) -> Result<launch::TaskSpec, Failure> {
+        let http = TaskKind::try_from(spec.kind) == Ok(TaskKind::WasmHttp);
+        let (module, argv, env) = self.wasm_module(spec)?;
+        let res = spec.resources.clone().unwrap_or_default();
+        let listen = if http {
+            let port = http_port(spec)
+                .ok_or_else(|| failed("a wasi:http service needs exactly one port"))?;
+            Some(format!("0.0.0.0:{port}"))
+        } else {
+            None
+        };
+        let run = wasm::RunSpec {
+            module,
+            argv,
+            env,
+            preopens: spec
+                .volumes
+                .iter()
+                .map(|v| wasm::Preopen {
+                    host: v.host_path.clone().into(),
+                    guest: v.container_path.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
+            limits: wasm::Limits {
+                memory_bytes: (res.memory_bytes > 0).then_some(res.memory_bytes),
+                table_elements: None,
+            },
+            http: listen,
+            ..Default::default()
+        };
+        // Commands are compiled here (a bad module fails the launch with the engine's
+        // message, and the artifact lands in the cache the host process maps); services are
+        // checked by the host process, which has the HTTP linker.
+        if !http {
+            self.engine()?
+                .load(&wasm::Source::Path(run.module.clone()))
+                .map_err(failed)?;
+        }
+        let mut ts = launch::wasm::wasm_task(run);
+        ts.id = id.to_string();
+        ts.image = spec.image.clone();
+        // The guest's memory is bounded in the engine; the cgroup gets CPU only.
+        ts.limits = launch::Limits {
+            cpus: (res.cpus > 0.0).then_some(res.cpus),
+            ..Default::default()
+        };
+        Ok(ts)
+    }
+
+    fn start_native(&self, id: &str, spec: &TaskSpec) -> Result<Launched, Failure> {
+        let ports: Vec<String> = spec.ports.iter().map(port_arg).collect();
+        let plan = tasknet::plan(&spec.networks, &ports).map_err(|e| failed(format!("{e:#}")))?;
+        let prepared = crate::containers::prepare_image_root(&self.root, &spec.image, id)
+            .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")))?;
+        let owned = prepared.owned.clone();
+        let mut gpus = false;
+        let mut networked = false;
+        let cni = self.cni.cni(&self.root);
+        let undo = |gpus: bool, networked: bool| {
+            if gpus {
+                crate::gpus::release(&self.root, id);
+            }
+            if networked {
+                if let Err(e) = tasknet::detach(&cni, &self.root, id) {
+                    tracing::warn!(task = %id, "releasing the network after a failed launch: {e:#}");
+                }
+            }
+            if let Some(dir) = &owned {
+                let _ = containerizer::image::rootfs::remove(dir);
+            }
+        };
+        let res = (|| -> Result<Launched, Failure> {
+            let process = launch::process_from_image(
+                prepared.config.as_ref(),
+                &launch::ProcessOverrides {
+                    cmd: spec.command.clone(),
+                    env: spec.env.clone(),
+                    workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
+                    ..Default::default()
+                },
+            )
+            .map_err(failed)?;
+            let r = spec.resources.clone().unwrap_or_default();
+            let mut ts = launch::TaskSpec {
+                id: id.to_string(),
+                image: spec.image.clone(),
+                rootfs: prepared.rootfs.clone(),
+                cleanup: prepared.owned.iter().cloned().collect(),
+                rootfs_prepare_us: prepared.prepare_us,
+                process,
+                network: match plan {
+                    tasknet::Plan::Host => launch::NetworkMode::Host,
+                    _ => launch::NetworkMode::None,
+                },
+                volumes: spec
+                    .volumes
+                    .iter()
+                    .map(|v| launch::Volume {
+                        source: v.host_path.clone().into(),
+                        target: v.container_path.clone(),
+                        readonly: v.read_only,
+                    })
+                    .collect(),
+                limits: launch::Limits {
+                    cpus: (r.cpus > 0.0).then_some(r.cpus),
+                    memory: (r.memory_bytes > 0).then_some(r.memory_bytes),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            if r.gpu_count > 0 {
+                let n = r.gpu_count.to_string();
+                gpus = crate::gpus::attach(&self.root, Some(&n), &[], &mut ts)
+                    .map_err(|e| failed(format!("{e:#}")))?;
+            }
+            if let tasknet::Plan::Cni(reqs) = &plan {
+                networked = true;
+                crate::containers::attach_networks(&self.root, &self.cni, &cni, reqs, &mut ts)
+                    .map_err(|e| failed(format!("{e:#}")))?;
+            }
+            self.rt.launch(ts).map_err(failed)
+        })();
+        if res.is_err() {
+            undo(gpus, networked);
+        }
+        res
+    }
+
+    /// Releases what an ended task holds outside its directory: its GPUs and its networks
+    /// (normally already released by the supervisor's exit command). Idempotent.
+    pub fn release(&self, id: &str) {
+        crate::gpus::release(&self.root, id);
+        if let Err(e) = tasknet::detach(&self.cni.cni(&self.root), &self.root, id) {
+            tracing::warn!(task = %id, "releasing the network: {e:#}");
+        }
+    }
+
+    /// The task's launch timings, once the supervisor has recorded it as running: `launch`
+    /// returns on the supervisor's `started` line, which it prints just before writing
+    /// `state.json` (reading it at once sometimes found no timings yet).
+    pub fn running_timings(&self, id: &str) -> launch::Timings {
+        let td = self.rt.dir(id);
+        // Milliseconds normally; seconds only on a host under heavy load.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match td.read_state() {
+                Ok(st) if st.status != launch::Status::Created => return st.timings,
+                _ if Instant::now() >= deadline => return launch::Timings::default(),
+                _ => std::thread::sleep(Duration::from_micros(500)),
+            }
+        }
+    }
+
+    /// For a wasi:http service: waits until its port accepts connections (RUNNING then means
+    /// serving), while the task is alive, for at most `timeout`. False if it never did.
+    pub fn wait_serving(&self, id: &str, port: u16, timeout: Duration) -> bool {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return true;
+            }
+            let ended = self
+                .rt
+                .info(id)
+                .map(|i| i.state.status.is_terminal())
+                .unwrap_or(true);
+            if ended || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// The last lines of a task's stderr (why a Wasm host or a command failed).
+    pub fn stderr_tail(&self, id: &str) -> String {
+        let text = std::fs::read_to_string(self.rt.dir(id).stderr_log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(3)..].join(" | ")
+    }
+}
