@@ -850,8 +850,42 @@ pub fn rm(root: &Path, cni: &CniArgs, a: RmArgs) -> i32 {
         for id in tasknet::sweep_orphans(&cni.cni(root), root) {
             tracing::info!("released the network of an unfinished launch {id}");
         }
+        for id in sweep_orphan_roots(root) {
+            tracing::info!("removed the root filesystem of an unfinished launch {id}");
+        }
         Ok(0)
     })())
+}
+
+/// Root filesystems with no task record, older than the orphan grace period: what a launcher
+/// killed between preparing the root and starting the supervisor left (overlay still mounted).
+fn sweep_orphan_roots(root: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(root.join("rootfs")) else {
+        return vec![];
+    };
+    let grace = tasknet::orphan_grace();
+    let now = std::time::SystemTime::now();
+    let mut done = vec![];
+    for e in rd.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        if root.join("containers").join(&id).exists() {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_none_or(|age| age >= grace);
+        // Re-checked: the launch may have created its record meanwhile.
+        if !old || root.join("containers").join(&id).exists() {
+            continue;
+        }
+        launch::state::unmount_under(&e.path());
+        launch::state::cleanup_owned(&[e.path()]);
+        done.push(id);
+    }
+    done
 }
 
 /// Blocks until each container has ended and prints its exit code (podman wait).

@@ -152,7 +152,7 @@ pub fn detach(cni: &Cni, root: &Path, id: &str) -> anyhow::Result<()> {
 
 /// How old an unowned namespace or attachment must be before [`sweep_orphans`] releases it:
 /// longer than a launch (CNI ADD included) can take. `CAISSON_ORPHAN_GRACE_SECS` overrides.
-fn orphan_grace() -> std::time::Duration {
+pub(crate) fn orphan_grace() -> std::time::Duration {
     let secs = std::env::var("CAISSON_ORPHAN_GRACE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -84,6 +84,14 @@ impl Env {
         assert!(netns.is_empty(), "netns left: {netns:?}");
         let cache: Vec<_> = walk_files(&root.join("cni"));
         assert!(cache.is_empty(), "CNI cache left: {cache:?}");
+        let roots: Vec<_> = std::fs::read_dir(root.join("rootfs"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(roots.is_empty(), "root filesystems left: {roots:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let prefix = format!(" {}/", root.display());
+        let left: Vec<_> = mounts.lines().filter(|l| l.contains(&prefix)).collect();
+        assert!(left.is_empty(), "mounts left: {left:?}");
         // Our bridge plugin deletes the veth pair in the background (the kernel's unregister
         // waits for an RCU grace period): give it a moment.
         for b in bridges {
@@ -426,6 +434,8 @@ fn a_launch_killed_during_add_is_released_by_the_next_rm() {
     launcher.wait().unwrap();
     let netns: Vec<_> = std::fs::read_dir(root.join("netns")).unwrap().collect();
     assert_eq!(netns.len(), 1, "the half-made launch holds a namespace");
+    let roots: Vec<_> = std::fs::read_dir(root.join("rootfs")).unwrap().collect();
+    assert_eq!(roots.len(), 1, "and its root filesystem");
     // Within the grace period a sweep leaves it alone (it could be a launch in progress).
     let (code, _, err) = env.run(&["rm", "-a"]);
     assert_eq!(code, 0, "{err}");
