@@ -303,6 +303,13 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
         })
         .unwrap_or_default();
     assert!(held.is_empty(), "addresses still allocated: {held:?}");
+    // The network goes with its bridge and masquerade rule.
+    let mut rm = std::process::Command::new(caisson_bin());
+    rm.arg("--root")
+        .arg(c.agent_root("a1"))
+        .args(cni)
+        .args(["network", "rm", "-f", net]);
+    run(&mut rm).unwrap();
     del_bridge(bridge);
 }
 
