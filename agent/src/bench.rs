@@ -711,6 +711,29 @@ pub fn fmt_us(us: f64) -> String {
     }
 }
 
+/// The percentile table shared by the bench reports.
+fn print_phases(out: &mut impl Write, phases: &[PhaseStats]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "\n{:<15} {:>10} {:>10} {:>10} {:>10} {:>10}  what",
+        "phase", "min", "p50", "p90", "p99", "max"
+    )?;
+    for p in phases {
+        writeln!(
+            out,
+            "{:<15} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
+            p.name,
+            fmt_us(p.min_us),
+            fmt_us(p.p50_us),
+            fmt_us(p.p90_us),
+            fmt_us(p.p99_us),
+            fmt_us(p.max_us),
+            p.what
+        )?;
+    }
+    Ok(())
+}
+
 fn print_table(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
     let cmd = if r.command.is_empty() {
         String::new()
@@ -737,24 +760,7 @@ fn print_table(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
     if r.phases.is_empty() {
         return Ok(());
     }
-    writeln!(
-        out,
-        "\n{:<15} {:>10} {:>10} {:>10} {:>10} {:>10}  what",
-        "phase", "min", "p50", "p90", "p99", "max"
-    )?;
-    for p in &r.phases {
-        writeln!(
-            out,
-            "{:<15} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
-            p.name,
-            fmt_us(p.min_us),
-            fmt_us(p.p50_us),
-            fmt_us(p.p90_us),
-            fmt_us(p.p99_us),
-            fmt_us(p.max_us),
-            p.what
-        )?;
-    }
+    print_phases(out, &r.phases)?;
     if r.kind == Kind::Native && !r.phases.iter().any(|p| p.name == "network") {
         writeln!(
             out,

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
-use super::{fmt_us, host, stats, Host, PhaseStats};
+use super::{host, stats, Host, PhaseStats};
 use crate::cluster::master::{Master, MasterConfig};
 use crate::cluster::{now_ms, random_id, token_interceptor};
 
@@ -497,23 +497,5 @@ fn print_report(out: &mut impl std::io::Write, r: &MasterReport) -> std::io::Res
         "{} launches, {} heartbeats; CPU {:.2} s (this process); host: kernel {}, {} cpus",
         r.launches, r.heartbeats, r.cpu_seconds, r.host.kernel, r.host.cpus
     )?;
-    writeln!(
-        out,
-        "\n{:<12} {:>10} {:>10} {:>10} {:>10} {:>10}  what",
-        "phase", "min", "p50", "p90", "p99", "max"
-    )?;
-    for p in &r.phases {
-        writeln!(
-            out,
-            "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
-            p.name,
-            fmt_us(p.min_us),
-            fmt_us(p.p50_us),
-            fmt_us(p.p90_us),
-            fmt_us(p.p99_us),
-            fmt_us(p.max_us),
-            p.what
-        )?;
-    }
-    Ok(())
+    super::print_phases(out, &r.phases)
 }
