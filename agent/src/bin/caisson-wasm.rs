@@ -296,10 +296,24 @@ fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs, stop_signals: SigSet) ->
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread by default: it serves a hello service on our 2-CPU machines as fast as two
+    // workers do (the load generator needs the other CPU), and an idle service costs the least.
+    // CAISSON_WASM_HTTP_THREADS=N gives a busy service N worker threads on a bigger host.
+    let threads: usize = std::env::var("CAISSON_WASM_HTTP_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let built = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("caisson-wasm: tokio runtime: {e}");
