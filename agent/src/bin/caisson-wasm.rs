@@ -296,6 +296,9 @@ fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs, stop_signals: SigSet) ->
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
+    // Loading (reading, hashing, maybe compiling the component) left garbage on the heap; an
+    // idle service should not keep it resident.
+    containerizer::sys::wasm::release_free_heap();
     // One thread by default: it serves a hello service on our 2-CPU machines as fast as two
     // workers do (the load generator needs the other CPU), and an idle service costs the least.
     // CAISSON_WASM_HTTP_THREADS=N gives a busy service N worker threads on a bigger host.

@@ -137,6 +137,8 @@ impl Ticker {
                     // waking a parked thread would cost a syscall per request.
                     idle_ticks = if idle { idle_ticks + 1 } else { 0 };
                     if idle_ticks > IDLE_TICKS_BEFORE_PARKING {
+                        // Going idle: what the requests freed need not stay resident.
+                        crate::sys::wasm::release_free_heap();
                         std::thread::park();
                         idle_ticks = 0;
                     } else {
