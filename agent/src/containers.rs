@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// CPU shares (relative weight).
     #[arg(long = "cpu-shares", short = 'c')]
     cpu_shares: Option<u64>,
-    /// Memory limit (e.g. 64m, 1g).
+    /// Memory limit (e.g. 64m, 1g). Wasm tasks: per linear memory (a service: per request).
     #[arg(long, short = 'm')]
     memory: Option<String>,
     /// Maximum number of processes (-1 or 0: unlimited).

@@ -16,7 +16,8 @@ use super::{parse_size, RunArgs};
 #[derive(Args, Debug, Default)]
 pub struct WasmFlags {
     /// Wall-clock limit in seconds (fractions allowed): the task is stopped (exit 124), even in
-    /// an infinite loop. Wasm tasks only.
+    /// an infinite loop. For a wasi:http service (-p/--port): the limit of each request
+    /// (default 30), answered 504 past it while the service goes on. Wasm tasks only.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
     /// Serve a wasi:http/proxy component on this host port (same as `-p PORT:80`).

@@ -287,8 +287,11 @@ fn kill_stop_and_wait_stop_an_infinite_loop() {
     c.ok(&["stop", "-t", "1", "spin2"]);
     let v = inspect(&c, "spin2");
     assert_eq!(v["state"]["status"], "exited");
-    // SIGTERM ends the host process (no handler): 128 + 15.
+    // SIGTERM interrupts the guest at its next epoch check; reported like a native task
+    // ended by SIGTERM: 128 + 15.
     assert_eq!(v["state"]["exit_code"], 143);
+    assert_eq!(v["state"]["reason"], "terminated by SIGTERM");
+    assert_eq!(v["state"]["signal"], 15);
     c.ok(&["rm", "spin", "spin2"]);
     assert!(containers(&c).is_empty());
 }
@@ -672,4 +675,150 @@ fn wasi_http_service_answers_on_its_port() {
     let (code, _, err) = c.run(&["run", "--rm", &g]);
     assert_eq!(code, 126, "{err}");
     assert!(err.contains("wasi:http components are served"), "{err}");
+}
+
+/// A WASI p1 command that writes `line\n` to stdout forever.
+const WRITER_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "line\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 5))
+    (loop $l
+      (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+      (br $l))))"#;
+
+#[test]
+fn sigterm_stops_a_command_between_instructions() {
+    if !require_root() {
+        return;
+    }
+    let c = Caisson::new();
+    let d = tempfile::tempdir().unwrap();
+    let writer = wat(d.path(), "writer.wat", WRITER_WAT);
+    c.ok(&["run", "-d", "--name", "writer", &writer]);
+    wait_status(&c, "writer", "running");
+    // Let it write for a while, then stop it with plenty of grace: SIGTERM alone must end it.
+    std::thread::sleep(Duration::from_millis(300));
+    c.ok(&["stop", "-t", "30", "writer"]);
+    let v = inspect(&c, "writer");
+    assert_eq!(v["state"]["exit_code"], 143, "{v}");
+    assert_eq!(v["state"]["reason"], "terminated by SIGTERM", "{v}");
+    assert_eq!(v["state"]["signal"], 15);
+    // The guest was stopped between writes: the log is whole lines only.
+    let log = c.ok(&["logs", "writer"]);
+    assert!(log.len() > 5, "nothing written");
+    assert!(log.ends_with("line\n"));
+    assert!(log.lines().all(|l| l == "line"), "a torn write in the log");
+    c.ok(&["rm", "writer"]);
+
+    // Blocked in a host call (sleeping), it never reaches an epoch check: the host ends the
+    // task itself shortly after SIGTERM, with the same report, long before the SIGKILL.
+    let Some(g) = rust_guest() else { return };
+    c.ok(&["run", "-d", "--name", "sleeper", &g, "sleep", "600000"]);
+    wait_status(&c, "sleeper", "running");
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    c.ok(&["stop", "-t", "60", "sleeper"]);
+    let v = inspect(&c, "sleeper");
+    assert_eq!(v["state"]["exit_code"], 143, "{v}");
+    assert_eq!(v["state"]["reason"], "terminated by SIGTERM", "{v}");
+    assert!(
+        t.elapsed() < Duration::from_secs(50),
+        "it waited for SIGKILL"
+    );
+    c.ok(&["rm", "sleeper"]);
+    assert!(containers(&c).is_empty());
+}
+
+/// Starts the wasi:http guest as `name` with `extra` flags on a free port and waits until it
+/// answers; returns the port.
+fn start_service(c: &Caisson, g: &str, name: &str, extra: &[&str]) -> u16 {
+    let port = caisson_tests::free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    let mut args = vec!["run", "-d", "--name", name, "-p", &publish];
+    args.extend_from_slice(extra);
+    args.push(g);
+    c.ok(&args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(port, "/").is_err() {
+        assert!(Instant::now() < deadline, "service never answered");
+        assert_eq!(inspect(c, name)["state"]["status"], "running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    port
+}
+
+#[test]
+fn wasi_http_service_stops_gracefully_on_sigterm() {
+    if !require_root() {
+        return;
+    }
+    let Some(g) = http_guest() else { return };
+    let c = Caisson::new();
+    let port = start_service(&c, &g, "graceful", &[]);
+    // A request in flight when SIGTERM arrives is answered in full.
+    let slow = std::thread::spawn(move || http_get(port, "/sleep/2000"));
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    c.ok(&["stop", "-t", "60", "graceful"]);
+    let (status, body) = slow
+        .join()
+        .unwrap()
+        .expect("the request in flight was cut off");
+    assert_eq!(status, 200);
+    assert_eq!(body, "hello from wasi:http GET /sleep/2000\n");
+    let v = inspect(&c, "graceful");
+    assert_eq!(v["state"]["exit_code"], 0, "{v}");
+    assert!(v["state"]["signal"].is_null(), "{v}");
+    assert!(
+        t.elapsed() < Duration::from_secs(50),
+        "it waited for SIGKILL"
+    );
+    assert!(http_get(port, "/").is_err(), "still accepting");
+    let logs = c.cmd().args(["logs", "graceful"]).output().unwrap();
+    let err = String::from_utf8_lossy(&logs.stderr);
+    assert!(err.contains("SIGTERM"), "{err}");
+    c.ok(&["rm", "graceful"]);
+    assert!(containers(&c).is_empty());
+}
+
+#[test]
+fn wasi_http_request_deadline_and_memory_limit_per_request() {
+    if !require_root() {
+        return;
+    }
+    let Some(g) = http_guest() else { return };
+    let c = Caisson::new();
+    let port = start_service(&c, &g, "limited", &["--timeout", "3", "--memory", "24m"]);
+    // A guest computing forever is cut off at its deadline with a 504; meanwhile the service
+    // answers other requests (the spinning guest yields at every epoch tick).
+    let spin = std::thread::spawn(move || http_get(port, "/loop"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http_get(port, "/").unwrap().0, 200);
+    assert!(!spin.is_finished(), "the spinning request ended too early");
+    let (status, body) = spin.join().unwrap().unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("timed out after 3000 ms"), "{body}");
+    // Blocked in a host call past the deadline: the same.
+    let (status, _) = http_get(port, "/sleep/20000").unwrap();
+    assert_eq!(status, 504);
+    // --memory bounds each request's instance: 8 MiB fits, 64 MiB does not; the service lives.
+    assert_eq!(http_get(port, "/alloc/8").unwrap().0, 200);
+    let (status, body) = http_get(port, "/alloc/64").unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("memory limit"), "{body}");
+    assert_eq!(http_get(port, "/alloc/8").unwrap().0, 200);
+    assert_eq!(
+        http_get(port, "/x").unwrap(),
+        (200, "hello from wasi:http GET /x\n".into())
+    );
+    assert_eq!(inspect(&c, "limited")["state"]["status"], "running");
+    let logs = c.cmd().args(["logs", "limited"]).output().unwrap();
+    let err = String::from_utf8_lossy(&logs.stderr);
+    assert!(err.contains("timed out after 3000 ms"), "{err}");
+    assert!(err.contains("memory limit"), "{err}");
+    c.ok(&["rm", "-f", "limited"]);
+    assert!(containers(&c).is_empty());
 }

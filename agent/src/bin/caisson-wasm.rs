@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use containerizer::wasm::{
     self, Engine, EngineConfig, ExitStatus, Preopen, RunSpec, Source, Stdio, EXIT_HOST_ERROR,
 };
+use nix::sys::signal::{SigSet, Signal};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -60,13 +61,16 @@ struct RunArgs {
     /// Environment variable KEY=VALUE (KEY alone copies it from this process).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
-    /// Memory limit per linear memory: bytes, or with a k/m/g suffix.
+    /// Memory limit per linear memory: bytes, or with a k/m/g suffix. For a wasi:http service,
+    /// per request instance.
     #[arg(short = 'm', long, value_name = "BYTES")]
     memory: Option<String>,
     /// Limit on table elements.
     #[arg(long, value_name = "N")]
     table_elements: Option<u64>,
-    /// Wall-clock timeout in seconds (fractions allowed).
+    /// Wall-clock timeout in seconds (fractions allowed). For a wasi:http service, the limit of
+    /// each request's instance (default 30): past it the request is answered 504 and the
+    /// service goes on.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
     /// Redirect the guest's stdin from a file.
@@ -96,6 +100,16 @@ struct RunArgs {
 
 fn main() {
     containerizer::sys::default_sigpipe();
+    // First of all, before any thread exists (every thread inherits the mask): from here on a
+    // SIGTERM waits for the handling `run` sets up instead of killing the process mid-write.
+    // The supervisor already execs us with them blocked; this covers a direct start.
+    let stop_signals = match block_stop_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("caisson-wasm: blocking signals: {e}");
+            std::process::exit(EXIT_HOST_ERROR);
+        }
+    };
     // Logging only when asked: a one-shot host process should not pay for it by default.
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
@@ -105,8 +119,12 @@ fn main() {
     }
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run(args) => run(*args),
-        Cmd::Compile { cache, files } => compile(cache, files),
+        Cmd::Run(args) => run(*args, stop_signals),
+        Cmd::Compile { cache, files } => {
+            // Nothing to stop gracefully: the signals' default action is right.
+            let _ = stop_signals.thread_unblock();
+            compile(cache, files)
+        }
     };
     std::process::exit(code);
 }
@@ -155,7 +173,7 @@ fn fail(e: &wasm::Error) -> i32 {
     e.exit_code()
 }
 
-fn run(args: RunArgs) -> i32 {
+fn run(args: RunArgs, stop_signals: SigSet) -> i32 {
     let spec = match to_spec(&args) {
         Ok(s) => s,
         Err(e) => {
@@ -164,7 +182,7 @@ fn run(args: RunArgs) -> i32 {
         }
     };
     if let Some(addr) = &spec.http {
-        return serve(&spec, addr, &args.cache);
+        return serve(&spec, addr, &args.cache, stop_signals);
     }
     let engine = match engine(&args.cache) {
         Ok(e) => e,
@@ -191,6 +209,11 @@ fn run(args: RunArgs) -> i32 {
     if let Some(ms) = spec.timeout_ms {
         watchdog(Duration::from_millis(ms), args.status_file.clone());
     }
+    // SIGTERM/SIGINT stop the guest between two Wasm instructions (never in the middle of a
+    // host call such as a write), and the task reports how it ended.
+    let kill = wasm::KillSwitch::new();
+    task.kill = Some(kill.clone());
+    on_stop_signal(stop_signals, args.status_file.clone(), kill);
     let status = match engine.run(&program, task) {
         Ok(s) => s,
         Err(e) => return fail(&e),
@@ -205,12 +228,53 @@ fn run(args: RunArgs) -> i32 {
         }
         other => eprintln!("caisson-wasm: {}: {other}", spec.module.display()),
     }
-    write_status(args.status_file.as_deref(), &status);
-    status.exit_code()
+    finish(args.status_file.as_deref(), &status)
 }
 
-/// Serves a `wasi:http/proxy` component on `addr` until this process is stopped.
-fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs) -> i32 {
+/// Writes the status file and exits: once per process, whichever thread (the task's, the
+/// watchdog, the signal thread) gets here first. Any other caller waits for the exit.
+fn finish(status_file: Option<&std::path::Path>, status: &ExitStatus) -> ! {
+    static FINISHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = FINISHING.lock().unwrap_or_else(|e| e.into_inner());
+    write_status(status_file, status);
+    std::process::exit(status.exit_code())
+}
+
+/// SIGTERM and SIGINT, blocked in this thread (and so in every thread it starts).
+fn block_stop_signals() -> nix::Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block()?;
+    Ok(set)
+}
+
+/// Waits for a signal of `set` on a thread of its own and stops the guest through `kill` at its
+/// next epoch check. A guest blocked in a host call (sleeping, reading) never reaches one: past
+/// a short grace the process ends itself, reporting the same status.
+fn on_stop_signal(set: SigSet, status_file: Option<PathBuf>, kill: wasm::KillSwitch) {
+    const GRACE: Duration = Duration::from_millis(500);
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let Ok(sig) = set.wait() else { return };
+            kill.terminate(sig as i32);
+            std::thread::sleep(GRACE);
+            let status = ExitStatus::Terminated { signal: sig as i32 };
+            eprintln!("caisson-wasm: {status} (in a host call)");
+            finish(status_file.as_deref(), &status);
+        });
+    if let Err(e) = spawned {
+        // Without it the default action (the process ends by the signal) still applies.
+        eprintln!("caisson-wasm: signal thread: {e}");
+        let _ = set.thread_unblock();
+    }
+}
+
+/// Serves a `wasi:http/proxy` component on `addr` until this process is stopped (SIGTERM or
+/// SIGINT: a graceful stop, exit 0).
+fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs, stop_signals: SigSet) -> i32 {
     let env = spec
         .env
         .iter()
@@ -223,16 +287,36 @@ fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs) -> i32 {
             cache_dir: cache_dir(cache),
             limits: spec.limits,
             env,
+            request_timeout: spec
+                .timeout_ms
+                .map_or(wasm::DEFAULT_REQUEST_TIMEOUT, Duration::from_millis),
             ..Default::default()
         },
     ) {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Loading (reading, hashing, maybe compiling the component) left garbage on the heap; an
+    // idle service should not keep it resident.
+    containerizer::sys::wasm::release_free_heap();
+    // One thread by default: it serves a hello service on our 2-CPU machines as fast as two
+    // workers do (the load generator needs the other CPU), and an idle service costs the least.
+    // CAISSON_WASM_HTTP_THREADS=N gives a busy service N worker threads on a bigger host.
+    let threads: usize = std::env::var("CAISSON_WASM_HTTP_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let built = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("caisson-wasm: tokio runtime: {e}");
@@ -246,7 +330,23 @@ fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs) -> i32 {
             service.name(),
             listener.local_addr()?
         );
-        service.serve(listener).await
+        // SIGTERM (`caisson stop`) or SIGINT: stop accepting, answer the requests in
+        // flight, exit 0.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        // The handlers are in place: let the signals (and any already pending) through.
+        stop_signals
+            .thread_unblock()
+            .map_err(std::io::Error::from)?;
+        let stop = async move {
+            let sig = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            eprintln!("caisson-wasm: {sig}: finishing the requests in flight");
+        };
+        service.serve_until(listener, stop).await
     });
     match res {
         Ok(()) => 0,
@@ -277,8 +377,7 @@ fn watchdog(timeout: Duration, status_file: Option<PathBuf>) {
             after_ms: timeout.as_millis() as u64,
         };
         eprintln!("caisson-wasm: {status} (stuck in a host call)");
-        write_status(status_file.as_deref(), &status);
-        std::process::exit(status.exit_code());
+        finish(status_file.as_deref(), &status);
     });
 }
 

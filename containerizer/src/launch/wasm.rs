@@ -254,7 +254,15 @@ pub(super) fn supervise(
                 let mut b = [0u8; 1];
                 let _ = nix::unistd::read(&go_r, &mut b);
             }
+            // SIGTERM/SIGINT stay blocked across the exec until the host has its handling in
+            // place: a `stop` right after the start must not kill it mid-setup.
             let ok = sys::reset_signals()
+                .and_then(|()| {
+                    let mut stop = nix::sys::signal::SigSet::empty();
+                    stop.add(nix::sys::signal::Signal::SIGTERM);
+                    stop.add(nix::sys::signal::Signal::SIGINT);
+                    stop.thread_block().map_err(std::io::Error::from)
+                })
                 .and_then(|()| sys::dup2(devnull.as_raw_fd(), 0))
                 .and_then(|()| sys::dup2(stdout_fd.as_raw_fd(), 1))
                 .and_then(|()| sys::dup2(stderr_fd.as_raw_fd(), 2));
@@ -361,6 +369,10 @@ pub(super) fn supervise(
     let wasm_status: Option<ExitStatus> = fs::read(&status_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
+    // Stopped by a signal it handled: recorded as the signal, like a native task's.
+    if let Some(ExitStatus::Terminated { signal }) = wasm_status {
+        state.signal = state.signal.or(Some(signal));
+    }
     let (reason, error) = outcome(status.0, status.1, wasm_status.as_ref());
     state.reason = reason;
     state.error = error;
@@ -407,6 +419,7 @@ fn outcome(
             (Some(format!("timeout after {after_ms} ms")), None)
         }
         Some(ExitStatus::Killed) => (Some("killed".into()), None),
+        Some(s @ ExitStatus::Terminated { .. }) => (Some(s.to_string()), None),
         Some(ExitStatus::Exited { .. }) => (None, None),
         // No report: the module could not be loaded (the reason is in stderr.log) or the host
         // process died.
@@ -448,6 +461,10 @@ mod tests {
             (None, None)
         );
         assert!(outcome(126, None, None).0.is_some());
+        assert_eq!(
+            outcome(143, None, Some(&ExitStatus::Terminated { signal: 15 })).0,
+            Some("terminated by SIGTERM".into())
+        );
     }
 
     #[test]

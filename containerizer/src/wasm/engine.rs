@@ -641,8 +641,8 @@ impl Engine {
         let kill = task.kill.clone();
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
-            if kill.as_ref().is_some_and(|k| k.is_killed()) {
-                return Err(wasmtime::Error::new(Interrupted::Killed));
+            if let Some(why) = kill.as_ref().and_then(|k| k.interruption()) {
+                return Err(wasmtime::Error::new(why));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(wasmtime::Error::new(Interrupted::Timeout));

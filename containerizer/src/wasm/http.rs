@@ -4,21 +4,35 @@
 //!
 //! The engine is separate from [`super::Engine`]: serving needs wasmtime's async support (a
 //! request's guest runs on a fiber while hyper and tokio drive the sockets).
-use super::task::Limits;
+use super::task::{Interrupted, Limits, TaskLimiter};
 use super::{Error, Result};
 use sha2::{Digest, Sha256};
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Config, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// How long one request's instance may run when [`ServiceConfig::request_timeout`] is not set.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Period of the epoch ticker while requests are in flight: how soon a guest that loops yields
+/// to other requests, and the granularity of the request deadline.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Ticks without a request in flight before the ticker parks.
+const IDLE_TICKS_BEFORE_PARKING: u32 = 50;
 
 /// How a service is hosted.
 #[derive(Debug, Clone)]
@@ -27,10 +41,14 @@ pub struct ServiceConfig {
     pub cache_dir: Option<PathBuf>,
     /// Requests in flight at once (pooled instances and fiber stacks).
     pub max_concurrent: u32,
-    /// Per-request limits (linear memory, tables).
+    /// Per-request limits (linear memory, tables): each request's instance gets them whole.
     pub limits: Limits,
     /// `KEY=VALUE` environment every instance sees.
     pub env: Vec<(String, String)>,
+    /// Wall-clock limit of one request's instance, from instantiation to the end of its
+    /// handler: past it the guest is stopped (even in an infinite loop, or blocked in a host
+    /// call) and the request answered 504 if no response was sent yet.
+    pub request_timeout: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -40,6 +58,7 @@ impl Default for ServiceConfig {
             max_concurrent: 128,
             limits: Limits::default(),
             env: vec![],
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -48,7 +67,7 @@ struct RequestHost {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: TaskLimiter,
 }
 
 impl WasiView for RequestHost {
@@ -78,6 +97,87 @@ struct ServiceInner {
     name: String,
     pre: ProxyPre<RequestHost>,
     config: ServiceConfig,
+    ticker: Arc<Ticker>,
+}
+
+impl Drop for ServiceInner {
+    fn drop(&mut self) {
+        self.ticker.stop();
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] while at least one request is in flight,
+/// and sleeps (parked, no wake-ups) while the service is idle: an idle service costs no CPU.
+/// A thread of its own, so it ticks even while a guest spins on the runtime's only thread.
+struct Ticker {
+    in_flight: AtomicUsize,
+    stopped: AtomicBool,
+    thread: std::thread::Thread,
+}
+
+impl Ticker {
+    fn start(engine: wasmtime::Engine) -> Result<Arc<Self>> {
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Ticker>>();
+        let handle = std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            // It only sleeps and bumps a counter.
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let Ok(t) = rx.recv() else { return };
+                let t = Arc::downgrade(&t);
+                let mut idle_ticks = 0;
+                loop {
+                    let Some(ticker) = t.upgrade() else { return };
+                    if ticker.stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let idle = ticker.in_flight.load(Ordering::Acquire) == 0;
+                    drop(ticker);
+                    // Park only after a quiet while: between the requests of a busy service,
+                    // waking a parked thread would cost a syscall per request.
+                    idle_ticks = if idle { idle_ticks + 1 } else { 0 };
+                    if idle_ticks > IDLE_TICKS_BEFORE_PARKING {
+                        // Going idle: what the requests freed need not stay resident.
+                        crate::sys::wasm::release_free_heap();
+                        std::thread::park();
+                        idle_ticks = 0;
+                    } else {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                }
+            })
+            .map_err(|e| Error::Engine(format!("epoch ticker thread: {e}")))?;
+        let ticker = Arc::new(Ticker {
+            in_flight: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+            thread: handle.thread().clone(),
+        });
+        tx.send(ticker.clone())
+            .map_err(|_| Error::Engine("epoch ticker thread ended".into()))?;
+        Ok(ticker)
+    }
+
+    /// Marks a request in flight until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> InFlight {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.thread.unpark();
+        }
+        InFlight(self.clone())
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+}
+
+struct InFlight(Arc<Ticker>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Service {
@@ -86,6 +186,11 @@ impl Service {
     pub fn load(path: &Path, config: ServiceConfig) -> Result<Self> {
         let name = path.display().to_string();
         let n = config.max_concurrent.max(1);
+        let keep_resident = if PoolingAllocationConfig::is_pagemap_scan_available() {
+            2 << 20
+        } else {
+            64 << 10
+        };
         let mut pool = PoolingAllocationConfig::default();
         pool.total_core_instances(n * 4)
             .total_component_instances(n)
@@ -93,12 +198,17 @@ impl Service {
             .total_tables(n * 4)
             .total_stacks(n)
             .max_memory_size(1 << 30)
-            .linear_memory_keep_resident(64 << 10)
-            .table_keep_resident(1 << 16);
+            // Reset only the pages a request dirtied (PAGEMAP_SCAN, Linux 6.7+), in place, up to
+            // this much: no madvise, so no TLB shootdowns and no page faults on the next
+            // request. Without PAGEMAP_SCAN this much is memset on every reset instead.
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .linear_memory_keep_resident(keep_resident)
+            .table_keep_resident(keep_resident);
         let mut cfg = Config::new();
         cfg.strategy(wasmtime::Strategy::Cranelift)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .memory_init_cow(true);
+            .memory_init_cow(true)
+            .epoch_interruption(true);
         let engine =
             wasmtime::Engine::new(&cfg).map_err(|e| Error::Engine(format!("config: {e:#}")))?;
         let bytes = std::fs::read(path).map_err(|source| Error::Io {
@@ -146,7 +256,13 @@ impl Service {
                 "not a wasi:http/proxy component (no wasi:http/incoming-handler export): {e:#}"
             ),
         })?;
-        Ok(Self(Arc::new(ServiceInner { name, pre, config })))
+        let ticker = Ticker::start(engine)?;
+        Ok(Self(Arc::new(ServiceInner {
+            name,
+            pre,
+            config,
+            ticker,
+        })))
     }
 
     pub fn name(&self) -> &str {
@@ -155,101 +271,241 @@ impl Service {
 
     /// Serves connections from `listener` until the future is dropped.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        self.serve_until(listener, std::future::pending()).await
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes, then shuts down
+    /// gracefully: the listener is closed (new connections are refused), idle keep-alive
+    /// connections are closed, and requests in flight are answered before this returns. A
+    /// request cannot outlive [`ServiceConfig::request_timeout`], so neither can the drain.
+    pub async fn serve_until(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        // Every connection task holds a receiver: when none is left, all are done.
+        let (stop_tx, _) = tokio::sync::watch::channel(false);
+        tokio::pin!(shutdown);
         loop {
-            let (conn, _) = listener.accept().await?;
+            let conn = tokio::select! {
+                r = listener.accept() => r,
+                () = &mut shutdown => break,
+            };
+            let conn = match conn {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: the service
+                    // goes on (back off a little so a full fd table is not a busy loop).
+                    tracing::warn!(service = %self.0.name, "accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
             let _ = conn.set_nodelay(true);
             let svc = self.clone();
+            let mut stop = stop_tx.subscribe();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let svc = svc.clone();
-                    async move {
-                        // A failed request (a trap, no response) is a 500 for that request
-                        // only; the connection and the service go on.
-                        Ok::<_, std::convert::Infallible>(match svc.handle(req).await {
-                            Ok(resp) => resp,
-                            Err(_) => internal_error(),
-                        })
-                    }
+                    async move { Ok::<_, std::convert::Infallible>(svc.handle(req).await) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(conn), service)
-                    .await
-                {
+                    .serve_connection(TokioIo::new(conn), service);
+                tokio::pin!(conn);
+                let res = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = res {
                     tracing::debug!("connection: {e}");
                 }
+                drop(stop);
             });
         }
+        drop(listener);
+        let _ = stop_tx.send(true);
+        let limit = self.0.config.request_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(limit, stop_tx.closed()).await.is_err() {
+            tracing::warn!(service = %self.0.name, "connections still open after {limit:?}");
+        }
+        Ok(())
     }
 
-    /// One request: a fresh instance, its handler called, the response it sets.
+    /// One request: a fresh instance, its handler called, the response it sets, or an error
+    /// response if it failed (trap, memory limit: 500; past its deadline: 504).
     async fn handle(
         &self,
         req: hyper::Request<hyper::body::Incoming>,
-    ) -> wasmtime::Result<hyper::Response<HyperOutgoingBody>> {
+    ) -> hyper::Response<HyperOutgoingBody> {
         let inner = &self.0;
+        let in_flight = inner.ticker.enter();
+        let timeout = inner.config.request_timeout;
+        let deadline = Instant::now() + timeout;
         let mut wasi = WasiCtx::builder();
         wasi.inherit_stdout()
             .inherit_stderr()
             .envs(&inner.config.env);
-        let mut limits = StoreLimitsBuilder::new().trap_on_grow_failure(true);
-        if let Some(m) = inner.config.limits.memory_bytes {
-            limits = limits.memory_size(usize::try_from(m).unwrap_or(usize::MAX));
-        }
-        if let Some(t) = inner.config.limits.table_elements {
-            limits = limits.table_elements(usize::try_from(t).unwrap_or(usize::MAX));
-        }
         let mut store = Store::new(
             inner.pre.engine(),
             RequestHost {
                 wasi: wasi.build(),
                 http: WasiHttpCtx::new(),
                 table: ResourceTable::new(),
-                limits: limits.build(),
+                limits: TaskLimiter::new(&inner.config.limits),
             },
         );
         store.limiter(|h| &mut h.limits);
+        // A guest that computes yields to the other requests at every tick, and is stopped
+        // at its deadline.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                return Err(wasmtime::Error::new(Interrupted::Timeout));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        let req = store
+        let prepared = store
             .data_mut()
             .http()
-            .new_incoming_request(Scheme::Http, req)?;
-        let out = store.data_mut().http().new_response_outparam(sender)?;
+            .new_incoming_request(Scheme::Http, req)
+            .and_then(|req| {
+                let out = store.data_mut().http().new_response_outparam(sender)?;
+                Ok((req, out))
+            });
+        let (req, out) = match prepared {
+            Ok(v) => v,
+            Err(e) => {
+                return error_response(
+                    hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("request: {e:#}"),
+                )
+            }
+        };
         let pre = inner.pre.clone();
-        // The guest may keep running after it has sent the response head (streaming a body).
-        let task = tokio::spawn(async move {
-            let proxy = pre.instantiate_async(&mut store).await?;
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(store, req, out)
-                .await
-        });
-        match receiver.await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => {
-                let e = match task.await {
-                    Ok(Ok(())) => wasmtime::format_err!("the guest set no response"),
-                    Ok(Err(e)) => e,
-                    Err(e) => e.into(),
+        let run = async move {
+            let _in_flight = in_flight;
+            let run = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+            };
+            // The epoch stops a guest running Wasm code; this stops one blocked in a host call.
+            let res = match tokio::time::timeout(timeout, run).await {
+                Ok(r) => r,
+                Err(_) => Err(wasmtime::Error::new(Interrupted::Timeout)),
+            };
+            res.map_err(|e| (e, store.data_mut().limits.hit.take()))
+        };
+        // The guest runs on this task (no spawn, no hop to another thread) until it has set its
+        // response; usually it has written the whole body by then too and has ended, so hyper
+        // sends head and body together. A guest still running (streaming, or blocked) goes on
+        // in a task of its own while hyper sends what it has.
+        let mut run = Box::pin(run);
+        let mut receiver = receiver;
+        let mut ended = None;
+        let head = std::future::poll_fn(|cx| {
+            if ended.is_none() {
+                if let std::task::Poll::Ready(r) = run.as_mut().poll(cx) {
+                    ended = Some(r);
+                }
+            }
+            std::pin::Pin::new(&mut receiver).poll(cx)
+        })
+        .await;
+        let has_head = head.is_ok();
+        let ended = match (ended, has_head) {
+            (Some(r), _) => r,
+            (None, true) => {
+                let name = inner.name.clone();
+                tokio::spawn(async move {
+                    if let Err((e, limit)) = run.await {
+                        let why = failure(&e, limit, timeout).1;
+                        eprintln!("caisson-wasm: {name}: request failed after its response: {why}");
+                    }
+                });
+                return match head {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(e)) => error_response(
+                        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("the handler answered with an error: {e:?}"),
+                    ),
+                    Err(_) => unreachable!("matched Ok above"),
                 };
-                tracing::warn!(service = %inner.name, "request failed: {e:#}");
-                eprintln!("caisson-wasm: {}: request failed: {e:#}", inner.name);
-                Err(e)
+            }
+            // The sender is dropped only with the store, which `run` owns until it ends.
+            (None, false) => run.await,
+        };
+        match (head, ended) {
+            (Ok(Ok(resp)), Ok(())) => resp,
+            (Ok(Ok(resp)), Err((e, limit))) => {
+                // Failed after sending its head: the body is cut short; the client sees it.
+                let why = failure(&e, limit, timeout).1;
+                eprintln!(
+                    "caisson-wasm: {}: request failed after its response: {why}",
+                    inner.name
+                );
+                resp
+            }
+            (Ok(Err(e)), _) => error_response(
+                hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the handler answered with an error: {e:?}"),
+            ),
+            (Err(_), ended) => {
+                let (status, why) = match ended {
+                    Ok(()) => (
+                        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                        "the guest set no response".to_string(),
+                    ),
+                    Err((e, limit)) => failure(&e, limit, timeout),
+                };
+                tracing::warn!(service = %inner.name, "request failed: {why}");
+                eprintln!("caisson-wasm: {}: request failed: {why}", inner.name);
+                error_response(status, why)
             }
         }
     }
 }
 
-fn internal_error() -> hyper::Response<HyperOutgoingBody> {
+/// The status and message for a request whose guest failed with `e` (`limit`: the memory limit
+/// it hit, if that is why).
+fn failure(
+    e: &wasmtime::Error,
+    limit: Option<String>,
+    timeout: Duration,
+) -> (hyper::StatusCode, String) {
+    if e.downcast_ref::<Interrupted>().is_some() {
+        return (
+            hyper::StatusCode::GATEWAY_TIMEOUT,
+            format!("timed out after {} ms", timeout.as_millis()),
+        );
+    }
+    match limit {
+        Some(limit) => (
+            hyper::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("memory limit: {limit}"),
+        ),
+        None => (hyper::StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+fn error_response(status: hyper::StatusCode, why: String) -> hyper::Response<HyperOutgoingBody> {
     use http_body_util::BodyExt;
-    let body = http_body_util::Full::new(hyper::body::Bytes::from_static(
-        b"internal error: the Wasm handler failed\n",
-    ))
-    .map_err(|never| match never {})
-    .boxed_unsync();
+    let text = match status {
+        hyper::StatusCode::GATEWAY_TIMEOUT => format!("the Wasm handler {why}\n"),
+        _ => format!("internal error: the Wasm handler failed: {why}\n"),
+    };
+    let body = http_body_util::Full::new(hyper::body::Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed_unsync();
     let mut resp = hyper::Response::new(body);
-    *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+    *resp.status_mut() = status;
     resp
 }
 

@@ -23,13 +23,13 @@ mod spec;
 mod task;
 
 pub use engine::{CacheOrigin, Engine, EngineConfig, Program, ProgramKind, RunTimings};
-pub use http::{Service, ServiceConfig};
+pub use http::{Service, ServiceConfig, DEFAULT_REQUEST_TIMEOUT};
 pub use source::{
     is_wasm_layer_media_type, is_wasm_platform, module_from_layer, module_from_rootfs, sniff,
     Source, WasmKind, WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPES,
 };
 pub use spec::{parse_memory, RunSpec};
-pub use task::{ExitStatus, KillSwitch, Limits, Preopen, Stdio, TaskSpec};
+pub use task::{signal_name, ExitStatus, KillSwitch, Limits, Preopen, Stdio, TaskSpec};
 
 use std::path::PathBuf;
 

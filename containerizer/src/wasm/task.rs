@@ -3,7 +3,7 @@ use super::{Error, Result, EXIT_KILLED, EXIT_TIMEOUT, EXIT_TRAP};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime_wasi::cli::{InputFile, OutputFile};
@@ -46,22 +46,41 @@ pub struct Limits {
 }
 
 /// Stops a running task from another thread: the guest is interrupted at its next epoch check
-/// (within one engine tick) and ends with [`ExitStatus::Killed`].
+/// (within one engine tick) and ends with [`ExitStatus::Killed`] ([`KillSwitch::kill`]) or
+/// [`ExitStatus::Terminated`] ([`KillSwitch::terminate`], e.g. on SIGTERM).
 ///
 /// A guest blocked inside a host call (reading stdin, sleeping) stops when that call returns;
 /// a supervised host process should therefore also be killable as a whole.
 #[derive(Debug, Clone, Default)]
-pub struct KillSwitch(Arc<AtomicBool>);
+pub struct KillSwitch(Arc<AtomicI32>);
+
+/// What [`KillSwitch`] holds for [`KillSwitch::kill`] (0 means "running").
+const KILLED: i32 = 9;
 
 impl KillSwitch {
     pub fn new() -> Self {
         Self::default()
     }
     pub fn kill(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.store(KILLED, Ordering::Relaxed);
+    }
+    /// Stops the task as terminated by `signal` (its exit code is 128 + `signal`, as a native
+    /// process ended by that signal reports). A later [`KillSwitch::kill`] still wins.
+    pub fn terminate(&self, signal: i32) {
+        let _ = self
+            .0
+            .compare_exchange(0, signal.max(1), Ordering::Relaxed, Ordering::Relaxed);
     }
     pub fn is_killed(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.load(Ordering::Relaxed) != 0
+    }
+    /// Why the task must stop, if it must.
+    pub(crate) fn interruption(&self) -> Option<Interrupted> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            KILLED => Some(Interrupted::Killed),
+            sig => Some(Interrupted::Signal(sig)),
+        }
     }
 }
 
@@ -104,6 +123,9 @@ pub enum ExitStatus {
     Timeout { after_ms: u64 },
     /// The task was stopped through its [`KillSwitch`].
     Killed,
+    /// The task was stopped by a signal to its host process (SIGTERM from `caisson stop`),
+    /// between two Wasm instructions rather than in the middle of a host call.
+    Terminated { signal: i32 },
 }
 
 impl ExitStatus {
@@ -115,6 +137,7 @@ impl ExitStatus {
             ExitStatus::Trap { .. } => EXIT_TRAP,
             ExitStatus::MemoryLimit { .. } | ExitStatus::Killed => EXIT_KILLED,
             ExitStatus::Timeout { .. } => EXIT_TIMEOUT,
+            ExitStatus::Terminated { signal } => 128 + signal,
         }
     }
 
@@ -131,8 +154,18 @@ impl std::fmt::Display for ExitStatus {
             ExitStatus::MemoryLimit { detail } => write!(f, "memory limit: {detail}"),
             ExitStatus::Timeout { after_ms } => write!(f, "timed out after {after_ms} ms"),
             ExitStatus::Killed => write!(f, "killed"),
+            ExitStatus::Terminated { signal } => {
+                write!(f, "terminated by {}", signal_name(*signal))
+            }
         }
     }
+}
+
+/// `SIGTERM` for 15, `signal 99` for a number that is not a signal.
+pub fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {signal}"))
 }
 
 /// Why the epoch callback stopped the guest. Carried inside the wasmtime error so the outcome can
@@ -141,6 +174,7 @@ impl std::fmt::Display for ExitStatus {
 pub(crate) enum Interrupted {
     Timeout,
     Killed,
+    Signal(i32),
 }
 
 impl std::fmt::Display for Interrupted {
@@ -148,6 +182,7 @@ impl std::fmt::Display for Interrupted {
         match self {
             Interrupted::Timeout => f.write_str("task timed out"),
             Interrupted::Killed => f.write_str("task killed"),
+            Interrupted::Signal(s) => write!(f, "task terminated by {}", signal_name(*s)),
         }
     }
 }
@@ -173,7 +208,7 @@ pub(crate) struct TaskLimiter {
 }
 
 impl TaskLimiter {
-    fn new(limits: &Limits) -> Self {
+    pub(crate) fn new(limits: &Limits) -> Self {
         let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
         Self {
             memory: limits.memory_bytes.map(clamp),
@@ -337,6 +372,7 @@ pub(crate) fn classify(err: wasmtime::Error, host: &Host, timeout: Option<Durati
     }
     match err.downcast_ref::<Interrupted>() {
         Some(Interrupted::Killed) => return ExitStatus::Killed,
+        Some(Interrupted::Signal(signal)) => return ExitStatus::Terminated { signal: *signal },
         Some(Interrupted::Timeout) => {
             return ExitStatus::Timeout {
                 after_ms: timeout.map_or(0, |t| t.as_millis() as u64),

@@ -173,6 +173,33 @@ fn kill_switch_stops_an_infinite_loop() {
 }
 
 #[test]
+fn terminate_reports_the_signal() {
+    let p = engine()
+        .load(&wat(
+            "loop.wat",
+            include_str!("../../../tests/guests/loop.wat"),
+        ))
+        .unwrap();
+    let kill = KillSwitch::new();
+    let k = kill.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        k.terminate(15);
+        // A later terminate does not change the reason.
+        k.terminate(2);
+    });
+    let task = TaskSpec {
+        kill: Some(kill),
+        ..TaskSpec::new(["loop"])
+    };
+    let status = engine().run(&p, task).unwrap();
+    assert_eq!(status, ExitStatus::Terminated { signal: 15 });
+    assert_eq!(status.exit_code(), 143);
+    assert_eq!(status.to_string(), "terminated by SIGTERM");
+    t.join().unwrap();
+}
+
+#[test]
 fn memory_limit_traps_growth_and_is_reported() {
     let p = engine()
         .load(&wat(

@@ -1,5 +1,6 @@
 //! Answers every request with `hello from wasi:http <METHOD> <PATH>`; `/env/NAME` answers the
-//! variable's value, `/trap` traps.
+//! variable's value, `/trap` traps, `/loop` never returns (computing), `/sleep/MS` answers after
+//! MS milliseconds (blocked in a host call), `/alloc/MIB` touches MIB MiB of fresh memory first.
 use wasi::http::types::{
     Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
@@ -18,6 +19,22 @@ impl wasi::exports::http::incoming_handler::Guest for Service {
         };
         if path == "/trap" {
             panic!("trap requested");
+        }
+        if path == "/loop" {
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        if let Some(ms) = path.strip_prefix("/sleep/") {
+            let ms: u64 = ms.parse().unwrap_or(0);
+            wasi::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+        }
+        let mut kept = Vec::new();
+        if let Some(mib) = path.strip_prefix("/alloc/") {
+            for i in 0..mib.parse::<usize>().unwrap_or(0) {
+                kept.push(std::hint::black_box(vec![i as u8; 1 << 20]));
+            }
         }
         let body_text = match path.strip_prefix("/env/") {
             Some(name) => std::env::var(name).unwrap_or_default(),
