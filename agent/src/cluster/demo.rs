@@ -393,6 +393,7 @@ async fn run(work: &Path, a: &DemoArgs, cni: &crate::network::CniArgs) -> Result
     let mut last = [0i32; 3];
     let mut shown_running = false;
     let mut called = false;
+    let mut kill_sent = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     let finals = loop {
         let mut tasks = vec![];
@@ -477,9 +478,12 @@ async fn run(work: &Path, a: &DemoArgs, cni: &crate::network::CniArgs) -> Result
         }
         // The service runs until it is killed: once the others are done.
         if called
+            && !kill_sent
             && tasks[2].state == TaskState::Running as i32
             && tasks[..2].iter().all(|t| t.state().is_terminal())
         {
+            // Once: the loop polls every 50 ms while the service drains.
+            kill_sent = true;
             say("==> killing the microservice");
             client
                 .kill_task(KillTaskRequest {
