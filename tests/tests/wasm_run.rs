@@ -632,26 +632,8 @@ fn wasi_http_service_answers_on_its_port() {
     }
     let Some(g) = http_guest() else { return };
     let c = Caisson::new();
-    let port = caisson_tests::free_port();
-    let publish = format!("127.0.0.1:{port}:80");
-    c.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "-p",
-        &publish,
-        "-e",
-        "GREETING=hi",
-        &g,
-    ]);
     // The first start compiles the component (seconds in a debug build).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http_get(port, "/").is_err() {
-        assert!(Instant::now() < deadline, "service never answered");
-        assert_eq!(inspect(&c, "web")["state"]["status"], "running");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let port = start_service(&c, &g, "web", &["-e", "GREETING=hi"]);
     // A fresh instance per request: every request is answered, in any order.
     for i in 0..20 {
         let (status, body) = http_get(port, &format!("/req/{i}?q=1")).unwrap();
@@ -744,7 +726,12 @@ fn start_service(c: &Caisson, g: &str, name: &str, extra: &[&str]) -> u16 {
     let deadline = Instant::now() + Duration::from_secs(60);
     while http_get(port, "/").is_err() {
         assert!(Instant::now() < deadline, "service never answered");
-        assert_eq!(inspect(c, name)["state"]["status"], "running");
+        let st = inspect(c, name);
+        if st["state"]["status"] != "running" {
+            // Say why (a flake once ended the host before its first answer).
+            let (_, out, err) = c.run(&["logs", name]);
+            panic!("{name} ended before answering: {st}\nlogs: {out}{err}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     port
