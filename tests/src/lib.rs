@@ -493,3 +493,19 @@ impl Default for RawTar {
         Self::new()
     }
 }
+
+/// Every file below `dir` (recursively); empty when `dir` does not exist.
+pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

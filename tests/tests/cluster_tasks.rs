@@ -289,7 +289,7 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
     eventually("no netns left", || {
         std::fs::read_dir(root.join("netns")).map_or(true, |d| d.count() == 0)
     });
-    let cache_files = |dir: &Path| -> usize { walkdir(dir).len() };
+    let cache_files = |dir: &Path| -> usize { walk_files(dir).len() };
     assert_eq!(cache_files(&root.join("cni")), 0, "CNI cache left");
     eventually("no veth on the bridge", || {
         std::fs::read_dir(format!("/sys/class/net/{bridge}/brif")).map_or(true, |d| d.count() == 0)
@@ -311,21 +311,6 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
         .args(["network", "rm", "-f", net]);
     run(&mut rm).unwrap();
     del_bridge(bridge);
-}
-
-fn walkdir(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![];
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walkdir(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[test]

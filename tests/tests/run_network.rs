@@ -119,21 +119,6 @@ impl Drop for Env {
     }
 }
 
-fn walk_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![];
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk_files(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 fn del_bridge(name: &str) {
     let _ = std::process::Command::new("ip")
         .args(["link", "del", name])
