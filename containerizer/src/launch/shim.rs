@@ -305,30 +305,10 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     );
 
     // Supervise.
-    let status = loop {
-        match waitpid(Pid::from_raw(pid), None) {
-            Ok(WaitStatus::Exited(_, code)) => break (code, None),
-            Ok(WaitStatus::Signaled(_, sig, _)) => break (128 + sig as i32, Some(sig as i32)),
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::error!(id = %spec.id, "waitpid: {e}");
-                break (255, None);
-            }
-        }
-    };
+    let status = reap(pid, &spec.id);
     // Started at once, it runs while we account and clean up.
     let mut exit_command = spawn_exit_command(spec);
-    let mut usage = cg.usage();
-    // Without cpuacct/memory accounting (e.g. a v2 tree without those controllers), fall back
-    // to the rusage of the reaped task (its largest process, not the cgroup total).
-    let (cpu_us, maxrss) = sys::children_usage();
-    if usage.cpu_ns == 0 {
-        usage.cpu_ns = cpu_us * 1000;
-    }
-    if usage.memory_peak_bytes == 0 {
-        usage.memory_peak_bytes = maxrss;
-    }
+    let usage = usage_at_exit(&cg);
     state.status = Status::Exited;
     state.exit_code = Some(status.0);
     state.signal = status.1;
@@ -363,6 +343,38 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     // Only now, with nobody waiting on us: freeing the old state files' blocks can be slow.
     drop(replaced);
     0
+}
+
+/// Waits for the task's init to end: its exit code (128 + signal when killed) and the signal.
+/// Shared by the native and the Wasm supervisor.
+pub(super) fn reap(pid: i32, id: &str) -> (i32, Option<i32>) {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return (code, None),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return (128 + sig as i32, Some(sig as i32)),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(id, "waitpid: {e}");
+                return (255, None);
+            }
+        }
+    }
+}
+
+/// The ended task's usage from its cgroup. Without cpuacct/memory accounting (e.g. a v2 tree
+/// without those controllers), falls back to the rusage of the reaped task (its largest
+/// process, not the cgroup total).
+pub(super) fn usage_at_exit(cg: &crate::cgroups::TaskCgroup) -> crate::cgroups::Usage {
+    let mut usage = cg.usage();
+    let (cpu_us, maxrss) = sys::children_usage();
+    if usage.cpu_ns == 0 {
+        usage.cpu_ns = cpu_us * 1000;
+    }
+    if usage.memory_peak_bytes == 0 {
+        usage.memory_peak_bytes = maxrss;
+    }
+    usage
 }
 
 /// Records a launch failure (state `Failed`, reason "launch failed") and tells the launcher.

@@ -35,7 +35,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 use super::spec::{Process, TaskSpec};
@@ -342,26 +342,8 @@ pub(super) fn supervise(
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
 
-    let status = loop {
-        match waitpid(Pid::from_raw(pid), None) {
-            Ok(WaitStatus::Exited(_, code)) => break (code, None),
-            Ok(WaitStatus::Signaled(_, sig, _)) => break (128 + sig as i32, Some(sig as i32)),
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::error!(id = %spec.id, "waitpid: {e}");
-                break (255, None);
-            }
-        }
-    };
-    let mut usage = cg.usage();
-    let (cpu_us, maxrss) = sys::children_usage();
-    if usage.cpu_ns == 0 {
-        usage.cpu_ns = cpu_us * 1000;
-    }
-    if usage.memory_peak_bytes == 0 {
-        usage.memory_peak_bytes = maxrss;
-    }
+    let status = super::shim::reap(pid, &spec.id);
+    let usage = super::shim::usage_at_exit(&cg);
     state.status = Status::Exited;
     state.exit_code = Some(status.0);
     state.signal = status.1;
