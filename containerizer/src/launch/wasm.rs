@@ -338,6 +338,10 @@ pub(super) fn supervise(
     state.timings = timings;
     let _ = writeln!(out, "started {pid}");
     let _ = out.flush();
+    // As the native supervisor: the replaced state files are freed (a synchronous discard on
+    // some filesystems) only after the launcher has heard everything.
+    let mut replaced = vec![];
+    replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
@@ -368,6 +372,7 @@ pub(super) fn supervise(
     if let Err(e) = cg.destroy(Duration::from_secs(10)) {
         tracing::error!(id = %spec.id, "removing the cgroup: {e}");
     }
+    replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
@@ -379,6 +384,7 @@ pub(super) fn supervise(
         while matches!(std::io::Read::read(&mut stdin, &mut buf), Ok(n) if n > 0) {}
         super::shim::remove_task(td, spec, None);
     }
+    drop(replaced);
     0
 }
 
