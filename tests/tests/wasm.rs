@@ -38,28 +38,8 @@ fn rust_guest(target: &'static str) -> Option<PathBuf> {
     static P1: OnceLock<Option<PathBuf>> = OnceLock::new();
     static P2: OnceLock<Option<PathBuf>> = OnceLock::new();
     let cell = if target == "wasm32-wasip1" { &P1 } else { &P2 };
-    cell.get_or_init(|| {
-        let target_dir = workspace().join("target/wasm-guests");
-        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--quiet", "--target", target])
-            .arg("--manifest-path")
-            .arg(guests().join("rust-guest/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env_remove("RUSTFLAGS")
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if std::env::var_os("CI").is_some() {
-                panic!("building the {target} guest failed: {err}");
-            }
-            eprintln!("skipping: cannot build the {target} guest: {err}");
-            return None;
-        }
-        Some(target_dir.join(target).join("release/caisson-guest.wasm"))
-    })
-    .clone()
+    cell.get_or_init(|| caisson_tests::build_guest("rust-guest", target, "caisson-guest.wasm"))
+        .clone()
 }
 
 /// A `caisson-wasm` with its own compile cache.

@@ -27,30 +27,8 @@ fn guest(name: &str) -> String {
 fn rust_guest() -> Option<String> {
     static P1: OnceLock<Option<String>> = OnceLock::new();
     P1.get_or_init(|| {
-        let target_dir = workspace().join("target/wasm-guests");
-        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--quiet", "--target", "wasm32-wasip1"])
-            .arg("--manifest-path")
-            .arg(workspace().join("tests/guests/rust-guest/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env_remove("RUSTFLAGS")
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if std::env::var_os("CI").is_some() {
-                panic!("building the wasm32-wasip1 guest failed: {err}");
-            }
-            eprintln!("skipping: cannot build the wasm32-wasip1 guest: {err}");
-            return None;
-        }
-        Some(
-            target_dir
-                .join("wasm32-wasip1/release/caisson-guest.wasm")
-                .to_string_lossy()
-                .into_owned(),
-        )
+        caisson_tests::build_guest("rust-guest", "wasm32-wasip1", "caisson-guest.wasm")
+            .map(|p| p.to_string_lossy().into_owned())
     })
     .clone()
 }
@@ -557,30 +535,8 @@ fn wasm_images_from_a_registry() {
 fn http_guest() -> Option<String> {
     static G: OnceLock<Option<String>> = OnceLock::new();
     G.get_or_init(|| {
-        let target_dir = workspace().join("target/wasm-guests");
-        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
-            .arg("--manifest-path")
-            .arg(workspace().join("tests/guests/http-guest/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env_remove("RUSTFLAGS")
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if std::env::var_os("CI").is_some() {
-                panic!("building the wasi:http guest failed: {err}");
-            }
-            eprintln!("skipping: cannot build the wasi:http guest: {err}");
-            return None;
-        }
-        Some(
-            target_dir
-                .join("wasm32-wasip2/release/caisson_http_guest.wasm")
-                .to_string_lossy()
-                .into_owned(),
-        )
+        caisson_tests::build_guest("http-guest", "wasm32-wasip2", "caisson_http_guest.wasm")
+            .map(|p| p.to_string_lossy().into_owned())
     })
     .clone()
 }
