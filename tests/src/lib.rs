@@ -535,3 +535,28 @@ pub fn build_guest(name: &str, target: &str, artifact: &str) -> Option<PathBuf> 
     }
     Some(target_dir.join(target).join("release").join(artifact))
 }
+
+/// One HTTP/1.0 GET over loopback; the whole response (head and body), or `None` when the
+/// port does not answer.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` after 20 s.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

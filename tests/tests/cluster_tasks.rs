@@ -4,9 +4,9 @@
 //! NVML of tests/build.rs), and the TLS path (`caisson certs` + mutual TLS).
 use caisson_tests::cluster::*;
 use caisson_tests::*;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A WASI command: says hello, sleeps `secs` s (poll_oneoff on the monotonic clock), then
 /// exits with `code`.
@@ -41,28 +41,6 @@ fn http_service() -> PathBuf {
         .parent()
         .unwrap()
         .join("agent/src/cluster/demo_http.wat")
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-/// Polls `f` for up to 20 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn state(t: &serde_json::Value) -> &str {

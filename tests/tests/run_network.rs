@@ -2,7 +2,6 @@
 //! our plugins and with the reference plugins; nothing left behind (netns, cache, veths, IPs,
 //! port forwards), also when the launcher is killed.
 use caisson_tests::*;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -125,15 +124,6 @@ fn del_bridge(name: &str) {
         .output();
 }
 
-/// Polls `f` for up to 10 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn named_network(plugins: &Path, tag: &str, octet: u8) {
     let Some(env) = Env::new(plugins) else { return };
     let bridge = format!("cst{tag}{octet}");
@@ -197,19 +187,6 @@ fn run_on_a_named_network_with_the_reference_plugins() {
         return;
     }
     named_network(Path::new(REFERENCE), "r", 42);
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
 }
 
 #[test]
