@@ -280,21 +280,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     timings.exec_us = t_exec.saturating_sub(t_mounts) / 1000;
     timings.total_us = t_exec.saturating_sub(cfg.launch_started_ns) / 1000;
     timings.clone_into_cgroup = joined_at_birth;
-    state.status = Status::Running;
-    state.pid = Some(pid);
-    state.started_ms = Some(now_ms());
-    state.timings = timings;
-    let _ = writeln!(out, "started {pid}");
-    let _ = out.flush();
-    // Each state write renames a new file over the old one, and freeing the old file's block
-    // can cost a synchronous discard (ext4 without a journal, `discard`; tens of ms under I/O
-    // load): keep the replaced files open until the launcher has heard everything (exit, and
-    // with --rm the removal), so that they are freed after it.
-    let mut replaced = vec![];
-    replaced.extend(File::open(td.state()).ok());
-    if let Err(e) = td.write_state(&state) {
-        tracing::error!(id = %spec.id, "writing state: {e}");
-    }
+    let mut replaced = report_started(&td, &spec.id, &mut state, timings, pid, &mut out);
     run_logged_hooks(
         &td,
         spec,
@@ -343,6 +329,33 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     // Only now, with nobody waiting on us: freeing the old state files' blocks can be slow.
     drop(replaced);
     0
+}
+
+/// Records the task as running (pid, start time, launch timings) and tells the launcher.
+/// Returns the replaced state file, still open: each state write renames a new file over the
+/// old one, and freeing the old file's blocks can cost a synchronous discard (ext4 mounted
+/// `discard`; tens of ms under I/O load), so the caller keeps such files open until the
+/// launcher has heard everything (exit, and with --rm the removal). Shared by the native and
+/// the Wasm supervisor.
+pub(super) fn report_started(
+    td: &TaskDir,
+    id: &str,
+    state: &mut TaskState,
+    timings: super::state::Timings,
+    pid: i32,
+    out: &mut std::io::Stdout,
+) -> Vec<File> {
+    state.status = Status::Running;
+    state.pid = Some(pid);
+    state.started_ms = Some(now_ms());
+    state.timings = timings;
+    let _ = writeln!(out, "started {pid}");
+    let _ = out.flush();
+    let replaced: Vec<File> = File::open(td.state()).ok().into_iter().collect();
+    if let Err(e) = td.write_state(state) {
+        tracing::error!(id, "writing state: {e}");
+    }
+    replaced
 }
 
 /// Waits for the task's init to end: its exit code (128 + signal when killed) and the signal.

@@ -332,19 +332,8 @@ pub(super) fn supervise(
     timings.exec_us = t_exec.saturating_sub(t_clone) / 1000;
     timings.total_us = t_exec.saturating_sub(cfg.launch_started_ns) / 1000;
     timings.clone_into_cgroup = born_in_cgroup;
-    state.status = Status::Running;
-    state.pid = Some(pid);
-    state.started_ms = Some(now_ms());
-    state.timings = timings;
-    let _ = writeln!(out, "started {pid}");
-    let _ = out.flush();
-    // As the native supervisor: the replaced state files are freed (a synchronous discard on
-    // some filesystems) only after the launcher has heard everything.
-    let mut replaced = vec![];
-    replaced.extend(File::open(td.state()).ok());
-    if let Err(e) = td.write_state(&state) {
-        tracing::error!(id = %spec.id, "writing state: {e}");
-    }
+    let mut replaced =
+        super::shim::report_started(td, &spec.id, &mut state, timings, pid, &mut out);
 
     let status = super::shim::reap(pid, &spec.id);
     let usage = super::shim::usage_at_exit(&cg);
