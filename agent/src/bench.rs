@@ -264,7 +264,7 @@ enum Target {
         cmd: Vec<String>,
         network: NetworkMode,
         /// CNI networks to attach each task to, and how.
-        cni: Option<Box<(Cni, CniArgs, Vec<NetworkRequest>)>>,
+        cni: Option<Box<(Cni, Vec<NetworkRequest>)>>,
     },
     Wasm {
         engine: wasm::Engine,
@@ -314,7 +314,7 @@ fn native_task(
     image: &str,
     cmd: &[String],
     network: NetworkMode,
-    cni: Option<&(Cni, CniArgs, Vec<NetworkRequest>)>,
+    cni: Option<&(Cni, Vec<NetworkRequest>)>,
 ) -> Sample {
     let t0 = Instant::now();
     let id = launch::new_id();
@@ -353,8 +353,8 @@ fn native_task(
         auto_remove: true,
         ..Default::default()
     };
-    if let Some((cni, cni_args, reqs)) = cni {
-        if let Err(e) = crate::containers::attach_networks(root, cni_args, cni, reqs, &mut spec) {
+    if let Some((cni, reqs)) = cni {
+        if let Err(e) = crate::containers::attach_networks(root, cni, reqs, &mut spec) {
             remove_root(&owned);
             return Sample::failed(format!("{e:#}"));
         }
@@ -528,9 +528,7 @@ fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::p
                 _ => NetworkMode::None,
             };
             let cni = match plan {
-                tasknet::Plan::Cni(reqs) => {
-                    Some(Box::new((cni_args.cni(root), cni_args.clone(), reqs)))
-                }
+                tasknet::Plan::Cni(reqs) => Some(Box::new((cni_args.cni(root), reqs))),
                 _ => None,
             };
             Target::Native {

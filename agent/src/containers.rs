@@ -390,10 +390,10 @@ fn build_spec_on(
 }
 
 /// Creates the task's namespace, attaches it to `reqs` and fills in what the launch needs
-/// (netns, /etc/hosts, resolv.conf, the supervisor's exit command that releases it all).
+/// (netns, /etc/hosts, resolv.conf, and the release the supervisor does itself when the task
+/// exits: CNI DEL in-process, no `caisson cleanup` to start).
 pub(crate) fn attach_networks(
     root: &Path,
-    cni_args: &CniArgs,
     cni: &containerizer::net::Cni,
     reqs: &[containerizer::net::NetworkRequest],
     spec: &mut TaskSpec,
@@ -406,9 +406,13 @@ pub(crate) fn attach_networks(
     spec.hosts_file = Some(files::hosts_file(&spec.hostname, &att.attachments, &[]));
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     spec.resolv_conf = Some(files::resolv_conf(&att.attachments, &host_resolv));
+    spec.network_release = Some(containerizer::net::Release::new(
+        cni,
+        &spec.id,
+        att.netns.clone(),
+    ));
     spec.netns = Some(att.netns);
     spec.network_us = Some(att.took_us);
-    spec.exit_command = cleanup_command(root, cni_args, &spec.id)?;
     Ok(())
 }
 
@@ -559,7 +563,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     let cni = cni_args.cni(root);
     let networked = matches!(plan, tasknet::Plan::Cni(_));
     if let tasknet::Plan::Cni(reqs) = &plan {
-        if let Err(e) = attach_networks(root, cni_args, &cni, reqs, &mut spec) {
+        if let Err(e) = attach_networks(root, &cni, reqs, &mut spec) {
             if gpus {
                 crate::gpus::release(root, &spec.id);
             }
@@ -663,7 +667,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
 
 /// `caisson cleanup ID`, run by the task's supervisor when it exits (podman's
 /// `container cleanup` as conmon's exit command), with the CLI's store and CNI settings.
-fn cleanup_command(root: &Path, cni: &CniArgs, id: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) fn cleanup_command(root: &Path, cni: &CniArgs, id: &str) -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("locating the caisson executable")?;
     let mut v = vec![
         exe.to_string_lossy().into_owned(),

@@ -2,8 +2,9 @@
 //! CNI ADD before the launch, and the release (DEL, netns removal) when it ends.
 //!
 //! The task's namespace is bind-mounted at `<root>/netns/<id>` and its attachments are cached
-//! under `<root>/cni` (containerizer::net), so that any later process (`caisson rm`, the
-//! supervisor's exit command `caisson cleanup ID`, an agent after a restart) can undo them.
+//! under `<root>/cni` (containerizer::net), so that the task's supervisor (when the task exits:
+//! `TaskSpec::network_release`) or any later process (`caisson rm`, `caisson cleanup ID`, an
+//! agent after a restart) can undo them.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -139,15 +140,20 @@ pub fn attach(
 pub fn detach(cni: &Cni, root: &Path, id: &str) -> anyhow::Result<()> {
     let path = netns_path(root, id);
     let cached = cni.attachments(id).map(|a| !a.is_empty()).unwrap_or(true);
-    let mut result = Ok(());
-    if cached {
-        result = runtime().and_then(|rt| {
-            rt.block_on(cni.teardown(id))
-                .with_context(|| format!("releasing the networks of {id}"))
-        });
+    if !cached {
+        net::delete_netns(&path)?;
+        return Ok(());
     }
-    net::delete_netns(&path)?;
-    result
+    // DEL, then the namespace (also when a DEL failed: the cache keeps that one for a retry).
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            net::delete_netns(&path)?;
+            return Err(e);
+        }
+    };
+    rt.block_on(cni.release(id, &path))
+        .with_context(|| format!("releasing the networks of {id}"))
 }
 
 /// How old an unowned namespace or attachment must be before [`sweep_orphans`] releases it:

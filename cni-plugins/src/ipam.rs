@@ -25,21 +25,6 @@ pub const FORCE_EXEC_ENV: &str = "CAISSON_CNI_IPAM_EXEC";
 
 fn exec(args: &Args, command: &str) -> Result<Vec<u8>, CniError> {
     let ty = ipam_type(args)?;
-    // Our host-local is linked in: its store is the reference plugin's on-disk layout under
-    // the same lock file, so running it in-process is interchangeable with exec'ing whichever
-    // host-local CNI_PATH holds, and saves a fork+exec on every ADD and DEL.
-    if ty == "host-local" && std::env::var_os(FORCE_EXEC_ENV).is_none() {
-        return match command {
-            "ADD" => crate::hostlocal::add(args).map(|v| serde_json::to_vec(&v).expect("JSON")),
-            "DEL" => crate::hostlocal::del(args).map(|_| Vec::new()),
-            "GC" => crate::hostlocal::gc(args).map(|_| Vec::new()),
-            _ => crate::hostlocal::check(args).map(|_| Vec::new()),
-        }
-        .map_err(|e| CniError {
-            msg: format!("IPAM host-local: {}", e.msg),
-            ..e
-        });
-    }
     let bin = args
         .path
         .iter()
@@ -51,8 +36,44 @@ fn exec(args: &Args, command: &str) -> Result<Vec<u8>, CniError> {
                 format!("IPAM plugin {ty:?} not found in CNI_PATH"),
             )
         })?;
+    // The spec has us exec the IPAM plugin found in CNI_PATH. When that binary is our own
+    // host-local of this very build, it would run the code linked here, on the same store
+    // (the reference plugin's layout) under the same lock: running it in-process is the same
+    // thing without a fork+exec on every ADD and DEL. Any other binary, including another
+    // build of ours, is exec'd.
+    if ty == "host-local"
+        && std::env::var_os(FORCE_EXEC_ENV).is_none()
+        && crate::identity::is_ours(&bin)
+    {
+        return match command {
+            "ADD" => crate::hostlocal::add(args).map(|v| serde_json::to_vec(&v).expect("JSON")),
+            "DEL" => crate::hostlocal::del(args).map(|_| Vec::new()),
+            "GC" => crate::hostlocal::gc(args).map(|_| Vec::new()),
+            _ => crate::hostlocal::check(args).map(|_| Vec::new()),
+        }
+        .map_err(|e| CniError {
+            msg: format!("IPAM host-local: {}", e.msg),
+            ..e
+        });
+    }
+    let cni_args = args
+        .args
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(";");
+    // Our parameters, spelled out: run in-process by a runtime, we have no CNI_* environment
+    // to hand down.
     let mut child = Proc::new(&bin)
         .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &args.container_id)
+        .env("CNI_NETNS", &args.netns)
+        .env("CNI_IFNAME", &args.ifname)
+        .env("CNI_ARGS", cni_args)
+        .env(
+            "CNI_PATH",
+            std::env::join_paths(&args.path).unwrap_or_default(),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -86,6 +86,11 @@ pub struct Args {
     /// The raw stdin (handed on to delegated plugins unchanged).
     pub stdin: Vec<u8>,
     pub conf: NetConf,
+    /// The plugin's own binary, for detached helpers (`/proc/self/exe` when run as a binary).
+    pub exe: PathBuf,
+    /// Set only by a runtime calling in-process ([`invoke`]) when it deletes the netns right
+    /// after this DEL: interfaces inside it then go with it (see the bridge's DEL).
+    pub netns_doomed: bool,
 }
 
 impl Args {
@@ -133,49 +138,110 @@ pub trait Plugin {
     }
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|s| !s.is_empty())
+/// An invocation's parameters: the `CNI_*` variables of a plugin process, or what a runtime
+/// calling in-process passes (the same values it would put in the environment).
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub command: Option<String>,
+    pub container_id: Option<String>,
+    pub netns: Option<String>,
+    pub ifname: Option<String>,
+    /// `CNI_ARGS`, `K=V;K=V`.
+    pub args: Option<String>,
+    /// `CNI_PATH`.
+    pub path: Option<String>,
+    /// See [`Args::exe`].
+    pub exe: PathBuf,
+    /// See [`Args::netns_doomed`].
+    pub netns_doomed: bool,
+}
+
+impl Env {
+    /// This process's environment (a plugin binary). Empty values count as unset.
+    pub fn from_process() -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
+        Self {
+            command: env("CNI_COMMAND"),
+            container_id: env("CNI_CONTAINERID"),
+            netns: env("CNI_NETNS"),
+            ifname: env("CNI_IFNAME"),
+            args: env("CNI_ARGS"),
+            path: env("CNI_PATH"),
+            exe: "/proc/self/exe".into(),
+            netns_doomed: false,
+        }
+    }
 }
 
 fn version_ok(v: &str) -> bool {
     SUPPORTED_VERSIONS.contains(&v)
 }
 
+/// What a plugin binary would have done: its exit status (true: 0) and its stdout.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub success: bool,
+    pub stdout: Vec<u8>,
+}
+
 /// Runs the plugin for this process and exits with 0 (success) or 1 (error document printed).
 pub fn run(plugin: &dyn Plugin) -> ! {
+    let env = Env::from_process();
+    let mut stdin = Vec::new();
+    // Without a command there is nothing to read the configuration for.
+    let read = match env.command {
+        Some(_) => std::io::stdin().read_to_end(&mut stdin).map(|_| ()),
+        None => Ok(()),
+    };
+    let out = match read {
+        Ok(()) => invoke(plugin, &env, stdin),
+        Err(e) => error_outcome("1.0.0", CniError::io("reading stdin", e)),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(&out.stdout);
+    let _ = stdout.flush();
+    std::process::exit(if out.success { 0 } else { 1 })
+}
+
+/// Runs one invocation in this process, with exactly the checks, result and error document of
+/// the binary ([`run`] is this over the process's environment). The caller must not be on a
+/// thread that others share: the netlink helpers `setns` the calling thread for a moment.
+pub fn invoke(plugin: &dyn Plugin, env: &Env, stdin: Vec<u8>) -> Outcome {
     let mut version = "1.0.0".to_owned();
-    let res = dispatch(plugin, &mut version);
-    let mut out = std::io::stdout().lock();
-    match res {
-        Ok(Some(v)) => {
-            let _ = serde_json::to_writer(&mut out, &v);
-            let _ = out.flush();
-            std::process::exit(0)
-        }
-        Ok(None) => std::process::exit(0),
-        Err(e) => {
-            let mut doc = json!({ "cniVersion": version, "code": e.code, "msg": e.msg });
-            if !e.details.is_empty() {
-                doc["details"] = json!(e.details);
-            }
-            let _ = serde_json::to_writer(&mut out, &doc);
-            let _ = out.flush();
-            std::process::exit(1)
-        }
+    match dispatch(plugin, env, stdin, &mut version) {
+        Ok(v) => Outcome {
+            success: true,
+            stdout: v
+                .map(|v| serde_json::to_vec(&v).expect("JSON value serializes"))
+                .unwrap_or_default(),
+        },
+        Err(e) => error_outcome(&version, e),
     }
 }
 
-fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, CniError> {
-    let command = env("CNI_COMMAND").ok_or_else(|| {
+fn error_outcome(version: &str, e: CniError) -> Outcome {
+    let mut doc = json!({ "cniVersion": version, "code": e.code, "msg": e.msg });
+    if !e.details.is_empty() {
+        doc["details"] = json!(e.details);
+    }
+    Outcome {
+        success: false,
+        stdout: serde_json::to_vec(&doc).expect("JSON value serializes"),
+    }
+}
+
+fn dispatch(
+    plugin: &dyn Plugin,
+    env: &Env,
+    stdin: Vec<u8>,
+    version: &mut String,
+) -> Result<Option<Value>, CniError> {
+    let command = env.command.clone().ok_or_else(|| {
         CniError::new(
             code::INVALID_ENV,
             "required env variable CNI_COMMAND missing",
         )
     })?;
-    let mut stdin = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut stdin)
-        .map_err(|e| CniError::io("reading stdin", e))?;
     if command == "VERSION" {
         // The request may name a version; we answer with it when we speak it.
         let asked = serde_json::from_slice::<Value>(&stdin)
@@ -235,8 +301,8 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
         ));
     }
     let mut missing = Vec::new();
-    let mut need = |name: &'static str, required: bool| -> String {
-        let v = env(name);
+    let mut need = |name: &'static str, v: &Option<String>, required: bool| -> String {
+        let v = v.clone().filter(|s| !s.is_empty());
         if v.is_none() && required {
             missing.push(name);
         }
@@ -245,21 +311,25 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
     let per_attachment = matches!(command, Command::Add | Command::Check | Command::Del);
     let container_id = need(
         "CNI_CONTAINERID",
+        &env.container_id,
         matches!(command, Command::Add | Command::Check),
     );
     let netns = need(
         "CNI_NETNS",
+        &env.netns,
         matches!(command, Command::Add | Command::Check),
     );
-    let ifname = need("CNI_IFNAME", per_attachment);
-    let path = need("CNI_PATH", true);
+    let ifname = need("CNI_IFNAME", &env.ifname, per_attachment);
+    let path = need("CNI_PATH", &env.path, true);
     if !missing.is_empty() {
         return Err(CniError::new(
             code::INVALID_ENV,
             format!("required env variables {missing:?} missing"),
         ));
     }
-    let args = env("CNI_ARGS")
+    let args = env
+        .args
+        .clone()
         .unwrap_or_default()
         .split(';')
         .filter(|kv| !kv.is_empty())
@@ -280,6 +350,8 @@ fn dispatch(plugin: &dyn Plugin, version: &mut String) -> Result<Option<Value>, 
         path: std::env::split_paths(&path).collect(),
         stdin,
         conf,
+        exe: env.exe.clone(),
+        netns_doomed: env.netns_doomed,
     };
     match command {
         Command::Add => plugin.add(&args).map(Some),

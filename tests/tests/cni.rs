@@ -942,3 +942,104 @@ fn held(dir: &Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// Copies `from` to `to`, executable, keeping only its first `keep` bytes (all when `None`).
+fn install(from: &Path, to: &Path, keep: Option<usize>) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut b = std::fs::read(from).unwrap();
+    if let Some(n) = keep {
+        b.truncate(n);
+    }
+    std::fs::write(to, b).unwrap();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The runtime runs our own plugin binaries (this build's, by their identity note) in-process:
+/// here they are cut down to their first 64 KiB (headers and notes), which could never be
+/// exec'd, and still ADD and DEL (with the netns released right after) work, host-local
+/// included (our bridge runs it in-process too).
+#[test]
+fn root_our_plugin_binaries_run_in_process() {
+    if !prerequisites() {
+        return;
+    }
+    let ours = our_plugins();
+    let mut w = World::new("cstinp0");
+    let cut = w.dir.path().join("cut");
+    std::fs::create_dir_all(&cut).unwrap();
+    for p in ["bridge", "host-local", "loopback"] {
+        install(&ours.join(p), &cut.join(p), Some(64 * 1024));
+        assert!(
+            Command::new(cut.join(p)).output().is_err()
+                || !Command::new(cut.join(p)).output().unwrap().status.success(),
+            "a cut-down {p} must not be executable"
+        );
+    }
+    let cni = w.cni(&cut, "1.0.0", "10.232.70.0/24", &[]);
+    let ns = w.netns();
+    let rt = rt();
+    let atts = rt
+        .block_on(cni.setup(
+            "inproc",
+            &ns,
+            &[NetworkRequest::new("br"), NetworkRequest::new("lo")],
+        ))
+        .unwrap();
+    let ip = atts[0].ips()[0].to_string();
+    assert!(ip.starts_with("10.232.70."), "{ip}");
+    let addrs = json_in_ns(&ns, &["ip", "-j", "-4", "addr", "show", "eth0"]);
+    assert!(addrs.to_string().contains(&ip), "{addrs}");
+    assert_eq!((w.ports_on_bridge(), w.held_ips()), (1, 1));
+    // DEL knowing the netns goes next: the veth goes with the namespace.
+    rt.block_on(cni.release("inproc", &ns)).unwrap();
+    assert!(!ns.exists(), "netns file left");
+    assert_eq!((w.ports_settled(), w.held_ips()), (0, 0));
+    assert!(cni.attachments("inproc").unwrap().is_empty());
+}
+
+/// Our bridge runs host-local in-process only when the `host-local` on CNI_PATH is ours: any
+/// other IPAM binary of that name is exec'd as the spec says, with the full CNI environment
+/// (also when the bridge itself runs in-process, where there is no CNI_* environment to
+/// inherit).
+#[test]
+fn root_our_bridge_execs_a_host_local_that_is_not_ours() {
+    if !prerequisites() {
+        return;
+    }
+    let ours = our_plugins();
+    let mut w = World::new("cstipam0");
+    let bin = w.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    install(&ours.join("bridge"), &bin.join("bridge"), None);
+    let log = w.dir.path().join("ipam.log");
+    std::fs::write(
+        bin.join("host-local"),
+        format!(
+            "#!/bin/sh\ncat >/dev/null\necho \"$CNI_COMMAND $CNI_CONTAINERID $CNI_IFNAME $CNI_NETNS\" >> {}\n\
+             [ \"$CNI_COMMAND\" = ADD ] && echo '{{\"cniVersion\":\"1.0.0\",\"ips\":[{{\"address\":\"10.232.71.77/24\",\"gateway\":\"10.232.71.1\"}}]}}'\nexit 0\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("host-local"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cni = w.cni(&bin, "1.0.0", "10.232.71.0/24", &[]);
+    let ns = w.netns();
+    let rt = rt();
+    let atts = rt
+        .block_on(cni.setup("foreignipam", &ns, &[NetworkRequest::new("br")]))
+        .unwrap();
+    assert_eq!(atts[0].ips()[0].to_string(), "10.232.71.77");
+    rt.block_on(cni.teardown("foreignipam")).unwrap();
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let want = |c: &str| format!("{c} foreignipam eth0 {}", ns.display());
+    assert_eq!(
+        calls.lines().collect::<Vec<_>>(),
+        [want("ADD"), want("DEL")],
+        "{calls}"
+    );
+    assert_eq!(w.ports_settled(), 0);
+}

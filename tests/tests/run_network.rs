@@ -438,3 +438,107 @@ fn rm_sweeps_what_a_killed_supervisor_left_in_the_trash() {
         "a deletion in progress was touched"
     );
 }
+
+/// The addresses host-local holds for `net` (its default data dir, which our plugin shares).
+fn held_ips(net: &str) -> Vec<String> {
+    std::fs::read_dir(Path::new("/var/lib/cni/networks").join(net))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// When a task exits, its supervisor releases its network itself (CNI DEL from the attachment
+/// cache, then the netns): no second program. Here the `caisson` that launched the task is gone
+/// before the task ends, so an exit command (`caisson cleanup`) could not even start.
+#[test]
+fn the_supervisor_releases_the_network_itself_when_the_task_exits() {
+    let Some(env) = Env::new(&our_plugins()) else {
+        return;
+    };
+    let (bridge, net) = ("csts46", "selfnet");
+    del_bridge(bridge);
+    let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(net));
+    env.create(net, "10.231.46.0/24", bridge);
+    // A caisson (and its supervisor) of its own, next to the real one, that we can remove.
+    let target = caisson_bin().parent().unwrap().to_path_buf();
+    let bin = tempfile::tempdir_in(&target).unwrap();
+    for b in ["caisson", "caisson-shim"] {
+        std::fs::hard_link(target.join(b), bin.path().join(b)).unwrap();
+    }
+    let own = bin.path().join("caisson");
+    let out = std::process::Command::new(&own)
+        .arg("--root")
+        .arg(env.c.root.path())
+        .arg("--cni-config-dir")
+        .arg(env.conf.path())
+        .arg("--cni-plugin-dir")
+        .arg(&env.plugins)
+        .args(["run", "-d", "--network", net, IMAGE, "sleep", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    std::fs::remove_file(&own).unwrap();
+    assert_eq!(held_ips(net).len(), 1, "the task holds an address");
+    let root = env.c.root.path().to_path_buf();
+    eventually("the task exited and its network is released", || {
+        let (_, out, _) = env.run(&["inspect", &id]);
+        let exited = out.contains("\"exited\"");
+        let netns_left = std::fs::read_dir(root.join("netns")).map_or(0, |d| d.count());
+        exited && netns_left == 0 && walk_files(&root.join("cni")).is_empty()
+    });
+    assert!(
+        held_ips(net).is_empty(),
+        "address kept: {:?}",
+        held_ips(net)
+    );
+    let (code, _, err) = env.run(&["rm", &id]);
+    assert_eq!(code, 0, "{err}");
+    env.assert_clean(&[bridge]);
+    drop(env);
+    del_bridge(bridge);
+}
+
+/// A supervisor killed -9 never gets to release its task's network: `rm` does it, from the
+/// attachment cache (DEL, netns), and the address is free again.
+#[test]
+fn rm_releases_the_network_of_a_task_whose_supervisor_was_killed() {
+    let Some(env) = Env::new(&our_plugins()) else {
+        return;
+    };
+    let (bridge, net) = ("cstk47", "killsup");
+    del_bridge(bridge);
+    let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(net));
+    env.create(net, "10.231.47.0/24", bridge);
+    let (code, out, err) = env.run(&["run", "-d", "--network", net, IMAGE, "sleep", "30"]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    let (_, out, _) = env.run(&["inspect", &id]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let shim = v[0]["state"]["shim_pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no shim_pid: {out}"));
+    let st = std::process::Command::new("kill")
+        .args(["-9", &shim.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    eventually("the supervisor is gone", || {
+        !Path::new(&format!("/proc/{shim}")).exists()
+    });
+    assert_eq!(held_ips(net).len(), 1, "nobody released the address yet");
+    let (code, _, err) = env.run(&["rm", "-f", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        held_ips(net).is_empty(),
+        "address kept: {:?}",
+        held_ips(net)
+    );
+    env.assert_clean(&[bridge]);
+    drop(env);
+    del_bridge(bridge);
+}

@@ -239,8 +239,15 @@ impl Launcher {
             }
             if let tasknet::Plan::Cni(reqs) = &plan {
                 networked = true;
-                crate::containers::attach_networks(&self.root, &self.cni, &cni, reqs, &mut ts)
+                crate::containers::attach_networks(&self.root, &cni, reqs, &mut ts)
                     .map_err(|e| failed(format!("{e:#}")))?;
+                // The supervisor releases the networks itself; GPUs at exit still need
+                // `caisson cleanup` (as before, when that released the networks too).
+                if gpus {
+                    ts.exit_command =
+                        crate::containers::cleanup_command(&self.root, &self.cni, &ts.id)
+                            .map_err(|e| failed(format!("{e:#}")))?;
+                }
             }
             self.rt.launch(ts).map_err(failed)
         })();

@@ -317,6 +317,13 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
     drop(mount_ns);
+    // Networks: DEL here rather than in a second program, while the launcher drains the logs.
+    if let Some(r) = &spec.network_release {
+        if let Err(e) = r.run() {
+            // `rm` (or an agent) retries from the attachment cache.
+            tracing::error!(id = %spec.id, "releasing the networks: {e}");
+        }
+    }
 
     if spec.auto_remove {
         // Wait until the launcher is done with the logs (or gone), then remove everything.

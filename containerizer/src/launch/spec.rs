@@ -167,6 +167,10 @@ pub struct TaskSpec {
     /// removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exit_command: Vec<String>,
+    /// CNI networks the supervisor releases itself once the task has exited (DEL from the
+    /// attachment cache, then the netns), before the `removed` report of `auto_remove`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_release: Option<crate::net::Release>,
     /// A Wasm task instead of a native one: the supervisor runs this module in a `caisson-wasm`
     /// host process (see [`super::wasm`]); `rootfs`, `process.cwd`/`user`, `volumes` and the
     /// namespace options do not apply. Build it with [`super::wasm::wasm_task`].

@@ -61,6 +61,93 @@ pub(crate) struct Invocation<'a> {
     pub args: &'a [(String, String)],
     pub search: &'a [PathBuf],
     pub timeout: Duration,
+    /// DEL only: the caller deletes the netns right after (a hint for our plugins run
+    /// in-process; never passed to a binary).
+    pub netns_doomed: bool,
+}
+
+/// Set (to anything) to exec our own plugin binaries like any other instead of running their
+/// code in-process.
+pub const FORCE_EXEC_ENV: &str = "CAISSON_CNI_EXEC";
+
+/// Our plugin of this very build behind `binary`, if it is one and in-process runs are allowed
+/// (see [`caisson_cni_plugins::identity`]).
+pub(crate) fn in_process_plugin(
+    plugin: &str,
+    binary: &Path,
+) -> Option<&'static (dyn caisson_cni_plugins::skel::Plugin + Sync)> {
+    if std::env::var_os(FORCE_EXEC_ENV).is_some() {
+        return None;
+    }
+    caisson_cni_plugins::plugins::by_type(plugin)
+        .filter(|_| caisson_cni_plugins::identity::is_ours(binary))
+}
+
+/// Runs our plugin's code for `binary` in this process: the same parameters, stdin, result
+/// and error document as exec'ing it, minus the process. Spec-wise this is the binary's own
+/// behaviour: it is the code the binary holds (same build, checked by its identity note),
+/// acting on the same state files under the same locks.
+///
+/// It runs on a thread of its own, started for it: the plugin `setns`es its thread for a
+/// moment to open netlink sockets in the task's namespace, which must never happen on a thread
+/// that a runtime pools. On timeout we stop waiting, but a thread cannot be killed: it finishes
+/// (or stays blocked) on its own.
+pub(crate) async fn run_in_process(
+    plugin: &'static (dyn caisson_cni_plugins::skel::Plugin + Sync),
+    binary: &Path,
+    inv: &Invocation<'_>,
+    stdin: &[u8],
+) -> Result<Vec<u8>, ExecFailure> {
+    use caisson_cni_plugins::skel;
+    let attachment = matches!(inv.command, Command::Add | Command::Check | Command::Del);
+    let some = |s: String| Some(s).filter(|_| attachment);
+    let env = skel::Env {
+        command: Some(inv.command.as_str().to_owned()),
+        container_id: some(inv.container_id.to_owned()),
+        netns: some(inv.netns.to_string_lossy().into_owned()),
+        ifname: some(inv.ifname.to_owned()),
+        args: some(
+            inv.args
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(";"),
+        ),
+        path: std::env::join_paths(inv.search)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned()),
+        exe: binary.to_path_buf(),
+        netns_doomed: inv.netns_doomed && inv.command == Command::Del,
+    };
+    let stdin = stdin.to_vec();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("cni-plugin".into())
+        .spawn(move || {
+            let _ = tx.send(skel::invoke(plugin, &env, stdin));
+        })
+        .map_err(ExecFailure::Spawn)?;
+    let out = match tokio::time::timeout(inv.timeout, rx).await {
+        Ok(Ok(out)) => out,
+        // The thread died without an answer: the plugin panicked.
+        Ok(Err(_)) => {
+            return Err(ExecFailure::Failed(PluginError::from_output(
+                b"",
+                b"the plugin panicked (run in-process)",
+                "panicked",
+            )))
+        }
+        Err(_) => return Err(ExecFailure::Timeout),
+    };
+    if out.success {
+        Ok(out.stdout)
+    } else {
+        Err(ExecFailure::Failed(PluginError::from_output(
+            &out.stdout,
+            b"",
+            "exit status: 1",
+        )))
+    }
 }
 
 /// The configuration as a plugin's stdin: an in-memory file rather than a pipe, so that a

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod config;
 pub mod exec;
 pub mod files;
+pub mod release;
 pub mod result;
 
 use std::path::{Path, PathBuf};
@@ -29,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 pub use config::{NetworkConfigList, NetworkCreate};
-pub use exec::{find_plugin, Command};
+pub use exec::{find_plugin, Command, FORCE_EXEC_ENV};
+pub use release::Release;
 pub use result::{CniResult, Dns, Interface, IpConfig, PluginError, Route, VersionInfo};
 
 use exec::{ExecFailure, Invocation};
@@ -424,6 +426,7 @@ impl Cni {
                     args: &[],
                     search: &self.opts.plugin_dirs,
                     timeout: self.opts.timeout,
+                    netns_doomed: false,
                 },
                 br#"{"cniVersion":"1.0.0"}"#,
             )
@@ -479,10 +482,28 @@ impl Cni {
     /// Works after an agent restart; a container with no attachments is fine. Every attachment
     /// is tried; the first error is returned.
     pub async fn teardown(&self, container_id: &str) -> Result<(), NetError> {
+        self.teardown_with(container_id, false).await
+    }
+
+    /// [`Cni::teardown`], then the task's namespace at `netns` goes too (missing is fine).
+    /// Knowing that, our own plugins run in-process leave the task's interfaces to the
+    /// namespace's end (the kernel deletes them in the background) instead of deleting them
+    /// one by one, each a wait for an RCU grace period. The namespace is deleted even if a DEL
+    /// failed (the cache keeps that attachment for a retry); the first error is returned.
+    pub async fn release(&self, container_id: &str, netns: &Path) -> Result<(), NetError> {
+        let res = self.teardown_with(container_id, true).await;
+        delete_netns(netns)?;
+        res
+    }
+
+    async fn teardown_with(&self, container_id: &str, netns_doomed: bool) -> Result<(), NetError> {
         validate_id("container id", container_id)?;
         let mut first_err = None;
         for rec in cache::list(&self.opts.state_dir, container_id)? {
-            if let Err(e) = self.del(container_id, &rec.network, &rec.ifname).await {
+            if let Err(e) = self
+                .del_with(container_id, &rec.network, &rec.ifname, netns_doomed)
+                .await
+            {
                 tracing::warn!(error = %e, network = %rec.network, "DEL failed during teardown");
                 first_err.get_or_insert(e);
             }
@@ -547,7 +568,7 @@ impl Cni {
         let mut failure = None;
         for (i, plugin) in net.plugins.iter().enumerate() {
             match self
-                .exec_one(net, plugin, Command::Add, &rec, prev.as_ref())
+                .exec_one(net, plugin, Command::Add, &rec, prev.as_ref(), false)
                 .await
             {
                 Ok(out) => match parse_result(net, plugin, "ADD", &out) {
@@ -601,7 +622,10 @@ impl Cni {
         let last = failed_at.min(net.plugins.len() - 1);
         for i in (0..=last).rev() {
             let plugin = &net.plugins[i];
-            if let Err(e) = self.exec_one(net, plugin, Command::Del, rec, prev).await {
+            if let Err(e) = self
+                .exec_one(net, plugin, Command::Del, rec, prev, false)
+                .await
+            {
                 tracing::warn!(error = %e, "DEL while rolling back a failed ADD");
                 if i != failed_at {
                     clean = false;
@@ -652,7 +676,7 @@ impl Cni {
             )));
         };
         for plugin in &net.plugins {
-            self.exec_one(&net, plugin, Command::Check, &rec, Some(prev))
+            self.exec_one(&net, plugin, Command::Check, &rec, Some(prev), false)
                 .await?;
         }
         Ok(())
@@ -668,6 +692,17 @@ impl Cni {
         container_id: &str,
         network: &str,
         ifname: &str,
+    ) -> Result<(), NetError> {
+        self.del_with(container_id, network, ifname, false).await
+    }
+
+    /// [`Cni::del`]; `netns_doomed`: the caller deletes the attachment's netns right after.
+    async fn del_with(
+        &self,
+        container_id: &str,
+        network: &str,
+        ifname: &str,
+        netns_doomed: bool,
     ) -> Result<(), NetError> {
         validate_id("container id", container_id)?;
         let state = &self.opts.state_dir;
@@ -686,7 +721,7 @@ impl Cni {
             .as_ref()
             .filter(|_| result::version_at_least(&net.cni_version, "0.4.0"));
         for plugin in net.plugins.iter().rev() {
-            self.exec_one(&net, plugin, Command::Del, &rec, prev)
+            self.exec_one(&net, plugin, Command::Del, &rec, prev, netns_doomed)
                 .await?;
         }
         cache::remove(state, container_id, network, ifname)
@@ -779,6 +814,7 @@ impl Cni {
             args: &[],
             search: &self.opts.plugin_dirs,
             timeout: self.opts.timeout,
+            netns_doomed: false,
         }
     }
 
@@ -790,6 +826,7 @@ impl Cni {
         command: Command,
         rec: &cache::CacheRecord,
         prev: Option<&Value>,
+        netns_doomed: bool,
     ) -> Result<Vec<u8>, NetError> {
         let conf = plugin_stdin(net, plugin, prev, &rec.capability_args);
         let inv = Invocation {
@@ -800,6 +837,7 @@ impl Cni {
             args: &rec.cni_args,
             search: &self.opts.plugin_dirs,
             timeout: self.opts.timeout,
+            netns_doomed,
         };
         self.exec(&net.name, plugin_type(plugin), &inv, &conf).await
     }
@@ -820,8 +858,12 @@ impl Cni {
         };
         let bin = find_plugin(plugin, &self.opts.plugin_dirs).ok_or_else(not_found)?;
         let started = std::time::Instant::now();
-        let res = exec::run_plugin(&bin, inv, stdin).await;
-        tracing::debug!(plugin, command = inv.command.as_str(), elapsed = ?started.elapsed(), ok = res.is_ok(), "cni plugin");
+        let inproc = exec::in_process_plugin(plugin, &bin);
+        let res = match inproc {
+            Some(p) => exec::run_in_process(p, &bin, inv, stdin).await,
+            None => exec::run_plugin(&bin, inv, stdin).await,
+        };
+        tracing::debug!(plugin, command = inv.command.as_str(), in_process = inproc.is_some(), elapsed = ?started.elapsed(), ok = res.is_ok(), "cni plugin");
         res.map_err(|f| match f {
             ExecFailure::NotFound => not_found(),
             ExecFailure::Spawn(source) => NetError::Spawn {
