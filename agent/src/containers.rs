@@ -288,6 +288,7 @@ fn build_spec(
     root: &Path,
     a: &RunArgs,
     mode: NetworkMode,
+    id: String,
 ) -> anyhow::Result<(TaskSpec, Option<PathBuf>)> {
     let mut env = vec![];
     for f in &a.env_file {
@@ -301,7 +302,6 @@ fn build_spec(
         }
     }
     env.extend(a.env.iter().filter_map(|e| env_entry(e)));
-    let id = launch::new_id();
     if let Some(spec) = wasm_run::task_spec(root, a, &env, &id)? {
         return Ok((spec, None));
     }
@@ -398,8 +398,14 @@ pub(crate) fn attach_networks(
     reqs: &[containerizer::net::NetworkRequest],
     spec: &mut TaskSpec,
 ) -> anyhow::Result<()> {
-    use containerizer::net::files;
     let att = tasknet::attach(cni, root, &spec.id, reqs)?;
+    use_networks(cni, att, spec);
+    Ok(())
+}
+
+/// Fills in what the launch needs from the task's attached networks (see [`attach_networks`]).
+fn use_networks(cni: &containerizer::net::Cni, att: tasknet::Attached, spec: &mut TaskSpec) {
+    use containerizer::net::files;
     if spec.hostname.is_empty() {
         spec.hostname = spec.id[..12].to_string();
     }
@@ -413,7 +419,6 @@ pub(crate) fn attach_networks(
     ));
     spec.netns = Some(att.netns);
     spec.network_us = Some(att.took_us);
-    Ok(())
 }
 
 /// `--add-host NAME:IP` as an /etc/hosts line.
@@ -516,9 +521,43 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         tasknet::Plan::Host => NetworkMode::Host,
         _ => NetworkMode::None,
     };
-    let (mut spec, owned_root) = build_spec(root, &a, mode)?;
+    let cni = cni_args.cni(root);
+    let id = launch::new_id();
+    // With --network, the namespace and CNI ADD are made on a thread of their own while the
+    // root filesystem is prepared: both are milliseconds of mostly kernel work. (Only -p means
+    // the default network, unless the image is Wasm: that one waits for the spec.)
+    let early = match &plan {
+        tasknet::Plan::Cni(reqs) if !a.network.is_empty() => {
+            let (cni, root, id, reqs) = (cni.clone(), root.to_path_buf(), id.clone(), reqs.clone());
+            Some(std::thread::spawn(move || {
+                tasknet::attach(&cni, &root, &id, &reqs)
+            }))
+        }
+        _ => None,
+    };
+    let built = build_spec(root, &a, mode, id.clone());
+    let early = early.map(|t| {
+        t.join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the network setup thread panicked")))
+    });
+    // Releases what the early attach made, on the way out of a failed run.
+    let undo_early = |early: &Option<anyhow::Result<tasknet::Attached>>| {
+        if let Some(Ok(_)) = early {
+            if let Err(e) = tasknet::detach(&cni, root, &id) {
+                tracing::warn!("releasing the network after a failed run: {e:#}");
+            }
+        }
+    };
+    let (mut spec, owned_root) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            undo_early(&early);
+            return Err(e);
+        }
+    };
     // A Wasm task runs in the host's network namespace; its `-p` is where it serves HTTP.
     let plan = if spec.wasm.is_some() {
+        undo_early(&early);
         if !a.network.is_empty() {
             return Err(LaunchError::Invalid(
                 "--network applies to native tasks; a Wasm service listens on the host with -p"
@@ -541,11 +580,19 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             let _ = containerizer::image::rootfs::remove(dir);
         }
     };
+    let early = match early {
+        Some(Err(e)) => {
+            remove_root();
+            return Err(e);
+        }
+        other => other,
+    };
     // Devices and GPUs: allocated before the launch, released if it fails or when the task
     // is done (by the supervisor's exit command as soon as it exits).
     let gpus = match crate::cdi::attach(root, a.gpus.as_deref(), &a.device, &mut spec) {
         Ok(g) => g,
         Err(e) => {
+            undo_early(&early);
             remove_root();
             return Err(e);
         }
@@ -555,14 +602,16 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             Ok(c) => spec.exit_command = c,
             Err(e) => {
                 crate::gpus::release(root, &spec.id);
+                undo_early(&early);
                 remove_root();
                 return Err(e);
             }
         }
     }
-    let cni = cni_args.cni(root);
     let networked = matches!(plan, tasknet::Plan::Cni(_));
-    if let tasknet::Plan::Cni(reqs) = &plan {
+    if let Some(Ok(att)) = early {
+        use_networks(&cni, att, &mut spec);
+    } else if let tasknet::Plan::Cni(reqs) = &plan {
         if let Err(e) = attach_networks(root, &cni, reqs, &mut spec) {
             if gpus {
                 crate::gpus::release(root, &spec.id);

@@ -1,5 +1,6 @@
 //! Which binaries are ours. Every plugin binary carries an ELF note (owner `caisson`, type 1)
-//! naming this crate, its version and the on-disk formats it uses ([`IDENTITY`]). A runtime or a
+//! naming this crate, its version, the on-disk formats it uses and a hash of its sources
+//! ([`IDENTITY`]). A runtime or a
 //! plugin that links this crate may then run such a binary's code in-process instead of
 //! exec'ing it (see [`crate::plugins::by_type`]): the binary would run exactly this code, on the
 //! same state files under the same locks, so only the fork+exec and the process start are saved.
@@ -10,8 +11,14 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-/// Crate, version, and the version of our state formats (IPAM store, masquerade markers).
-pub const IDENTITY: &str = concat!("caisson-cni-plugins/", env!("CARGO_PKG_VERSION"), "/1");
+/// Crate, version, the version of our state formats (IPAM store, masquerade markers) and a hash
+/// of the crate's sources (build.rs): equal identities mean the same code.
+pub const IDENTITY: &str = concat!(
+    "caisson-cni-plugins/",
+    env!("CARGO_PKG_VERSION"),
+    "/1/",
+    env!("CAISSON_CNI_SOURCE_HASH")
+);
 
 const NOTE_NAME: &[u8] = b"caisson\0";
 const NOTE_TYPE: u32 = 1;
@@ -72,7 +79,8 @@ fn u64_at(b: &[u8], o: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
 }
 
-/// True if `path` is a plugin binary of this very build (see the module docs). Reads the ELF
+/// True if `path` is one of our plugin binaries built from the same sources (see the module
+/// docs). Reads the ELF
 /// header, the program headers and the PT_NOTE segments: a few small reads. Anything unexpected
 /// (not ELF64 little-endian, unreadable, no note) means "not ours".
 pub fn is_ours(path: &Path) -> bool {

@@ -37,10 +37,10 @@ fn exec(args: &Args, command: &str) -> Result<Vec<u8>, CniError> {
             )
         })?;
     // The spec has us exec the IPAM plugin found in CNI_PATH. When that binary is our own
-    // host-local of this very build, it would run the code linked here, on the same store
-    // (the reference plugin's layout) under the same lock: running it in-process is the same
-    // thing without a fork+exec on every ADD and DEL. Any other binary, including another
-    // build of ours, is exec'd.
+    // host-local built from the same sources (its identity note), it would run the code
+    // linked here, on the same store (the reference plugin's layout) under the same lock:
+    // running it in-process is the same thing without a fork+exec on every ADD and DEL. Any
+    // other binary, including another build of ours, is exec'd.
     if ty == "host-local"
         && std::env::var_os(FORCE_EXEC_ENV).is_none()
         && crate::identity::is_ours(&bin)

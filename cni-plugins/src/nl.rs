@@ -256,13 +256,18 @@ pub async fn set_up(h: &Handle, name: &str) -> Result<LinkMessage, CniError> {
     let l = link(h, name)
         .await?
         .ok_or_else(|| CniError::new(code::NETLINK, format!("no link {name}")))?;
-    let m = LinkUnspec::new_with_index(l.header.index).up().build();
+    set_index_up(h, l.header.index, name).await?;
+    Ok(l)
+}
+
+/// Sets the link with index `index` (called `name`, for errors) up.
+pub async fn set_index_up(h: &Handle, index: u32, name: &str) -> Result<(), CniError> {
+    let m = LinkUnspec::new_with_index(index).up().build();
     h.link()
         .set(m)
         .execute()
         .await
-        .map_err(|e| err(format!("setting {name} up"), e))?;
-    Ok(l)
+        .map_err(|e| err(format!("setting {name} up"), e))
 }
 
 /// The addresses on link `index`.

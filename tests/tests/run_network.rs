@@ -514,6 +514,23 @@ fn rm_releases_the_network_of_a_task_whose_supervisor_was_killed() {
     del_bridge(bridge);
     let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(net));
     env.create(net, "10.231.47.0/24", bridge);
+    // A run that fails after its network was attached (which overlaps the root filesystem's
+    // preparation): the attachment is undone.
+    let (code, _, err) = env.run(&[
+        "run",
+        "--rm",
+        "--network",
+        net,
+        "localhost/nosuch:1",
+        "true",
+    ]);
+    assert_eq!(code, 125, "{err}");
+    assert!(
+        held_ips(net).is_empty(),
+        "address kept: {:?}",
+        held_ips(net)
+    );
+    env.assert_clean(&[bridge]);
     let (code, out, err) = env.run(&["run", "-d", "--network", net, IMAGE, "sleep", "30"]);
     assert_eq!(code, 0, "{err}");
     let id = out.trim().to_string();

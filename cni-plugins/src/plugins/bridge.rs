@@ -180,16 +180,21 @@ impl Bridge {
             let h = nl::connect()?;
             let hc = nl::connect_in(&ns)?;
             let br = nl::ensure_bridge(&h, &c.bridge, c.mtu).await?;
-            if nl::link(&hc, &args.ifname).await?.is_some() {
-                return Err(CniError::config(format!(
-                    "container veth name provided ({}) already exists",
-                    args.ifname
-                )));
-            }
+            // No lookup first (a round trip on every ADD): the create fails with EEXIST if
+            // either name is taken, and then we look which one it was.
             let host = loop {
                 let name = veth_name();
                 match nl::create_veth(&h, &name, &args.ifname, &ns, br.header.index, c.mtu).await {
                     Ok(()) => break name,
+                    Err(e)
+                        if nl::errno(&e) == Some(libc::EEXIST)
+                            && nl::link(&hc, &args.ifname).await?.is_some() =>
+                    {
+                        return Err(CniError::config(format!(
+                            "container veth name provided ({}) already exists",
+                            args.ifname
+                        )));
+                    }
                     // Name collision on the host side: draw again.
                     Err(e)
                         if nl::errno(&e) == Some(libc::EEXIST)
@@ -219,7 +224,7 @@ impl Bridge {
                 )
             })?;
             let cidx = cl.header.index;
-            nl::set_up(&hc, &args.ifname).await?;
+            nl::set_index_up(&hc, cidx, &args.ifname).await?;
             for ip in &mut r.ips {
                 ip.interface = Some(2);
                 nl::add_addr(&hc, cidx, ip.address, false).await?;

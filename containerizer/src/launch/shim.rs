@@ -292,6 +292,16 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
 
     // Supervise.
     let status = reap(pid, &spec.id);
+    // The task's networks (CNI DEL, then the netns) are released by this process rather than
+    // a second program, on a thread of their own so that this overlaps the accounting and
+    // cleanup below and the launcher's draining of the logs. Threads are fine from here on:
+    // the init has been cloned and reaped, nothing is forked any more except by
+    // std::process::Command.
+    let net_release = spec.network_release.clone().map(|r| {
+        std::thread::Builder::new()
+            .name("net-release".into())
+            .spawn(move || r.run())
+    });
     // Started at once, it runs while we account and clean up.
     let mut exit_command = spawn_exit_command(spec);
     let usage = usage_at_exit(&cg);
@@ -317,12 +327,21 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
     drop(mount_ns);
-    // Networks: DEL here rather than in a second program, while the launcher drains the logs.
-    if let Some(r) = &spec.network_release {
-        if let Err(e) = r.run() {
-            // `rm` (or an agent) retries from the attachment cache.
-            tracing::error!(id = %spec.id, "releasing the networks: {e}");
-        }
+    // Released before `removed` (and before we exit): the address and ports are free then.
+    let released = match net_release {
+        None => Ok(()),
+        Some(Ok(t)) => t.join().unwrap_or_else(|_| {
+            Err(crate::net::NetError::io(
+                "releasing the networks",
+                std::io::Error::other("the thread panicked"),
+            ))
+        }),
+        // No thread: here, then.
+        Some(Err(_)) => spec.network_release.as_ref().map_or(Ok(()), |r| r.run()),
+    };
+    if let Err(e) = released {
+        // `rm` (or an agent) retries from the attachment cache.
+        tracing::error!(id = %spec.id, "releasing the networks: {e}");
     }
 
     if spec.auto_remove {

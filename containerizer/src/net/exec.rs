@@ -70,8 +70,8 @@ pub(crate) struct Invocation<'a> {
 /// code in-process.
 pub const FORCE_EXEC_ENV: &str = "CAISSON_CNI_EXEC";
 
-/// Our plugin of this very build behind `binary`, if it is one and in-process runs are allowed
-/// (see [`caisson_cni_plugins::identity`]).
+/// Our plugin behind `binary`, if it is one built from the same sources as the code linked
+/// here and in-process runs are allowed (see [`caisson_cni_plugins::identity`]).
 pub(crate) fn in_process_plugin(
     plugin: &str,
     binary: &Path,
@@ -85,7 +85,7 @@ pub(crate) fn in_process_plugin(
 
 /// Runs our plugin's code for `binary` in this process: the same parameters, stdin, result
 /// and error document as exec'ing it, minus the process. Spec-wise this is the binary's own
-/// behaviour: it is the code the binary holds (same build, checked by its identity note),
+/// behaviour: it is the code the binary holds (same sources, checked by its identity note),
 /// acting on the same state files under the same locks.
 ///
 /// It runs on a thread of its own, started for it: the plugin `setns`es its thread for a
