@@ -76,17 +76,29 @@ fn main() {
     let ns = Netns::create(dir.path().join("caisson-test-bench")).unwrap();
     let nspath = ns.path().to_path_buf();
     guard.ns = Some(ns);
-    let sets = [
-        ("reference", cni(dir.path(), "ref", "/usr/lib/cni".into())),
-        ("caisson", cni(dir.path(), "ours", ours)),
+    let mut sets = vec![
+        (
+            "reference".to_string(),
+            cni(dir.path(), "ref", "/usr/lib/cni".into()),
+        ),
+        ("caisson".to_string(), cni(dir.path(), "ours", ours)),
     ];
+    // CAISSON_CNI_EXTRA=NAME=DIR adds another plugin set to the same interleaved run (e.g. the
+    // plugins of an older build, for an A/B).
+    if let Some((name, d)) = std::env::var("CAISSON_CNI_EXTRA").ok().and_then(|v| {
+        v.split_once('=')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+    }) {
+        sets.push((name, cni(dir.path(), "extra", d.into())));
+    }
+    let n = sets.len();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let mut add = [Vec::new(), Vec::new()];
-    let mut del = [Vec::new(), Vec::new()];
-    let mut both = [Vec::new(), Vec::new()];
+    let mut add = vec![Vec::new(); n];
+    let mut del = vec![Vec::new(); n];
+    let mut both = vec![Vec::new(); n];
     rt.block_on(async {
         for i in 0..runs + 5 {
             for (k, (_, cni)) in sets.iter().enumerate() {
