@@ -2,7 +2,7 @@
 # Installs what caisson's tests, demo and benchmarks need on Debian (idempotent).
 set -euo pipefail
 PKGS=(busybox-static umoci skopeo docker-registry apache2-utils containernetworking-plugins
-      runc crun hyperfine iproute2 jq iptables podman wrk gcc)
+      runc crun hyperfine iproute2 jq iptables podman wrk gcc curl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

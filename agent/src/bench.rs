@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::network::CniArgs;
 use crate::tasknet;
 
+mod first_output;
 mod master;
 mod plot;
 mod via_master;
@@ -106,6 +107,8 @@ pub fn bench(root: &Path, cni: &CniArgs, c: BenchCommand) -> Result<std::process
 /// One timed task: its phase durations (ns, in the kind's phase order) or why it failed.
 struct Sample {
     phases: Vec<u64>,
+    /// From the task's start to its first byte of output (native tasks that wrote, when seen).
+    first_output: Option<u64>,
     exit_code: Option<i32>,
     error: Option<String>,
 }
@@ -114,6 +117,7 @@ impl Sample {
     fn failed(e: impl std::fmt::Display) -> Sample {
         Sample {
             phases: vec![],
+            first_output: None,
             exit_code: None,
             error: Some(e.to_string()),
         }
@@ -142,9 +146,15 @@ const NATIVE_PHASES: &[(&str, &str)] = &[
     ("exec", "final exec until the supervisor sees it"),
     ("launch_to_exec", "Runtime::launch call until the task runs"),
     ("exit", "task running until its exit is reported"),
+    // Not a step but a time from the start (rootfs) like `total`, and only over the tasks that
+    // wrote something: a watch on the logs sees the first byte (+ the watcher's wake-up).
+    // Placed here by `build_report` when any task wrote.
     ("teardown", "--rm: unmount, rename away, release the name"),
     ("total", "whole task, rootfs to teardown"),
 ];
+
+const FIRST_OUTPUT: &str =
+    "start (rootfs) until the task's first byte in its logs (tasks that wrote; n)";
 
 /// Only with CNI networks: between `rootfs` and `launcher`.
 const NETWORK_PHASE: (&str, &str) = (
@@ -316,8 +326,15 @@ fn native_task(
     network: NetworkMode,
     cni: Option<&(Cni, Vec<NetworkRequest>)>,
 ) -> Sample {
-    let t0 = Instant::now();
     let id = launch::new_id();
+    // Started before the clock: its thread is the benchmark's cost, not the launch's.
+    let task_dir = rt.dir(&id).dir;
+    let containers = task_dir.parent().unwrap_or(root);
+    let watch = match first_output::Watch::start(containers, &id) {
+        Ok(w) => w,
+        Err(e) => return Sample::failed(format!("{e:#}")),
+    };
+    let t0 = Instant::now();
     let prepared = match crate::containers::prepare_image_root(root, image, &id) {
         Ok(p) => p,
         Err(e) => return Sample::failed(format!("{e:#}")),
@@ -375,15 +392,19 @@ fn native_task(
         }
     };
     let t3 = Instant::now();
+    let ns = |d: Duration| d.as_nanos() as u64;
     let st = launched.wait();
     let t4 = Instant::now();
     launched.finish();
     let t5 = Instant::now();
+    let first_output = watch
+        .finish()
+        .and_then(|t| t.checked_duration_since(t0))
+        .map(ns);
     let st = match st {
         Ok(st) => st,
         Err(e) => return Sample::failed(e),
     };
-    let ns = |d: Duration| d.as_nanos() as u64;
     let t = &st.timings;
     let exit_code = st.exit_code;
     let error = match (st.status, exit_code) {
@@ -413,6 +434,7 @@ fn native_task(
     }
     Sample {
         phases,
+        first_output,
         exit_code,
         error,
     }
@@ -458,6 +480,7 @@ fn wasm_task(
             ns(rt.teardown),
             ns(t2 - t0),
         ],
+        first_output: None,
         exit_code: Some(code),
         error: (!status.success()).then(|| status.to_string()),
     }
@@ -639,6 +662,7 @@ fn build_report(
     let mut exit_codes = BTreeMap::new();
     let mut error_messages: Vec<String> = vec![];
     let mut per_phase: Vec<Vec<u64>> = vec![vec![]; names.len()];
+    let mut first_outputs = vec![];
     let (mut ok, mut errors) = (0, 0);
     for s in &samples {
         let code = s
@@ -657,11 +681,12 @@ fn build_report(
                 for (i, v) in s.phases.iter().enumerate() {
                     per_phase[i].push(*v);
                 }
+                first_outputs.extend(s.first_output);
             }
         }
     }
     let totals_ns = per_phase.last().cloned().unwrap_or_default();
-    let phases = if ok > 0 {
+    let mut phases: Vec<PhaseStats> = if ok > 0 {
         names
             .iter()
             .zip(per_phase)
@@ -670,6 +695,13 @@ fn build_report(
     } else {
         vec![]
     };
+    if !first_outputs.is_empty() {
+        let at = phases
+            .iter()
+            .position(|p| p.name == "exit")
+            .unwrap_or(phases.len());
+        phases.insert(at, stats("first_output", FIRST_OUTPUT, first_outputs));
+    }
     let target_name = match (&a.image, &a.module) {
         (Some(i), _) => i.clone(),
         (_, Some(m)) => m.display().to_string(),
@@ -762,8 +794,21 @@ fn print_table(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
     if r.kind == Kind::Native && !r.phases.iter().any(|p| p.name == "network") {
         writeln!(
             out,
-            "(no CNI network: a loopback-only netns is made in `namespaces`; \
-             first output is not measured separately)"
+            "(no CNI network: a loopback-only netns is made in `namespaces`)"
+        )?;
+    }
+    if let Some(p) = r.phases.iter().find(|p| p.name == "first_output") {
+        if p.n < r.ok {
+            writeln!(
+                out,
+                "(first_output: over the {} of {} tasks whose first byte was seen)",
+                p.n, r.ok
+            )?;
+        }
+    } else if r.kind == Kind::Native {
+        writeln!(
+            out,
+            "(first_output: no task wrote to stdout/stderr, e.g. /bin/true)"
         )?;
     }
     Ok(())

@@ -28,6 +28,12 @@ pub struct RunArgs {
     /// Run in the background and print the container id.
     #[arg(short = 'd', long)]
     detach: bool,
+    /// Keep the task's stdin open and pass ours to it.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give the task a terminal (with -i in the foreground: ours, in raw mode).
+    #[arg(short = 't', long)]
+    tty: bool,
     /// Name of the container.
     #[arg(long)]
     name: Option<String>,
@@ -385,6 +391,13 @@ fn build_spec_on(
         },
         auto_remove: a.rm,
         seccomp_unconfined,
+        interactive: a.interactive,
+        tty: a.tty,
+        tty_size: a
+            .tty
+            .then(crate::console::window_size)
+            .flatten()
+            .map(|s| (s.rows, s.cols)),
         ..Default::default()
     })
 }
@@ -571,6 +584,9 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             )
             .into());
         }
+        if a.interactive || a.tty {
+            return Err(LaunchError::Invalid("-i and -t apply to native tasks".into()).into());
+        }
         tasknet::Plan::None
     } else {
         plan
@@ -623,7 +639,13 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     names.apply(&mut spec);
     let rt = Runtime::new(root);
     let id = spec.id.clone();
-    let mut launched = match rt.launch(spec) {
+    let attach = !a.detach && (a.interactive || a.tty);
+    let launch = if attach {
+        rt.launch_attached(spec)
+    } else {
+        rt.launch(spec)
+    };
+    let mut launched = match launch {
         Ok(l) => l,
         Err(e) => {
             if gpus {
@@ -658,23 +680,42 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     ] {
         proxied.add(sig);
     }
+    // With -i/-t the task's streams are ours (the terminal's output comes from there, not
+    // from the logs).
+    let attached = match launched.take_console() {
+        Some(c) => Some(crate::console::Attached::start(c, a.tty, a.interactive)?),
+        None => None,
+    };
+    let resize = attached.as_ref().filter(|_| a.tty).map(|at| at.resizer());
+    if resize.is_some() {
+        proxied.add(Signal::SIGWINCH);
+    }
     proxied.thread_block()?;
     {
         let rt = rt.clone();
         let id = launched.id.clone();
         std::thread::spawn(move || {
             while let Ok(sig) = proxied.wait() {
-                let _ = rt.kill(&id, sig);
+                match (&resize, sig) {
+                    (Some(r), Signal::SIGWINCH) => r(),
+                    _ => {
+                        let _ = rt.kill(&id, sig);
+                    }
+                }
             }
         });
     }
     // Stream the logs while the task runs.
     let dir = rt.dir(&launched.id);
     let done = Arc::new(AtomicBool::new(false));
+    let tail_logs = !a.tty;
     let tail = {
         let done = done.clone();
         let (out_path, err_path) = (dir.stdout_log(), dir.stderr_log());
         std::thread::spawn(move || {
+            if !tail_logs {
+                return;
+            }
             let (mut o, mut e) = (0u64, 0u64);
             let mut stdout = std::io::stdout();
             let mut stderr = std::io::stderr();
@@ -695,6 +736,9 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     done.store(true, Ordering::Release);
     tail.thread().unpark();
     let _ = tail.join();
+    if let Some(at) = attached {
+        at.finish();
+    }
     launched.finish();
     if gpus {
         crate::gpus::release(root, &id);

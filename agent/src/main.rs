@@ -2,6 +2,7 @@
 mod bench;
 mod cdi;
 mod cluster;
+mod console;
 mod containers;
 mod gpus;
 mod images;

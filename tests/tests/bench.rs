@@ -242,6 +242,46 @@ fn native_report_counts_phases_errors_and_leaves_nothing() {
     assert_eq!(r["command"], serde_json::json!(["/bin/true"]));
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
 
+    // A task that writes gets a first_output phase (before exit): the time from its start to
+    // its first byte, so after the 0.3 s it sleeps first, and within the task's total.
+    let (code, r) = bench(
+        &c,
+        &[
+            "--kind",
+            "native",
+            "--image",
+            image,
+            "-n",
+            "3",
+            "--warmup",
+            "0",
+            "--",
+            "/bin/sh",
+            "-c",
+            "sleep 0.3; echo hi; sleep 0.1",
+        ],
+    );
+    assert_eq!(code, 0, "{r}");
+    let mut with_output = NATIVE_PHASES.to_vec();
+    let exit = with_output.iter().position(|p| *p == "exit").unwrap();
+    with_output.insert(exit, "first_output");
+    check(&r, 3, 3, &with_output);
+    let phase = |name: &str| {
+        r["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (first, total) = (phase("first_output"), phase("total"));
+    assert!(first["min_us"].as_f64().unwrap() >= 300_000.0, "{first}");
+    assert!(
+        first["max_us"].as_f64().unwrap() + 100_000.0 <= total["max_us"].as_f64().unwrap(),
+        "the output came 0.1 s before the end: {first} vs {total}"
+    );
+
     // Tasks that exit non-zero are counted as errors with their code; the image's command
     // runs when none is given (here `sh -c 'exit 3'` through the entrypoint-less image).
     let (code, r) = bench(

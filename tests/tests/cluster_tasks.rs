@@ -433,6 +433,40 @@ fn mutual_tls_with_caisson_certs() {
         .unwrap();
     assert!(err.contains("client certificate"), "{err}");
     assert_eq!(c.agents().len(), 1);
+    // The master refuses it too, not only our agent: a plain gRPC call to the agent service
+    // over TLS (curl) without a client certificate gets UNAUTHENTICATED (16); with the agent
+    // certificate the same call passes that check and fails later (no Register message).
+    if require_tool("curl") {
+        let session = |cert: &[&str]| {
+            let out = std::process::Command::new("curl")
+                .args(["-sS", "--http2", "--max-time", "10", "--cacert"])
+                .arg(certs.join("ca.pem"))
+                .args(cert)
+                .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+                .args(["-H", &format!("authorization: Bearer {JOIN}")])
+                .args(["--data-binary", "", "-D", "-", "-o", "/dev/null"])
+                .arg(format!(
+                    "https://127.0.0.1:{}/caisson.v1.AgentService/Session",
+                    c.port
+                ))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let refused = session(&[]);
+        assert!(refused.contains("grpc-status: 16"), "{refused}");
+        assert!(refused.contains("client%20certificate"), "{refused}");
+        let agent_pem = certs.join("agent.pem");
+        let agent_key = certs.join("agent-key.pem");
+        let admitted = session(&[
+            "--cert",
+            agent_pem.to_str().unwrap(),
+            "--key",
+            agent_key.to_str().unwrap(),
+        ]);
+        assert!(admitted.contains("grpc-status: "), "{admitted}");
+        assert!(!admitted.contains("grpc-status: 16"), "{admitted}");
+    }
     // Users over TLS; plaintext to the TLS port gets nothing.
     let out = std::process::Command::new(caisson_bin())
         .args([

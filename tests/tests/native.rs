@@ -241,6 +241,66 @@ fn root_user_and_capabilities() {
     assert_eq!(s, "Seccomp:\t0\n");
 }
 
+/// Calls that docker's default profile refuses but the kernel would allow here, and a few
+/// it allows; prints one verdict per line.
+const SECCOMP_PROBE: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/personality.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void report(const char *what, long r) {
+    printf("%s=%s\n", what, r < 0 ? strerror(errno) : "ok");
+}
+int main(void) {
+    report("getppid", syscall(SYS_getppid));
+    report("uname", syscall(SYS_uname, &(char[4096]){0}));
+    report("personality-linux32", personality(0x0008) < 0 ? -1 : (personality(0), 0));
+    report("personality-no-randomize", personality(0x0040000));
+    report("vsock", syscall(SYS_socket, 40, 1, 0));
+    report("unknown-future", syscall(1000));
+    return 0;
+}
+"#;
+
+#[test]
+fn root_seccomp_is_an_allow_list() {
+    if !root_or_skip("root_seccomp_is_an_allow_list") || !caisson_tests::require_tool("gcc") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.tmp.path().join("probe.c");
+    std::fs::write(&src, SECCOMP_PROBE).unwrap();
+    caisson_tests::run(
+        Command::new("gcc")
+            .args(["-static", "-O1", "-o"])
+            .arg(env.rootfs.join("probe"))
+            .arg(&src),
+    )
+    .unwrap();
+    let s = stdout_ok(&env.run(&["--rm"], &["/probe"]));
+    assert!(s.contains("getppid=ok\n"), "{s}");
+    assert!(s.contains("uname=ok\n"), "{s}");
+    assert!(s.contains("personality-linux32=ok\n"), "{s}");
+    assert!(
+        s.contains("personality-no-randomize=Operation not permitted\n"),
+        "{s}"
+    );
+    assert!(s.contains("vsock=Operation not permitted\n"), "{s}");
+    assert!(
+        s.contains("unknown-future=Function not implemented\n"),
+        "{s}"
+    );
+    // Unconfined, the same calls reach the kernel.
+    let s = stdout_ok(&env.run(
+        &["--rm", "--security-opt", "seccomp=unconfined"],
+        &["/probe"],
+    ));
+    assert!(s.contains("personality-no-randomize=ok\n"), "{s}");
+    assert!(!s.contains("vsock=Operation not permitted"), "{s}");
+}
+
 #[test]
 fn root_mounts_and_masked_paths() {
     if !root_or_skip("root_mounts_and_masked_paths") {

@@ -212,6 +212,7 @@ fn sample(t: &Task, submit_ns: u64, to_terminal_ns: u64) -> Sample {
             to_terminal_ns,
             to_terminal_ns,
         ],
+        first_output: None,
         exit_code: t.exit_code,
         error: (!finished).then(|| {
             format!(

@@ -102,7 +102,10 @@ pub struct ChildArgs<'a> {
     pub device_cgroup: bool,
     pub stdout: &'a OwnedFd,
     pub stderr: &'a OwnedFd,
-    pub devnull: &'a OwnedFd,
+    /// /dev/null, or the console's pipe or terminal (`-i`, `-t`).
+    pub stdin: &'a OwnedFd,
+    /// `-t`: make a terminal after pivot_root and send its master here (see `console`).
+    pub terminal: Option<&'a OwnedFd>,
     pub status: OwnedFd,
 }
 
@@ -130,8 +133,8 @@ enum Never {}
 fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, ChildError> {
     let _ = writeln!(status, "S {}", sys::monotonic_ns());
     let spec = a.spec;
-    // stdio: stdin from /dev/null, stdout/stderr into the log files.
-    sys::dup2(a.devnull.as_raw_fd(), 0).ctx(|| "dup2 stdin".into())?;
+    // stdio: stdin from /dev/null, stdout/stderr into the log files (or the console's).
+    sys::dup2(a.stdin.as_raw_fd(), 0).ctx(|| "dup2 stdin".into())?;
     sys::dup2(a.stdout.as_raw_fd(), 1).ctx(|| "dup2 stdout".into())?;
     sys::dup2(a.stderr.as_raw_fd(), 2).ctx(|| "dup2 stderr".into())?;
     unistd::setsid().ok();
@@ -220,6 +223,13 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     unistd::pivot_root(".", ".").ctx(|| "pivot_root".into())?;
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
     unistd::chdir("/").ctx(|| "chdir /".into())?;
+    if let Some(sock) = a.terminal {
+        let size = spec
+            .tty_size
+            .map(|(rows, cols)| crate::sys::term::WinSize { rows, cols });
+        super::console::make_task_terminal(sock, size)
+            .ctx(|| "making the task's terminal".into())?;
+    }
 
     for p in MASKED_PATHS {
         mask(p)?;

@@ -45,6 +45,7 @@
 //! `no_new_privs` and the seccomp filter, and execs, writing its stdout/stderr straight into
 //! the log files. The shim reaps it and writes `state.json` (exit code, signal, OOM, usage).
 pub mod child;
+pub mod console;
 pub mod hooks;
 pub mod shim;
 pub mod spec;
@@ -53,6 +54,7 @@ pub mod wasm;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -139,9 +141,15 @@ pub struct Launched {
     shim: Option<Child>,
     stdin: Option<ChildStdin>,
     events: BufReader<ChildStdout>,
+    console: Option<console::Console>,
 }
 
 impl Launched {
+    /// The task's streams, when launched with [`Runtime::launch_attached`].
+    pub fn take_console(&mut self) -> Option<console::Console> {
+        self.console.take()
+    }
+
     /// Blocks until the task exits; returns its exit code (128+signal when killed). Survives
     /// the supervisor dying (then the recorded state decides).
     pub fn wait(&mut self) -> Result<TaskState, LaunchError> {
@@ -238,7 +246,17 @@ impl Runtime {
     }
 
     /// Launches `spec` and returns once its init has exec'd. On failure nothing is left behind.
-    pub fn launch(&self, mut spec: TaskSpec) -> Result<Launched, LaunchError> {
+    pub fn launch(&self, spec: TaskSpec) -> Result<Launched, LaunchError> {
+        self.launch_with(spec, false)
+    }
+
+    /// As [`Runtime::launch`], with the task's stdin (`interactive`) and terminal (`tty`)
+    /// attached to the returned task's [`Launched::take_console`] from its first byte.
+    pub fn launch_attached(&self, spec: TaskSpec) -> Result<Launched, LaunchError> {
+        self.launch_with(spec, true)
+    }
+
+    fn launch_with(&self, mut spec: TaskSpec, attach: bool) -> Result<Launched, LaunchError> {
         let started_ns = crate::sys::launch::monotonic_ns();
         validate(&spec)?;
         if spec.id.is_empty() {
@@ -295,7 +313,7 @@ impl Runtime {
                         .stack_size(64 * 1024)
                         .spawn(crate::cgroups::prime_migration);
                 }
-                self.prepare_and_spawn(&td, spec, started_ns)
+                self.prepare_and_spawn(&td, spec, started_ns, attach)
             });
         if res.is_err() {
             let _ = fs::remove_dir_all(&td.dir);
@@ -310,6 +328,7 @@ impl Runtime {
         td: &TaskDir,
         spec: TaskSpec,
         started_ns: u64,
+        attach: bool,
     ) -> Result<Launched, LaunchError> {
         fs::create_dir(td.etc()).map_err(io_err("creating etc"))?;
         fs::create_dir(td.sandbox()).map_err(io_err("creating the sandbox"))?;
@@ -340,6 +359,7 @@ impl Runtime {
         }
         let id = spec.id.clone();
         let name = spec.name.clone();
+        let (interactive, tty) = (spec.interactive, spec.tty);
         td.write_state(&TaskState::created(state::now_ms()))
             .map_err(io_err("writing the state"))?;
         td.write_config(&TaskConfig {
@@ -348,14 +368,34 @@ impl Runtime {
         })
         .map_err(io_err("writing the config"))?;
         let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
-        let mut child = Command::new(&self.shim)
-            .arg(&td.dir)
+        let mut cmd = Command::new(&self.shim);
+        cmd.arg(&td.dir)
             .arg(crate::sys::launch::monotonic_ns().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(shim_log)
-            .spawn()
-            .map_err(io_err(format!("starting {}", self.shim.display())))?;
+            .stderr(shim_log);
+        // The supervisor's end of the console is inherited (not close-on-exec) for the one
+        // spawn; a foreground `run`, the only caller, has no other thread spawning meanwhile.
+        let console = match attach && (interactive || tty) {
+            true => {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                    .map_err(io_err("creating the console socket"))?;
+                nix::fcntl::fcntl(
+                    &theirs,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )
+                .map_err(|e| io_err("creating the console socket")(e.into()))?;
+                cmd.env(console::FD_ENV, theirs.as_raw_fd().to_string());
+                Some((ours, theirs))
+            }
+            false => None,
+        };
+        let spawned = cmd.spawn();
+        let console = console.map(|(ours, theirs)| {
+            drop(theirs);
+            console::Console::new(ours)
+        });
+        let mut child = spawned.map_err(io_err(format!("starting {}", self.shim.display())))?;
         let stdin = child.stdin.take();
         let mut events = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
@@ -373,6 +413,7 @@ impl Runtime {
                 shim: Some(child),
                 stdin,
                 events,
+                console,
             });
         }
         drop(stdin);

@@ -29,7 +29,19 @@ use crate::sys::launch::{self as sys, CloneResult};
 /// `spawned_ns` is the launcher's `CLOCK_MONOTONIC` just before it spawned us (for the timings).
 pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let t_start = sys::monotonic_ns();
-    sys::close_from(3);
+    // An attached launcher's console socket (`run -i`/`-t` in the foreground) is the one
+    // inherited descriptor we keep.
+    let console_fd = std::env::var(super::console::FD_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    sys::close_from_keeping(3, console_fd);
+    let console = console_fd.and_then(|fd| match crate::sys::term::take_inherited_fd(fd) {
+        Ok(fd) => Some(std::os::unix::net::UnixStream::from(fd)),
+        Err(e) => {
+            tracing::warn!("the console descriptor {fd}: {e}");
+            None
+        }
+    });
     let _ = nix::unistd::setsid();
     let td = TaskDir::new(dir.to_path_buf());
     let mut out = std::io::stdout();
@@ -121,6 +133,28 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             return 1;
         }
     };
+    // `-i`: a pipe as stdin; `-t`: a terminal for all three streams (see `console`).
+    let console_side = match (spec.interactive || spec.tty)
+        .then(|| super::console::TaskSide::new(spec.tty))
+        .transpose()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            destroy_early(&early_cg);
+            report_failure(
+                &mut state,
+                &mut out,
+                125,
+                format!("the task's console: {e}"),
+            );
+            return 1;
+        }
+    };
+    let task_stdin = console_side
+        .as_ref()
+        .and_then(|c| c.stdin_pipe())
+        .unwrap_or(&devnull);
+    let terminal = console_side.as_ref().and_then(|c| c.terminal_socket());
 
     let mut flags =
         (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
@@ -172,7 +206,8 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
                 device_cgroup: !v2 || !spec.devices.allow.is_empty(),
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
-                devnull: &devnull,
+                stdin: task_stdin,
+                terminal,
                 status: status_w,
             })
         }
@@ -185,6 +220,11 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     };
     drop(status_w);
     drop(go_r);
+    // The console's log descriptor; the pumps start once the init has exec'd (with `-t`, its
+    // terminal's master arrives just before).
+    let console_log = console_side
+        .as_ref()
+        .and_then(|_| stdout_fd.try_clone().ok());
     drop((stdout_fd, stderr_fd, devnull));
     // Hold the task's mount namespace: when the init exits, the kernel then does not tear its
     // mounts down (an RCU grace period) before we learn of the exit; we drop it after reporting.
@@ -275,6 +315,16 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
         report_failure(&mut state, &mut out, code, msg);
         return 0;
     }
+    let pumps = match (console_side, console_log) {
+        (Some(side), Some(log)) => match side.start(log, console) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!(id = %spec.id, "starting the console pumps: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
     timings.namespaces_us = t_started.saturating_sub(t_clone) / 1000;
     timings.mounts_us = t_mounts.saturating_sub(t_started) / 1000;
     timings.exec_us = t_exec.saturating_sub(t_mounts) / 1000;
@@ -302,6 +352,9 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             .name("net-release".into())
             .spawn(move || r.run())
     });
+    if let Some(p) = pumps {
+        p.finish();
+    }
     // Started at once, it runs while we account and clean up.
     let mut exit_command = spawn_exit_command(spec);
     let usage = usage_at_exit(&cg);

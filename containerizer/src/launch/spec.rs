@@ -135,6 +135,16 @@ pub struct TaskSpec {
     /// Run without the default seccomp filter (`--security-opt seccomp=unconfined`).
     #[serde(default)]
     pub seccomp_unconfined: bool,
+    /// Keep the task's stdin open (`-i`): a pipe the supervisor feeds from an attached
+    /// launcher (see [`super::console`]).
+    #[serde(default)]
+    pub interactive: bool,
+    /// Give the task a pseudo-terminal as stdin, stdout, stderr and controlling terminal (`-t`).
+    #[serde(default)]
+    pub tty: bool,
+    /// The terminal's initial size (`-t`), e.g. the user's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty_size: Option<(u16, u16)>,
     /// Remove everything once the task has exited.
     #[serde(default)]
     pub auto_remove: bool,

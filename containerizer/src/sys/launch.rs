@@ -316,14 +316,33 @@ pub fn cloexec_from(first: RawFd) -> io::Result<()> {
 
 /// Closes every descriptor from `first` up (`close_range`, Linux 5.9; best effort).
 pub fn close_from(first: RawFd) {
-    // SAFETY: called at process start, before any descriptor >= first is owned by Rust code.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            libc::c_uint::MAX,
-            0 as libc::c_uint,
-        )
+    close_from_keeping(first, None)
+}
+
+/// As [`close_from`], except `keep` (a descriptor handed to us on purpose).
+pub fn close_from_keeping(first: RawFd, keep: Option<RawFd>) {
+    let close_range = |lo: RawFd, hi: libc::c_uint| {
+        // SAFETY: called at process start, before any descriptor >= first is owned by Rust
+        // code (`keep` is left alone for its one owner).
+        unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                lo as libc::c_uint,
+                hi,
+                0 as libc::c_uint,
+            )
+        }
+    };
+    let ret = match keep {
+        Some(k) if k >= first => {
+            let below = if k > first {
+                close_range(first, (k - 1) as libc::c_uint)
+            } else {
+                0
+            };
+            below | close_range(k + 1, libc::c_uint::MAX)
+        }
+        _ => close_range(first, libc::c_uint::MAX),
     };
     if ret != 0 {
         let _ = cloexec_from(first);

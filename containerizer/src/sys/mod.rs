@@ -4,6 +4,7 @@ pub mod launch;
 pub mod mount;
 pub mod netns;
 pub mod seccomp;
+pub mod term;
 pub mod wasm;
 
 /// Restores the default SIGPIPE action, so a CLI whose output goes to a closed pipe (`| head`)
