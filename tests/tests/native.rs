@@ -1067,3 +1067,94 @@ fn root_add_host_and_dns_flags() {
         .unwrap_or(0);
     assert_eq!(left, 0);
 }
+
+/// The cgroup mounts of this mount namespace: (mount point, fstype, superblock options).
+fn cgroup_mounts() -> Vec<(PathBuf, String, Vec<String>)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let point = pre.split(' ').nth(4)?;
+            let f: Vec<&str> = post.split(' ').collect();
+            (f[0] == "cgroup" || f[0] == "cgroup2").then(|| {
+                (
+                    PathBuf::from(point),
+                    f[0].to_string(),
+                    f.get(2)
+                        .unwrap_or(&"")
+                        .split(',')
+                        .map(String::from)
+                        .collect(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn favordynmods_mounts() -> Vec<PathBuf> {
+    cgroup_mounts()
+        .into_iter()
+        .filter(|(_, _, o)| o.iter().any(|o| o == "favordynmods"))
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// `caisson run` turns on cgroup favordynmods (cheap v1 migrations) when no hierarchy has it:
+/// on a cgroup2 mount (hybrid or pure v2) by reconfiguring it with its other options kept, on
+/// a pure v1 host with a named hierarchy it leaves mounted. The flag is cleared first, so only
+/// the run can have set it. (Parallel tests run caisson too: they can only set it as well.)
+#[test]
+fn root_run_sets_cgroup_favordynmods() {
+    use containerizer::cgroups::favor::V1_MOUNT;
+    use containerizer::sys::mount::FsContext;
+    if !root_or_skip("root_run_sets_cgroup_favordynmods") {
+        return;
+    }
+    let env = Env::new();
+    let before = cgroup_mounts();
+    let v2 = before.iter().find(|(_, t, _)| t == "cgroup2").cloned();
+    // Clear the flag: a cgroup2 root takes exactly the options it is given.
+    for (point, t, opts) in &before {
+        if t == "cgroup2" && opts.iter().any(|o| o == "favordynmods") {
+            let ctx = FsContext::pick(point).unwrap();
+            for o in opts
+                .iter()
+                .filter(|o| !["rw", "ro", "favordynmods"].contains(&o.as_str()))
+            {
+                ctx.set_flag(o).unwrap();
+            }
+            ctx.reconfigure().unwrap();
+        }
+    }
+    if favordynmods_mounts()
+        .iter()
+        .any(|p| p == Path::new(V1_MOUNT))
+    {
+        containerizer::sys::mount::unmount(Path::new(V1_MOUNT), true).unwrap();
+    }
+    assert_eq!(
+        favordynmods_mounts(),
+        Vec::<PathBuf>::new(),
+        "a hierarchy caisson did not make has favordynmods: cannot test"
+    );
+    let out = env.run(&["--rm"], &["true"]);
+    stdout_ok(&out);
+    let after = cgroup_mounts();
+    match v2 {
+        Some((point, _, opts)) => {
+            let (_, _, now) = after.iter().find(|(p, _, _)| *p == point).unwrap();
+            assert!(now.iter().any(|o| o == "favordynmods"), "{now:?}");
+            // The root's other options are kept.
+            for o in opts.iter().filter(|o| *o != "favordynmods") {
+                assert!(now.contains(o), "{o} lost: {now:?}");
+            }
+        }
+        None => {
+            let (_, _, now) = after
+                .iter()
+                .find(|(p, _, _)| p == Path::new(V1_MOUNT))
+                .expect("the named v1 hierarchy is mounted");
+            assert!(now.iter().any(|o| o == "favordynmods"), "{now:?}");
+        }
+    }
+}

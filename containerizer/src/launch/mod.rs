@@ -241,6 +241,8 @@ impl Runtime {
     pub fn launch(&self, mut spec: TaskSpec) -> Result<Launched, LaunchError> {
         let started_ns = crate::sys::launch::monotonic_ns();
         validate(&spec)?;
+        // Once per process: without it every v1 cgroup migration waits for an RCU grace period.
+        crate::cgroups::favor_dynamic_modifications();
         if spec.id.is_empty() {
             spec.id = new_id();
         } else if !valid_name(&spec.id) || spec.id.len() > 128 {
