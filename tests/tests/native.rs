@@ -1158,3 +1158,82 @@ fn root_run_sets_cgroup_favordynmods() {
         }
     }
 }
+
+/// A long-running launcher's warm supervisor (`Runtime::with_warm_supervisor`, the agent's and
+/// the benchmarks' path): the standby supervisor takes the next task, which still gets a
+/// network namespace of its own (made ahead, not shared with the host or another task) with
+/// loopback up; dropping the runtime ends the unused standby.
+#[test]
+fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
+    use containerizer::launch::{Process, Runtime, TaskSpec};
+    if !root_or_skip("root_warm_supervisor_takes_the_next_task_with_its_own_netns") {
+        return;
+    }
+    let env = Env::new();
+    let shim = caisson_bin().with_file_name("caisson-shim");
+    let rt = Runtime::new(env.state_root())
+        .with_shim(&shim)
+        .with_warm_supervisor();
+    let ready = |rt: &Runtime| -> u32 {
+        rt.prewarm();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = rt.standby_pid() {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no standby supervisor");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let spec = |name: &str| TaskSpec {
+        name: name.into(),
+        image: "busybox".into(),
+        rootfs: env.rootfs.clone(),
+        process: Process {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "readlink /proc/self/ns/net; cat /sys/class/net/lo/flags".into(),
+            ],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+        },
+        ..Default::default()
+    };
+    let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let mut seen = vec![];
+    for name in ["w1", "w2"] {
+        let standby = ready(&rt);
+        let mut task = rt.launch(spec(name)).unwrap();
+        let st = task.wait().unwrap();
+        task.finish();
+        assert_eq!(st.exit_code, Some(0), "{st:?}");
+        assert_eq!(
+            st.shim_pid,
+            Some(standby as i32),
+            "the standby took the task"
+        );
+        let out = std::fs::read_to_string(rt.dir(&st_id(&rt, name)).stdout_log()).unwrap();
+        let mut lines = out.lines();
+        let ns = lines.next().unwrap().to_string();
+        assert_ne!(Path::new(&ns), host_ns, "{out}");
+        // IFF_UP | IFF_LOOPBACK
+        assert_eq!(lines.next(), Some("0x9"), "{out}");
+        seen.push(ns);
+    }
+    assert_ne!(seen[0], seen[1]);
+    let spare = ready(&rt);
+    for name in ["w1", "w2"] {
+        rt.remove(&st_id(&rt, name), false).unwrap();
+    }
+    drop(rt);
+    assert!(
+        !Path::new(&format!("/proc/{spare}")).exists(),
+        "standby {spare} left running"
+    );
+}
+
+fn st_id(rt: &containerizer::launch::Runtime, name: &str) -> String {
+    rt.resolve(name).unwrap()
+}

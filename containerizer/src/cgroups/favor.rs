@@ -53,6 +53,16 @@ pub enum Favor {
     Failed(String),
 }
 
+impl Favor {
+    /// True if some hierarchy has the flag (migrations are cheap).
+    pub fn is_on(&self) -> bool {
+        matches!(
+            self,
+            Favor::AlreadyOn(_) | Favor::Remounted(_) | Favor::MountedV1(_)
+        )
+    }
+}
+
 /// A cgroup mount from mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct CgroupMount {

@@ -48,6 +48,7 @@ pub mod child;
 pub mod hooks;
 pub mod shim;
 pub mod spec;
+pub mod standby;
 pub mod state;
 pub mod wasm;
 
@@ -55,6 +56,8 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -198,6 +201,38 @@ impl Drop for Launched {
 pub struct Runtime {
     root: PathBuf,
     shim: PathBuf,
+    warm: Option<Arc<WarmPool>>,
+}
+
+/// One standby supervisor kept ready ([`standby`]), shared by a runtime's clones.
+#[derive(Debug, Default)]
+struct WarmPool {
+    spare: Mutex<Option<Child>>,
+    filling: AtomicBool,
+}
+
+impl WarmPool {
+    fn take(&self) -> Option<Child> {
+        let mut c = self.spare.lock().ok()?.take()?;
+        // One that died meanwhile (killed, or its launcher's pipe broke) is no use.
+        match c.try_wait() {
+            Ok(None) => Some(c),
+            _ => {
+                let _ = c.wait();
+                None
+            }
+        }
+    }
+}
+
+impl Drop for WarmPool {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.spare.get_mut().ok().and_then(Option::take) {
+            // EOF on its stdin: it exits without having touched anything.
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Runtime {
@@ -215,6 +250,59 @@ impl Runtime {
         Runtime {
             root: root.into(),
             shim,
+            warm: None,
+        }
+    }
+
+    /// Keeps one supervisor started ahead of its task ([`standby`]): a launch then skips the
+    /// supervisor's exec and start-up and, for a task with a network namespace of its own,
+    /// that namespace's creation. For long-running launchers (agent, benchmarks); the first
+    /// launch starts the first standby, or call [`Runtime::prewarm`].
+    pub fn with_warm_supervisor(mut self) -> Self {
+        self.warm = Some(Arc::default());
+        self
+    }
+
+    /// The pid of the standby supervisor ready for the next launch, if any.
+    pub fn standby_pid(&self) -> Option<u32> {
+        let pool = self.warm.as_ref()?;
+        let spare = pool.spare.lock().ok()?;
+        spare.as_ref().map(Child::id)
+    }
+
+    /// Starts a standby supervisor now if warm supervisors are on and none is ready (in the
+    /// background: returns at once).
+    pub fn prewarm(&self) {
+        let Some(pool) = &self.warm else { return };
+        if pool.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (pool, shim) = (pool.clone(), self.shim.clone());
+        let spawned = std::thread::Builder::new()
+            .name("shim-standby".into())
+            .stack_size(64 * 1024)
+            .spawn({
+                let pool = pool.clone();
+                move || {
+                    let empty = pool.spare.lock().map(|s| s.is_none()).unwrap_or(false);
+                    if empty {
+                        match standby::spawn(&shim) {
+                            Ok(c) => {
+                                if let Ok(mut s) = pool.spare.lock() {
+                                    *s = Some(c);
+                                }
+                            }
+                            Err(e) => tracing::warn!(
+                                "starting a standby supervisor {}: {e}",
+                                shim.display()
+                            ),
+                        }
+                    }
+                    pool.filling.store(false, Ordering::Release);
+                }
+            });
+        if spawned.is_err() {
+            pool.filling.store(false, Ordering::Release);
         }
     }
 
@@ -242,7 +330,7 @@ impl Runtime {
         let started_ns = crate::sys::launch::monotonic_ns();
         validate(&spec)?;
         // Once per process: without it every v1 cgroup migration waits for an RCU grace period.
-        crate::cgroups::favor_dynamic_modifications();
+        let favoring = crate::cgroups::favor_dynamic_modifications().is_on();
         if spec.id.is_empty() {
             spec.id = new_id();
         } else if !valid_name(&spec.id) || spec.id.len() > 128 {
@@ -292,10 +380,13 @@ impl Runtime {
                 // (On v2 the supervisor creates it and clones into it.)
                 if !crate::cgroups::is_v2() {
                     TaskCgroup::create_with_devices(&spec.id, &spec.limits, &spec.devices.allow)?;
-                    let _ = std::thread::Builder::new()
-                        .name("cgroup-prime".into())
-                        .stack_size(64 * 1024)
-                        .spawn(crate::cgroups::prime_migration);
+                    // With favordynmods a migration has no grace period to wait for.
+                    if !favoring {
+                        let _ = std::thread::Builder::new()
+                            .name("cgroup-prime".into())
+                            .stack_size(64 * 1024)
+                            .spawn(crate::cgroups::prime_migration);
+                    }
                 }
                 self.prepare_and_spawn(&td, spec, started_ns)
             });
@@ -350,19 +441,35 @@ impl Runtime {
         })
         .map_err(io_err("writing the config"))?;
         let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
-        let mut child = Command::new(&self.shim)
-            .arg(&td.dir)
-            .arg(crate::sys::launch::monotonic_ns().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(shim_log)
-            .spawn()
-            .map_err(io_err(format!("starting {}", self.shim.display())))?;
+        let warm = self.warm.as_ref().and_then(|p| p.take()).and_then(|mut c| {
+            let line = standby::handover_line(&td.dir, crate::sys::launch::monotonic_ns())?;
+            match c.stdin.as_mut().map(|s| s.write_all(&line)) {
+                Some(Ok(())) => Some(c),
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    None
+                }
+            }
+        });
+        let mut child = match warm {
+            Some(c) => c,
+            None => Command::new(&self.shim)
+                .arg(&td.dir)
+                .arg(crate::sys::launch::monotonic_ns().to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(shim_log)
+                .spawn()
+                .map_err(io_err(format!("starting {}", self.shim.display())))?,
+        };
         let stdin = child.stdin.take();
         let mut events = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
         let _ = events.read_line(&mut line);
         let line = line.trim_end();
+        // The next launch's supervisor starts while this task runs (or fails).
+        self.prewarm();
         if let Some(pid) = line.strip_prefix("started ") {
             let pid = pid
                 .parse()
