@@ -508,6 +508,9 @@ impl NameFlags {
 fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
     let plan = tasknet::plan(&a.network, &a.publish)?;
     let names = NameFlags::parse(&a)?;
+    // The task's supervisor (and its network namespace) start now, while the root filesystem
+    // and the records are prepared.
+    let rt = Runtime::new(root).with_supervisor_started_early();
     let mode = match plan {
         tasknet::Plan::Host => NetworkMode::Host,
         _ => NetworkMode::None,
@@ -568,7 +571,6 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         }
     }
     names.apply(&mut spec);
-    let rt = Runtime::new(root);
     let id = spec.id.clone();
     let mut launched = match rt.launch(spec) {
         Ok(l) => l,

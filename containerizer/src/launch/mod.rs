@@ -33,7 +33,9 @@
 //! ```
 //!
 //! Process model: the launcher spawns `caisson-shim <task dir>` (found next to the current
-//! executable, or `$CAISSON_SHIM`). The shim calls setsid (so it survives the launcher's death,
+//! executable, or `$CAISSON_SHIM`), or hands the task to a supervisor it started ahead
+//! ([`standby`]: the CLI starts it before preparing the root filesystem, long-running launchers
+//! keep one ready). The shim calls setsid (so it survives the launcher's death,
 //! `kill -9` included) and clone3s the task's init into new pid, mount, uts, ipc (and net)
 //! namespaces. On v2 the shim creates the cgroup first and the init is born in it
 //! (`CLONE_INTO_CGROUP`). On v1 and hybrid hosts the launcher creates the cgroup (only the
@@ -57,7 +59,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -208,12 +210,25 @@ pub struct Runtime {
 #[derive(Debug, Default)]
 struct WarmPool {
     spare: Mutex<Option<Child>>,
+    /// A standby is being started (on a background thread).
     filling: AtomicBool,
+    /// Signalled when a start ends (with or without a standby).
+    filled: Condvar,
+    /// Start the next standby after each launch (long-running launchers).
+    refill: bool,
 }
 
 impl WarmPool {
     fn take(&self) -> Option<Child> {
-        let mut c = self.spare.lock().ok()?.take()?;
+        let mut spare = self.spare.lock().ok()?;
+        // One being started now is nearer than a fresh start.
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while spare.is_none() && self.filling.load(Ordering::Acquire) {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            spare = self.filled.wait_timeout(spare, left).ok()?.0;
+        }
+        let mut c = spare.take()?;
+        drop(spare);
         // One that died meanwhile (killed, or its launcher's pipe broke) is no use.
         match c.try_wait() {
             Ok(None) => Some(c),
@@ -259,7 +274,19 @@ impl Runtime {
     /// that namespace's creation. For long-running launchers (agent, benchmarks); the first
     /// launch starts the first standby, or call [`Runtime::prewarm`].
     pub fn with_warm_supervisor(mut self) -> Self {
+        let mut pool = WarmPool::default();
+        pool.refill = true;
+        self.warm = Some(Arc::new(pool));
+        self
+    }
+
+    /// For a process that launches one task (the CLI): starts that task's supervisor now, in
+    /// standby ([`standby`]), so that its start-up and the task's network namespace are made
+    /// while the caller prepares the launch (root filesystem, records) instead of after.
+    /// No other standby follows; an unused one exits when the runtime is dropped.
+    pub fn with_supervisor_started_early(mut self) -> Self {
         self.warm = Some(Arc::default());
+        self.start_standby();
         self
     }
 
@@ -273,6 +300,12 @@ impl Runtime {
     /// Starts a standby supervisor now if warm supervisors are on and none is ready (in the
     /// background: returns at once).
     pub fn prewarm(&self) {
+        if self.warm.as_ref().is_some_and(|p| p.refill) {
+            self.start_standby();
+        }
+    }
+
+    fn start_standby(&self) {
         let Some(pool) = &self.warm else { return };
         if pool.filling.swap(true, Ordering::AcqRel) {
             return;
@@ -298,7 +331,9 @@ impl Runtime {
                             ),
                         }
                     }
+                    let _guard = pool.spare.lock();
                     pool.filling.store(false, Ordering::Release);
+                    pool.filled.notify_all();
                 }
             });
         if spawned.is_err() {
