@@ -317,6 +317,13 @@ impl Runtime {
             .spawn({
                 let pool = pool.clone();
                 move || {
+                    // A standby for a later launch starts (exec, start-up, network namespace)
+                    // only on CPU time nothing else wants, so it never slows a running task or
+                    // launch; the launch that takes it puts it back under the normal policy.
+                    // (This dedicated thread, and so the process it starts, inherit SCHED_IDLE.)
+                    if pool.refill {
+                        let _ = crate::sys::launch::set_idle_scheduling(0, true);
+                    }
                     let empty = pool.spare.lock().map(|s| s.is_none()).unwrap_or(false);
                     if empty {
                         match standby::spawn(&shim) {
@@ -478,7 +485,14 @@ impl Runtime {
         let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
         let warm = self.warm.as_ref().and_then(|p| p.take()).and_then(|mut c| {
             let line = standby::handover_line(&td.dir, crate::sys::launch::monotonic_ns())?;
-            match c.stdin.as_mut().map(|s| s.write_all(&line)) {
+            // Never let a task inherit SCHED_IDLE: a standby that cannot leave it is not used.
+            let normal = crate::sys::launch::set_idle_scheduling(c.id() as i32, false).is_ok();
+            match c
+                .stdin
+                .as_mut()
+                .filter(|_| normal)
+                .map(|s| s.write_all(&line))
+            {
                 Some(Ok(())) => Some(c),
                 _ => {
                     let _ = c.kill();
