@@ -317,10 +317,11 @@ impl Runtime {
             .spawn({
                 let pool = pool.clone();
                 move || {
-                    // A standby for a later launch starts (exec, start-up, network namespace)
-                    // only on CPU time nothing else wants, so it never slows a running task or
-                    // launch; the launch that takes it puts it back under the normal policy.
-                    // (This dedicated thread, and so the process it starts, inherit SCHED_IDLE.)
+                    // A standby for a later launch does its exec and start-up only on CPU
+                    // time nothing else wants, so that it does not slow a running task or
+                    // launch (it leaves SCHED_IDLE itself before making the network namespace;
+                    // the launch that takes it makes sure). This dedicated thread, and so the
+                    // process it starts, inherit SCHED_IDLE.
                     if pool.refill {
                         let _ = crate::sys::launch::set_idle_scheduling(0, true);
                     }

@@ -70,6 +70,10 @@ fn fresh_netns() -> std::io::Result<OwnedFd> {
 /// code. Call it first thing (it closes every inherited descriptor above stderr).
 pub fn main() -> i32 {
     sys::close_from(3);
+    // Started under SCHED_IDLE (a refilling launcher's standby): the namespace's creation takes
+    // kernel locks (rtnl) that a starved idle task must never hold, so it runs under the normal
+    // policy; only the exec and start-up before it ran on idle CPU time.
+    let _ = sys::set_idle_scheduling(0, false);
     let netns = match fresh_netns() {
         Ok(fd) => Some(fd),
         Err(e) => {
