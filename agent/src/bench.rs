@@ -556,7 +556,8 @@ fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::p
             };
             Target::Native {
                 root: root.to_path_buf(),
-                rt: Runtime::new(root),
+                // A long-running launcher, as the agent: supervisors started ahead.
+                rt: Runtime::new(root).with_warm_supervisor(),
                 image,
                 cmd: a.cmd.clone(),
                 network,

@@ -530,6 +530,14 @@ impl NameFlags {
 fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
     let plan = tasknet::plan(&a.network, &a.publish)?;
     let names = NameFlags::parse(&a)?;
+    // The task's supervisor (and its network namespace) start now, while the root filesystem
+    // and the records are prepared; not for an attached -i/-t task, whose supervisor is
+    // spawned with the console.
+    let rt = if !a.detach && (a.interactive || a.tty) {
+        Runtime::new(root)
+    } else {
+        Runtime::new(root).with_supervisor_started_early()
+    };
     let mode = match plan {
         tasknet::Plan::Host => NetworkMode::Host,
         _ => NetworkMode::None,
@@ -637,7 +645,6 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         }
     }
     names.apply(&mut spec);
-    let rt = Runtime::new(root);
     let id = spec.id.clone();
     let attach = !a.detach && (a.interactive || a.tty);
     let launch = if attach {

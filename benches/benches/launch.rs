@@ -39,7 +39,10 @@ fn main() -> anyhow::Result<()> {
     for f in ["etc/hostname", "etc/hosts", "etc/resolv.conf"] {
         std::fs::write(rootfs.join(f), "")?;
     }
-    let rt = Runtime::new(tmp.path().join("state")).with_shim(shim);
+    // The agent's path: a supervisor started ahead of each launch.
+    let rt = Runtime::new(tmp.path().join("state"))
+        .with_shim(shim)
+        .with_warm_supervisor();
     let spec = TaskSpec {
         image: "bench".into(),
         rootfs: rootfs.clone(),

@@ -1127,3 +1127,178 @@ fn root_add_host_and_dns_flags() {
         .unwrap_or(0);
     assert_eq!(left, 0);
 }
+
+/// The cgroup mounts of this mount namespace: (mount point, fstype, superblock options).
+fn cgroup_mounts() -> Vec<(PathBuf, String, Vec<String>)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let point = pre.split(' ').nth(4)?;
+            let f: Vec<&str> = post.split(' ').collect();
+            (f[0] == "cgroup" || f[0] == "cgroup2").then(|| {
+                (
+                    PathBuf::from(point),
+                    f[0].to_string(),
+                    f.get(2)
+                        .unwrap_or(&"")
+                        .split(',')
+                        .map(String::from)
+                        .collect(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn favordynmods_mounts() -> Vec<PathBuf> {
+    cgroup_mounts()
+        .into_iter()
+        .filter(|(_, _, o)| o.iter().any(|o| o == "favordynmods"))
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// `caisson run` turns on cgroup favordynmods (cheap v1 migrations) when no hierarchy has it:
+/// on a cgroup2 mount (hybrid or pure v2) by reconfiguring it with its other options kept, on
+/// a pure v1 host with a named hierarchy it leaves mounted. The flag is cleared first, so only
+/// the run can have set it. (Parallel tests run caisson too: they can only set it as well.)
+#[test]
+fn root_run_sets_cgroup_favordynmods() {
+    use containerizer::cgroups::favor::V1_MOUNT;
+    use containerizer::sys::mount::FsContext;
+    if !root_or_skip("root_run_sets_cgroup_favordynmods") {
+        return;
+    }
+    let env = Env::new();
+    let before = cgroup_mounts();
+    let v2 = before.iter().find(|(_, t, _)| t == "cgroup2").cloned();
+    // Clear the flag: a cgroup2 root takes exactly the options it is given.
+    for (point, t, opts) in &before {
+        if t == "cgroup2" && opts.iter().any(|o| o == "favordynmods") {
+            let ctx = FsContext::pick(point).unwrap();
+            for o in opts
+                .iter()
+                .filter(|o| !["rw", "ro", "favordynmods"].contains(&o.as_str()))
+            {
+                ctx.set_flag(o).unwrap();
+            }
+            ctx.reconfigure().unwrap();
+        }
+    }
+    if favordynmods_mounts()
+        .iter()
+        .any(|p| p == Path::new(V1_MOUNT))
+    {
+        containerizer::sys::mount::unmount(Path::new(V1_MOUNT), true).unwrap();
+    }
+    assert_eq!(
+        favordynmods_mounts(),
+        Vec::<PathBuf>::new(),
+        "a hierarchy caisson did not make has favordynmods: cannot test"
+    );
+    let out = env.run(&["--rm"], &["true"]);
+    stdout_ok(&out);
+    let after = cgroup_mounts();
+    match v2 {
+        Some((point, _, opts)) => {
+            let (_, _, now) = after.iter().find(|(p, _, _)| *p == point).unwrap();
+            assert!(now.iter().any(|o| o == "favordynmods"), "{now:?}");
+            // The root's other options are kept.
+            for o in opts.iter().filter(|o| *o != "favordynmods") {
+                assert!(now.contains(o), "{o} lost: {now:?}");
+            }
+        }
+        None => {
+            let (_, _, now) = after
+                .iter()
+                .find(|(p, _, _)| p == Path::new(V1_MOUNT))
+                .expect("the named v1 hierarchy is mounted");
+            assert!(now.iter().any(|o| o == "favordynmods"), "{now:?}");
+        }
+    }
+}
+
+/// A long-running launcher's warm supervisor (`Runtime::with_warm_supervisor`, the agent's and
+/// the benchmarks' path): the standby supervisor takes the next task, which still gets a
+/// network namespace of its own (made ahead, not shared with the host or another task) with
+/// loopback up; the task runs under the normal policy (its standby started under SCHED_IDLE);
+/// dropping the runtime ends the unused standby.
+#[test]
+fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
+    use containerizer::launch::{Process, Runtime, TaskSpec};
+    if !root_or_skip("root_warm_supervisor_takes_the_next_task_with_its_own_netns") {
+        return;
+    }
+    let env = Env::new();
+    let shim = caisson_bin().with_file_name("caisson-shim");
+    let rt = Runtime::new(env.state_root())
+        .with_shim(&shim)
+        .with_warm_supervisor();
+    let ready = |rt: &Runtime| -> u32 {
+        rt.prewarm();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = rt.standby_pid() {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no standby supervisor");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let spec = |name: &str| {
+        TaskSpec {
+        name: name.into(),
+        image: "busybox".into(),
+        rootfs: env.rootfs.clone(),
+        process: Process {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "readlink /proc/self/ns/net; cat /sys/class/net/lo/flags; cut -d' ' -f41 /proc/self/stat".into(),
+            ],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+        },
+        ..Default::default()
+    }
+    };
+    let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let mut seen = vec![];
+    for name in ["w1", "w2"] {
+        let standby = ready(&rt);
+        let mut task = rt.launch(spec(name)).unwrap();
+        let st = task.wait().unwrap();
+        task.finish();
+        assert_eq!(st.exit_code, Some(0), "{st:?}");
+        assert_eq!(
+            st.shim_pid,
+            Some(standby as i32),
+            "the standby took the task"
+        );
+        let out = std::fs::read_to_string(rt.dir(&st_id(&rt, name)).stdout_log()).unwrap();
+        let mut lines = out.lines();
+        let ns = lines.next().unwrap().to_string();
+        assert_ne!(Path::new(&ns), host_ns, "{out}");
+        // IFF_UP | IFF_LOOPBACK
+        assert_eq!(lines.next(), Some("0x9"), "{out}");
+        // The task runs under the normal policy (SCHED_OTHER, 0).
+        assert_eq!(lines.next(), Some("0"), "{out}");
+        seen.push(ns);
+    }
+    assert_ne!(seen[0], seen[1]);
+    let spare = ready(&rt);
+    for name in ["w1", "w2"] {
+        rt.remove(&st_id(&rt, name), false).unwrap();
+    }
+    drop(rt);
+    assert!(
+        !Path::new(&format!("/proc/{spare}")).exists(),
+        "standby {spare} left running"
+    );
+}
+
+fn st_id(rt: &containerizer::launch::Runtime, name: &str) -> String {
+    rt.resolve(name).unwrap()
+}

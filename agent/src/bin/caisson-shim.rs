@@ -1,4 +1,5 @@
-//! `caisson-shim DIR [SPAWNED_NS]`: the per-task supervisor. Single-threaded on purpose: it
+//! `caisson-shim DIR [SPAWNED_NS]` (or `caisson-shim --standby`, started ahead of its task:
+//! `containerizer::launch::standby`): the per-task supervisor. Single-threaded on purpose: it
 //! forks the task's init, so it must never start a thread (see `containerizer::launch::shim`).
 fn main() {
     let Some(dir) = std::env::args_os().nth(1) else {
@@ -9,6 +10,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    if dir == containerizer::launch::standby::STANDBY_ARG {
+        std::process::exit(containerizer::launch::standby::main());
+    }
     let spawned_ns = std::env::args().nth(2).and_then(|s| s.parse().ok());
     let code = containerizer::launch::shim::main(std::path::Path::new(&dir), spawned_ns);
     std::process::exit(code);

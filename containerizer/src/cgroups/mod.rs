@@ -18,7 +18,9 @@ use cgroups_rs::fs::{Cgroup, Controller, MaxValue};
 use serde::{Deserialize, Serialize};
 
 pub mod devices;
+pub mod favor;
 use devices::DeviceRule;
+pub use favor::favor_dynamic_modifications;
 
 /// The parent of every task cgroup, in every hierarchy.
 pub const PARENT: &str = "caisson";

@@ -100,6 +100,8 @@ pub struct ChildArgs<'a> {
     pub cgroup_ns: bool,
     /// Whether the device cgroup restricts devices (else CAP_MKNOD is dropped).
     pub device_cgroup: bool,
+    /// A new network namespace made for the task ahead of the launch, to join.
+    pub netns: Option<&'a OwnedFd>,
     pub stdout: &'a OwnedFd,
     pub stderr: &'a OwnedFd,
     /// /dev/null, or the console's pipe or terminal (`-i`, `-t`).
@@ -139,6 +141,10 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     sys::dup2(a.stderr.as_raw_fd(), 2).ctx(|| "dup2 stderr".into())?;
     unistd::setsid().ok();
     umask(Mode::empty());
+    if let Some(fd) = a.netns {
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+            .ctx(|| "joining the task's network namespace".into())?;
+    }
     if let Some(ns) = &spec.netns {
         // Before the mounts: the new /sys must show this namespace's devices. We are the
         // single thread of a fresh process, so the switch affects only the task.

@@ -33,7 +33,9 @@
 //! ```
 //!
 //! Process model: the launcher spawns `caisson-shim <task dir>` (found next to the current
-//! executable, or `$CAISSON_SHIM`). The shim calls setsid (so it survives the launcher's death,
+//! executable, or `$CAISSON_SHIM`), or hands the task to a supervisor it started ahead
+//! ([`standby`]: the CLI starts it before preparing the root filesystem, long-running launchers
+//! keep one ready). The shim calls setsid (so it survives the launcher's death,
 //! `kill -9` included) and clone3s the task's init into new pid, mount, uts, ipc (and net)
 //! namespaces. On v2 the shim creates the cgroup first and the init is born in it
 //! (`CLONE_INTO_CGROUP`). On v1 and hybrid hosts the launcher creates the cgroup (only the
@@ -49,6 +51,7 @@ pub mod console;
 pub mod hooks;
 pub mod shim;
 pub mod spec;
+pub mod standby;
 pub mod state;
 pub mod wasm;
 
@@ -57,6 +60,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -206,6 +211,51 @@ impl Drop for Launched {
 pub struct Runtime {
     root: PathBuf,
     shim: PathBuf,
+    warm: Option<Arc<WarmPool>>,
+}
+
+/// One standby supervisor kept ready ([`standby`]), shared by a runtime's clones.
+#[derive(Debug, Default)]
+struct WarmPool {
+    spare: Mutex<Option<Child>>,
+    /// A standby is being started (on a background thread).
+    filling: AtomicBool,
+    /// Signalled when a start ends (with or without a standby).
+    filled: Condvar,
+    /// Start the next standby after each launch (long-running launchers).
+    refill: bool,
+}
+
+impl WarmPool {
+    fn take(&self) -> Option<Child> {
+        let mut spare = self.spare.lock().ok()?;
+        // One being started now is nearer than a fresh start.
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while spare.is_none() && self.filling.load(Ordering::Acquire) {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            spare = self.filled.wait_timeout(spare, left).ok()?.0;
+        }
+        let mut c = spare.take()?;
+        drop(spare);
+        // One that died meanwhile (killed, or its launcher's pipe broke) is no use.
+        match c.try_wait() {
+            Ok(None) => Some(c),
+            _ => {
+                let _ = c.wait();
+                None
+            }
+        }
+    }
+}
+
+impl Drop for WarmPool {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.spare.get_mut().ok().and_then(Option::take) {
+            // EOF on its stdin: it exits without having touched anything.
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Runtime {
@@ -223,6 +273,87 @@ impl Runtime {
         Runtime {
             root: root.into(),
             shim,
+            warm: None,
+        }
+    }
+
+    /// Keeps one supervisor started ahead of its task ([`standby`]): a launch then skips the
+    /// supervisor's exec and start-up and, for a task with a network namespace of its own,
+    /// that namespace's creation. For long-running launchers (agent, benchmarks); the first
+    /// launch starts the first standby, or call [`Runtime::prewarm`].
+    pub fn with_warm_supervisor(mut self) -> Self {
+        let mut pool = WarmPool::default();
+        pool.refill = true;
+        self.warm = Some(Arc::new(pool));
+        self
+    }
+
+    /// For a process that launches one task (the CLI): starts that task's supervisor now, in
+    /// standby ([`standby`]), so that its start-up and the task's network namespace are made
+    /// while the caller prepares the launch (root filesystem, records) instead of after.
+    /// No other standby follows; an unused one exits when the runtime is dropped.
+    pub fn with_supervisor_started_early(mut self) -> Self {
+        self.warm = Some(Arc::default());
+        self.start_standby();
+        self
+    }
+
+    /// The pid of the standby supervisor ready for the next launch, if any.
+    pub fn standby_pid(&self) -> Option<u32> {
+        let pool = self.warm.as_ref()?;
+        let spare = pool.spare.lock().ok()?;
+        spare.as_ref().map(Child::id)
+    }
+
+    /// Starts a standby supervisor now if warm supervisors are on and none is ready (in the
+    /// background: returns at once).
+    pub fn prewarm(&self) {
+        if self.warm.as_ref().is_some_and(|p| p.refill) {
+            self.start_standby();
+        }
+    }
+
+    fn start_standby(&self) {
+        let Some(pool) = &self.warm else { return };
+        if pool.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (pool, shim) = (pool.clone(), self.shim.clone());
+        let spawned = std::thread::Builder::new()
+            .name("shim-standby".into())
+            .stack_size(64 * 1024)
+            .spawn({
+                let pool = pool.clone();
+                move || {
+                    // A standby for a later launch does its exec and start-up only on CPU
+                    // time nothing else wants, so that it does not slow a running task or
+                    // launch (it leaves SCHED_IDLE itself before making the network namespace;
+                    // the launch that takes it makes sure). This dedicated thread, and so the
+                    // process it starts, inherit SCHED_IDLE.
+                    if pool.refill {
+                        let _ = crate::sys::launch::set_idle_scheduling(0, true);
+                    }
+                    let empty = pool.spare.lock().map(|s| s.is_none()).unwrap_or(false);
+                    if empty {
+                        match standby::spawn(&shim) {
+                            Ok(c) => {
+                                if let Ok(mut s) = pool.spare.lock() {
+                                    *s = Some(c);
+                                }
+                            }
+                            Err(e) => tracing::warn!(
+                                "starting a standby supervisor {}: {e}",
+                                shim.display()
+                            ),
+                        }
+                    }
+                    let _guard = pool.spare.lock();
+                    pool.filling.store(false, Ordering::Release);
+                    pool.filled.notify_all();
+                }
+            });
+        if spawned.is_err() {
+            pool.filling.store(false, Ordering::Release);
         }
     }
 
@@ -259,6 +390,8 @@ impl Runtime {
     fn launch_with(&self, mut spec: TaskSpec, attach: bool) -> Result<Launched, LaunchError> {
         let started_ns = crate::sys::launch::monotonic_ns();
         validate(&spec)?;
+        // Once per process: without it every v1 cgroup migration waits for an RCU grace period.
+        let favoring = crate::cgroups::favor_dynamic_modifications().is_on();
         if spec.id.is_empty() {
             spec.id = new_id();
         } else if !valid_name(&spec.id) || spec.id.len() > 128 {
@@ -308,10 +441,13 @@ impl Runtime {
                 // (On v2 the supervisor creates it and clones into it.)
                 if !crate::cgroups::is_v2() {
                     TaskCgroup::create_with_devices(&spec.id, &spec.limits, &spec.devices.allow)?;
-                    let _ = std::thread::Builder::new()
-                        .name("cgroup-prime".into())
-                        .stack_size(64 * 1024)
-                        .spawn(crate::cgroups::prime_migration);
+                    // With favordynmods a migration has no grace period to wait for.
+                    if !favoring {
+                        let _ = std::thread::Builder::new()
+                            .name("cgroup-prime".into())
+                            .stack_size(64 * 1024)
+                            .spawn(crate::cgroups::prime_migration);
+                    }
                 }
                 self.prepare_and_spawn(&td, spec, started_ns, attach)
             });
@@ -368,39 +504,73 @@ impl Runtime {
         })
         .map_err(io_err("writing the config"))?;
         let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
-        let mut cmd = Command::new(&self.shim);
-        cmd.arg(&td.dir)
-            .arg(crate::sys::launch::monotonic_ns().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(shim_log);
-        // The supervisor's end of the console is inherited (not close-on-exec) for the one
-        // spawn; a foreground `run`, the only caller, has no other thread spawning meanwhile.
-        let console = match attach && (interactive || tty) {
-            true => {
-                let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-                    .map_err(io_err("creating the console socket"))?;
-                nix::fcntl::fcntl(
-                    &theirs,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-                )
-                .map_err(|e| io_err("creating the console socket")(e.into()))?;
-                cmd.env(console::FD_ENV, theirs.as_raw_fd().to_string());
-                Some((ours, theirs))
+        // An attached console needs a supervisor spawned with it: no standby then.
+        let wants_console = attach && (interactive || tty);
+        let warm = self
+            .warm
+            .as_ref()
+            .filter(|_| !wants_console)
+            .and_then(|p| p.take())
+            .and_then(|mut c| {
+                let line = standby::handover_line(&td.dir, crate::sys::launch::monotonic_ns())?;
+                // Never let a task inherit SCHED_IDLE: a standby that cannot leave it is not used.
+                let normal = crate::sys::launch::set_idle_scheduling(c.id() as i32, false).is_ok();
+                match c
+                    .stdin
+                    .as_mut()
+                    .filter(|_| normal)
+                    .map(|s| s.write_all(&line))
+                {
+                    Some(Ok(())) => Some(c),
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        None
+                    }
+                }
+            });
+        let mut console = None;
+        let mut child = match warm {
+            Some(c) => c,
+            None => {
+                let mut cmd = Command::new(&self.shim);
+                cmd.arg(&td.dir)
+                    .arg(crate::sys::launch::monotonic_ns().to_string())
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(shim_log);
+                // The supervisor's end of the console is inherited (not close-on-exec) for
+                // the one spawn; a foreground `run`, the only caller, spawns nothing else
+                // meanwhile.
+                let pair = match wants_console {
+                    true => {
+                        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                            .map_err(io_err("creating the console socket"))?;
+                        nix::fcntl::fcntl(
+                            &theirs,
+                            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                        )
+                        .map_err(|e| io_err("creating the console socket")(e.into()))?;
+                        cmd.env(console::FD_ENV, theirs.as_raw_fd().to_string());
+                        Some((ours, theirs))
+                    }
+                    false => None,
+                };
+                let spawned = cmd.spawn();
+                console = pair.map(|(ours, theirs)| {
+                    drop(theirs);
+                    console::Console::new(ours)
+                });
+                spawned.map_err(io_err(format!("starting {}", self.shim.display())))?
             }
-            false => None,
         };
-        let spawned = cmd.spawn();
-        let console = console.map(|(ours, theirs)| {
-            drop(theirs);
-            console::Console::new(ours)
-        });
-        let mut child = spawned.map_err(io_err(format!("starting {}", self.shim.display())))?;
         let stdin = child.stdin.take();
         let mut events = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
         let _ = events.read_line(&mut line);
         let line = line.trim_end();
+        // The next launch's supervisor starts while this task runs (or fails).
+        self.prewarm();
         if let Some(pid) = line.strip_prefix("started ") {
             let pid = pid
                 .parse()

@@ -28,7 +28,6 @@ use crate::sys::launch::{self as sys, CloneResult};
 ///
 /// `spawned_ns` is the launcher's `CLOCK_MONOTONIC` just before it spawned us (for the timings).
 pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
-    let t_start = sys::monotonic_ns();
     // An attached launcher's console socket (`run -i`/`-t` in the foreground) is the one
     // inherited descriptor we keep.
     let console_fd = std::env::var(super::console::FD_ENV)
@@ -42,6 +41,19 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
             None
         }
     });
+    main_with(dir, spawned_ns, None, console)
+}
+
+/// [`main`] for a standby supervisor ([`super::standby`]), which has closed what it inherited
+/// already and may hold a network namespace made ahead for the task (`netns`); `console` is
+/// an attached launcher's socket (never with a standby).
+pub(super) fn main_with(
+    dir: &Path,
+    spawned_ns: Option<u64>,
+    netns: Option<OwnedFd>,
+    console: Option<std::os::unix::net::UnixStream>,
+) -> i32 {
+    let t_start = sys::monotonic_ns();
     let _ = nix::unistd::setsid();
     let td = TaskDir::new(dir.to_path_buf());
     let mut out = std::io::stdout();
@@ -158,8 +170,10 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
 
     let mut flags =
         (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
-    // A task joining a prepared namespace (CNI) setns's into it in the init instead.
-    if spec.network == NetworkMode::None && spec.netns.is_none() {
+    // A task joining a prepared namespace (CNI) setns's into it in the init instead, and so
+    // does one whose own namespace a standby supervisor made ahead.
+    let premade_netns = netns.filter(|_| spec.network == NetworkMode::None && spec.netns.is_none());
+    if spec.network == NetworkMode::None && spec.netns.is_none() && premade_netns.is_none() {
         flags |= libc::CLONE_NEWNET as u64;
     }
     let v2fd = early_cg.as_ref().and_then(|cg| cg.open_v2_dir());
@@ -202,6 +216,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
                 wait_for_cgroup: (!joined_at_birth || early_go).then_some(go_r),
                 wait_early: early_go,
                 cgroup_ns: joined_at_birth,
+                netns: premade_netns.as_ref(),
                 // On v2 a device program is attached only for tasks with device rules.
                 device_cgroup: !v2 || !spec.devices.allow.is_empty(),
                 stdout: &stdout_fd,
@@ -225,6 +240,7 @@ pub fn main(dir: &Path, spawned_ns: Option<u64>) -> i32 {
     let console_log = console_side
         .as_ref()
         .and_then(|_| stdout_fd.try_clone().ok());
+    drop(premade_netns);
     drop((stdout_fd, stderr_fd, devnull));
     // Hold the task's mount namespace: when the init exits, the kernel then does not tear its
     // mounts down (an RCU grace period) before we learn of the exit; we drop it after reporting.

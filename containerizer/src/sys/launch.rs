@@ -248,6 +248,20 @@ pub fn loopback_up() -> io::Result<()> {
     ret
 }
 
+/// Puts thread or process `pid` (0: the calling thread) under `SCHED_IDLE` (`idle`: it runs
+/// only when a CPU has nothing else to run; inherited by processes it starts) or back under
+/// the normal policy, `SCHED_OTHER` (from `SCHED_IDLE` that needs CAP_SYS_NICE).
+pub fn set_idle_scheduling(pid: i32, idle: bool) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: `param` is a valid sched_param that outlives the call; no other pointer is passed.
+    check(unsafe { libc::sched_setscheduler(pid, policy, &param) })
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: comparable between processes on the same boot.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -16,6 +16,8 @@ const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
 const FSCONFIG_SET_FLAG: libc::c_uint = 0;
 const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSCONFIG_CMD_RECONFIGURE: libc::c_uint = 7;
+const FSPICK_CLOEXEC: libc::c_uint = 0x1;
 const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
@@ -47,6 +49,25 @@ impl FsContext {
         // and takes no other pointer.
         let ret = check(unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC) })?;
         // SAFETY: on success fsopen returns a fresh file descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) };
+        Ok(Self { fd })
+    }
+
+    /// `fspick(path, FSPICK_CLOEXEC)`: a context to reconfigure the superblock mounted at `path`
+    /// (set its options, then [`FsContext::reconfigure`]); the mount's own flags are untouched.
+    pub fn pick(path: &Path) -> io::Result<Self> {
+        let path = cstring(path.as_os_str().as_bytes())?;
+        // SAFETY: `path` is a valid NUL-terminated string that outlives the call; fspick reads
+        // it and takes no other pointer.
+        let ret = check(unsafe {
+            libc::syscall(
+                libc::SYS_fspick,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                FSPICK_CLOEXEC,
+            )
+        })?;
+        // SAFETY: on success fspick returns a fresh file descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) };
         Ok(Self { fd })
     }
@@ -96,6 +117,22 @@ impl FsContext {
                 libc::SYS_fsconfig,
                 self.fd.as_raw_fd(),
                 FSCONFIG_CMD_CREATE,
+                std::ptr::null::<libc::c_char>(),
+                std::ptr::null::<libc::c_void>(),
+                0 as libc::c_int,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// `fsconfig(FSCONFIG_CMD_RECONFIGURE)`: apply the options to a picked superblock.
+    pub fn reconfigure(&self) -> io::Result<()> {
+        // SAFETY: the fd is owned by self and open; CMD_RECONFIGURE takes no key, value or aux.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                self.fd.as_raw_fd(),
+                FSCONFIG_CMD_RECONFIGURE,
                 std::ptr::null::<libc::c_char>(),
                 std::ptr::null::<libc::c_void>(),
                 0 as libc::c_int,
