@@ -24,6 +24,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::launcher::{self as tl, Launcher};
 use super::wal::{self, Wal};
+use super::wasmhost::{HostEvent, SharedHost};
 use super::{is_task_id, now_ms, token_interceptor};
 
 #[derive(Clone)]
@@ -41,6 +42,9 @@ pub struct AgentConfig {
     pub keep_finished: bool,
     /// Where CNI network configurations and plugins are (the global `--cni-*` flags).
     pub cni: crate::network::CniArgs,
+    /// Run Wasm command tasks in the agent's shared Wasm host (see `wasmhost`), not under a
+    /// supervisor and a host process each.
+    pub shared_wasm: bool,
 }
 
 struct Pending {
@@ -72,6 +76,9 @@ pub struct Agent {
     durable_tx: mpsc::UnboundedSender<u64>,
     tasks: Mutex<HashMap<String, Known>>,
     launches: Arc<Semaphore>,
+    wasm_host: SharedHost,
+    /// When each shared-host task's LaunchTask arrived (for its `agent_us`).
+    received: Mutex<HashMap<String, Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,7 +247,10 @@ impl Agent {
         // Everything replayed is already on disk.
         let _ = durable_tx.send(outbox.next_seq - 1);
         let parallelism = cfg.parallelism.max(1);
+        let (host_tx, host_rx) = std::sync::mpsc::channel();
         let agent = Arc::new(Agent {
+            wasm_host: SharedHost::new(&cfg.root, host_tx),
+            received: Mutex::new(HashMap::new()),
             rt: Runtime::new(&cfg.root),
             launcher: Launcher::new(&cfg.root, cfg.cni.clone()),
             cfg,
@@ -253,6 +263,14 @@ impl Agent {
             launches: Arc::new(Semaphore::new(parallelism)),
         });
         agent.recover(rebooted, &latest, &ended)?;
+        let me = agent.clone();
+        std::thread::Builder::new()
+            .name("wasm-host-ev".into())
+            .spawn(move || {
+                for ev in host_rx {
+                    me.on_host_event(ev);
+                }
+            })?;
         Ok((agent, durable_rx))
     }
 
@@ -263,6 +281,7 @@ impl Agent {
         ended: &HashSet<String>,
     ) -> anyhow::Result<()> {
         let mut seen = HashSet::new();
+        let mut shared = vec![];
         for info in self.rt.list()?.into_iter().filter(|t| is_task_id(&t.id)) {
             let id = info.id.clone();
             seen.insert(id.clone());
@@ -307,11 +326,25 @@ impl Agent {
                 st.timings = Some(timings_of(&info.state.timings, 0));
                 self.report(st, None);
             }
+            if info.dir.join(containerizer::wasm::host::MARKER).exists() {
+                // Its end comes from the shared host, once we are connected again.
+                shared.push(id);
+                continue;
+            }
             let me = self.clone();
             std::thread::Builder::new()
                 .name("task-wait".into())
                 .stack_size(256 * 1024)
                 .spawn(move || me.watch_adopted(id))?;
+        }
+        if !shared.is_empty() {
+            let ended = self.wasm_host.reattach(&shared).unwrap_or_else(|e| {
+                tracing::warn!("reconnecting to the shared wasm host: {e}");
+                shared.clone()
+            });
+            for id in ended {
+                self.shared_gone(&id, "the shared Wasm host is gone".into());
+            }
         }
         // Launches interrupted before their container existed.
         for (id, state) in latest {
@@ -438,6 +471,14 @@ impl Agent {
     }
 
     fn launch(self: &Arc<Self>, lt: LaunchTask) {
+        if self.cfg.shared_wasm
+            && lt
+                .spec
+                .as_ref()
+                .is_some_and(|s| TaskKind::try_from(s.kind) == Ok(TaskKind::Wasm))
+        {
+            return self.launch_shared(lt);
+        }
         let id = lt.task_id.clone();
         {
             let mut tasks = lock(&self.tasks);
@@ -561,6 +602,11 @@ impl Agent {
                 _ => return,
             }
         }
+        if self.wasm_host.has(&k.task_id) {
+            let grace = Duration::from_millis(k.grace_period_ms as u64);
+            self.wasm_host.kill(&k.task_id, grace);
+            return;
+        }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let grace = Duration::from_millis(k.grace_period_ms as u64);
@@ -571,6 +617,110 @@ impl Agent {
                 }
             }
         });
+    }
+
+    /// A Wasm command through the shared host: no supervisor, no process, no thread of ours.
+    /// RUNNING and the end come back as host events ([`Agent::on_host_event`]).
+    fn launch_shared(self: &Arc<Self>, lt: LaunchTask) {
+        let id = lt.task_id.clone();
+        {
+            let mut tasks = lock(&self.tasks);
+            if tasks.contains_key(&id) || !is_task_id(&id) {
+                return; // launches are idempotent by task id
+            }
+            tasks.insert(
+                id.clone(),
+                Known {
+                    spec: lt.spec.clone(),
+                    state: TaskState::Starting,
+                    killing: false,
+                },
+            );
+        }
+        lock(&self.received).insert(id.clone(), Instant::now());
+        self.report(
+            status(&id, TaskState::Starting, Reason::Unspecified, ""),
+            None,
+        );
+        let spec = lt.spec.unwrap_or_default();
+        let image = spec.image.clone();
+        let me = self.clone();
+        let go = move || {
+            let res = me.launcher.wasm_run_spec(&spec).and_then(|run| {
+                if me.killing(&id) {
+                    return Err((Reason::KilledByUser, "killed before it started".into()));
+                }
+                me.wasm_host
+                    .run(&id, &me.rt.dir(&id).dir, &spec.image, run)
+                    .map_err(|e| (Reason::LaunchFailed, format!("shared Wasm host: {e}")))
+            });
+            match res {
+                // A kill that came while we were sending: the host has the task now.
+                Ok(()) if me.killing(&id) => me.wasm_host.kill(&id, Duration::ZERO),
+                Ok(()) => {}
+                Err((reason, msg)) => {
+                    lock(&me.received).remove(&id);
+                    let state = if reason == Reason::KilledByUser {
+                        TaskState::Killed
+                    } else {
+                        TaskState::Failed
+                    };
+                    me.report(status(&id, state, reason, msg), None);
+                }
+            }
+        };
+        if tl::is_module_path(&image) {
+            // A file: resolving it is a few syscalls, done here.
+            go();
+        } else {
+            // An image may have to be pulled: not on the session's task.
+            let _ = std::thread::Builder::new()
+                .name("task-launch".into())
+                .spawn(go);
+        }
+    }
+
+    fn on_host_event(self: &Arc<Self>, ev: HostEvent) {
+        match ev {
+            HostEvent::Started { id, timings } => {
+                let agent_us = lock(&self.received)
+                    .remove(&id)
+                    .map_or(0, |t| t.elapsed().as_micros() as u64);
+                let mut running = status(&id, TaskState::Running, Reason::Unspecified, "");
+                running.timings = Some(timings_of(&timings, agent_us));
+                self.report(running, None);
+            }
+            HostEvent::Exited { id, state } => {
+                lock(&self.received).remove(&id);
+                let u = self.terminal_status(&id, &state, self.killing(&id));
+                self.report_then_remove(u);
+            }
+            HostEvent::Failed { id, message } => {
+                lock(&self.received).remove(&id);
+                let mut u = status(&id, TaskState::Failed, Reason::LaunchFailed, message);
+                u.exit_code = self.rt.info(&id).ok().and_then(|i| i.state.exit_code);
+                self.report_then_remove(u);
+            }
+            HostEvent::Gone { id, message } => {
+                lock(&self.received).remove(&id);
+                self.shared_gone(&id, message);
+            }
+        }
+    }
+
+    /// A shared-host task the host can no longer tell us about: its record says how it ended,
+    /// or it is lost with the host.
+    fn shared_gone(self: &Arc<Self>, id: &str, message: String) {
+        match self.rt.dir(id).read_state() {
+            Ok(st) if st.status.is_terminal() && st.status != CStatus::Lost => {
+                let u = self.terminal_status(id, &st, self.killing(id));
+                self.report_then_remove(u);
+            }
+            _ => {
+                let u = status(id, TaskState::Lost, Reason::SupervisorGone, message);
+                self.report_then_remove(u);
+            }
+        }
     }
 
     fn register_msg(&self) -> AgentMessage {

@@ -39,6 +39,11 @@ pub fn http_port(spec: &TaskSpec) -> Option<u16> {
     }
 }
 
+/// Whether a Wasm task's `image` names a module file on the agent's host (rather than an image).
+pub fn is_module_path(image: &str) -> bool {
+    Path::new(image).is_absolute() || image.ends_with(".wasm") || image.ends_with(".wat")
+}
+
 /// The agent's side of a launch: where state lives, how to reach CNI, the shared compile
 /// engine (cache under `<root>/cache/wasm`, the one the Wasm host process maps).
 pub struct Launcher {
@@ -88,7 +93,7 @@ impl Launcher {
     /// The module of a Wasm task: a file on the agent's host, or a Wasm image in its store.
     fn wasm_module(&self, spec: &TaskSpec) -> Result<(PathBuf, Vec<String>, Vec<String>), Failure> {
         let p = Path::new(&spec.image);
-        if p.is_absolute() || spec.image.ends_with(".wasm") || spec.image.ends_with(".wat") {
+        if is_module_path(&spec.image) {
             let module = std::fs::canonicalize(p)
                 .map_err(|e| failed(format!("Wasm module {}: {e}", spec.image)))?;
             let mut argv = vec![module
@@ -119,6 +124,31 @@ impl Launcher {
             Ok(_) => Err(failed(format!("{} is not a Wasm image", spec.image))),
             Err(e) => Err(failed(format!("{e:#}"))),
         }
+    }
+
+    /// What the shared Wasm host runs for a Wasm command task.
+    pub fn wasm_run_spec(&self, spec: &TaskSpec) -> Result<wasm::RunSpec, Failure> {
+        let (module, argv, env) = self.wasm_module(spec)?;
+        let res = spec.resources.clone().unwrap_or_default();
+        Ok(wasm::RunSpec {
+            module,
+            argv,
+            env,
+            preopens: spec
+                .volumes
+                .iter()
+                .map(|v| wasm::Preopen {
+                    host: v.host_path.clone().into(),
+                    guest: v.container_path.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
+            limits: wasm::Limits {
+                memory_bytes: (res.memory_bytes > 0).then_some(res.memory_bytes),
+                table_elements: None,
+            },
+            ..Default::default()
+        })
     }
 
     fn wasm_spec(&self, id: &str, spec: &TaskSpec) -> Result<launch::TaskSpec, Failure> {
