@@ -79,6 +79,8 @@ pub struct Agent {
     wasm_host: SharedHost,
     /// When each shared-host task's LaunchTask arrived (for its `agent_us`).
     received: Mutex<HashMap<String, Instant>>,
+    /// Directories of ended shared-host tasks, for the thread that deletes them.
+    shared_rm: Arc<Mutex<std::sync::mpsc::Sender<PathBuf>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -248,7 +250,18 @@ impl Agent {
         let _ = durable_tx.send(outbox.next_seq - 1);
         let parallelism = cfg.parallelism.max(1);
         let (host_tx, host_rx) = std::sync::mpsc::channel();
+        let (rm_tx, rm_rx) = std::sync::mpsc::channel::<PathBuf>();
+        std::thread::Builder::new()
+            .name("wasm-rm".into())
+            .spawn(move || {
+                for dir in rm_rx {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!(dir = %dir.display(), "removing: {e}");
+                    }
+                }
+            })?;
         let agent = Arc::new(Agent {
+            shared_rm: Arc::new(Mutex::new(rm_tx)),
             wasm_host: SharedHost::new(&cfg.root, host_tx),
             received: Mutex::new(HashMap::new()),
             rt: Runtime::new(&cfg.root),
@@ -400,6 +413,23 @@ impl Agent {
         );
     }
 
+    /// Reports the end of a shared-host task, then deletes its directory once the update is on
+    /// disk (no supervisor, cgroup or mount to wait for: one thread does them all).
+    fn report_then_remove_shared(self: &Arc<Self>, st: TaskStatus) {
+        if self.cfg.keep_finished {
+            self.report(st, None);
+            return;
+        }
+        let dir = self.rt.dir(&st.task_id).dir;
+        let rm = self.shared_rm.clone();
+        self.report(
+            st,
+            Some(Box::new(move || {
+                let _ = lock(&rm).send(dir);
+            })),
+        );
+    }
+
     /// Reports a terminal update, then removes the container once the update is on disk.
     fn report_then_remove(self: &Arc<Self>, st: TaskStatus) {
         if self.cfg.keep_finished {
@@ -431,12 +461,10 @@ impl Agent {
         let Some(p) = ob.pending.remove(&seq) else {
             return;
         };
-        ob.wal.append(
-            &OutboxRecord {
-                rec: Some(Rec::Acked(uuid.to_string())),
-            },
-            None,
-        );
+        // No fsync of its own: lost in a crash, the update is resent and the master ignores it.
+        ob.wal.append_lazy(&OutboxRecord {
+            rec: Some(Rec::Acked(uuid.to_string())),
+        });
         drop(ob);
         if p.status.state().is_terminal() {
             let mut tasks = lock(&self.tasks);
@@ -693,13 +721,13 @@ impl Agent {
             HostEvent::Exited { id, state } => {
                 lock(&self.received).remove(&id);
                 let u = self.terminal_status(&id, &state, self.killing(&id));
-                self.report_then_remove(u);
+                self.report_then_remove_shared(u);
             }
             HostEvent::Failed { id, message } => {
                 lock(&self.received).remove(&id);
                 let mut u = status(&id, TaskState::Failed, Reason::LaunchFailed, message);
                 u.exit_code = self.rt.info(&id).ok().and_then(|i| i.state.exit_code);
-                self.report_then_remove(u);
+                self.report_then_remove_shared(u);
             }
             HostEvent::Gone { id, message } => {
                 lock(&self.received).remove(&id);
@@ -714,11 +742,11 @@ impl Agent {
         match self.rt.dir(id).read_state() {
             Ok(st) if st.status.is_terminal() && st.status != CStatus::Lost => {
                 let u = self.terminal_status(id, &st, self.killing(id));
-                self.report_then_remove(u);
+                self.report_then_remove_shared(u);
             }
             _ => {
                 let u = status(id, TaskState::Lost, Reason::SupervisorGone, message);
-                self.report_then_remove(u);
+                self.report_then_remove_shared(u);
             }
         }
     }

@@ -35,8 +35,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Engine, EngineConfig, ExitStatus, KillSwitch, Preopen, RunSpec, Source, Stdio};
 use crate::cgroups::Usage;
+use crate::launch::state::Timings;
 use crate::launch::state::{now_ms, process_start_ticks, Status, TaskConfig, TaskDir, TaskState};
-use crate::launch::state::{write_json_atomic, Timings};
 
 /// The socket's file name in the agent's state directory.
 pub const SOCKET: &str = "wasm-host.sock";
@@ -130,6 +130,8 @@ struct State {
 struct TaskCtl {
     kill: KillSwitch,
     dir: PathBuf,
+    /// Its directory exists (before that, a missing directory means "not yet", not "removed").
+    recorded: std::sync::atomic::AtomicBool,
     /// Set by whoever records the task's end first: its thread, or a kill that gave up waiting
     /// for a guest stuck in a host call.
     settled: std::sync::atomic::AtomicBool,
@@ -146,6 +148,7 @@ const KILL_GRACE: Duration = Duration::from_millis(500);
 
 struct Host {
     engine: Engine,
+    pool: Pool,
     pid: i32,
     ticks: Option<u64>,
     state: Mutex<State>,
@@ -184,6 +187,7 @@ pub fn serve(cfg: HostConfig, stop_signals: nix::sys::signal::SigSet) -> Result<
     let pid = std::process::id() as i32;
     let host = Arc::new(Host {
         engine,
+        pool: Pool::default(),
         pid,
         ticks: process_start_ticks(pid),
         state: Mutex::new(State::default()),
@@ -286,7 +290,9 @@ impl Host {
             let orphans: Vec<String> = lock(&self.state)
                 .running
                 .iter()
-                .filter(|(_, c)| !c.dir.exists())
+                .filter(|(_, c)| {
+                    c.recorded.load(std::sync::atomic::Ordering::SeqCst) && !c.dir.exists()
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in orphans {
@@ -301,6 +307,7 @@ impl Host {
         let ctl = Arc::new(TaskCtl {
             kill: KillSwitch::new(),
             dir: dir.clone(),
+            recorded: Default::default(),
             settled: Default::default(),
         });
         {
@@ -311,12 +318,9 @@ impl Host {
             st.running.insert(id.clone(), ctl.clone());
         }
         let me = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("wasm-task".into())
-            .spawn(move || me.run_task(id, dir, image, spec, ctl, received));
-        if let Err(e) = spawned {
-            tracing::error!("task thread: {e}");
-        }
+        self.pool.run(Box::new(move || {
+            me.run_task(id, dir, image, spec, ctl, received)
+        }));
     }
 
     /// Stops the guest at its next epoch check: as terminated by SIGTERM when `grace_ms` > 0
@@ -401,6 +405,8 @@ impl Host {
         let mut state = TaskState::created(created);
         let mut timings = Timings::default();
         let prepared = self.prepare(&td, &id, &image, &spec, &mut state);
+        ctl.recorded
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let (task, program) = match prepared {
             Ok(p) => p,
             Err((code, message)) => {
@@ -431,7 +437,10 @@ impl Host {
         state.shim_start_ticks = self.ticks;
         state.started_ms = Some(now_ms());
         state.timings = timings.clone();
-        if let Err(e) = td.write_state(&state) {
+        // The first state.json of a new directory: a plain write (the end replaces it
+        // atomically).
+        let first = serde_json::to_vec(&state).map_err(io::Error::other);
+        if let Err(e) = first.and_then(|j| fs::write(td.state(), j)) {
             tracing::error!(task = %id, "writing state: {e}");
         }
         send(
@@ -536,14 +545,14 @@ impl Host {
         ts.id = id.to_string();
         ts.name = id.to_string();
         ts.image = image.to_string();
-        write_json_atomic(
-            &td.config(),
-            &TaskConfig {
-                spec: ts,
-                launch_started_ns: crate::sys::launch::monotonic_ns(),
-            },
-        )
-        .map_err(|e| io("writing the config", e))?;
+        // Plain writes into the new directory: nothing reads the task before its state.json
+        // exists, and that is written (atomically) after these.
+        let config = serde_json::to_vec(&TaskConfig {
+            spec: ts,
+            launch_started_ns: crate::sys::launch::monotonic_ns(),
+        })
+        .map_err(|e| io("writing the config", io::Error::other(e)))?;
+        fs::write(td.config(), config).map_err(|e| io("writing the config", e))?;
         // Until the guest runs, a crash of the host leaves a record that says so.
         state.shim_pid = Some(self.pid);
         state.shim_start_ticks = self.ticks;
@@ -583,6 +592,72 @@ impl Host {
         st.running.remove(id);
         send(&mut st, &ev);
         self.exit_if_idle(&st);
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Task threads, kept for reuse: a burst of short tasks runs on a few threads instead of a new
+/// thread each; a task that blocks (a sleep) holds its thread, so the pool grows when every
+/// thread is busy. Idle threads beyond `KEEP_IDLE` end after `IDLE_EXIT`.
+#[derive(Default)]
+struct Pool {
+    inner: Arc<(Mutex<PoolState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    jobs: std::collections::VecDeque<Job>,
+    /// Threads blocked waiting for a job.
+    waiting: usize,
+    threads: usize,
+}
+
+const KEEP_IDLE: usize = 4;
+const IDLE_EXIT: Duration = Duration::from_secs(10);
+
+impl Pool {
+    fn run(&self, job: Job) {
+        let (m, cv) = &*self.inner;
+        let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+        st.jobs.push_back(job);
+        if st.waiting >= st.jobs.len() {
+            cv.notify_one();
+            return;
+        }
+        st.threads += 1;
+        drop(st);
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wasm-task".into())
+            .spawn(move || worker(inner));
+        if let Err(e) = spawned {
+            tracing::error!("task thread: {e}");
+            m.lock().unwrap_or_else(|p| p.into_inner()).threads -= 1;
+        }
+    }
+}
+
+fn worker(inner: Arc<(Mutex<PoolState>, std::sync::Condvar)>) {
+    let (m, cv) = &*inner;
+    let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if let Some(job) = st.jobs.pop_front() {
+            drop(st);
+            job();
+            st = m.lock().unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        st.waiting += 1;
+        let (next, timeout) = cv
+            .wait_timeout_while(st, IDLE_EXIT, |s| s.jobs.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        st = next;
+        st.waiting -= 1;
+        if timeout.timed_out() && st.jobs.is_empty() && st.threads > KEEP_IDLE {
+            st.threads -= 1;
+            return;
+        }
     }
 }
 
