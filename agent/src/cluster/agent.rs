@@ -7,6 +7,12 @@
 //! resent), live tasks are re-adopted (their supervisors kept running), tasks that ended while
 //! the agent was away are reported from their records, and the agent reregisters with the full
 //! list. A new boot id means the old tasks died with the machine: LOST.
+//!
+//! Wasm command tasks run in the agent's shared Wasm host (`wasmhost`; one long-lived
+//! `caisson-wasm host` process in its own session) rather than under a supervisor each: the
+//! agent sends the task over a unix socket and hears back RUNNING and the end; no process,
+//! thread or fsync of their own per task. After a restart the agent reconnects to the host and
+//! re-adopts the tasks it still runs; a host that dies takes its running tasks to LOST.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -3,7 +3,8 @@
 //! networks and port mappings (tasknet: namespace + ADD before the launch, the supervisor's
 //! exit command releases them) and GPUs (the `run --gpus` allocator); Wasm commands and
 //! wasi:http services through `launch::wasm::wasm_task` under their own supervisor, so every
-//! kind of task survives an agent restart and is re-adopted from its record.
+//! kind of task survives an agent restart and is re-adopted from its record. (By default the
+//! agent runs Wasm commands in its shared Wasm host instead: `wasmhost`, [`Launcher::wasm_run_spec`].)
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -118,9 +118,9 @@ fn writer(path: PathBuf, mut file: File, rx: mpsc::Receiver<Op>) {
             sync |= durable;
         }
         if !buf.is_empty() {
-            let r =
-                file.write_all(&buf)
-                    .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
+            let r = file
+                .write_all(&buf)
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
             result = result.and(r);
         }
         if let Err(e) = &result {
