@@ -212,6 +212,16 @@ fn root_shared_host_kills_tasks_and_reports_its_own_death() {
     let t = c.wait_task(&sleeping, "killed", Duration::from_secs(10), terminal);
     assert_eq!(state(&t), "KILLED", "{t}");
     assert!(alive(pid), "killing tasks does not kill their host");
+    // Timeouts, in Wasm code (the epoch deadline) and in a host call.
+    for m in [guest("loop.wat"), sleeper.clone()] {
+        let id = c.submit(&["--timeout", "0.5", &m]);
+        let t = c.wait_task(&id, "timed out", Duration::from_secs(10), terminal);
+        assert_eq!(
+            (state(&t), t["exit_code"].as_i64()),
+            ("FAILED", Some(124)),
+            "{t}"
+        );
+    }
 
     // The host dies under a running task: LOST, saying why, never stuck in RUNNING.
     let victim = c.submit(&[&guest("loop.wat")]);

@@ -123,6 +123,9 @@ pub struct SubmitArgs {
     /// port mapping (`-p 8080:80`); it runs until cancelled.
     #[arg(long)]
     http: bool,
+    /// Wasm commands: stop the task past this many seconds (fractions allowed; exit 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
     /// IMAGE (or WASM module path), then the command.
     #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true,
           value_name = "IMAGE|WASM [CMD]...")]
@@ -408,6 +411,11 @@ pub fn spec_from(a: &SubmitArgs) -> Result<TaskSpec> {
             .collect(),
         ports,
         constraints: parse_kv(&a.constraints, "constraint")?,
+        timeout_ms: match a.timeout {
+            Some(t) if !(t.is_finite() && t > 0.0) => bail!("invalid timeout {t}: seconds > 0"),
+            Some(t) => std::time::Duration::from_secs_f64(t).as_millis().max(1) as u64,
+            None => 0,
+        },
         ..Default::default()
     })
 }

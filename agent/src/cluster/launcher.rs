@@ -148,6 +148,7 @@ impl Launcher {
                 memory_bytes: (res.memory_bytes > 0).then_some(res.memory_bytes),
                 table_elements: None,
             },
+            timeout_ms: (spec.timeout_ms > 0).then_some(spec.timeout_ms),
             ..Default::default()
         })
     }
@@ -181,6 +182,7 @@ impl Launcher {
                 table_elements: None,
             },
             http: listen,
+            timeout_ms: (spec.timeout_ms > 0).then_some(spec.timeout_ms),
             ..Default::default()
         };
         // Commands are compiled here (a bad module fails the launch with the engine's

@@ -329,10 +329,10 @@ impl Host {
     /// does: its thread finishes the call, stops at its next epoch check, and is ignored.
     fn kill(self: &Arc<Self>, id: &str, grace_ms: u64) {
         let Some(ctl) = lock(&self.state).running.get(id).cloned() else {
-            tracing::info!(task = %id, "kill: not running");
+            tracing::debug!(task = %id, "kill: not running");
             return;
         };
-        tracing::info!(task = %id, grace_ms, "kill");
+        tracing::debug!(task = %id, grace_ms, "kill");
         if grace_ms == 0 {
             ctl.kill.kill();
         } else {
@@ -346,9 +346,6 @@ impl Host {
             .spawn(move || {
                 // A guest in Wasm code cannot ignore either stop: no later SIGKILL is needed.
                 std::thread::sleep(KILL_GRACE);
-                if !ctl.settle() {
-                    return;
-                }
                 let status = if grace_ms > 0 {
                     ExitStatus::Terminated {
                         signal: nix::sys::signal::Signal::SIGTERM as i32,
@@ -356,27 +353,37 @@ impl Host {
                 } else {
                     ExitStatus::Killed
                 };
-                let td = TaskDir::new(ctl.dir.clone());
-                let mut state = td
-                    .read_state()
-                    .unwrap_or_else(|_| TaskState::created(now_ms()));
-                state.status = Status::Exited;
-                state.exit_code = Some(status.exit_code());
-                if let ExitStatus::Terminated { signal } = status {
-                    state.signal = Some(signal);
-                }
-                state.reason = Some(format!("{status} (in a host call)"));
-                state.finished_ms = Some(now_ms());
-                let _ = append(
-                    &td.stderr_log(),
-                    &format!("caisson-wasm: {status} (in a host call)\n"),
-                );
-                let ev = Event::Exited {
-                    id: id.clone(),
-                    state: Box::new(state.clone()),
-                };
-                me.finish(&id, &td, state, ev);
+                me.give_up(&id, &ctl, status);
             });
+    }
+
+    /// Records the end of a task whose guest is still inside a host call past a kill or its
+    /// timeout (its thread is left to finish the call and is then ignored), unless it ended
+    /// meanwhile.
+    fn give_up(&self, id: &str, ctl: &TaskCtl, status: ExitStatus) {
+        if !ctl.settle() {
+            return;
+        }
+        let td = TaskDir::new(ctl.dir.clone());
+        let mut state = td
+            .read_state()
+            .unwrap_or_else(|_| TaskState::created(now_ms()));
+        state.status = Status::Exited;
+        state.exit_code = Some(status.exit_code());
+        if let ExitStatus::Terminated { signal } = status {
+            state.signal = Some(signal);
+        }
+        state.reason = Some(format!("{status} (in a host call)"));
+        state.finished_ms = Some(now_ms());
+        let _ = append(
+            &td.stderr_log(),
+            &format!("caisson-wasm: {status} (in a host call)\n"),
+        );
+        let ev = Event::Exited {
+            id: id.to_string(),
+            state: Box::new(state.clone()),
+        };
+        self.finish(id, &td, state, ev);
     }
 
     fn stop_all(&self, signal: i32) {
@@ -451,6 +458,17 @@ impl Host {
             },
         );
 
+        if let Some(ms) = spec.timeout_ms {
+            // The epoch deadline stops a guest in Wasm code; this one, a guest in a host call.
+            let (me, ctl, id) = (self.clone(), ctl.clone(), id.clone());
+            let _ = std::thread::Builder::new()
+                .name("timeout".into())
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms) + KILL_GRACE);
+                    me.give_up(&id, &ctl, ExitStatus::Timeout { after_ms: ms });
+                });
+        }
         let mut task = task;
         task.kill = Some(ctl.kill.clone());
         let cpu0 = crate::sys::wasm::thread_cpu_ns();
