@@ -282,6 +282,18 @@ impl Agent {
             launches: Arc::new(Semaphore::new(parallelism)),
         });
         agent.recover(rebooted, &latest, &ended)?;
+        if agent.cfg.shared_wasm {
+            // Start the shared Wasm host now rather than on the first Wasm task, which would
+            // otherwise wait for it (a process start and an engine).
+            let me = agent.clone();
+            std::thread::Builder::new()
+                .name("wasm-host-start".into())
+                .spawn(move || {
+                    if let Err(e) = me.wasm_host.start() {
+                        tracing::warn!("starting the shared wasm host: {e}");
+                    }
+                })?;
+        }
         let me = agent.clone();
         std::thread::Builder::new()
             .name("wasm-host-ev".into())

@@ -84,6 +84,11 @@ impl SharedHost {
             .collect())
     }
 
+    /// Connects to the host, starting one if none answers.
+    pub fn start(&self) -> io::Result<()> {
+        self.conn().map(|_| ())
+    }
+
     /// The current connection, or a new one to a host started now.
     fn conn(&self) -> io::Result<Arc<Conn>> {
         let mut cur = lock(&self.conn);
