@@ -293,3 +293,35 @@ fn root_shared_host_task_survives_agent_kill9() {
         assert_eq!(events.get(id).map(Vec::len), Some(1), "{id}: {events:?}");
     }
 }
+
+#[test]
+fn root_per_task_wasm_host_is_still_available() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(&["--heartbeat-ms", "200"]);
+    let _m = c.master();
+    let _a1 = c.agent_with(
+        "a1",
+        JOIN,
+        &[],
+        &["--keep-finished", "--wasm-host", "per-task"],
+        &[],
+    );
+    c.wait_agents(1);
+    let id = c.submit(&[&guest("hello.wat")]);
+    let t = c.wait_task(&id, "ended", Duration::from_secs(30), terminal);
+    assert_eq!(
+        (state(&t), t["exit_code"].as_i64()),
+        ("FINISHED", Some(0)),
+        "{t}"
+    );
+    // Its own supervisor and host process: the supervisor's records, no shared-host marker.
+    let dir = task_dir(&c, "a1", &id);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("stdout.log")).unwrap(),
+        "hello, world\n"
+    );
+    assert!(dir.join("wasm-status.json").exists());
+    assert!(!dir.join("wasm-host").exists());
+}
