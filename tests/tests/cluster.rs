@@ -41,6 +41,7 @@ fn tokens_and_specs_are_checked_before_anything_happens() {
         vec!["submit", "-p", "8080:80", "cmd.wasm"],
         vec!["submit", "--gpus", "1", "cmd.wasm"],
         vec!["submit", "--network", "net1", "cmd.wasm"],
+        vec!["submit", "--timeout", "1", "img"],
     ] {
         let (code, _, err) = c.cli(&args);
         assert_ne!(code, 0, "{args:?}");

@@ -1,6 +1,6 @@
 //! Cluster tasks of every kind through a real master and real agents on loopback: Wasm
-//! commands and wasi:http services under their own supervisors (they survive `kill -9` of the
-//! agent), native tasks on a CNI network with a host port, GPUs placed by free count (the fake
+//! commands (in the agent's shared Wasm host) and wasi:http services (under their own
+//! supervisors), which survive `kill -9` of the agent, native tasks on a CNI network with a host port, GPUs placed by free count (the fake
 //! NVML of tests/build.rs), and the TLS path (`caisson certs` + mutual TLS).
 use caisson_tests::cluster::*;
 use caisson_tests::*;

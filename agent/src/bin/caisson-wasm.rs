@@ -29,6 +29,18 @@ struct Cli {
 enum Cmd {
     /// Run a WASI command module or component: `caisson-wasm run [OPTIONS] FILE [ARGS]...`
     Run(Box<RunArgs>),
+    /// The shared host of an agent: run many Wasm command tasks in this process, as the agent
+    /// asks over a unix socket (containerizer::wasm::host). Started by the agent.
+    Host {
+        /// The socket to listen on (replaced if it exists).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// Tasks that can run at once.
+        #[arg(long, default_value_t = 1000)]
+        max_tasks: u32,
+    },
     /// Compile modules into the cache without running them.
     Compile {
         #[command(flatten)]
@@ -120,6 +132,11 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Run(args) => run(*args, stop_signals),
+        Cmd::Host {
+            socket,
+            cache,
+            max_tasks,
+        } => host(socket, &cache, max_tasks, stop_signals),
         Cmd::Compile { cache, files } => {
             // Nothing to stop gracefully: the signals' default action is right.
             let _ = stop_signals.thread_unblock();
@@ -166,6 +183,22 @@ fn compile(cache: CacheArgs, files: Vec<PathBuf>) -> i32 {
         }
     }
     0
+}
+
+fn host(socket: PathBuf, cache: &CacheArgs, max_tasks: u32, stop_signals: SigSet) -> i32 {
+    // A session of its own: the agent's death, or a signal to the agent's process group, must
+    // not take the tasks with it.
+    let _ = nix::unistd::setsid();
+    let mut cfg = wasm::host::HostConfig::new(socket);
+    cfg.cache_dir = cache_dir(cache);
+    cfg.max_instances = max_tasks.max(1);
+    match wasm::host::serve(cfg, stop_signals) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("caisson-wasm: {e}");
+            EXIT_HOST_ERROR
+        }
+    }
 }
 
 fn fail(e: &wasm::Error) -> i32 {

@@ -7,6 +7,12 @@
 //! resent), live tasks are re-adopted (their supervisors kept running), tasks that ended while
 //! the agent was away are reported from their records, and the agent reregisters with the full
 //! list. A new boot id means the old tasks died with the machine: LOST.
+//!
+//! Wasm command tasks run in the agent's shared Wasm host (`wasmhost`; one long-lived
+//! `caisson-wasm host` process in its own session) rather than under a supervisor each: the
+//! agent sends the task over a unix socket and hears back RUNNING and the end; no process,
+//! thread or fsync of their own per task. After a restart the agent reconnects to the host and
+//! re-adopts the tasks it still runs; a host that dies takes its running tasks to LOST.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +30,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::launcher::{self as tl, Launcher};
 use super::wal::{self, Wal};
+use super::wasmhost::{HostEvent, SharedHost};
 use super::{is_task_id, now_ms, token_interceptor};
 
 #[derive(Clone)]
@@ -41,6 +48,9 @@ pub struct AgentConfig {
     pub keep_finished: bool,
     /// Where CNI network configurations and plugins are (the global `--cni-*` flags).
     pub cni: crate::network::CniArgs,
+    /// Run Wasm command tasks in the agent's shared Wasm host (see `wasmhost`), not under a
+    /// supervisor and a host process each.
+    pub shared_wasm: bool,
 }
 
 struct Pending {
@@ -72,6 +82,11 @@ pub struct Agent {
     durable_tx: mpsc::UnboundedSender<u64>,
     tasks: Mutex<HashMap<String, Known>>,
     launches: Arc<Semaphore>,
+    wasm_host: SharedHost,
+    /// When each shared-host task's LaunchTask arrived (for its `agent_us`).
+    received: Mutex<HashMap<String, Instant>>,
+    /// Directories of ended shared-host tasks, for the thread that deletes them.
+    shared_rm: Arc<Mutex<std::sync::mpsc::Sender<PathBuf>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,7 +255,21 @@ impl Agent {
         // Everything replayed is already on disk.
         let _ = durable_tx.send(outbox.next_seq - 1);
         let parallelism = cfg.parallelism.max(1);
+        let (host_tx, host_rx) = std::sync::mpsc::channel();
+        let (rm_tx, rm_rx) = std::sync::mpsc::channel::<PathBuf>();
+        std::thread::Builder::new()
+            .name("wasm-rm".into())
+            .spawn(move || {
+                for dir in rm_rx {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!(dir = %dir.display(), "removing: {e}");
+                    }
+                }
+            })?;
         let agent = Arc::new(Agent {
+            shared_rm: Arc::new(Mutex::new(rm_tx)),
+            wasm_host: SharedHost::new(&cfg.root, host_tx),
+            received: Mutex::new(HashMap::new()),
             rt: Runtime::new(&cfg.root),
             launcher: Launcher::new(&cfg.root, cfg.cni.clone()),
             cfg,
@@ -253,6 +282,26 @@ impl Agent {
             launches: Arc::new(Semaphore::new(parallelism)),
         });
         agent.recover(rebooted, &latest, &ended)?;
+        if agent.cfg.shared_wasm {
+            // Start the shared Wasm host now rather than on the first Wasm task, which would
+            // otherwise wait for it (a process start and an engine).
+            let me = agent.clone();
+            std::thread::Builder::new()
+                .name("wasm-host-start".into())
+                .spawn(move || {
+                    if let Err(e) = me.wasm_host.start() {
+                        tracing::warn!("starting the shared wasm host: {e}");
+                    }
+                })?;
+        }
+        let me = agent.clone();
+        std::thread::Builder::new()
+            .name("wasm-host-ev".into())
+            .spawn(move || {
+                for ev in host_rx {
+                    me.on_host_event(ev);
+                }
+            })?;
         Ok((agent, durable_rx))
     }
 
@@ -263,6 +312,7 @@ impl Agent {
         ended: &HashSet<String>,
     ) -> anyhow::Result<()> {
         let mut seen = HashSet::new();
+        let mut shared = vec![];
         for info in self.rt.list()?.into_iter().filter(|t| is_task_id(&t.id)) {
             let id = info.id.clone();
             seen.insert(id.clone());
@@ -307,11 +357,25 @@ impl Agent {
                 st.timings = Some(timings_of(&info.state.timings, 0));
                 self.report(st, None);
             }
+            if info.dir.join(containerizer::wasm::host::MARKER).exists() {
+                // Its end comes from the shared host, once we are connected again.
+                shared.push(id);
+                continue;
+            }
             let me = self.clone();
             std::thread::Builder::new()
                 .name("task-wait".into())
                 .stack_size(256 * 1024)
                 .spawn(move || me.watch_adopted(id))?;
+        }
+        if !shared.is_empty() {
+            let ended = self.wasm_host.reattach(&shared).unwrap_or_else(|e| {
+                tracing::warn!("reconnecting to the shared wasm host: {e}");
+                shared.clone()
+            });
+            for id in ended {
+                self.shared_gone(&id, "the shared Wasm host is gone".into());
+            }
         }
         // Launches interrupted before their container existed.
         for (id, state) in latest {
@@ -367,6 +431,23 @@ impl Agent {
         );
     }
 
+    /// Reports the end of a shared-host task, then deletes its directory once the update is on
+    /// disk (no supervisor, cgroup or mount to wait for: one thread does them all).
+    fn report_then_remove_shared(self: &Arc<Self>, st: TaskStatus) {
+        if self.cfg.keep_finished {
+            self.report(st, None);
+            return;
+        }
+        let dir = self.rt.dir(&st.task_id).dir;
+        let rm = self.shared_rm.clone();
+        self.report(
+            st,
+            Some(Box::new(move || {
+                let _ = lock(&rm).send(dir);
+            })),
+        );
+    }
+
     /// Reports a terminal update, then removes the container once the update is on disk.
     fn report_then_remove(self: &Arc<Self>, st: TaskStatus) {
         if self.cfg.keep_finished {
@@ -398,12 +479,10 @@ impl Agent {
         let Some(p) = ob.pending.remove(&seq) else {
             return;
         };
-        ob.wal.append(
-            &OutboxRecord {
-                rec: Some(Rec::Acked(uuid.to_string())),
-            },
-            None,
-        );
+        // No fsync of its own: lost in a crash, the update is resent and the master ignores it.
+        ob.wal.append_lazy(&OutboxRecord {
+            rec: Some(Rec::Acked(uuid.to_string())),
+        });
         drop(ob);
         if p.status.state().is_terminal() {
             let mut tasks = lock(&self.tasks);
@@ -438,6 +517,14 @@ impl Agent {
     }
 
     fn launch(self: &Arc<Self>, lt: LaunchTask) {
+        if self.cfg.shared_wasm
+            && lt
+                .spec
+                .as_ref()
+                .is_some_and(|s| TaskKind::try_from(s.kind) == Ok(TaskKind::Wasm))
+        {
+            return self.launch_shared(lt);
+        }
         let id = lt.task_id.clone();
         {
             let mut tasks = lock(&self.tasks);
@@ -561,6 +648,11 @@ impl Agent {
                 _ => return,
             }
         }
+        if self.wasm_host.has(&k.task_id) {
+            let grace = Duration::from_millis(k.grace_period_ms as u64);
+            self.wasm_host.kill(&k.task_id, grace);
+            return;
+        }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let grace = Duration::from_millis(k.grace_period_ms as u64);
@@ -571,6 +663,110 @@ impl Agent {
                 }
             }
         });
+    }
+
+    /// A Wasm command through the shared host: no supervisor, no process, no thread of ours.
+    /// RUNNING and the end come back as host events ([`Agent::on_host_event`]).
+    fn launch_shared(self: &Arc<Self>, lt: LaunchTask) {
+        let id = lt.task_id.clone();
+        {
+            let mut tasks = lock(&self.tasks);
+            if tasks.contains_key(&id) || !is_task_id(&id) {
+                return; // launches are idempotent by task id
+            }
+            tasks.insert(
+                id.clone(),
+                Known {
+                    spec: lt.spec.clone(),
+                    state: TaskState::Starting,
+                    killing: false,
+                },
+            );
+        }
+        lock(&self.received).insert(id.clone(), Instant::now());
+        self.report(
+            status(&id, TaskState::Starting, Reason::Unspecified, ""),
+            None,
+        );
+        let spec = lt.spec.unwrap_or_default();
+        let image = spec.image.clone();
+        let me = self.clone();
+        let go = move || {
+            let res = me.launcher.wasm_run_spec(&spec).and_then(|run| {
+                if me.killing(&id) {
+                    return Err((Reason::KilledByUser, "killed before it started".into()));
+                }
+                me.wasm_host
+                    .run(&id, &me.rt.dir(&id).dir, &spec.image, run)
+                    .map_err(|e| (Reason::LaunchFailed, format!("shared Wasm host: {e}")))
+            });
+            match res {
+                // A kill that came while we were sending: the host has the task now.
+                Ok(()) if me.killing(&id) => me.wasm_host.kill(&id, Duration::ZERO),
+                Ok(()) => {}
+                Err((reason, msg)) => {
+                    lock(&me.received).remove(&id);
+                    let state = if reason == Reason::KilledByUser {
+                        TaskState::Killed
+                    } else {
+                        TaskState::Failed
+                    };
+                    me.report(status(&id, state, reason, msg), None);
+                }
+            }
+        };
+        if tl::is_module_path(&image) {
+            // A file: resolving it is a few syscalls, done here.
+            go();
+        } else {
+            // An image may have to be pulled: not on the session's task.
+            let _ = std::thread::Builder::new()
+                .name("task-launch".into())
+                .spawn(go);
+        }
+    }
+
+    fn on_host_event(self: &Arc<Self>, ev: HostEvent) {
+        match ev {
+            HostEvent::Started { id, timings } => {
+                let agent_us = lock(&self.received)
+                    .remove(&id)
+                    .map_or(0, |t| t.elapsed().as_micros() as u64);
+                let mut running = status(&id, TaskState::Running, Reason::Unspecified, "");
+                running.timings = Some(timings_of(&timings, agent_us));
+                self.report(running, None);
+            }
+            HostEvent::Exited { id, state } => {
+                lock(&self.received).remove(&id);
+                let u = self.terminal_status(&id, &state, self.killing(&id));
+                self.report_then_remove_shared(u);
+            }
+            HostEvent::Failed { id, message } => {
+                lock(&self.received).remove(&id);
+                let mut u = status(&id, TaskState::Failed, Reason::LaunchFailed, message);
+                u.exit_code = self.rt.info(&id).ok().and_then(|i| i.state.exit_code);
+                self.report_then_remove_shared(u);
+            }
+            HostEvent::Gone { id, message } => {
+                lock(&self.received).remove(&id);
+                self.shared_gone(&id, message);
+            }
+        }
+    }
+
+    /// A shared-host task the host can no longer tell us about: its record says how it ended,
+    /// or it is lost with the host.
+    fn shared_gone(self: &Arc<Self>, id: &str, message: String) {
+        match self.rt.dir(id).read_state() {
+            Ok(st) if st.status.is_terminal() && st.status != CStatus::Lost => {
+                let u = self.terminal_status(id, &st, self.killing(id));
+                self.report_then_remove_shared(u);
+            }
+            _ => {
+                let u = status(id, TaskState::Lost, Reason::SupervisorGone, message);
+                self.report_then_remove_shared(u);
+            }
+        }
     }
 
     fn register_msg(&self) -> AgentMessage {

@@ -64,6 +64,16 @@ pub struct AgentArgs {
     /// Launches in flight at once.
     #[arg(long, default_value_t = 8)]
     parallelism: usize,
+    /// How Wasm command tasks run: `shared` in one long-lived host process of this agent
+    /// (`caisson-wasm host`, microseconds per task), or `per-task` under a supervisor and a
+    /// host process each (their own cgroup, as `caisson run` does). wasi:http services always
+    /// run per task.
+    #[arg(long, value_enum, default_value = "shared")]
+    wasm_host: WasmHostMode,
+    /// Keep ended tasks' records and logs under the root (`caisson logs`, `inspect`) instead of
+    /// removing them once the master has their end.
+    #[arg(long)]
+    keep_finished: bool,
     #[command(flatten)]
     tls: super::tls::ClientTlsArgs,
 }
@@ -113,6 +123,9 @@ pub struct SubmitArgs {
     /// port mapping (`-p 8080:80`); it runs until cancelled.
     #[arg(long)]
     http: bool,
+    /// Wasm commands: stop the task past this many seconds (fractions allowed; exit 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
     /// IMAGE (or WASM module path), then the command.
     #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true,
           value_name = "IMAGE|WASM [CMD]...")]
@@ -273,7 +286,18 @@ fn parse_kv(list: &[String], what: &str) -> Result<HashMap<String, String>> {
         .collect()
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WasmHostMode {
+    Shared,
+    PerTask,
+}
+
 pub fn agent(root: &Path, cni: &crate::network::CniArgs, a: AgentArgs) -> Result<ExitCode> {
+    // Writing to a shared Wasm host that just died must be an error (EPIPE), not our death.
+    // Threads started from here on inherit the mask; processes we spawn start with an empty one.
+    nix::sys::signal::SigSet::from(nix::sys::signal::Signal::SIGPIPE)
+        .thread_block()
+        .context("blocking SIGPIPE")?;
     let Some(token) = a.token else {
         bail!("an agent needs the master's join token (--token or CAISSON_JOIN_TOKEN)");
     };
@@ -297,8 +321,9 @@ pub fn agent(root: &Path, cni: &crate::network::CniArgs, a: AgentArgs) -> Result
         attributes: parse_kv(&a.attributes, "attribute")?,
         parallelism: a.parallelism,
         tls,
-        keep_finished: false,
+        keep_finished: a.keep_finished,
         cni: cni.clone(),
+        shared_wasm: a.wasm_host == WasmHostMode::Shared,
     };
     let rt = runtime()?;
     rt.block_on(async {
@@ -386,6 +411,11 @@ pub fn spec_from(a: &SubmitArgs) -> Result<TaskSpec> {
             .collect(),
         ports,
         constraints: parse_kv(&a.constraints, "constraint")?,
+        timeout_ms: match a.timeout {
+            Some(t) if !(t.is_finite() && t > 0.0) => bail!("invalid timeout {t}: seconds > 0"),
+            Some(t) => std::time::Duration::from_secs_f64(t).as_millis().max(1) as u64,
+            None => 0,
+        },
         ..Default::default()
     })
 }

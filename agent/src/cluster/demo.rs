@@ -187,6 +187,7 @@ impl LocalCluster {
             parallelism,
             tls: None,
             keep_finished,
+            shared_wasm: true,
             cni: cni.clone(),
         })?;
         let agent_task = tokio::spawn(agent.run(durable));

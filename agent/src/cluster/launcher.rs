@@ -3,7 +3,8 @@
 //! networks and port mappings (tasknet: namespace + ADD before the launch, the supervisor's
 //! exit command releases them) and GPUs (the `run --gpus` allocator); Wasm commands and
 //! wasi:http services through `launch::wasm::wasm_task` under their own supervisor, so every
-//! kind of task survives an agent restart and is re-adopted from its record.
+//! kind of task survives an agent restart and is re-adopted from its record. (By default the
+//! agent runs Wasm commands in its shared Wasm host instead: `wasmhost`, [`Launcher::wasm_run_spec`].)
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -37,6 +38,11 @@ pub fn http_port(spec: &TaskSpec) -> Option<u16> {
         [one] => u16::try_from(one.host_port).ok(),
         _ => None,
     }
+}
+
+/// Whether a Wasm task's `image` names a module file on the agent's host (rather than an image).
+pub fn is_module_path(image: &str) -> bool {
+    Path::new(image).is_absolute() || image.ends_with(".wasm") || image.ends_with(".wat")
 }
 
 /// The agent's side of a launch: where state lives, how to reach CNI, the shared compile
@@ -88,7 +94,7 @@ impl Launcher {
     /// The module of a Wasm task: a file on the agent's host, or a Wasm image in its store.
     fn wasm_module(&self, spec: &TaskSpec) -> Result<(PathBuf, Vec<String>, Vec<String>), Failure> {
         let p = Path::new(&spec.image);
-        if p.is_absolute() || spec.image.ends_with(".wasm") || spec.image.ends_with(".wat") {
+        if is_module_path(&spec.image) {
             let module = std::fs::canonicalize(p)
                 .map_err(|e| failed(format!("Wasm module {}: {e}", spec.image)))?;
             let mut argv = vec![module
@@ -121,6 +127,32 @@ impl Launcher {
         }
     }
 
+    /// What the shared Wasm host runs for a Wasm command task.
+    pub fn wasm_run_spec(&self, spec: &TaskSpec) -> Result<wasm::RunSpec, Failure> {
+        let (module, argv, env) = self.wasm_module(spec)?;
+        let res = spec.resources.clone().unwrap_or_default();
+        Ok(wasm::RunSpec {
+            module,
+            argv,
+            env,
+            preopens: spec
+                .volumes
+                .iter()
+                .map(|v| wasm::Preopen {
+                    host: v.host_path.clone().into(),
+                    guest: v.container_path.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
+            limits: wasm::Limits {
+                memory_bytes: (res.memory_bytes > 0).then_some(res.memory_bytes),
+                table_elements: None,
+            },
+            timeout_ms: (spec.timeout_ms > 0).then_some(spec.timeout_ms),
+            ..Default::default()
+        })
+    }
+
     fn wasm_spec(&self, id: &str, spec: &TaskSpec) -> Result<launch::TaskSpec, Failure> {
         let http = TaskKind::try_from(spec.kind) == Ok(TaskKind::WasmHttp);
         let (module, argv, env) = self.wasm_module(spec)?;
@@ -150,6 +182,7 @@ impl Launcher {
                 table_elements: None,
             },
             http: listen,
+            timeout_ms: (spec.timeout_ms > 0).then_some(spec.timeout_ms),
             ..Default::default()
         };
         // Commands are compiled here (a bad module fails the launch with the engine's

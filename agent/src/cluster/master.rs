@@ -290,6 +290,9 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), String> {
             ));
         }
     }
+    if spec.timeout_ms > 0 && kind != TaskKind::Wasm {
+        return Err("a timeout is for Wasm commands".into());
+    }
     if !spec.workdir.is_empty() && !spec.workdir.starts_with('/') {
         return Err(format!(
             "invalid workdir {:?}: must be absolute",

@@ -8,6 +8,7 @@ pub mod master;
 pub mod store;
 pub mod tls;
 pub mod wal;
+pub mod wasmhost;
 
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};

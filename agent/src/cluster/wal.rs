@@ -13,7 +13,8 @@ use prost::Message;
 pub type Notify = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 enum Op {
-    Append(Vec<u8>, Option<Notify>),
+    /// The record, who to tell once it is durable, whether it must be (fsync).
+    Append(Vec<u8>, Option<Notify>, bool),
 }
 
 /// Handle to the log; cloneable, appends go to the one writer thread.
@@ -85,11 +86,19 @@ impl Wal {
     /// Queues `record`; `notify` runs on the writer thread once it is on disk.
     pub fn append<M: Message>(&self, record: &M, notify: Option<Notify>) {
         let bytes = record.encode_length_delimited_to_vec();
-        if let Err(mpsc::SendError(Op::Append(_, Some(n)))) =
-            self.tx.send(Op::Append(bytes, notify))
+        if let Err(mpsc::SendError(Op::Append(_, Some(n), _))) =
+            self.tx.send(Op::Append(bytes, notify, true))
         {
             n(Err(io::Error::other("the log is closed")));
         }
+    }
+
+    /// Queues `record` without asking for an fsync of its own: it is written with the next
+    /// batch and made durable by the next record that needs it. For records whose loss in a
+    /// crash is harmless (an ack: the update is resent, and the master ignores duplicates).
+    pub fn append_lazy<M: Message>(&self, record: &M) {
+        let bytes = record.encode_length_delimited_to_vec();
+        let _ = self.tx.send(Op::Append(bytes, None, false));
     }
 }
 
@@ -102,12 +111,16 @@ fn writer(path: PathBuf, mut file: File, rx: mpsc::Receiver<Op>) {
         let mut notes: Vec<Notify> = vec![];
         let mut buf = vec![];
         let mut result: io::Result<()> = Ok(());
-        for Op::Append(bytes, n) in batch {
+        let mut sync = false;
+        for Op::Append(bytes, n, durable) in batch {
             buf.extend_from_slice(&bytes);
             notes.extend(n);
+            sync |= durable;
         }
         if !buf.is_empty() {
-            let r = file.write_all(&buf).and_then(|()| file.sync_data());
+            let r = file
+                .write_all(&buf)
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
             result = result.and(r);
         }
         if let Err(e) = &result {

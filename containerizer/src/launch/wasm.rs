@@ -114,7 +114,7 @@ pub(super) fn validate(run: &RunSpec) -> Result<(), super::LaunchError> {
 }
 
 /// The host process binary: `$CAISSON_WASM`, else next to this executable.
-fn runner() -> PathBuf {
+pub fn runner() -> PathBuf {
     std::env::var_os("CAISSON_WASM")
         .map(PathBuf::from)
         .or_else(|| {
@@ -379,7 +379,7 @@ pub(super) fn supervise(
 
 /// `state.json`'s reason and error for a Wasm task that ended with `code` (or `signal`), given
 /// the host process's report.
-fn outcome(
+pub(crate) fn outcome(
     code: i32,
     signal: Option<i32>,
     reported: Option<&ExitStatus>,

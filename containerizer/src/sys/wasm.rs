@@ -36,3 +36,19 @@ pub fn release_free_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// CPU time (user + system) the calling thread has used, in nanoseconds: what a task of the
+/// shared Wasm host is charged, since its tasks share one process and one cgroup.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_THREAD_CPUTIME_ID always exists
+    // on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -17,6 +17,7 @@
 //! `run` blocks the calling thread while the guest runs: from async code call it on a blocking
 //! thread (`tokio::task::spawn_blocking`), never directly inside a task.
 mod engine;
+pub mod host;
 mod http;
 mod source;
 mod spec;
