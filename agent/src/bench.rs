@@ -154,7 +154,7 @@ const NATIVE_PHASES: &[(&str, &str)] = &[
 ];
 
 const FIRST_OUTPUT: &str =
-    "start (rootfs) until the task's first byte in its logs (tasks that wrote; n)";
+    "start (rootfs) until the task's first byte in its logs (tasks that wrote)";
 
 /// Only with CNI networks: between `rootfs` and `launcher`.
 const NETWORK_PHASE: (&str, &str) = (
@@ -806,7 +806,7 @@ fn print_table(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
                 p.n, r.ok
             )?;
         }
-    } else if r.kind == Kind::Native {
+    } else if r.kind == Kind::Native && r.master.is_none() {
         writeln!(
             out,
             "(first_output: no task wrote to stdout/stderr, e.g. /bin/true)"

@@ -533,7 +533,10 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     // The task's supervisor (and its network namespace) start now, while the root filesystem
     // and the records are prepared; not for an attached -i/-t task, whose supervisor is
     // spawned with the console.
-    let rt = if !a.detach && (a.interactive || a.tty) {
+    // Nor for a Wasm file: its supervisor would make a network namespace it never uses.
+    let rt = if (!a.detach && (a.interactive || a.tty))
+        || (!a.rootfs && wasm_run::file_arg(&a.image).is_some())
+    {
         Runtime::new(root)
     } else {
         Runtime::new(root).with_supervisor_started_early()

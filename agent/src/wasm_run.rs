@@ -73,7 +73,7 @@ pub enum WasmSource {
 
 /// Whether `arg` is meant as a file: it exists as a regular file, or it ends in `.wasm`/`.wat`
 /// and cannot be an image reference with a tag or digest.
-fn file_arg(arg: &str) -> Option<PathBuf> {
+pub(crate) fn file_arg(arg: &str) -> Option<PathBuf> {
     let p = Path::new(arg);
     if p.is_file() {
         return Some(p.to_path_buf());

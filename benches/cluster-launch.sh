@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# N tasks through a master and one agent on loopback (issue 7's targets: 1,000 native /bin/true in
+# at most 3 s, 1,000 Wasm tasks in at most 0.3 s). Run as root:
+#   benches/cluster-launch.sh native|wasm [N] [C] [AGENT_PARALLELISM]
+# The state (master, agent root, tasks) goes under $RUNDIR (default: a temp dir in /tmp). On
+# these VMs the root ext4 has no journal and reuses freed inodes slowly, so a run on /dev/shm
+# measures caisson while one on /tmp also measures that file system.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KIND=${1:?native or wasm}; N=${2:-1000}; C=${3:-256}; PAR=${4:-8}
+scripts/install-deps.sh >/dev/null
+cargo build --release -p caisson --bins
+BIN="${CARGO_TARGET_DIR:-$PWD/target}/release"
+W=$(mktemp -d "${RUNDIR:-/tmp}/caisson-cluster.XXXXXX")
+PORT=$((20000 + RANDOM % 20000))
+URL=http://127.0.0.1:$PORT
+cleanup() {
+  kill "${AP:-}" "${MP:-}" 2>/dev/null || true; wait 2>/dev/null || true
+  "$BIN/caisson" --root "$W/agent" rm -f --all >/dev/null 2>&1 || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+# The busybox image for native tasks.
+umoci init --layout "$W/oci" >/dev/null
+umoci new --image "$W/oci:latest" >/dev/null
+umoci unpack --image "$W/oci:latest" "$W/b" >/dev/null
+mkdir -p "$W/b/rootfs/bin"; cp /bin/busybox "$W/b/rootfs/bin/"
+for a in sh true; do ln -s busybox "$W/b/rootfs/bin/$a"; done
+umoci repack --image "$W/oci:latest" "$W/b" >/dev/null; rm -rf "$W/b"
+"$BIN/caisson" --root "$W/agent" load -q -i "$W/oci:latest" >/dev/null
+"$BIN/caisson" master --listen "127.0.0.1:$PORT" --state "$W/master" --join-token j --api-token a \
+  >/dev/null 2>"$W/master.err" &
+MP=$!
+sleep 0.5
+"$BIN/caisson" --root "$W/agent" agent --master "$URL" --token j --resources cpus=64,mem=64g \
+  --parallelism "$PAR" >/dev/null 2>"$W/agent.err" &
+AP=$!
+sleep 1
+if [ "$KIND" = wasm ]; then ARGS=(--kind wasm --module tests/guests/hello.wat)
+else ARGS=(--kind native --image localhost/oci:latest -- /bin/true); fi
+echo "load: $(cut -d' ' -f1-3 /proc/loadavg); state under $W"
+"$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 "${ARGS[@]}"
