@@ -526,19 +526,8 @@ impl Agent {
             return self.launch_shared(lt);
         }
         let id = lt.task_id.clone();
-        {
-            let mut tasks = lock(&self.tasks);
-            if tasks.contains_key(&id) || !is_task_id(&id) {
-                return; // launches are idempotent by task id
-            }
-            tasks.insert(
-                id.clone(),
-                Known {
-                    spec: lt.spec.clone(),
-                    state: TaskState::Starting,
-                    killing: false,
-                },
-            );
+        if !self.claim(&lt) {
+            return; // launches are idempotent by task id
         }
         let received = Instant::now();
         self.report(
@@ -665,23 +654,29 @@ impl Agent {
         });
     }
 
+    /// Records a task as STARTING unless it is known already (or its id is not valid).
+    fn claim(&self, lt: &LaunchTask) -> bool {
+        let mut tasks = lock(&self.tasks);
+        if tasks.contains_key(&lt.task_id) || !is_task_id(&lt.task_id) {
+            return false;
+        }
+        tasks.insert(
+            lt.task_id.clone(),
+            Known {
+                spec: lt.spec.clone(),
+                state: TaskState::Starting,
+                killing: false,
+            },
+        );
+        true
+    }
+
     /// A Wasm command through the shared host: no supervisor, no process, no thread of ours.
     /// RUNNING and the end come back as host events ([`Agent::on_host_event`]).
     fn launch_shared(self: &Arc<Self>, lt: LaunchTask) {
         let id = lt.task_id.clone();
-        {
-            let mut tasks = lock(&self.tasks);
-            if tasks.contains_key(&id) || !is_task_id(&id) {
-                return; // launches are idempotent by task id
-            }
-            tasks.insert(
-                id.clone(),
-                Known {
-                    spec: lt.spec.clone(),
-                    state: TaskState::Starting,
-                    killing: false,
-                },
-            );
+        if !self.claim(&lt) {
+            return; // launches are idempotent by task id
         }
         lock(&self.received).insert(id.clone(), Instant::now());
         self.report(

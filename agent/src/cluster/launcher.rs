@@ -155,7 +155,6 @@ impl Launcher {
 
     fn wasm_spec(&self, id: &str, spec: &TaskSpec) -> Result<launch::TaskSpec, Failure> {
         let http = TaskKind::try_from(spec.kind) == Ok(TaskKind::WasmHttp);
-        let (module, argv, env) = self.wasm_module(spec)?;
         let res = spec.resources.clone().unwrap_or_default();
         let listen = if http {
             let port = http_port(spec)
@@ -165,25 +164,8 @@ impl Launcher {
             None
         };
         let run = wasm::RunSpec {
-            module,
-            argv,
-            env,
-            preopens: spec
-                .volumes
-                .iter()
-                .map(|v| wasm::Preopen {
-                    host: v.host_path.clone().into(),
-                    guest: v.container_path.clone(),
-                    read_only: v.read_only,
-                })
-                .collect(),
-            limits: wasm::Limits {
-                memory_bytes: (res.memory_bytes > 0).then_some(res.memory_bytes),
-                table_elements: None,
-            },
             http: listen,
-            timeout_ms: (spec.timeout_ms > 0).then_some(spec.timeout_ms),
-            ..Default::default()
+            ..self.wasm_run_spec(spec)?
         };
         // Commands are compiled here (a bad module fails the launch with the engine's
         // message, and the artifact lands in the cache the host process maps); services are

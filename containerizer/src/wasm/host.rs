@@ -418,22 +418,7 @@ impl Host {
             Ok(p) => p,
             Err((code, message)) => {
                 ctl.settle();
-                let _ = append(&td.stderr_log(), &format!("caisson-wasm: {message}\n"));
-                state.status = Status::Failed;
-                state.exit_code = Some(code);
-                state.error = Some(message.clone());
-                state.reason = Some("launch failed".into());
-                state.finished_ms = Some(now_ms());
-                self.finish(
-                    &id,
-                    &td,
-                    state,
-                    Event::Failed {
-                        id: id.clone(),
-                        code,
-                        message,
-                    },
-                );
+                self.fail_launch(&id, &td, state, code, message);
                 return;
             }
         };
@@ -483,24 +468,7 @@ impl Host {
             Err(e) => {
                 let code = e.exit_code();
                 let message = e.to_string();
-                let _ = append(&td.stderr_log(), &format!("caisson-wasm: {message}\n"));
-                state.status = Status::Failed;
-                state.exit_code = Some(code);
-                state.error = Some(message.clone());
-                state.reason = Some("launch failed".into());
-                state.shim_pid = None;
-                state.shim_start_ticks = None;
-                state.finished_ms = Some(now_ms());
-                self.finish(
-                    &id,
-                    &td,
-                    state,
-                    Event::Failed {
-                        id: id.clone(),
-                        code,
-                        message,
-                    },
-                );
+                self.fail_launch(&id, &td, state, code, message);
                 return;
             }
         };
@@ -600,6 +568,29 @@ impl Host {
 
     /// Writes the terminal record, then tells the agent (if one is connected), in this order:
     /// a task missing from a later Hello has its fate on disk.
+    /// Records a task whose guest never ran (bad module, stdio, preopens) and reports it.
+    fn fail_launch(
+        &self,
+        id: &str,
+        td: &TaskDir,
+        mut state: TaskState,
+        code: i32,
+        message: String,
+    ) {
+        let _ = append(&td.stderr_log(), &format!("caisson-wasm: {message}\n"));
+        state.status = Status::Failed;
+        state.exit_code = Some(code);
+        state.error = Some(message.clone());
+        state.reason = Some("launch failed".into());
+        state.finished_ms = Some(now_ms());
+        let ev = Event::Failed {
+            id: id.to_string(),
+            code,
+            message,
+        };
+        self.finish(id, td, state, ev);
+    }
+
     fn finish(&self, id: &str, td: &TaskDir, mut state: TaskState, ev: Event) {
         state.shim_pid = None;
         state.shim_start_ticks = None;
