@@ -506,18 +506,27 @@ async fn run(work: &Path, a: &DemoArgs, cni: &crate::network::CniArgs) -> Result
     say("==> launch latency (submit -> RUNNING as the master saw it; for the service, until it accepts connections; phases from the agent)");
     for (i, t) in finals.iter().enumerate() {
         let tm = t.timings.unwrap_or_default();
+        // Only the phases the task went through (a Wasm command in the shared host has no
+        // supervisor, cgroup or namespaces of its own).
+        let phases: Vec<String> = [
+            ("rootfs", tm.rootfs_us),
+            ("spawn", tm.spawn_us),
+            ("cgroup", tm.cgroup_us),
+            ("namespaces", tm.namespaces_us),
+            ("mounts", tm.mounts_us),
+            ("exec", tm.exec_us),
+            ("launch total", tm.total_us),
+        ]
+        .iter()
+        .filter(|(_, us)| *us > 0)
+        .map(|(name, us)| format!("{name} {}", ms(*us)))
+        .collect();
         say(&format!(
-            "    {:<13} submit->running {}; agent {}; rootfs {}, spawn {}, cgroup {}, namespaces {}, mounts {}, exec {}, launch total {}",
+            "    {:<13} submit->running {}; agent {}; {}",
             names[i],
             ms(t.submit_to_running_us),
             ms(tm.agent_us),
-            ms(tm.rootfs_us),
-            ms(tm.spawn_us),
-            ms(tm.cgroup_us),
-            ms(tm.namespaces_us),
-            ms(tm.mounts_us),
-            ms(tm.exec_us),
-            ms(tm.total_us),
+            phases.join(", "),
         ));
     }
     say("==> final states");
