@@ -8,33 +8,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A WASI command: says hello, sleeps `secs` s (poll_oneoff on the monotonic clock), then
-/// exits with `code`.
-fn sleeper_wat(secs: u64, code: u32) -> String {
-    format!(
-        r#"(module
-  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 16) "sleeper up\n")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 16))
-    (i32.store (i32.const 4) (i32.const 11))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
-    (i64.store (i32.const 256) (i64.const 0))
-    (i32.store8 (i32.const 264) (i32.const 0))
-    (i32.store (i32.const 272) (i32.const 1))
-    (i64.store (i32.const 280) (i64.const {ns}))
-    (i64.store (i32.const 288) (i64.const 0))
-    (i32.store16 (i32.const 296) (i32.const 0))
-    (drop (call $poll (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))
-    (call $exit (i32.const {code}))))
-"#,
-        ns = secs * 1_000_000_000
-    )
-}
-
 /// The demo's wasi:http component (component text format, no toolchain needed).
 fn http_service() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

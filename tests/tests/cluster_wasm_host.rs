@@ -40,27 +40,6 @@ fn exit_wat(out: &str, err: &str, code: u32) -> String {
     )
 }
 
-/// Sleeps `secs` s in a host call (poll_oneoff), then exits with `code`.
-fn sleeper_wat(secs: u64, code: u32) -> String {
-    format!(
-        r#"(module
-  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-  (memory (export "memory") 1)
-  (func (export "_start")
-    (i64.store (i32.const 256) (i64.const 0))
-    (i32.store8 (i32.const 264) (i32.const 0))
-    (i32.store (i32.const 272) (i32.const 1))
-    (i64.store (i32.const 280) (i64.const {ns}))
-    (i64.store (i32.const 288) (i64.const 0))
-    (i32.store16 (i32.const 296) (i32.const 0))
-    (drop (call $poll (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))
-    (call $exit (i32.const {code}))))
-"#,
-        ns = secs * 1_000_000_000
-    )
-}
-
 fn state(t: &serde_json::Value) -> &str {
     t["state"].as_str().unwrap_or("")
 }
