@@ -74,6 +74,15 @@ struct AgentEntry {
 }
 
 impl AgentEntry {
+    /// Active, connected, and with every attribute the task's constraints ask for.
+    fn can_take(&self, constraints: &std::collections::HashMap<String, String>) -> bool {
+        self.state == AgentState::Active
+            && self.tx.is_some()
+            && constraints
+                .iter()
+                .all(|(k, v)| self.rec.attributes.get(k) == Some(v))
+    }
+
     fn new(rec: AgentRecord, state: AgentState, session: u64, tx: Option<Outbound>) -> Self {
         AgentEntry {
             rec,
@@ -429,12 +438,7 @@ impl Master {
         let best = st
             .agents
             .values()
-            .filter(|a| a.state == AgentState::Active && a.tx.is_some())
-            .filter(|a| {
-                constraints
-                    .iter()
-                    .all(|(k, v)| a.rec.attributes.get(k) == Some(v))
-            })
+            .filter(|a| a.can_take(&constraints))
             .filter(|a| a.fits(&n))
             .max_by(|a, b| {
                 let (ac, am) = a.free();
@@ -468,12 +472,7 @@ impl Master {
         let live: Vec<&AgentEntry> = st
             .agents
             .values()
-            .filter(|a| a.state == AgentState::Active && a.tx.is_some())
-            .filter(|a| {
-                constraints
-                    .iter()
-                    .all(|(k, v)| a.rec.attributes.get(k) == Some(v))
-            })
+            .filter(|a| a.can_take(&constraints))
             .collect();
         if live.is_empty() {
             return if constraints.is_empty() {
