@@ -41,7 +41,7 @@ impl CniArgs {
         Cni::new(CniOptions {
             config_dir: self.cni_config_dir.clone(),
             plugin_dirs: CniOptions::parse_path_list(&self.cni_plugin_dir),
-            state_dir: root.join("cni"),
+            state_dir: containerizer::net::volatile_dir(root).join("cni"),
             ..CniOptions::default()
         })
     }

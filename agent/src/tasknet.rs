@@ -82,9 +82,14 @@ fn request(name: &str, port_mappings: Vec<PortMapping>) -> NetworkRequest {
     }
 }
 
+/// Where a store's tasks' network namespaces are pinned (tmpfs: they end with the boot).
+pub fn netns_dir(root: &Path) -> PathBuf {
+    containerizer::net::volatile_dir(root).join("netns")
+}
+
 /// Where a task's network namespace is pinned.
 pub fn netns_path(root: &Path, id: &str) -> PathBuf {
-    root.join("netns").join(id)
+    netns_dir(root).join(id)
 }
 
 /// A task's network, ready for the launch.
@@ -171,7 +176,7 @@ pub(crate) fn orphan_grace() -> std::time::Duration {
 /// record, older than the grace period. Returns the ids released.
 pub fn sweep_orphans(cni: &Cni, root: &Path) -> Vec<String> {
     let mut ids: Vec<(String, PathBuf)> = vec![];
-    if let Ok(rd) = std::fs::read_dir(root.join("netns")) {
+    if let Ok(rd) = std::fs::read_dir(netns_dir(root)) {
         ids.extend(
             rd.flatten()
                 .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())),

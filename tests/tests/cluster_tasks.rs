@@ -4,6 +4,7 @@
 //! NVML of tests/build.rs), and the TLS path (`caisson certs` + mutual TLS).
 use caisson_tests::cluster::*;
 use caisson_tests::*;
+use containerizer::net::{volatile_dir, IPAM_DATA_DIR};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -151,7 +152,7 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
     c.cleanup_args = cni.iter().map(|s| s.to_string()).collect();
     let (bridge, net, subnet) = ("cstcl61", "clnet61", "10.231.61.0/24");
     del_bridge(bridge);
-    let ipam = Path::new("/var/lib/cni/networks").join(net);
+    let ipam = Path::new(IPAM_DATA_DIR).join(net);
     let _ = std::fs::remove_dir_all(&ipam);
     let mut create = std::process::Command::new(caisson_bin());
     create
@@ -238,10 +239,14 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
     // Nothing left: no pinned netns, no CNI cache, no veth on the bridge, no address held.
     let root = c.agent_root("a1");
     eventually("no netns left", || {
-        std::fs::read_dir(root.join("netns")).map_or(true, |d| d.count() == 0)
+        std::fs::read_dir(volatile_dir(&root).join("netns")).map_or(true, |d| d.count() == 0)
     });
     let cache_files = |dir: &Path| -> usize { walk_files(dir).len() };
-    assert_eq!(cache_files(&root.join("cni")), 0, "CNI cache left");
+    assert_eq!(
+        cache_files(&volatile_dir(&root).join("cni")),
+        0,
+        "CNI cache left"
+    );
     eventually("no veth on the bridge", || {
         std::fs::read_dir(format!("/sys/class/net/{bridge}/brif")).map_or(true, |d| d.count() == 0)
     });

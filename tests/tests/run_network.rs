@@ -2,6 +2,7 @@
 //! our plugins and with the reference plugins; nothing left behind (netns, cache, veths, IPs,
 //! port forwards), also when the launcher is killed.
 use caisson_tests::*;
+use containerizer::net::{volatile_dir, IPAM_DATA_DIR};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -77,11 +78,11 @@ impl Env {
     /// port on the bridge.
     fn assert_clean(&self, bridges: &[&str]) {
         let root = self.c.root.path();
-        let netns: Vec<_> = std::fs::read_dir(root.join("netns"))
+        let netns: Vec<_> = std::fs::read_dir(volatile_dir(root).join("netns"))
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(netns.is_empty(), "netns left: {netns:?}");
-        let cache: Vec<_> = walk_files(&root.join("cni"));
+        let cache: Vec<_> = walk_files(&volatile_dir(root).join("cni"));
         assert!(cache.is_empty(), "CNI cache left: {cache:?}");
         let roots: Vec<_> = std::fs::read_dir(root.join("rootfs"))
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
@@ -129,8 +130,8 @@ fn named_network(plugins: &Path, tag: &str, octet: u8) {
     let bridge = format!("cst{tag}{octet}");
     let net = format!("runnet{tag}");
     del_bridge(&bridge);
-    // host-local's default data dir (ours uses the same layout).
-    let ipam = Path::new("/var/lib/cni/networks");
+    // host-local's data dir for the networks caisson creates.
+    let ipam = Path::new(IPAM_DATA_DIR);
     let _ = std::fs::remove_dir_all(ipam.join(&net));
     env.create(&net, &format!("10.231.{octet}.0/24"), &bridge);
     for round in 0..2 {
@@ -294,7 +295,7 @@ fn the_supervisor_releases_the_network_after_the_launcher_is_killed() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let netns = env.c.root.path().join("netns");
+    let netns = volatile_dir(env.c.root.path()).join("netns");
     eventually("the task is running", || {
         let (_, out, _) = env.run(&["ps", "-q"]);
         !out.trim().is_empty()
@@ -390,18 +391,20 @@ fn a_launch_killed_during_add_is_released_by_the_next_rm() {
         .unwrap();
     let root = env.c.root.path().to_path_buf();
     eventually("the ADD is under way", || {
-        walk_files(&root.join("cni")).len() == 1
+        walk_files(&volatile_dir(&root).join("cni")).len() == 1
     });
     launcher.kill().unwrap();
     launcher.wait().unwrap();
-    let netns: Vec<_> = std::fs::read_dir(root.join("netns")).unwrap().collect();
+    let netns: Vec<_> = std::fs::read_dir(volatile_dir(&root).join("netns"))
+        .unwrap()
+        .collect();
     assert_eq!(netns.len(), 1, "the half-made launch holds a namespace");
     let roots: Vec<_> = std::fs::read_dir(root.join("rootfs")).unwrap().collect();
     assert_eq!(roots.len(), 1, "and its root filesystem");
     // Within the grace period a sweep leaves it alone (it could be a launch in progress).
     let (code, _, err) = env.run(&["rm", "-a"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(walk_files(&root.join("cni")).len(), 1);
+    assert_eq!(walk_files(&volatile_dir(&root).join("cni")).len(), 1);
     // Past it, the next rm releases it.
     let out = env
         .cmd()
@@ -439,9 +442,9 @@ fn rm_sweeps_what_a_killed_supervisor_left_in_the_trash() {
     );
 }
 
-/// The addresses host-local holds for `net` (its default data dir, which our plugin shares).
+/// The addresses host-local holds for `net` (a network caisson created).
 fn held_ips(net: &str) -> Vec<String> {
-    std::fs::read_dir(Path::new("/var/lib/cni/networks").join(net))
+    std::fs::read_dir(Path::new(IPAM_DATA_DIR).join(net))
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -461,7 +464,7 @@ fn the_supervisor_releases_the_network_itself_when_the_task_exits() {
     };
     let (bridge, net) = ("csts46", "selfnet");
     del_bridge(bridge);
-    let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(net));
+    let _ = std::fs::remove_dir_all(Path::new(IPAM_DATA_DIR).join(net));
     env.create(net, "10.231.46.0/24", bridge);
     // A caisson (and its supervisor) of its own, next to the real one, that we can remove.
     let target = caisson_bin().parent().unwrap().to_path_buf();
@@ -488,8 +491,9 @@ fn the_supervisor_releases_the_network_itself_when_the_task_exits() {
     eventually("the task exited and its network is released", || {
         let (_, out, _) = env.run(&["inspect", &id]);
         let exited = out.contains("\"exited\"");
-        let netns_left = std::fs::read_dir(root.join("netns")).map_or(0, |d| d.count());
-        exited && netns_left == 0 && walk_files(&root.join("cni")).is_empty()
+        let netns_left =
+            std::fs::read_dir(volatile_dir(&root).join("netns")).map_or(0, |d| d.count());
+        exited && netns_left == 0 && walk_files(&volatile_dir(&root).join("cni")).is_empty()
     });
     assert!(
         held_ips(net).is_empty(),
@@ -512,7 +516,7 @@ fn rm_releases_the_network_of_a_task_whose_supervisor_was_killed() {
     };
     let (bridge, net) = ("cstk47", "killsup");
     del_bridge(bridge);
-    let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(net));
+    let _ = std::fs::remove_dir_all(Path::new(IPAM_DATA_DIR).join(net));
     env.create(net, "10.231.47.0/24", bridge);
     // A run that fails after its network was attached (which overlaps the root filesystem's
     // preparation): the attachment is undone.

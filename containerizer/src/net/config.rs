@@ -227,7 +227,8 @@ pub struct NetworkCreate {
     pub gateway: Option<std::net::Ipv4Addr>,
     /// Masquerade traffic leaving the subnet (needs iptables).
     pub ip_masq: bool,
-    /// Directory for host-local's allocations (default: the plugin's own, /var/lib/cni/networks).
+    /// Directory for host-local's allocations (default [`super::IPAM_DATA_DIR`]; `None`: the
+    /// plugin's own, /var/lib/cni/networks).
     pub ipam_data_dir: Option<PathBuf>,
     /// Add the `portmap` plugin so that `-p` works on this network.
     pub port_map: bool,
@@ -242,7 +243,7 @@ impl NetworkCreate {
             subnet: None,
             gateway: None,
             ip_masq: true,
-            ipam_data_dir: None,
+            ipam_data_dir: Some(super::IPAM_DATA_DIR.into()),
             port_map: true,
             cni_version: "1.0.0".into(),
         }

@@ -22,6 +22,7 @@ pub mod exec;
 pub mod files;
 pub mod release;
 pub mod result;
+pub mod volatile;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub use config::{NetworkConfigList, NetworkCreate};
 pub use exec::{find_plugin, Command, FORCE_EXEC_ENV};
 pub use release::Release;
 pub use result::{CniResult, Dns, Interface, IpConfig, PluginError, Route, VersionInfo};
+pub use volatile::{volatile_dir, IPAM_DATA_DIR, RUN_DIR};
 
 use exec::{ExecFailure, Invocation};
 
@@ -117,7 +119,7 @@ pub struct CniOptions {
     pub config_dir: PathBuf,
     /// Plugin search path (`--cni-plugin-dir` / `CNI_PATH`), default `/opt/cni/bin:/usr/lib/cni`.
     pub plugin_dirs: Vec<PathBuf>,
-    /// The attachment cache, default `/var/lib/caisson/cni`.
+    /// The attachment cache, default `/run/caisson/cni` (see [`volatile_dir`] for a store's).
     pub state_dir: PathBuf,
     /// Upper bound for one plugin invocation; a plugin still running then is killed.
     pub timeout: Duration,
@@ -128,7 +130,7 @@ impl Default for CniOptions {
         Self {
             config_dir: "/etc/cni/net.d".into(),
             plugin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
-            state_dir: "/var/lib/caisson/cni".into(),
+            state_dir: Path::new(RUN_DIR).join("cni"),
             timeout: Duration::from_secs(30),
         }
     }
@@ -248,6 +250,7 @@ impl Netns {
     /// Creates a fresh network namespace at `path` (its parent directory is created).
     pub fn create(path: impl Into<PathBuf>) -> Result<Self, NetError> {
         let path = path.into();
+        let _ = volatile::ensure_tmpfs();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| NetError::io(format!("creating {}", dir.display()), e))?;
@@ -540,6 +543,7 @@ impl Cni {
     ) -> Result<CniResult, NetError> {
         validate_id("container id", container_id)?;
         validate_id("interface name", ifname)?;
+        let _ = volatile::ensure_tmpfs();
         if cache::read(&self.opts.state_dir, container_id, &net.name, ifname)?.is_some() {
             return Err(NetError::InvalidRequest(format!(
                 "container {container_id:?} is already attached to network {:?} as {ifname}",

@@ -161,6 +161,37 @@ fn plugin_error_document_is_surfaced() {
     );
 }
 
+#[test]
+fn volatile_dirs_are_per_store_and_networks_we_write_keep_ipam_there() {
+    let a = volatile_dir(Path::new("/var/lib/caisson"));
+    assert_eq!(a, volatile_dir(Path::new("/var/lib/caisson")));
+    assert_ne!(a, volatile_dir(Path::new("/tmp/other-store")));
+    assert!(a.starts_with(RUN_DIR), "{}", a.display());
+    let net = config::bridge_conflist(
+        &NetworkCreate::new("vol"),
+        "10.231.99.0/24".parse().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(net.plugins[0]["ipam"]["dataDir"], json!(IPAM_DATA_DIR));
+}
+
+#[test]
+fn root_volatile_state_is_on_tmpfs() {
+    if !require_root() {
+        return;
+    }
+    volatile::ensure_tmpfs().unwrap();
+    let fs = nix::sys::statfs::statfs(RUN_DIR).unwrap();
+    assert_eq!(fs.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC);
+    // Once, not stacked: the mount table holds at most one mount at RUN_DIR.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let at = mounts
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(RUN_DIR))
+        .count();
+    assert!(at <= 1, "{at} mounts at {RUN_DIR}");
+}
+
 // ---- root tests with the reference plugins ---------------------------------------------------
 
 pub(crate) fn require_root() -> bool {
