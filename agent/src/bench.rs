@@ -554,10 +554,14 @@ fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::p
                 tasknet::Plan::Cni(reqs) => Some(Box::new((cni_args.cni(root), reqs))),
                 _ => None,
             };
+            // A long-running launcher, as the agent: supervisors started ahead.
+            let mut rt = Runtime::new(root).with_warm_supervisor();
+            if cni.is_some() {
+                rt = rt.without_netns_ahead();
+            }
             Target::Native {
                 root: root.to_path_buf(),
-                // A long-running launcher, as the agent: supervisors started ahead.
-                rt: Runtime::new(root).with_warm_supervisor(),
+                rt,
                 image,
                 cmd: a.cmd.clone(),
                 network,

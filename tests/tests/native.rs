@@ -1302,3 +1302,70 @@ fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
 fn st_id(rt: &containerizer::launch::Runtime, name: &str) -> String {
     rt.resolve(name).unwrap()
 }
+
+/// A standby for tasks that join a namespace made for them (CNI) makes none ahead; a task it
+/// takes without one still gets its own (made at the clone).
+#[test]
+fn root_standby_without_netns_ahead_makes_none() {
+    use containerizer::launch::{Process, Runtime, TaskSpec};
+    if !root_or_skip("root_standby_without_netns_ahead_makes_none") {
+        return;
+    }
+    let env = Env::new();
+    let shim = caisson_bin().with_file_name("caisson-shim");
+    let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    // The namespaces a waiting standby holds besides ours (it waits in read(0, ...)).
+    let held = |rt: &Runtime| -> Vec<PathBuf> {
+        rt.prewarm();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = rt.standby_pid() {
+                let sc =
+                    std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+                if sc.starts_with("0 0x0 ") {
+                    return std::fs::read_dir(format!("/proc/{pid}/fd"))
+                        .unwrap()
+                        .flatten()
+                        .filter_map(|e| std::fs::read_link(e.path()).ok())
+                        .filter(|l| l.to_string_lossy().starts_with("net:[") && *l != host_ns)
+                        .collect();
+                }
+            }
+            assert!(Instant::now() < deadline, "no standby waiting for its task");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let ahead = Runtime::new(env.state_root())
+        .with_shim(&shim)
+        .with_warm_supervisor();
+    assert_eq!(
+        held(&ahead).len(),
+        1,
+        "a default standby makes its netns ahead"
+    );
+    drop(ahead);
+    let rt = Runtime::new(env.state_root())
+        .with_shim(&shim)
+        .with_warm_supervisor()
+        .without_netns_ahead();
+    assert_eq!(held(&rt), Vec::<PathBuf>::new());
+    let spec = TaskSpec {
+        name: "nn1".into(),
+        image: "busybox".into(),
+        rootfs: env.rootfs.clone(),
+        process: Process {
+            args: vec!["readlink".into(), "/proc/self/ns/net".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+        },
+        ..Default::default()
+    };
+    let mut task = rt.launch(spec).unwrap();
+    let st = task.wait().unwrap();
+    task.finish();
+    assert_eq!(st.exit_code, Some(0), "{st:?}");
+    let out = std::fs::read_to_string(rt.dir(&st_id(&rt, "nn1")).stdout_log()).unwrap();
+    assert_ne!(Path::new(out.trim()), host_ns, "{out}");
+    rt.remove(&st_id(&rt, "nn1"), false).unwrap();
+}

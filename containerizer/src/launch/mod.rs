@@ -224,6 +224,8 @@ struct WarmPool {
     filled: Condvar,
     /// Start the next standby after each launch (long-running launchers).
     refill: bool,
+    /// Standbys make no network namespace ahead (their task joins one made for it).
+    no_netns: bool,
 }
 
 impl WarmPool {
@@ -288,12 +290,29 @@ impl Runtime {
         self
     }
 
+    /// Standbys make no network namespace ahead: for a launcher whose tasks join namespaces
+    /// made for them (CNI). Call right after [`Runtime::with_warm_supervisor`].
+    pub fn without_netns_ahead(mut self) -> Self {
+        if let Some(p) = self.warm.as_mut().and_then(Arc::get_mut) {
+            p.no_netns = true;
+        }
+        self
+    }
+
     /// For a process that launches one task (the CLI): starts that task's supervisor now, in
     /// standby ([`standby`]), so that its start-up and the task's network namespace are made
     /// while the caller prepares the launch (root filesystem, records) instead of after.
     /// No other standby follows; an unused one exits when the runtime is dropped.
-    pub fn with_supervisor_started_early(mut self) -> Self {
-        self.warm = Some(Arc::default());
+    pub fn with_supervisor_started_early(self) -> Self {
+        self.with_supervisor_started_early_netns(true)
+    }
+
+    /// [`Runtime::with_supervisor_started_early`]; `netns_ahead == false` for a task that
+    /// joins a network namespace made for it (CNI): the standby then makes none.
+    pub fn with_supervisor_started_early_netns(mut self, netns_ahead: bool) -> Self {
+        let mut pool = WarmPool::default();
+        pool.no_netns = !netns_ahead;
+        self.warm = Some(Arc::new(pool));
         self.start_standby();
         self
     }
@@ -335,7 +354,7 @@ impl Runtime {
                     }
                     let empty = pool.spare.lock().map(|s| s.is_none()).unwrap_or(false);
                     if empty {
-                        match standby::spawn(&shim) {
+                        match standby::spawn(&shim, !pool.no_netns) {
                             Ok(c) => {
                                 if let Ok(mut s) = pool.spare.lock() {
                                     *s = Some(c);

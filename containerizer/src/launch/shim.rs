@@ -397,28 +397,33 @@ pub(super) fn main_with(
     let _ = out.flush();
     drop(mount_ns);
     // Released before `removed` (and before we exit): the address and ports are free then.
-    let released = match net_release {
-        None => Ok(()),
-        Some(Ok(t)) => t.join().unwrap_or_else(|_| {
-            Err(crate::net::NetError::io(
-                "releasing the networks",
-                std::io::Error::other("the thread panicked"),
-            ))
-        }),
-        // No thread: here, then.
-        Some(Err(_)) => spec.network_release.as_ref().map_or(Ok(()), |r| r.run()),
+    let join_release = || {
+        let released = match net_release {
+            None => Ok(()),
+            Some(Ok(t)) => t.join().unwrap_or_else(|_| {
+                Err(crate::net::NetError::io(
+                    "releasing the networks",
+                    std::io::Error::other("the thread panicked"),
+                ))
+            }),
+            // No thread: here, then.
+            Some(Err(_)) => spec.network_release.as_ref().map_or(Ok(()), |r| r.run()),
+        };
+        if let Err(e) = released {
+            // `rm` (or an agent) retries from the attachment cache.
+            tracing::error!(id = %spec.id, "releasing the networks: {e}");
+        }
     };
-    if let Err(e) = released {
-        // `rm` (or an agent) retries from the attachment cache.
-        tracing::error!(id = %spec.id, "releasing the networks: {e}");
-    }
 
     if spec.auto_remove {
-        // Wait until the launcher is done with the logs (or gone), then remove everything.
+        // Wait until the launcher is done with the logs (or gone), then remove everything;
+        // the networks' release goes on meanwhile and is waited for before `removed`.
         let mut buf = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
-        remove_task(&td, spec, exit_command.take());
+        remove_task(&td, spec, exit_command.take(), join_release);
+    } else {
+        join_release();
     }
     wait_exit_command(spec, exit_command);
     // Only now, with nobody waiting on us: freeing the old state files' blocks can be slow.
@@ -576,6 +581,7 @@ pub(super) fn remove_task(
     td: &TaskDir,
     spec: &super::spec::TaskSpec,
     exit_command: Option<std::process::Child>,
+    before_report: impl FnOnce(),
 ) {
     let trash = td
         .dir
@@ -607,7 +613,8 @@ pub(super) fn remove_task(
         None => true,
     };
     td.release_name(&spec.name, &spec.id);
-    // What it releases (addresses, ports) must be free once the launcher hears "removed".
+    // What they release (addresses, ports) must be free once the launcher hears "removed".
+    before_report();
     wait_exit_command(spec, exit_command);
     if dir_left {
         if let Err(e) = fs::remove_dir_all(&td.dir) {

@@ -26,11 +26,19 @@ use crate::sys::launch as sys;
 /// The argument that starts a supervisor in standby.
 pub const STANDBY_ARG: &str = "--standby";
 
+/// After [`STANDBY_ARG`]: make no network namespace ahead (the task joins one made for it,
+/// e.g. for CNI; a namespace made and thrown away costs its creation and the kernel's
+/// teardown work).
+pub const NO_NETNS_ARG: &str = "--no-netns";
+
 /// Starts a standby supervisor (`shim --standby`), stdin and stdout piped as for a fresh one.
-pub(super) fn spawn(shim: &Path) -> std::io::Result<Child> {
-    Command::new(shim)
-        .arg(STANDBY_ARG)
-        .stdin(Stdio::piped())
+pub(super) fn spawn(shim: &Path, netns_ahead: bool) -> std::io::Result<Child> {
+    let mut cmd = Command::new(shim);
+    cmd.arg(STANDBY_ARG);
+    if !netns_ahead {
+        cmd.arg(NO_NETNS_ARG);
+    }
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -74,8 +82,9 @@ pub fn main() -> i32 {
     // kernel locks (rtnl) that a starved idle task must never hold, so it runs under the normal
     // policy; only the exec and start-up before it ran on idle CPU time.
     let _ = sys::set_idle_scheduling(0, false);
-    let netns = match fresh_netns() {
-        Ok(fd) => Some(fd),
+    let ahead = std::env::args_os().nth(2).is_none_or(|a| a != NO_NETNS_ARG);
+    let netns = match ahead.then(fresh_netns).transpose() {
+        Ok(fd) => fd,
         Err(e) => {
             tracing::debug!("standby: no network namespace made ahead: {e}");
             None

@@ -371,7 +371,7 @@ pub(super) fn supervise(
         let mut buf = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(std::io::Read::read(&mut stdin, &mut buf), Ok(n) if n > 0) {}
-        super::shim::remove_task(td, spec, None);
+        super::shim::remove_task(td, spec, None, || {});
     }
     drop(replaced);
     0
