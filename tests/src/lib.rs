@@ -232,6 +232,14 @@ impl Registry {
     }
 }
 
+impl Drop for Caisson {
+    fn drop(&mut self) {
+        // The store's volatile networking dir (/run/caisson/net/stores/<hash>): empty once its
+        // tasks are gone; a netns still pinned there (a leak) makes this fail, and stays.
+        let _ = std::fs::remove_dir_all(containerizer::net::volatile_dir(self.root.path()));
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
