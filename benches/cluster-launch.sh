@@ -45,13 +45,16 @@ echo "load: $(cut -d' ' -f1-3 /proc/loadavg); state under $W"
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 A0=$(cpu "$AP"); M0=$(cpu "$MP"); B0=$(busy)
+# The agent's shared Wasm host (started with the agent), if any.
+HP=$(pgrep -f "caisson-wasm host --socket $W/" | head -1 || true); H0=$([ -n "$HP" ] && cpu "$HP" || echo 0)
 # PERF=FILE also records the whole machine's profile (perf record -a -g) during the run.
 if [ -n "${PERF:-}" ]; then perf record -q -a -g -o "$PERF" & PP=$!; sleep 0.5; fi
 # STRACE=FILE counts the agent's system calls (strace -c -f) during the run.
 if [ -n "${STRACE:-}" ]; then strace -c -f -o "$STRACE" -p "$AP" & PP=$!; sleep 0.5; fi
-"$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 "${ARGS[@]}"
-if [ -n "${PP:-}" ]; then kill -INT "$PP"; wait "$PP" || true; fi
+/usr/bin/time -f "bench client cpu %U+%S s" \
+  "$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 "${ARGS[@]}"
+if [ -n "${PP:-}" ]; then kill -TERM "$PP"; wait "$PP" || true; fi
 # CPU used during the run (warm-up included), in seconds: the agent, the master, and the whole
 # machine (every process and the kernel; other users' work too).
 HZ=$(getconf CLK_TCK)
-echo "cpu: agent $(( ($(cpu "$AP") - A0) ))/$HZ s, master $(( ($(cpu "$MP") - M0) ))/$HZ s, machine $(( ($(busy) - B0) ))/$HZ s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "cpu: agent $(( ($(cpu "$AP") - A0) ))/$HZ s, master $(( ($(cpu "$MP") - M0) ))/$HZ s, wasm host $(( ($([ -n "$HP" ] && cpu "$HP" || echo 0) - H0) ))/$HZ s, machine $(( ($(busy) - B0) ))/$HZ s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
