@@ -50,11 +50,16 @@ HP=$(pgrep -f "caisson-wasm host --socket $W/" | head -1 || true); H0=$([ -n "$H
 # PERF=FILE also records the whole machine's profile (perf record -a -g) during the run.
 if [ -n "${PERF:-}" ]; then perf record -q -a -g -o "$PERF" & PP=$!; sleep 0.5; fi
 # STRACE=FILE counts the agent's system calls (strace -c -f) during the run.
-if [ -n "${STRACE:-}" ]; then strace -c -f -o "$STRACE" -p "$AP" & PP=$!; sleep 0.5; fi
+if [ -n "${STRACE:-}" ]; then strace -c -f -o "$STRACE" -p "$AP" & SP=$!; sleep 0.5; fi
 /usr/bin/time -f "bench client cpu %U+%S s" \
   "$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 "${ARGS[@]}"
+# perf stops on SIGTERM (SIGINT is ignored by a background job of a script); strace on SIGINT.
 if [ -n "${PP:-}" ]; then kill -TERM "$PP"; wait "$PP" || true; fi
+if [ -n "${SP:-}" ]; then kill -INT "$SP"; wait "$SP" || true; fi
 # CPU used during the run (warm-up included), in seconds: the agent, the master, and the whole
 # machine (every process and the kernel; other users' work too).
 HZ=$(getconf CLK_TCK)
-echo "cpu: agent $(( ($(cpu "$AP") - A0) ))/$HZ s, master $(( ($(cpu "$MP") - M0) ))/$HZ s, wasm host $(( ($([ -n "$HP" ] && cpu "$HP" || echo 0) - H0) ))/$HZ s, machine $(( ($(busy) - B0) ))/$HZ s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+secs() { awk -v t="$1" -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }'; }
+HC=0; [ -n "$HP" ] && HC=$(( $(cpu "$HP") - H0 ))
+echo "cpu: agent $(secs $(( $(cpu "$AP") - A0 ))) s, master $(secs $(( $(cpu "$MP") - M0 ))) s," \
+  "wasm host $(secs "$HC") s, machine $(secs $(( $(busy) - B0 ))) s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
