@@ -8,9 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIND=${1:?native or wasm}; N=${2:-1000}; C=${3:-256}; PAR=${4:-8}
-scripts/install-deps.sh >/dev/null
-cargo build --release -p caisson --bins
-BIN="${CARGO_TARGET_DIR:-$PWD/target}/release"
+# BIN=DIR runs prebuilt binaries (an A/B against an older build) instead of building.
+if [ -z "${BIN:-}" ]; then
+  scripts/install-deps.sh >/dev/null
+  cargo build --release -p caisson --bins
+  BIN="${CARGO_TARGET_DIR:-$PWD/target}/release"
+fi
 W=$(mktemp -d "${RUNDIR:-/tmp}/caisson-cluster.XXXXXX")
 PORT=$((20000 + RANDOM % 20000))
 URL=http://127.0.0.1:$PORT
@@ -39,4 +42,24 @@ sleep 1
 if [ "$KIND" = wasm ]; then ARGS=(--kind wasm --module tests/guests/hello.wat)
 else ARGS=(--kind native --image localhost/oci:latest -- /bin/true); fi
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg); state under $W"
-"$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 "${ARGS[@]}"
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+A0=$(cpu "$AP"); M0=$(cpu "$MP"); B0=$(busy)
+# The agent's shared Wasm host (started with the agent), if any.
+HP=$(pgrep -f "caisson-wasm host --socket $W/" | head -1 || true); H0=$([ -n "$HP" ] && cpu "$HP" || echo 0)
+# PERF=FILE also records the whole machine's profile (perf record -a -g) during the run.
+if [ -n "${PERF:-}" ]; then perf record -q -a -g -o "$PERF" & PP=$!; sleep 0.5; fi
+# STRACE=FILE counts the agent's system calls (strace -c -f) during the run.
+if [ -n "${STRACE:-}" ]; then strace -c -f -o "$STRACE" -p "$AP" & SP=$!; sleep 0.5; fi
+/usr/bin/time -f "bench client cpu %U+%S s" \
+  "$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 "${ARGS[@]}"
+# perf stops on SIGTERM (SIGINT is ignored by a background job of a script); strace on SIGINT.
+if [ -n "${PP:-}" ]; then kill -TERM "$PP"; wait "$PP" || true; fi
+if [ -n "${SP:-}" ]; then kill -INT "$SP"; wait "$SP" || true; fi
+# CPU used during the run (warm-up included), in seconds: the agent, the master, and the whole
+# machine (every process and the kernel; other users' work too).
+HZ=$(getconf CLK_TCK)
+secs() { awk -v t="$1" -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }'; }
+HC=0; [ -n "$HP" ] && HC=$(( $(cpu "$HP") - H0 ))
+echo "cpu: agent $(secs $(( $(cpu "$AP") - A0 ))) s, master $(secs $(( $(cpu "$MP") - M0 ))) s," \
+  "wasm host $(secs "$HC") s, machine $(secs $(( $(busy) - B0 ))) s; load: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -260,6 +260,9 @@ impl Agent {
         std::thread::Builder::new()
             .name("wasm-rm".into())
             .spawn(move || {
+                // Deleting ended tasks' records is not on any task's path: on CPU time that
+                // launches do not want (a burst's deletions follow it instead of slowing it).
+                let _ = containerizer::sys::launch::set_idle_scheduling(0, true);
                 for dir in rm_rx {
                     if let Err(e) = std::fs::remove_dir_all(&dir) {
                         tracing::warn!(dir = %dir.display(), "removing: {e}");
@@ -679,10 +682,11 @@ impl Agent {
             return; // launches are idempotent by task id
         }
         lock(&self.received).insert(id.clone(), Instant::now());
-        self.report(
-            status(&id, TaskState::Starting, Reason::Unspecified, ""),
-            None,
-        );
+        // No STARTING update (Mesos's is optional too): RUNNING follows within microseconds,
+        // and one update fewer per task is one outbox record, message, store write and ack
+        // fewer at both ends. A restart in between still ends well: the task's directory
+        // re-adopts it, or the agent no longer knows it and the master's reconciliation makes
+        // it LOST.
         let spec = lt.spec.unwrap_or_default();
         let image = spec.image.clone();
         let me = self.clone();
@@ -888,10 +892,21 @@ impl Agent {
                     Some(_) => {}
                 },
                 Some(seq) = durable_rx.recv() => {
-                    *durable_upto = seq;
-                    if seq > resent_upto {
-                        let st = lock(&self.outbox).pending.get(&seq).map(|p| p.status.clone());
-                        if let Some(st) = st {
+                    // Everything durable by now goes out together (one lock, and the
+                    // connection writes them in one go rather than waking once per update).
+                    let mut upto = seq;
+                    while let Ok(more) = durable_rx.try_recv() {
+                        upto = upto.max(more);
+                    }
+                    let from = (*durable_upto).max(resent_upto) + 1;
+                    *durable_upto = upto;
+                    if upto >= from {
+                        let ready: Vec<TaskStatus> = lock(&self.outbox)
+                            .pending
+                            .range(from..=upto)
+                            .map(|(_, p)| p.status.clone())
+                            .collect();
+                        for st in ready {
                             tx.send(AgentMessage { msg: Some(Up::Status(st)) })?;
                         }
                     }

@@ -122,6 +122,26 @@ pub fn is_v2() -> bool {
     cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode()
 }
 
+/// The host's cgroup hierarchy, found once per process: `hierarchies::auto()` parses the whole
+/// of `/proc/self/mountinfo` on v1, whose size grows with every task's overlay root, and every
+/// cgroup load or creation asked for it (the agent's launches and removals did, twice a task).
+/// Controllers are not remounted elsewhere while caisson runs.
+fn hierarchy() -> Box<dyn cgroups_rs::fs::Hierarchy> {
+    use cgroups_rs::fs::hierarchies::{V1, V2};
+    enum Found {
+        V1(V1),
+        V2(V2),
+    }
+    static FOUND: std::sync::OnceLock<Found> = std::sync::OnceLock::new();
+    match FOUND.get_or_init(|| match is_v2() {
+        true => Found::V2(V2::new()),
+        false => Found::V1(V1::new()),
+    }) {
+        Found::V1(h) => Box::new(h.clone()),
+        Found::V2(h) => Box::new(h.clone()),
+    }
+}
+
 /// Every v1 controller a task cgroup may use (what cleanup looks at).
 const V1_ALL: &[&str] = &["cpu", "cpuacct", "memory", "pids", "freezer", "devices"];
 
@@ -221,7 +241,7 @@ impl TaskCgroup {
         let v2 = is_v2();
         let rel = Self::rel_path(id);
         let cg = Cgroup::load_with_specified_controllers(
-            cgroups_rs::fs::hierarchies::auto(),
+            hierarchy(),
             &rel,
             wanted_controllers(v2, limits),
         );

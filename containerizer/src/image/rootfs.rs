@@ -390,10 +390,21 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err("inspecting", &dir)(e)),
     }
-    // Several rounds: mounts can be stacked on the same mount point.
+    // The overlay root we mounted goes first without a look at the mount table (reading
+    // it costs more the more tasks are running): a mounted `merged/` is on another device.
+    let merged = dir.join(MERGED);
+    if let (Ok(d), Ok(m)) = (fs::symlink_metadata(&dir), fs::symlink_metadata(&merged)) {
+        if m.is_dir() && m.dev() != d.dev() && sysmount::unmount(&merged, false).is_err() {
+            let _ = sysmount::unmount(&merged, true);
+        }
+    }
+    // Several rounds: mounts can be stacked on the same mount point. The round that finds
+    // nothing is the check that nothing is left.
+    let mut clear = false;
     for _ in 0..16 {
         let mut mounts = mounts_under(&dir).map_err(io_err("reading", Path::new(MOUNTINFO)))?;
         if mounts.is_empty() {
+            clear = true;
             break;
         }
         // Deepest first, so a parent mount is not busy because of a child.
@@ -415,12 +426,14 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
             }
         }
     }
-    if let Some(m) = mounts_under(&dir)
-        .map_err(io_err("reading", Path::new(MOUNTINFO)))?
-        .into_iter()
-        .next()
-    {
-        return Err(RootfsError::StillMounted { path: m });
+    if !clear {
+        if let Some(m) = mounts_under(&dir)
+            .map_err(io_err("reading", Path::new(MOUNTINFO)))?
+            .into_iter()
+            .next()
+        {
+            return Err(RootfsError::StillMounted { path: m });
+        }
     }
     match fs::remove_dir_all(&dir) {
         Ok(()) => Ok(()),
