@@ -449,7 +449,7 @@ fn destroy_cgroup(cg: &TaskCgroup, id: &str) {
 /// [`launch_in_process`]; destroy it if the launch does not happen.
 pub fn prepare_cgroup(id: &str, limits: &super::Limits) -> Result<TaskCgroup, super::LaunchError> {
     crate::cgroups::favor_dynamic_modifications();
-    Ok(TaskCgroup::create(id, limits)?)
+    Ok(TaskCgroup::create_for_wasm(id, limits)?)
 }
 
 /// The task process of [`Start::InProcess`], after its stdio (0: /dev/null, 1 and 2: the task's
@@ -618,6 +618,7 @@ fn fork_supervisor(
             if fds.is_err() {
                 sys::exit_now(125);
             }
+            close_inherited();
             let me = std::process::id() as i32;
             let mut state = created;
             state.shim_pid = Some(me);
@@ -675,6 +676,34 @@ fn fork_supervisor(
                 "exited without reporting: {}",
                 log.trim()
             )))
+        }
+    }
+}
+
+/// Closes what the launcher inherited from its own parent (descriptors above stderr without
+/// close-on-exec), as `caisson-shim` does at its start: a caller waiting for EOF on a pipe it
+/// gave the launcher must not wait for the task. Everything this process opened itself is
+/// close-on-exec and stays (the engine maps compiled code from files it keeps open).
+fn close_inherited() {
+    let Ok(rd) = fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // fdinfo's `flags:` (octal) include O_CLOEXEC; no descriptor needs borrowing for it.
+        let cloexec = fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .ok()
+            .and_then(|info| {
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+                i64::from_str_radix(flags.trim(), 8).ok()
+            })
+            .map(|flags| flags & i64::from(libc::O_CLOEXEC) != 0);
+        if cloexec == Some(false) {
+            let _ = nix::unistd::close(fd);
         }
     }
 }
