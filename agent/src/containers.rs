@@ -582,24 +582,9 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         }
     };
     // A Wasm task runs in the host's network namespace; its `-p` is where it serves HTTP.
+    // (`wasm_run::task_spec` refused the flags that do not apply to Wasm tasks.)
     let plan = if spec.wasm.is_some() {
         undo_early(&early);
-        if !a.network.is_empty() {
-            return Err(LaunchError::Invalid(
-                "--network applies to native tasks; a Wasm service listens on the host with -p"
-                    .into(),
-            )
-            .into());
-        }
-        if !names.is_empty() {
-            return Err(LaunchError::Invalid(
-                "--add-host and --dns* apply to native tasks (a Wasm task has no /etc)".into(),
-            )
-            .into());
-        }
-        if a.interactive || a.tty {
-            return Err(LaunchError::Invalid("-i and -t apply to native tasks".into()).into());
-        }
         tasknet::Plan::None
     } else {
         plan
@@ -655,7 +640,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     let launch = if attach {
         rt.launch_attached(spec)
     } else {
-        rt.launch(spec)
+        wasm_run::launch(&rt, spec)
     };
     let mut launched = match launch {
         Ok(l) => l,

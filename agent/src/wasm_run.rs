@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use containerizer::image::{ImageRecord, Store};
 use containerizer::launch::{self, LaunchError, Limits, TaskSpec, Volume};
-use containerizer::wasm::{self, Engine, EngineConfig, Preopen, RunSpec, Source};
+use containerizer::wasm::{self, Engine, EngineConfig, Preopen, Program, RunSpec, Source};
 
 use super::{parse_size, RunArgs};
 
@@ -208,11 +208,29 @@ pub fn task_spec(
         }
         WasmSource::Image { module, argv, env } => (module, argv, env),
     };
+    // Refused before anything is made (the cgroup below).
+    if !a.network.is_empty() {
+        return Err(LaunchError::Invalid(
+            "--network applies to native tasks; a Wasm service listens on the host with -p".into(),
+        )
+        .into());
+    }
+    if !super::NameFlags::parse(a)?.is_empty() {
+        return Err(LaunchError::Invalid(
+            "--add-host and --dns* apply to native tasks (a Wasm task has no /etc)".into(),
+        )
+        .into());
+    }
+    if a.interactive || a.tty {
+        return Err(LaunchError::Invalid("-i and -t apply to native tasks".into()).into());
+    }
     for (flag, set) in [
         ("--user", a.user.is_some()),
         ("--workdir", a.workdir.is_some()),
         ("--read-only", a.read_only),
         ("--hostname", a.hostname.is_some()),
+        ("--gpus", a.gpus.is_some()),
+        ("--device", !a.device.is_empty()),
     ] {
         if set {
             return Err(
@@ -256,38 +274,103 @@ pub fn task_spec(
         http: a.wasm.listen(&a.publish)?,
         ..Default::default()
     };
-    precompile(root, &run)?;
-    let mut spec = launch::wasm::wasm_task(run);
-    spec.id = id.to_string();
-    spec.name = a.name.clone().unwrap_or_default();
-    spec.image = a.image.clone();
-    spec.auto_remove = a.rm;
     // `--memory` bounds the guest's linear memory; the host process's own memory is not the
     // guest's, so the cgroup gets CPU and pids limits only.
-    spec.limits = Limits {
+    let limits = Limits {
         cpus: a.cpus,
         cpu_shares: a.cpu_shares,
         memory: None,
         pids: a.pids_limit,
     };
+    // A command runs in forks of this process: its cgroup is made meanwhile, on a thread
+    // joined before the fork.
+    let cgroup = (run.http.is_none() && forked()).then(|| {
+        let (id, limits) = (id.to_string(), limits.clone());
+        std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || launch::wasm::prepare_cgroup(&id, &limits))
+    });
+    let loaded = precompile(root, &run);
+    let cgroup = cgroup.map(|t| match t {
+        Ok(t) => t
+            .join()
+            .unwrap_or_else(|_| Err(LaunchError::Invalid("the cgroup thread panicked".into()))),
+        Err(e) => Err(LaunchError::Io {
+            context: "starting the cgroup thread".into(),
+            source: e,
+        }),
+    });
+    let release = |cg: Option<Result<containerizer::cgroups::TaskCgroup, LaunchError>>| {
+        if let Some(Ok(cg)) = cg {
+            let _ = cg.destroy(std::time::Duration::from_secs(5));
+        }
+    };
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            release(cgroup);
+            return Err(e);
+        }
+    };
+    let cgroup = cgroup.transpose()?;
+    *LOADED.lock().unwrap_or_else(|p| p.into_inner()) =
+        loaded.map(|(engine, program)| (engine, program, cgroup));
+    let mut spec = launch::wasm::wasm_task(run);
+    spec.id = id.to_string();
+    spec.name = a.name.clone().unwrap_or_default();
+    spec.image = a.image.clone();
+    spec.auto_remove = a.rm;
+    spec.limits = limits;
     Ok(Some(spec))
+}
+
+/// The engine and program [`precompile`] loaded for the task being launched: a Wasm command
+/// runs from them in the launcher's forks ([`launch`]).
+/// The cgroup, when it was made ahead.
+#[allow(clippy::type_complexity)]
+static LOADED: std::sync::Mutex<
+    Option<(Engine, Program, Option<containerizer::cgroups::TaskCgroup>)>,
+> = std::sync::Mutex::new(None);
+
+/// Wasm commands run in forks of the launcher (unless `CAISSON_WASM_SUPERVISOR=shim`).
+fn forked() -> bool {
+    std::env::var_os("CAISSON_WASM_SUPERVISOR").is_none_or(|v| v != "shim")
+}
+
+/// Launches `spec`: a Wasm command whose module this process loaded runs in forks of this
+/// process ([`launch::wasm::launch_in_process`]: no supervisor or host program to start, the
+/// compiled module already mapped); anything else (native tasks, wasi:http services, which
+/// run in a lean `caisson-wasm` process of their own) through `caisson-shim`.
+/// `CAISSON_WASM_SUPERVISOR=shim` sends Wasm commands that way too.
+pub fn launch(rt: &launch::Runtime, spec: TaskSpec) -> Result<launch::Launched, LaunchError> {
+    let command = spec.wasm.as_ref().is_some_and(|r| r.http.is_none());
+    if command && forked() {
+        let loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((engine, program, cgroup)) = loaded {
+            return launch::wasm::launch_in_process(rt, spec, &engine, &program, cgroup);
+        }
+    }
+    rt.launch(spec)
 }
 
 /// Loads the module once in the launcher: bad input fails here with the engine's message
 /// (nothing recorded, nothing left behind), and the compiled artifact lands in the cache the
 /// host process maps.
-fn precompile(root: &Path, run: &RunSpec) -> anyhow::Result<()> {
+fn precompile(root: &Path, run: &RunSpec) -> anyhow::Result<Option<(Engine, Program)>> {
     let engine = Engine::new(EngineConfig {
         cache_dir: Some(launch::wasm::cache_dir(root)),
         max_instances: 1,
+        // The task process advances the epoch itself when it has a kill or a timeout
+        // (`wasm::oneshot`): no ticker thread for a guest that ends in microseconds.
+        epoch_ticker: false,
         ..EngineConfig::default()
     })?;
     if run.http.is_some() {
         // Services are checked by the host process, which has the HTTP linker.
-        return Ok(());
+        return Ok(None);
     }
     match engine.load(&Source::Path(run.module.clone())) {
-        Ok(_) => Ok(()),
+        Ok(program) => Ok(Some((engine, program))),
         Err(e) => Err(LaunchError::Start {
             code: e.exit_code(),
             message: e.to_string(),

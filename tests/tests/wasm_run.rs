@@ -304,6 +304,76 @@ fn wasm_task_survives_kill_9_of_its_launcher() {
     c.ok(&["rm", "orphan"]);
 }
 
+/// The session id (field 6 of /proc/PID/stat) and the executable of a process.
+fn session_and_exe(pid: i64) -> (i64, PathBuf) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let sid = rest.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    (sid, exe)
+}
+
+#[test]
+fn a_wasm_command_runs_in_forks_of_the_launcher_or_through_the_shim() {
+    if !require_root() {
+        return;
+    }
+    let c = Caisson::new();
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    // Default: the supervisor and the task process are forks of `caisson` itself (no program
+    // started), the supervisor in a session of its own, the task in the task's cgroup.
+    c.ok(&["run", "-d", "--name", "forked", &guest("loop.wat")]);
+    let v = wait_status(&c, "forked", "running");
+    let (pid, shim) = (
+        v["state"]["pid"].as_i64().unwrap(),
+        v["state"]["shim_pid"].as_i64().unwrap(),
+    );
+    assert_ne!(pid, shim);
+    let (shim_sid, shim_exe) = session_and_exe(shim);
+    let (_, task_exe) = session_and_exe(pid);
+    assert_eq!(shim_sid, shim, "the supervisor leads its own session");
+    assert_eq!(name(&shim_exe), "caisson");
+    assert_eq!(name(&task_exe), "caisson");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let id = v["id"].as_str().unwrap();
+    assert!(cgroup.contains(id), "{cgroup}");
+    c.ok(&["stop", "-t", "5", "forked"]);
+    let v = inspect(&c, "forked");
+    assert_eq!(v["state"]["exit_code"], 143, "{v}");
+    assert_eq!(v["state"]["reason"], "terminated by SIGTERM");
+
+    // CAISSON_WASM_SUPERVISOR=shim: caisson-shim execs caisson-wasm, same records and output.
+    let out = c
+        .cmd()
+        .env("CAISSON_WASM_SUPERVISOR", "shim")
+        .args(["run", "-d", "--name", "shimmed", &guest("loop.wat")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = wait_status(&c, "shimmed", "running");
+    let (_, task_exe) = session_and_exe(v["state"]["pid"].as_i64().unwrap());
+    let (_, shim_exe) = session_and_exe(v["state"]["shim_pid"].as_i64().unwrap());
+    assert_eq!(name(&task_exe), "caisson-wasm");
+    assert_eq!(name(&shim_exe), "caisson-shim");
+    c.ok(&["kill", "shimmed"]);
+    let v = wait_status(&c, "shimmed", "exited");
+    assert_eq!(v["state"]["exit_code"], 137);
+    let out = c
+        .cmd()
+        .env("CAISSON_WASM_SUPERVISOR", "shim")
+        .args(["run", "--rm", &guest("hello.wat")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello, world\n");
+    c.ok(&["rm", "forked", "shimmed"]);
+    assert!(containers(&c).is_empty(), "{:?}", containers(&c));
+    // Nothing of theirs is left in the cgroup tree (v1 or v2).
+    for dir in ["cpuacct/caisson", "memory/caisson", "caisson"] {
+        let p = Path::new("/sys/fs/cgroup").join(dir).join(id);
+        assert!(!p.exists(), "{} is left", p.display());
+    }
+}
+
 /// Writes `text` as a `.wat` file in `dir`.
 fn wat(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);

@@ -8,7 +8,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use containerizer::wasm::{
-    self, Engine, EngineConfig, ExitStatus, Preopen, RunSpec, Source, Stdio, EXIT_HOST_ERROR,
+    self, Engine, EngineConfig, Preopen, RunSpec, Source, Stdio, EXIT_HOST_ERROR,
 };
 use nix::sys::signal::{SigSet, Signal};
 use std::path::PathBuf;
@@ -167,6 +167,9 @@ fn engine(c: &CacheArgs) -> Result<Engine, wasm::Error> {
         cache_dir: cache_dir(c),
         // One task per process: a small pool is enough and cheaper to set up.
         max_instances: 4,
+        // The task process advances the epoch itself when it has a kill or a timeout
+        // (`wasm::oneshot`): no ticker thread for a guest that ends in microseconds.
+        epoch_ticker: false,
         ..EngineConfig::default()
     })
 }
@@ -239,38 +242,11 @@ fn run(args: RunArgs, stop_signals: SigSet) -> i32 {
             *s = Stdio::Inherit;
         }
     }
-    if let Some(ms) = spec.timeout_ms {
-        watchdog(Duration::from_millis(ms), args.status_file.clone());
-    }
-    // SIGTERM/SIGINT stop the guest between two Wasm instructions (never in the middle of a
-    // host call such as a write), and the task reports how it ended.
-    let kill = wasm::KillSwitch::new();
-    task.kill = Some(kill.clone());
-    on_stop_signal(stop_signals, args.status_file.clone(), kill);
-    let status = match engine.run(&program, task) {
-        Ok(s) => s,
-        Err(e) => return fail(&e),
+    let report = match args.status_file {
+        Some(p) => wasm::oneshot::Report::File(p),
+        None => wasm::oneshot::Report::None,
     };
-    match &status {
-        ExitStatus::Exited { .. } => {}
-        ExitStatus::Trap { message, backtrace } => {
-            eprintln!("caisson-wasm: {}: {message}", spec.module.display());
-            if !backtrace.is_empty() {
-                eprintln!("{backtrace}");
-            }
-        }
-        other => eprintln!("caisson-wasm: {}: {other}", spec.module.display()),
-    }
-    finish(args.status_file.as_deref(), &status)
-}
-
-/// Writes the status file and exits: once per process, whichever thread (the task's, the
-/// watchdog, the signal thread) gets here first. Any other caller waits for the exit.
-fn finish(status_file: Option<&std::path::Path>, status: &ExitStatus) -> ! {
-    static FINISHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _once = FINISHING.lock().unwrap_or_else(|e| e.into_inner());
-    write_status(status_file, status);
-    std::process::exit(status.exit_code())
+    wasm::oneshot::run_and_exit(&engine, &program, task, &spec.module, stop_signals, report)
 }
 
 /// SIGTERM and SIGINT, blocked in this thread (and so in every thread it starts).
@@ -280,29 +256,6 @@ fn block_stop_signals() -> nix::Result<SigSet> {
     set.add(Signal::SIGINT);
     set.thread_block()?;
     Ok(set)
-}
-
-/// Waits for a signal of `set` on a thread of its own and stops the guest through `kill` at its
-/// next epoch check. A guest blocked in a host call (sleeping, reading) never reaches one: past
-/// a short grace the process ends itself, reporting the same status.
-fn on_stop_signal(set: SigSet, status_file: Option<PathBuf>, kill: wasm::KillSwitch) {
-    const GRACE: Duration = Duration::from_millis(500);
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .stack_size(64 << 10)
-        .spawn(move || {
-            let Ok(sig) = set.wait() else { return };
-            kill.terminate(sig as i32);
-            std::thread::sleep(GRACE);
-            let status = ExitStatus::Terminated { signal: sig as i32 };
-            eprintln!("caisson-wasm: {status} (in a host call)");
-            finish(status_file.as_deref(), &status);
-        });
-    if let Err(e) = spawned {
-        // Without it the default action (the process ends by the signal) still applies.
-        eprintln!("caisson-wasm: signal thread: {e}");
-        let _ = set.thread_unblock();
-    }
 }
 
 /// Serves a `wasi:http/proxy` component on `addr` until this process is stopped (SIGTERM or
@@ -388,30 +341,6 @@ fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs, stop_signals: SigSet) ->
             EXIT_HOST_ERROR
         }
     }
-}
-
-fn write_status(path: Option<&std::path::Path>, status: &ExitStatus) {
-    if let Some(path) = path {
-        let json = serde_json::to_vec(status).expect("status serializes");
-        if let Err(e) = std::fs::write(path, json) {
-            eprintln!("caisson-wasm: status file {}: {e}", path.display());
-        }
-    }
-}
-
-/// The epoch deadline stops a guest only while it runs Wasm code; one blocked in a host call
-/// (sleeping, reading stdin) would outlive its timeout. This process hosts a single task, so
-/// past the timeout and a grace period it simply ends itself.
-fn watchdog(timeout: Duration, status_file: Option<PathBuf>) {
-    const GRACE: Duration = Duration::from_millis(500);
-    std::thread::spawn(move || {
-        std::thread::sleep(timeout + GRACE);
-        let status = ExitStatus::Timeout {
-            after_ms: timeout.as_millis() as u64,
-        };
-        eprintln!("caisson-wasm: {status} (stuck in a host call)");
-        finish(status_file.as_deref(), &status);
-    });
 }
 
 fn to_spec(args: &RunArgs) -> Result<RunSpec> {

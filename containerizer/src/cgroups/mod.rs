@@ -272,6 +272,42 @@ impl TaskCgroup {
         Ok(me)
     }
 
+    /// The cgroup of a Wasm task `id`: on v1 only the hierarchies it uses, `cpuacct` (its CPU
+    /// time) and, with those limits, `cpu` and `pids`. A Wasm guest reaches no device and
+    /// forks nothing, and its memory limit is the engine's: `devices`, `freezer` and `memory`
+    /// would each cost a directory, a migration and an rmdir per launch for nothing (the
+    /// memory peak then comes from the host process's rusage). On v2 the same as
+    /// [`TaskCgroup::create`].
+    pub fn create_for_wasm(id: &str, limits: &Limits) -> Result<Self> {
+        limits.validate()?;
+        let v2 = is_v2();
+        let controllers = if v2 {
+            wanted_controllers(true, Some(limits))
+        } else {
+            v1_controllers_for(limits)
+                .into_iter()
+                .filter(|c| !matches!(c.as_str(), "devices" | "freezer" | "memory"))
+                .collect()
+        };
+        let rel = Self::rel_path(id);
+        let cg = Cgroup::load_with_specified_controllers(
+            cgroups_rs::fs::hierarchies::auto(),
+            &rel,
+            controllers,
+        );
+        let me = TaskCgroup { cg, rel, v2 };
+        me.cg.create().map_err(|source| CgroupError::Cgroups {
+            path: me.rel.clone(),
+            op: "create",
+            source,
+        })?;
+        if let Err(e) = me.apply(limits) {
+            let _ = me.cg.delete();
+            return Err(e);
+        }
+        Ok(me)
+    }
+
     /// The cgroup of task `id` as [`TaskCgroup::create`] made it for `limits`, if every one of
     /// its directories exists (the launcher creates it on v1, the supervisor uses it).
     pub fn open(id: &str, limits: &Limits) -> Option<Self> {

@@ -82,7 +82,15 @@ pub(super) fn main_with(
         ..Default::default()
     };
     if let Some(run) = &spec.wasm {
-        return super::wasm::supervise(&td, &cfg, run, state, timings);
+        return super::wasm::supervise(
+            &td,
+            &cfg,
+            run,
+            state,
+            timings,
+            super::wasm::Start::Exec,
+            None,
+        );
     }
 
     let report_failure =

@@ -42,7 +42,7 @@ use super::spec::{Process, TaskSpec};
 use super::state::{now_ms, Status, TaskConfig, TaskDir, TaskState, Timings};
 use crate::cgroups::TaskCgroup;
 use crate::sys::launch::{self as sys, CloneResult};
-use crate::wasm::{ExitStatus, Preopen, RunSpec};
+use crate::wasm::{Engine, ExitStatus, Preopen, Program, RunSpec};
 
 /// Name of the Wasm host process binary, looked up next to the supervisor (or `$CAISSON_WASM`).
 pub const RUNNER_NAME: &str = "caisson-wasm";
@@ -125,14 +125,30 @@ pub fn runner() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(RUNNER_NAME))
 }
 
-/// The supervisor of a Wasm task (called by [`super::shim::main`] when the spec has `wasm`):
-/// same protocol on stdout (`started`, `failed`, `exited`), same records.
+/// How the supervisor starts the task's process.
+#[derive(Clone, Copy)]
+pub(super) enum Start<'a> {
+    /// Exec `caisson-wasm run` on the task's spec (the supervisor is `caisson-shim`).
+    Exec,
+    /// Run `program`, already loaded by the launcher, in the forked task process (the
+    /// supervisor and the task are forks of the launcher: [`launch_in_process`]).
+    InProcess {
+        engine: &'a Engine,
+        program: &'a Program,
+    },
+}
+
+/// The supervisor of a Wasm task (called by [`super::shim::main`] when the spec has `wasm`, or
+/// in the supervisor [`launch_in_process`] forks): same protocol on stdout (`started`,
+/// `failed`, `exited`), same records.
 pub(super) fn supervise(
     td: &TaskDir,
     cfg: &TaskConfig,
     run: &RunSpec,
     mut state: TaskState,
     mut timings: Timings,
+    start: Start<'_>,
+    premade: Option<TaskCgroup>,
 ) -> i32 {
     let spec = &cfg.spec;
     let mut out = std::io::stdout();
@@ -163,9 +179,13 @@ pub(super) fn supervise(
         .and_then(Path::parent)
         .map(Path::to_path_buf);
     let cache = root.as_deref().map(cache_dir);
-    let wrote = serde_json::to_vec_pretty(&host_spec)
-        .map_err(std::io::Error::other)
-        .and_then(|j| fs::write(&spec_path, j));
+    // The in-process task needs no spec file: it has the spec in memory.
+    let wrote = match start {
+        Start::Exec => serde_json::to_vec_pretty(&host_spec)
+            .map_err(std::io::Error::other)
+            .and_then(|j| fs::write(&spec_path, j)),
+        Start::InProcess { .. } => Ok(()),
+    };
     if let Err(e) = wrote {
         fail(
             &mut state,
@@ -200,9 +220,13 @@ pub(super) fn supervise(
     // on v2 (the child is born in it).
     let v2 = crate::cgroups::is_v2();
     let t0 = sys::monotonic_ns();
-    let made = match (v2, TaskCgroup::open(&spec.id, &spec.limits)) {
-        (false, Some(cg)) => Ok(cg),
-        _ => TaskCgroup::create(&spec.id, &spec.limits),
+    let made = match premade {
+        // Made by the launcher while it loaded the module ([`prepare_cgroup`]).
+        Some(cg) => Ok(cg),
+        None => match (v2, TaskCgroup::open(&spec.id, &spec.limits)) {
+            (false, Some(cg)) => Ok(cg),
+            _ => TaskCgroup::create(&spec.id, &spec.limits),
+        },
     };
     let cg = match made {
         Ok(cg) => cg,
@@ -256,7 +280,15 @@ pub(super) fn supervise(
             }
             // SIGTERM/SIGINT stay blocked across the exec until the host has its handling in
             // place: a `stop` right after the start must not kill it mid-setup.
-            let ok = sys::reset_signals()
+            // The in-process task keeps the handlers it inherited: they are the engine's trap
+            // handlers (a guest's `unreachable` is a SIGILL the engine turns into a trap).
+            let reset = match start {
+                Start::Exec => sys::reset_signals(),
+                Start::InProcess { .. } => nix::sys::signal::SigSet::empty()
+                    .thread_set_mask()
+                    .map_err(std::io::Error::from),
+            };
+            let ok = reset
                 .and_then(|()| {
                     let mut stop = nix::sys::signal::SigSet::empty();
                     stop.add(nix::sys::signal::Signal::SIGTERM);
@@ -266,15 +298,18 @@ pub(super) fn supervise(
                 .and_then(|()| sys::dup2(devnull.as_raw_fd(), 0))
                 .and_then(|()| sys::dup2(stdout_fd.as_raw_fd(), 1))
                 .and_then(|()| sys::dup2(stderr_fd.as_raw_fd(), 2));
-            let err = match ok {
-                Ok(()) => match nix::unistd::execv(&argv[0], &argv) {
+            let err = match (ok, start) {
+                (Ok(()), Start::Exec) => match nix::unistd::execv(&argv[0], &argv) {
                     Ok(never) => match never {},
                     Err(e) => (
                         127,
                         format!("starting the Wasm host {}: {e}", runner.display()),
                     ),
                 },
-                Err(e) => (125, format!("setting up the Wasm host's stdio: {e}")),
+                (Ok(()), Start::InProcess { engine, program }) => {
+                    run_here(engine, program, &host_spec, &status_w)
+                }
+                (Err(e), _) => (125, format!("setting up the Wasm host's stdio: {e}")),
             };
             let _ = File::from(status_w).write_all(format!("E {} {}\n", err.0, err.1).as_bytes());
             sys::exit_now(err.0);
@@ -311,10 +346,15 @@ pub(super) fn supervise(
     } else {
         drop(go_w);
     }
-    // EOF on the status pipe: the host process exec'd.
+    // EOF on the status pipe: the host process exec'd; `R`: the in-process task runs (it
+    // keeps the pipe for its report).
     let mut error: Option<(i32, String)> = None;
-    for line in BufReader::new(File::from(status_r)).lines() {
+    let mut status_lines = BufReader::new(File::from(status_r)).lines();
+    for line in status_lines.by_ref() {
         let Ok(line) = line else { break };
+        if line == "R" {
+            break;
+        }
         if let Some(rest) = line.strip_prefix("E ") {
             let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
             error = Some((code.parse().unwrap_or(125), msg.to_string()));
@@ -341,9 +381,14 @@ pub(super) fn supervise(
     state.exit_code = Some(status.0);
     state.signal = status.1;
     // The host process's own account of how the guest ended, when it lived to write it.
-    let wasm_status: Option<ExitStatus> = fs::read(&status_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let wasm_status: Option<ExitStatus> = match start {
+        Start::Exec => fs::read(&status_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
+        Start::InProcess { .. } => status_lines
+            .map_while(Result::ok)
+            .find_map(|l| serde_json::from_str(l.strip_prefix("S ")?).ok()),
+    };
     // Stopped by a signal it handled: recorded as the signal, like a native task's.
     if let Some(ExitStatus::Terminated { signal }) = wasm_status {
         state.signal = state.signal.or(Some(signal));
@@ -358,23 +403,351 @@ pub(super) fn supervise(
     }
     state.usage = Some(usage);
     state.finished_ms = Some(now_ms());
-    if let Err(e) = cg.destroy(Duration::from_secs(10)) {
-        tracing::error!(id = %spec.id, "removing the cgroup: {e}");
-    }
     replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
+    // The task is over (reaped, usage read): its empty cgroup goes while the launcher reads
+    // the end of the logs and (with --rm) the task is removed, not before the launcher hears
+    // of the exit (an rmdir per v1 hierarchy, ~0.5 ms in all). Nothing forks any more here, so
+    // a thread is safe.
+    let cg = std::sync::Arc::new(cg);
+    let destroying = {
+        let (cg, id) = (cg.clone(), spec.id.clone());
+        std::thread::Builder::new()
+            .name("cgroup-rm".into())
+            .stack_size(64 << 10)
+            .spawn(move || destroy_cgroup(&cg, &id))
+    };
     if spec.auto_remove {
         let mut buf = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(std::io::Read::read(&mut stdin, &mut buf), Ok(n) if n > 0) {}
-        super::shim::remove_task(td, spec, None, || {});
+        if spec.cleanup.is_empty() {
+            remove_wasm_task(td, spec);
+        } else {
+            super::shim::remove_task(td, spec, None, || {});
+        }
+    }
+    match destroying {
+        Ok(t) => {
+            let _ = t.join();
+        }
+        Err(_) => destroy_cgroup(&cg, &spec.id),
     }
     drop(replaced);
     0
+}
+
+/// `--rm` of a Wasm task, as [`super::shim::remove_task`] does it (renamed into the root's
+/// trash and the name released, `removed` told and the launcher's pipe closed, then deleted)
+/// without looking for mounts under it: a Wasm task has none, and reading the mount table
+/// twice was a tenth of a Wasm `run --rm`'s CPU time on a host with many mounts.
+fn remove_wasm_task(td: &TaskDir, spec: &TaskSpec) {
+    let trash = td
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("trash"))
+        .filter(|t| fs::create_dir_all(t).is_ok());
+    let moved = trash.and_then(|t| {
+        let to = t.join(&spec.id);
+        fs::rename(&td.dir, &to).ok().map(|()| to)
+    });
+    td.release_name(&spec.name, &spec.id);
+    if moved.is_none() {
+        if let Err(e) = fs::remove_dir_all(&td.dir) {
+            tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());
+        }
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "removed");
+    let _ = out.flush();
+    // The launcher is done once our end of its pipe closes (fd 1 becomes /dev/null).
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = sys::dup2(null.as_raw_fd(), 1);
+    }
+    if let Some(p) = moved {
+        let _ = fs::remove_dir_all(p);
+    }
+}
+
+fn destroy_cgroup(cg: &TaskCgroup, id: &str) {
+    if let Err(e) = cg.destroy(Duration::from_secs(10)) {
+        tracing::error!(id, "removing the cgroup: {e}");
+    }
+}
+
+/// The cgroup of the Wasm task `id` with `limits` (and cgroup v1's faster migrations turned
+/// on, once per process), made ahead by a launcher that has other work to overlap it with:
+/// reading the mount table alone takes ~0.5 ms on a busy host. Pass it to
+/// [`launch_in_process`]; destroy it if the launch does not happen.
+pub fn prepare_cgroup(id: &str, limits: &super::Limits) -> Result<TaskCgroup, super::LaunchError> {
+    crate::cgroups::favor_dynamic_modifications();
+    Ok(TaskCgroup::create_for_wasm(id, limits)?)
+}
+
+/// The task process of [`Start::InProcess`], after its stdio (0: /dev/null, 1 and 2: the task's
+/// logs) and signal mask are set: tells the supervisor it runs (`R` on the status pipe), runs
+/// the guest and exits with its code, its [`ExitStatus`] on the pipe. Returns only on a setup
+/// failure (exit code, message).
+fn run_here(engine: &Engine, program: &Program, spec: &RunSpec, status: &OwnedFd) -> (i32, String) {
+    use crate::wasm::{oneshot, Stdio};
+    let mut task = match spec.to_task() {
+        Ok(t) => t,
+        Err(e) => return (e.exit_code(), e.to_string()),
+    };
+    task.stdin = Stdio::Inherit;
+    task.stdout = Stdio::Inherit;
+    task.stderr = Stdio::Inherit;
+    let mut stop = nix::sys::signal::SigSet::empty();
+    stop.add(nix::sys::signal::Signal::SIGTERM);
+    stop.add(nix::sys::signal::Signal::SIGINT);
+    let (tell, pipe) = match (status.try_clone(), status.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return (125, format!("status pipe: {e}")),
+    };
+    if let Err(e) = File::from(tell).write_all(b"R\n") {
+        return (125, format!("status pipe: {e}"));
+    }
+    oneshot::run_and_exit(
+        engine,
+        program,
+        task,
+        &spec.module,
+        stop,
+        oneshot::Report::Pipe(pipe),
+    )
+}
+
+/// Launches the Wasm command task `spec` (a [`wasm_task`] spec without `http`) whose module the
+/// caller has loaded as `program` through `engine`, without starting any program: the launcher
+/// forks the task's supervisor (in a session of its own, as `caisson-shim` is), which forks the
+/// task process; that one runs `program` from the launcher's memory (the compiled code is
+/// already mapped, the engine already built). Records, protocol, cgroup, logs, stop signals,
+/// timeout and exit reports are those of [`super::Runtime::launch`] with `caisson-shim` and
+/// `caisson-wasm`, so every verb works the same, and both processes outlive the launcher.
+///
+/// Forks: call it while no other thread of the process may hold a lock (the CLI calls it
+/// before starting any thread).
+pub fn launch_in_process(
+    rt: &super::Runtime,
+    spec: TaskSpec,
+    engine: &Engine,
+    program: &Program,
+    cgroup: Option<TaskCgroup>,
+) -> Result<super::Launched, super::LaunchError> {
+    let mut cgroup = cgroup;
+    let res = claim_and_fork(rt, spec, engine, program, &mut cgroup);
+    // Refused before the fork: the cgroup made ahead goes too.
+    if let (Err(_), Some(cg)) = (&res, cgroup) {
+        let _ = cg.destroy(Duration::from_secs(5));
+    }
+    res
+}
+
+fn claim_and_fork(
+    rt: &super::Runtime,
+    mut spec: TaskSpec,
+    engine: &Engine,
+    program: &Program,
+    cgroup: &mut Option<TaskCgroup>,
+) -> Result<super::Launched, super::LaunchError> {
+    use super::{io_err, LaunchError};
+    let started_ns = sys::monotonic_ns();
+    super::validate(&spec)?;
+    let Some(run) = spec.wasm.clone().filter(|r| r.http.is_none()) else {
+        return Err(LaunchError::Invalid(
+            "launch_in_process runs Wasm commands only".into(),
+        ));
+    };
+    // Once per process: without it every v1 cgroup migration waits for an RCU grace period.
+    crate::cgroups::favor_dynamic_modifications();
+    if spec.id.is_empty() {
+        spec.id = super::new_id();
+    } else if !super::valid_name(&spec.id) || spec.id.len() > 128 {
+        return Err(LaunchError::Invalid(format!(
+            "invalid task id {:?}",
+            spec.id
+        )));
+    }
+    let short: String = spec.id.chars().take(12).collect();
+    if spec.name.is_empty() {
+        spec.name = short.clone();
+    }
+    if spec.hostname.is_empty() {
+        spec.hostname = short;
+    }
+    fs::create_dir_all(rt.containers()).map_err(io_err("creating the state root"))?;
+    let td = rt.task_dir(&spec.id);
+    if td.dir.exists() {
+        return Err(LaunchError::Exists(spec.id));
+    }
+    let name_file = td.name_file(&spec.name);
+    fs::create_dir_all(name_file.parent().expect("names dir"))
+        .map_err(io_err("creating the name index"))?;
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&name_file)
+    {
+        Ok(mut f) => f
+            .write_all(spec.id.as_bytes())
+            .map_err(io_err("writing the name index"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(LaunchError::NameInUse(spec.name))
+        }
+        Err(e) => return Err(io_err("creating the name index entry")(e)),
+    }
+    let (id, name) = (spec.id.clone(), spec.name.clone());
+    let res = fork_supervisor(&td, spec, &run, started_ns, engine, program, cgroup.take());
+    if res.is_err() {
+        let _ = fs::remove_dir_all(&td.dir);
+        let _ = TaskCgroup::load(&id).destroy(Duration::from_secs(5));
+        td.release_name(&name, &id);
+    }
+    res
+}
+
+fn fork_supervisor(
+    td: &TaskDir,
+    spec: TaskSpec,
+    run: &RunSpec,
+    started_ns: u64,
+    engine: &Engine,
+    program: &Program,
+    cgroup: Option<TaskCgroup>,
+) -> Result<super::Launched, super::LaunchError> {
+    use super::{io_err, LaunchError};
+    fs::create_dir(&td.dir).map_err(io_err(format!("creating {}", td.dir.display())))?;
+    // The sandbox is the guest's `/` (no etc/: a Wasm task has no /etc).
+    fs::create_dir(td.sandbox()).map_err(io_err("creating the sandbox"))?;
+    // Plain writes into the new directory (nothing reads a task before its state.json exists);
+    // state.json is replaced atomically from then on.
+    let created = TaskState::created(now_ms());
+    let (id, name) = (spec.id.clone(), spec.name.clone());
+    let cfg = TaskConfig {
+        spec,
+        launch_started_ns: started_ns,
+    };
+    fs::write(td.config(), to_json(&cfg)?).map_err(io_err("writing the config"))?;
+    fs::write(td.state(), to_json(&created)?).map_err(io_err("writing the state"))?;
+    let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| io_err("creating the supervisor's pipes")(e.into()))
+    };
+    let (events_r, events_w) = pipe()?;
+    let (done_r, done_w) = pipe()?;
+    let t_fork = sys::monotonic_ns();
+    match sys::clone_fork(0, None).map_err(io_err("forking the supervisor"))? {
+        CloneResult::Child => {
+            // The supervisor: a session of its own (a signal to the launcher's process group
+            // must not reach it), stdin/stdout its pipes to the launcher as caisson-shim's.
+            drop((events_r, done_w));
+            let _ = nix::unistd::setsid();
+            let fds = sys::dup2(done_r.as_raw_fd(), 0)
+                .and_then(|()| sys::dup2(events_w.as_raw_fd(), 1))
+                .and_then(|()| sys::dup2(shim_log.as_raw_fd(), 2));
+            drop((done_r, events_w, shim_log));
+            if fds.is_err() {
+                sys::exit_now(125);
+            }
+            close_inherited();
+            let me = std::process::id() as i32;
+            let mut state = created;
+            state.shim_pid = Some(me);
+            state.shim_start_ticks = super::state::process_start_ticks(me);
+            let now = sys::monotonic_ns();
+            let timings = Timings {
+                prepare_us: t_fork.saturating_sub(started_ns) / 1000,
+                spawn_us: now.saturating_sub(t_fork) / 1000,
+                ..Default::default()
+            };
+            let code = supervise(
+                td,
+                &cfg,
+                run,
+                state,
+                timings,
+                Start::InProcess { engine, program },
+                cgroup,
+            );
+            let _ = std::io::stdout().flush();
+            sys::exit_now(code)
+        }
+        CloneResult::Parent(pid) => {
+            drop((events_w, done_r, shim_log));
+            let mut events = BufReader::new(std::process::ChildStdout::from(events_r));
+            let mut line = String::new();
+            let _ = events.read_line(&mut line);
+            let line = line.trim_end();
+            if let Some(task_pid) = line.strip_prefix("started ") {
+                let task_pid = task_pid
+                    .parse()
+                    .map_err(|_| LaunchError::Shim(format!("bad reply {line:?}")))?;
+                return Ok(super::Launched {
+                    id,
+                    name,
+                    pid: task_pid,
+                    dir: td.dir.clone(),
+                    shim: None,
+                    stdin: Some(std::process::ChildStdin::from(done_w)),
+                    events,
+                    console: None,
+                });
+            }
+            drop(done_w);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            if let Some(rest) = line.strip_prefix("failed ") {
+                let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+                return Err(LaunchError::Start {
+                    code: code.parse().unwrap_or(125),
+                    message: msg.to_string(),
+                });
+            }
+            let log = fs::read_to_string(td.shim_log()).unwrap_or_default();
+            Err(LaunchError::Shim(format!(
+                "exited without reporting: {}",
+                log.trim()
+            )))
+        }
+    }
+}
+
+/// Closes what the launcher inherited from its own parent (descriptors above stderr without
+/// close-on-exec), as `caisson-shim` does at its start: a caller waiting for EOF on a pipe it
+/// gave the launcher must not wait for the task. Everything this process opened itself is
+/// close-on-exec and stays (the engine maps compiled code from files it keeps open).
+fn close_inherited() {
+    let Ok(rd) = fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // fdinfo's `flags:` (octal) include O_CLOEXEC; no descriptor needs borrowing for it.
+        let cloexec = fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .ok()
+            .and_then(|info| {
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+                i64::from_str_radix(flags.trim(), 8).ok()
+            })
+            .map(|flags| flags & i64::from(libc::O_CLOEXEC) != 0);
+        if cloexec == Some(false) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, super::LaunchError> {
+    serde_json::to_vec(v)
+        .map_err(|e| super::io_err("serializing the records")(std::io::Error::other(e)))
 }
 
 /// `state.json`'s reason and error for a Wasm task that ended with `code` (or `signal`), given

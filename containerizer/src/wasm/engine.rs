@@ -27,6 +27,11 @@ pub struct EngineConfig {
     pub cache_dir: Option<PathBuf>,
     /// Period of the epoch ticker: the granularity of timeouts and kills.
     pub epoch_tick: Duration,
+    /// Run a ticker thread (started by the first run in each process). Off: the caller
+    /// advances the epoch ([`Engine::increment_epoch`]) when it wants a kill or a timeout
+    /// noticed; a one-shot process does so only once it has one, and a guest that ends in
+    /// microseconds never waits for a thread to start.
+    pub epoch_ticker: bool,
     /// Instances (core instances, memories, tables, component instances) the pooling allocator
     /// holds at once: the number of tasks that can run concurrently in this process.
     pub max_instances: u32,
@@ -45,6 +50,7 @@ impl Default for EngineConfig {
         Self {
             cache_dir: None,
             epoch_tick: Duration::from_millis(10),
+            epoch_ticker: true,
             max_instances: 1000,
             max_memory_size: 4 << 30,
             max_templates: 256,
@@ -151,8 +157,15 @@ struct Inner {
     compat: String,
     max_templates: usize,
     templates: Mutex<Templates>,
-    /// Dropping the sender stops the ticker thread.
-    _ticker: mpsc::Sender<()>,
+    epoch_tick: Duration,
+    auto_ticker: bool,
+    /// The epoch ticker of this process (dropping the sender stops it), started by the first
+    /// run: an engine that only loads (a launcher validating a module) starts no thread, and a
+    /// child forked from the engine's process (which inherits the engine but not the thread)
+    /// starts its own.
+    ticker: Mutex<Option<mpsc::Sender<()>>>,
+    /// The pid whose ticker runs (0: none yet).
+    ticker_pid: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Default)]
@@ -222,19 +235,6 @@ impl Engine {
         };
         let cache_dir = config.cache_dir.map(|d| d.join(&compat));
 
-        let (tx, rx) = mpsc::channel::<()>();
-        let ticking = engine.clone();
-        let tick = config.epoch_tick.max(Duration::from_millis(1));
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                // Ends when the engine is dropped (sender gone).
-                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(tick) {
-                    ticking.increment_epoch();
-                }
-            })
-            .map_err(|e| engine_err("epoch ticker thread", e))?;
-
         Ok(Self(Arc::new(Inner {
             engine,
             core_linker,
@@ -244,8 +244,54 @@ impl Engine {
             compat,
             max_templates: config.max_templates.max(1),
             templates: Mutex::new(Templates::default()),
-            _ticker: tx,
+            epoch_tick: config.epoch_tick.max(Duration::from_millis(1)),
+            auto_ticker: config.epoch_ticker,
+            ticker: Mutex::new(None),
+            ticker_pid: Default::default(),
         })))
+    }
+
+    /// Advances the epoch: running guests check their kill switch and deadline (with
+    /// [`EngineConfig::epoch_ticker`] off; the ticker does it every [`Engine::epoch_tick`]).
+    pub fn increment_epoch(&self) {
+        self.0.engine.increment_epoch();
+    }
+
+    /// The ticker's period.
+    pub fn epoch_tick(&self) -> Duration {
+        self.0.epoch_tick
+    }
+
+    /// Starts this process's epoch ticker unless it runs: kills and timeouts are checked at its
+    /// ticks. Called by every run (one atomic load once it runs).
+    fn ensure_ticker(&self) -> Result<()> {
+        let pid = std::process::id();
+        if self.0.ticker_pid.load(Ordering::Acquire) == pid {
+            return Ok(());
+        }
+        let mut slot = self.0.ticker.lock().unwrap_or_else(|p| p.into_inner());
+        if self.0.ticker_pid.load(Ordering::Acquire) == pid {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel::<()>();
+        let ticking = self.0.engine.clone();
+        let tick = self.0.epoch_tick;
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                // Ends when the engine is dropped (sender gone).
+                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(tick) {
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| engine_err("epoch ticker thread", e))?;
+        // A sender inherited through fork belongs to a thread this process does not have:
+        // forget it rather than signal a channel no one here reads.
+        if let Some(old) = slot.replace(tx) {
+            std::mem::forget(old);
+        }
+        self.0.ticker_pid.store(pid, Ordering::Release);
+        Ok(())
     }
 
     /// The engine's compatibility hash (hex), the second half of a disk cache key.
@@ -633,6 +679,9 @@ impl Engine {
         mut task: TaskSpec,
     ) -> Result<(ExitStatus, RunTimings)> {
         let t0 = Instant::now();
+        if self.0.auto_ticker {
+            self.ensure_ticker()?;
+        }
         let host = Host::for_task(&mut task)?;
         let mut store = Store::new(&self.0.engine, host);
         store.limiter(|h| &mut h.limiter);

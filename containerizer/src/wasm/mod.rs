@@ -19,6 +19,7 @@
 mod engine;
 pub mod host;
 mod http;
+pub mod oneshot;
 mod source;
 mod spec;
 mod task;

@@ -1,0 +1,148 @@
+//! Running one Wasm command task as the whole life of this process: the guest's end is the
+//! process's end. Shared by `caisson-wasm run` (a host process of its own) and the task process
+//! `caisson run` forks for a Wasm file ([`crate::launch::wasm`]), so both stop, time out and
+//! report the same way.
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::SigSet;
+
+use super::{Engine, ExitStatus, KillSwitch, Program, TaskSpec};
+
+/// A guest blocked in a host call (sleeping, reading) never reaches an epoch check: this long
+/// after a stop signal or its timeout, the process ends itself with the same report.
+const GRACE: Duration = Duration::from_millis(500);
+
+/// Where the task's [`ExitStatus`] goes when it ends.
+#[derive(Debug)]
+pub enum Report {
+    /// Nowhere (the exit code says enough).
+    None,
+    /// A JSON file (`caisson-wasm run --status-file`).
+    File(PathBuf),
+    /// A line `S <json>` on a pipe to the supervisor.
+    Pipe(OwnedFd),
+}
+
+impl Report {
+    fn send(&self, status: &ExitStatus) {
+        let json = serde_json::to_vec(status).expect("status serializes");
+        match self {
+            Report::None => {}
+            Report::File(path) => {
+                if let Err(e) = std::fs::write(path, json) {
+                    eprintln!("caisson-wasm: status file {}: {e}", path.display());
+                }
+            }
+            Report::Pipe(fd) => {
+                let mut line = b"S ".to_vec();
+                line.extend_from_slice(&json);
+                line.push(b'\n');
+                let _ = std::fs::File::from(fd.try_clone().expect("dup")).write_all(&line);
+            }
+        }
+    }
+}
+
+/// Advances `engine`'s epoch every tick for `span` (an engine without a ticker of its own,
+/// see [`super::EngineConfig::epoch_ticker`]; with one, this only adds checks).
+fn tick_for(engine: &Engine, span: Duration) {
+    let end = std::time::Instant::now() + span;
+    loop {
+        engine.increment_epoch();
+        let now = std::time::Instant::now();
+        if now >= end {
+            return;
+        }
+        std::thread::sleep(engine.epoch_tick().min(end - now));
+    }
+}
+
+/// Runs `task` of `program` on this thread and exits the process with the task's exit code
+/// (after writing its report). `stop_signals` (SIGTERM, SIGINT) must be blocked in every
+/// thread: a thread waits for them and stops the guest between two Wasm instructions (never in
+/// the middle of a host call such as a write). `module` names the guest in messages on stderr.
+/// A setup failure (stdio, preopens) exits with its code, no report.
+pub fn run_and_exit(
+    engine: &Engine,
+    program: &Program,
+    mut task: TaskSpec,
+    module: &Path,
+    stop_signals: SigSet,
+    report: Report,
+) -> ! {
+    let report = std::sync::Arc::new(report);
+    if let Some(t) = task.timeout {
+        watchdog(engine.clone(), t, report.clone());
+    }
+    let kill = KillSwitch::new();
+    task.kill = Some(kill.clone());
+    on_stop_signal(engine.clone(), stop_signals, report.clone(), kill);
+    let status = match engine.run(program, task) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("caisson-wasm: {e}");
+            std::process::exit(e.exit_code())
+        }
+    };
+    match &status {
+        ExitStatus::Exited { .. } => {}
+        ExitStatus::Trap { message, backtrace } => {
+            eprintln!("caisson-wasm: {}: {message}", module.display());
+            if !backtrace.is_empty() {
+                eprintln!("{backtrace}");
+            }
+        }
+        other => eprintln!("caisson-wasm: {}: {other}", module.display()),
+    }
+    finish(&report, &status)
+}
+
+/// Writes the report and exits: once per process, whichever thread (the task's, the watchdog,
+/// the signal thread) gets here first. Any other caller waits for the exit.
+fn finish(report: &Report, status: &ExitStatus) -> ! {
+    static FINISHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = FINISHING.lock().unwrap_or_else(|e| e.into_inner());
+    report.send(status);
+    std::process::exit(status.exit_code())
+}
+
+/// Waits for a signal of `set` on a thread of its own and stops the guest through `kill` at its
+/// next epoch check; past [`GRACE`] (a guest in a host call) the process ends itself.
+fn on_stop_signal(engine: Engine, set: SigSet, report: std::sync::Arc<Report>, kill: KillSwitch) {
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let Ok(sig) = set.wait() else { return };
+            kill.terminate(sig as i32);
+            tick_for(&engine, GRACE);
+            let status = ExitStatus::Terminated { signal: sig as i32 };
+            eprintln!("caisson-wasm: {status} (in a host call)");
+            finish(&report, &status);
+        });
+    if let Err(e) = spawned {
+        // Without it the default action (the process ends by the signal) still applies.
+        eprintln!("caisson-wasm: signal thread: {e}");
+        let _ = set.thread_unblock();
+    }
+}
+
+/// The epoch deadline stops a guest only while it runs Wasm code; one blocked in a host call
+/// would outlive its timeout. This process hosts a single task, so past the timeout and
+/// [`GRACE`] it simply ends itself.
+fn watchdog(engine: Engine, timeout: Duration, report: std::sync::Arc<Report>) {
+    let _ = std::thread::Builder::new()
+        .name("watchdog".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            tick_for(&engine, timeout + GRACE);
+            let status = ExitStatus::Timeout {
+                after_ms: timeout.as_millis() as u64,
+            };
+            eprintln!("caisson-wasm: {status} (stuck in a host call)");
+            finish(&report, &status);
+        });
+}
