@@ -152,19 +152,37 @@ impl Pool {
         Ok(())
     }
 
-    /// [`Pool::fill`] on a background thread (one at a time).
+    /// [`Pool::fill`] on a background thread (one at a time). The thread holds the pool only
+    /// while it makes a sandbox, so that dropping the runtime tears the pool down at once.
     pub fn fill_in_background(self: &Arc<Self>, root: &Path, shim: &Path) {
         if self.filling.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (pool, root, shim) = (self.clone(), root.to_path_buf(), shim.to_path_buf());
+        let (weak, root, shim) = (Arc::downgrade(self), root.to_path_buf(), shim.to_path_buf());
         let spawned = std::thread::Builder::new()
             .name("sandbox-fill".into())
             .spawn(move || {
-                if let Err(e) = pool.fill(&root, &shim) {
-                    tracing::warn!("making a warm sandbox of {}: {e}", pool.image);
+                while let Some(pool) = weak.upgrade() {
+                    let made = {
+                        let _making = pool.making.lock().unwrap_or_else(|e| e.into_inner());
+                        if pool.ready() >= pool.want {
+                            pool.filling.store(false, Ordering::Release);
+                            return;
+                        }
+                        make(&root, &shim, &pool.image)
+                    };
+                    match made {
+                        Ok(sb) => match pool.ready.lock() {
+                            Ok(mut r) => r.push_back(sb),
+                            Err(_) => sb.discard(),
+                        },
+                        Err(e) => {
+                            tracing::warn!("making a warm sandbox of {}: {e}", pool.image);
+                            pool.filling.store(false, Ordering::Release);
+                            return;
+                        }
+                    }
                 }
-                pool.filling.store(false, Ordering::Release);
             });
         if spawned.is_err() {
             self.filling.store(false, Ordering::Release);
