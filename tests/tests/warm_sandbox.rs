@@ -196,7 +196,8 @@ fn root_options_that_do_not_fit_take_the_cold_path() {
     let Some((c, work)) = store() else { return };
     let root = c.root.path();
     let rt = runtime(root, 1);
-    let cases: Vec<(&str, Box<dyn Fn(&mut TaskSpec)>)> = vec![
+    type Change<'a> = Box<dyn Fn(&mut TaskSpec) + 'a>;
+    let cases: Vec<(&str, Change)> = vec![
         (
             "volume",
             Box::new(|s: &mut TaskSpec| {
