@@ -408,7 +408,12 @@ pub fn main(dir: &Path) -> i32 {
         Err(e) => return failed(&mut out, None, 125, format!("clone: {e}")),
     };
     drop((status_w, go_r, claim_r, stdout_fd, stderr_fd, devnull));
-    let mount_ns = File::open(format!("/proc/{pid}/ns/mnt")).ok();
+    // Opened ahead, so free for the task: its namespaces outlive its init until the exit is
+    // reported (see `Supervised::held_ns`).
+    let held_ns: Vec<File> = ["mnt", "net", "ipc", "uts", "pid"]
+        .iter()
+        .filter_map(|n| File::open(format!("/proc/{pid}/ns/{n}")).ok())
+        .collect();
     let joined = cg
         .procs_files()
         .iter()
@@ -524,7 +529,7 @@ pub fn main(dir: &Path) -> i32 {
         timings,
         pid,
         cg,
-        mount_ns,
+        held_ns,
         error: lines.error,
         console: None,
     })

@@ -337,7 +337,7 @@ pub(super) fn main_with(
         timings,
         pid,
         cg,
-        mount_ns,
+        held_ns: mount_ns.into_iter().collect(),
         error,
         console: console_side.zip(console_log).map(|(s, l)| (s, l, console)),
     })
@@ -351,8 +351,10 @@ pub(super) struct Supervised<'a> {
     pub timings: Timings,
     pub pid: i32,
     pub cg: TaskCgroup,
-    /// The task's mount namespace, held until the exit is reported.
-    pub mount_ns: Option<File>,
+    /// The task's namespaces (at least its mount namespace), held until the exit is reported:
+    /// when the init exits the kernel then does not tear them down (RCU grace periods, the
+    /// mounts) before we learn of the exit.
+    pub held_ns: Vec<File>,
     /// The init's launch error, if any.
     pub error: Option<(i32, String)>,
     /// `-i`/`-t`: the console's task side, its log and the launcher's socket.
@@ -373,7 +375,7 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
         timings,
         pid,
         cg,
-        mount_ns,
+        held_ns,
         error,
         console,
     } = s;
@@ -458,7 +460,7 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
     if !hooks_first {
         destroy(&cg);
     }
-    drop(mount_ns);
+    drop(held_ns);
     // Released before `removed` (and before we exit): the address and ports are free then.
     let released = match net_release {
         None => Ok(()),
