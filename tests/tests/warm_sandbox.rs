@@ -106,7 +106,8 @@ fn traces(root: &Path, ids: &[String]) -> Vec<String> {
 }
 
 fn eventually_clean(root: &Path, ids: &[String]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Generous: the teardown is quick, but this machine is shared and often loaded.
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = traces(root, ids);
         if left.is_empty() {
@@ -186,7 +187,8 @@ fn root_warm_sandbox_task_is_like_a_cold_one() {
     let tid = task.id.clone();
     drop(task);
     rt.stop(&tid, Duration::ZERO).unwrap();
-    rt.remove(&tid, false).unwrap();
+    rt.remove(&tid, false)
+        .unwrap_or_else(|e| panic!("rm {tid}: {e:?}"));
     drop(rt);
     eventually_clean(root, &[tid]);
 }
@@ -325,7 +327,7 @@ fn root_unused_sandboxes_leave_nothing_behind() {
     let task = entries(root.join("containers")).pop().unwrap();
     bench.kill().unwrap();
     bench.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !entries(root.join("sandboxes")).is_empty() {
         assert!(Instant::now() < deadline, "sandboxes left after kill -9");
         std::thread::sleep(Duration::from_millis(20));
@@ -336,7 +338,7 @@ fn root_unused_sandboxes_leave_nothing_behind() {
     // Killed; its supervisor (auto-remove, its launcher gone) then removes it itself, so
     // `rm` may find it gone already.
     let _ = c.run(&["rm", "-f", &task]);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !entries(root.join("containers")).is_empty() {
         assert!(Instant::now() < deadline, "the task was not removed");
         std::thread::sleep(Duration::from_millis(20));

@@ -494,21 +494,26 @@ impl Runtime {
         let (id, name) = (spec.id.clone(), spec.name.clone());
         let mut stdin = Some(stdin);
         let res = (|| {
-            fs::rename(&sdir, &td.dir).map_err(io_err(format!("taking {}", sdir.display())))?;
+            // The records first, in place (no new inodes), while the directory is still the
+            // sandbox's and no one else reads it; then the renames make it the task's.
+            let sandbox_td = TaskDir::new(sdir.clone());
+            write_task_files(&sandbox_td, &spec)?;
+            sandbox_td
+                .write_records_in_place(
+                    &TaskConfig {
+                        spec: spec.clone(),
+                        launch_started_ns: started_ns,
+                    },
+                    &TaskState::created(state::now_ms()),
+                )
+                .map_err(io_err("writing the records"))?;
             sandbox::rename_cgroup(&sid, &id)?;
             if spec.limits.memory.is_some() {
                 let cg = TaskCgroup::open(&id, &spec.limits)
                     .ok_or_else(|| LaunchError::Shim("the sandbox's cgroup is gone".into()))?;
                 cg.apply_limits(&spec.limits)?;
             }
-            write_task_files(&td, &spec)?;
-            td.write_state(&TaskState::created(state::now_ms()))
-                .map_err(io_err("writing the state"))?;
-            td.write_config(&TaskConfig {
-                spec,
-                launch_started_ns: started_ns,
-            })
-            .map_err(io_err("writing the config"))?;
+            fs::rename(&sdir, &td.dir).map_err(io_err(format!("taking {}", sdir.display())))?;
             let line = standby::handover_line(&td.dir, crate::sys::launch::monotonic_ns())
                 .ok_or_else(|| LaunchError::Invalid("task directory path".into()))?;
             stdin

@@ -162,10 +162,12 @@ impl Pool {
         let spawned = std::thread::Builder::new()
             .name("sandbox-fill".into())
             .spawn(move || {
+                sweep_stale(&root, Duration::from_secs(60));
                 while let Some(pool) = weak.upgrade() {
                     let made = {
                         let _making = pool.making.lock().unwrap_or_else(|e| e.into_inner());
-                        if pool.ready() >= pool.want {
+                        // Refills turned off (the caller fills): stop here too.
+                        if pool.ready() >= pool.want || !pool.refill.load(Ordering::Acquire) {
                             pool.filling.store(false, Ordering::Release);
                             return;
                         }
@@ -198,6 +200,36 @@ impl Drop for Pool {
             }
         }
     }
+}
+
+/// Removes sandboxes a launcher left while making them (killed between the cgroup and the
+/// supervisor's start): directories under `<root>/sandboxes` older than `min_age` whose cgroup
+/// holds no process (a waiting sandbox's holds its init). Returns how many went.
+pub(super) fn sweep_stale(root: &Path, min_age: Duration) -> usize {
+    let Ok(rd) = fs::read_dir(root.join("sandboxes")) else {
+        return 0;
+    };
+    let now = std::time::SystemTime::now();
+    let mut swept = 0;
+    for e in rd.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|a| a >= min_age);
+        let td = TaskDir::new(e.path());
+        let Ok(cfg) = td.read_config() else { continue };
+        let cg = TaskCgroup::load(&cfg.spec.id);
+        if !old || !cg.pids().is_empty() {
+            continue;
+        }
+        let _ = cg.destroy(Duration::from_secs(1));
+        state::cleanup_owned(&cfg.spec.cleanup);
+        let _ = fs::remove_dir_all(e.path());
+        swept += 1;
+    }
+    swept
 }
 
 /// Makes one sandbox of `image` (in the store under `root`): overlay, provisional task
@@ -436,6 +468,8 @@ pub fn main(dir: &Path) -> i32 {
     if lines.waiting.is_none() {
         return failed(&mut out, Some(pid), 125, "the init ended early".into());
     }
+    // The task's first state write (moved along with the directory) allocates no inode.
+    td.prepare_state_write();
     let _ = writeln!(out, "ready");
     let _ = out.flush();
 
@@ -584,4 +618,36 @@ pub(super) fn first_reply(events: &mut BufReader<ChildStdout>) -> String {
 pub(super) fn drain(events: &mut BufReader<ChildStdout>) {
     let mut sink = Vec::new();
     let _ = events.read_to_end(&mut sink);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_default_options_fit() {
+        let base = TaskSpec {
+            image: "img".into(),
+            limits: Limits {
+                memory: Some(64 << 20),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(fits(&base, "img"));
+        assert!(!fits(&base, "other"));
+        let no = |f: &dyn Fn(&mut TaskSpec)| {
+            let mut s = base.clone();
+            f(&mut s);
+            !fits(&s, "img")
+        };
+        assert!(no(&|s| s.rootfs = "/r".into()));
+        assert!(no(&|s| s.readonly_rootfs = true));
+        assert!(no(&|s| s.limits.cpus = Some(1.0)));
+        assert!(no(&|s| s.limits.pids = Some(5)));
+        assert!(no(&|s| s.network = NetworkMode::Host));
+        assert!(no(&|s| s.netns = Some("/run/netns/x".into())));
+        assert!(no(&|s| s.interactive = true));
+        assert!(no(&|s| s.mounts.push(Default::default())));
+    }
 }

@@ -409,6 +409,8 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
         Some(pid),
     );
 
+    // The exit's state write then allocates no inode.
+    td.prepare_state_write();
     // Supervise.
     let status = reap(pid, &spec.id);
     // The task's networks (CNI DEL, then the netns) are released by this process rather than
