@@ -266,9 +266,12 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     }
 
     let claimed;
+    // A warm sandbox builds its seccomp program before it waits (the task may not need it).
+    let mut seccomp_prog = None;
     let spec = match &a.claim {
         None => spec,
         Some(fd) => {
+            seccomp_prog = Some(crate::sys::seccomp::default_filter());
             claimed = wait_for_claim(fd, status)?;
             unistd::sethostname(&claimed.hostname).ctx(|| "sethostname".into())?;
             // Made in the host's view by a cold launch; here inside the task's root.
@@ -330,8 +333,11 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     }
     sys::set_no_new_privs().ctx(|| "no_new_privs".into())?;
     if !spec.seccomp_unconfined {
-        crate::sys::seccomp::install_default_filter()
-            .ctx(|| "installing the seccomp filter".into())?;
+        match &seccomp_prog {
+            Some(prog) => crate::sys::seccomp::install_filter(prog),
+            None => crate::sys::seccomp::install_default_filter(),
+        }
+        .ctx(|| "installing the seccomp filter".into())?;
     }
     unistd::chdir(spec.process.cwd.as_str())
         .map_err(|e| fail(126, format!("chdir to cwd {:?}: {e}", spec.process.cwd)))?;

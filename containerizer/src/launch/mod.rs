@@ -842,7 +842,9 @@ impl Runtime {
             TaskCgroup::load(id).signal_all(Signal::SIGKILL)?;
             return Ok(info.state);
         }
-        if info.state.status != Status::Running {
+        // Created: the supervisor reports `started` to the launcher before it records it, so
+        // a stop right after a launch may see Created; the task is there all the same.
+        if !matches!(info.state.status, Status::Running | Status::Created) {
             return Ok(info.state);
         }
         if !grace.is_zero() {
