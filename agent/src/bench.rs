@@ -81,6 +81,11 @@ pub struct LaunchArgs {
     /// TLS directory for an https:// master (ca.pem, user.pem), as `caisson submit --tls-dir`.
     #[arg(long = "tls-dir", requires = "master")]
     tls_dir: Option<PathBuf>,
+    /// Native: keep N warm sandboxes of the image (overlay, cgroup, namespaces, mounts and
+    /// pivot_root done ahead; `Runtime::with_warm_sandboxes`) and launch each task in one.
+    /// Each worker refills the pool after its task, outside the timed phases.
+    #[arg(long, value_name = "N")]
+    warm_sandboxes: Option<usize>,
     /// Print the report as JSON (times in microseconds).
     #[arg(long)]
     json: bool,
@@ -111,12 +116,15 @@ struct Sample {
     first_output: Option<u64>,
     exit_code: Option<i32>,
     error: Option<String>,
+    /// The task ran in a warm sandbox.
+    warm: bool,
 }
 
 impl Sample {
     fn failed(e: impl std::fmt::Display) -> Sample {
         Sample {
             phases: vec![],
+            warm: false,
             first_output: None,
             exit_code: None,
             error: Some(e.to_string()),
@@ -146,6 +154,10 @@ const NATIVE_PHASES: &[(&str, &str)] = &[
     ("exec", "final exec until the supervisor sees it"),
     ("launch_to_exec", "Runtime::launch call until the task runs"),
     ("exit", "task running until its exit is reported"),
+    (
+        "launch_to_exit",
+        "Runtime::launch call until the exit is reported (launch_to_exec + exit)",
+    ),
     // Not a step but a time from the start (rootfs) like `total`, and only over the tasks that
     // wrote something: a watch on the logs sees the first byte (+ the watcher's wake-up).
     // Placed here by `build_report` when any task wrote.
@@ -213,9 +225,25 @@ pub struct Report {
     pub throughput_per_second: f64,
     /// Per-phase statistics over the successful tasks (absent when none succeeded).
     pub phases: Vec<PhaseStats>,
+    /// Native tasks with `--warm-sandboxes`: how many sandboxes were kept, how many tasks took
+    /// one, and how the pool was refilled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_sandboxes: Option<WarmReport>,
     pub host: Host,
     pub started_unix_ms: u64,
 }
+
+#[derive(Serialize, Debug)]
+pub struct WarmReport {
+    /// Sandboxes kept ready.
+    pub pool: usize,
+    /// Timed tasks that ran in a warm sandbox (the others fell back to the cold path).
+    pub tasks_in_sandboxes: usize,
+    pub refill: &'static str,
+}
+
+const REFILL: &str = "synchronously by each worker after its task, between launches, outside \
+                      the timed phases (with -c > 1 a refill overlaps other workers' tasks)";
 
 #[derive(Serialize, Debug)]
 pub struct Host {
@@ -275,6 +303,8 @@ enum Target {
         network: NetworkMode,
         /// CNI networks to attach each task to, and how.
         cni: Option<Box<(Cni, Vec<NetworkRequest>)>>,
+        /// Launch in warm sandboxes (the runtime keeps them).
+        warm: bool,
     },
     Wasm {
         engine: wasm::Engine,
@@ -306,7 +336,19 @@ impl Target {
                 cmd,
                 network,
                 cni,
-            } => native_task(root, rt, image, cmd, *network, cni.as_deref()),
+                warm,
+            } => {
+                if !*warm {
+                    return native_task(root, rt, image, cmd, *network, cni.as_deref());
+                }
+                let s = warm_task(root, rt, image, cmd, *network)
+                    .unwrap_or_else(|| native_task(root, rt, image, cmd, *network, None));
+                // The next task's sandbox, made now: after this task, outside its phases.
+                if let Err(e) = rt.fill_sandboxes() {
+                    tracing::warn!("refilling the warm sandboxes: {e}");
+                }
+                s
+            }
             Target::Wasm {
                 engine,
                 source,
@@ -426,6 +468,7 @@ fn native_task(
         t.exec_us * 1000,
         ns(t3 - t2),
         ns(t4 - t3),
+        ns(t4 - t2),
         ns(t5 - t4),
         ns(t5 - t0),
     ];
@@ -437,7 +480,96 @@ fn native_task(
         first_output,
         exit_code,
         error,
+        warm: false,
     }
+}
+
+/// One native task in a warm sandbox (the runtime's pool of `image`), timed with the same
+/// phases as [`native_task`]; `rootfs` is then only the image's config lookup. None when no
+/// sandbox was ready or fit (the caller launches it cold).
+fn warm_task(
+    root: &Path,
+    rt: &Runtime,
+    image: &str,
+    cmd: &[String],
+    network: NetworkMode,
+) -> Option<Sample> {
+    let t0 = Instant::now();
+    let config = containerizer::image::Store::open(root)
+        .and_then(|s| {
+            let r = s.resolve(image)?;
+            s.config(&r)
+        })
+        .map(|c| c.config().clone());
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return Some(Sample::failed(e)),
+    };
+    let process = match process_from_image(
+        config.as_ref(),
+        &ProcessOverrides {
+            cmd: cmd.to_vec(),
+            ..Default::default()
+        },
+    ) {
+        Ok(p) => p,
+        Err(e) => return Some(Sample::failed(e)),
+    };
+    let spec = TaskSpec {
+        image: image.to_string(),
+        process,
+        network,
+        auto_remove: true,
+        ..Default::default()
+    };
+    let t1 = Instant::now();
+    let t2 = t1;
+    let mut launched = match rt.launch_in_sandbox(spec) {
+        launch::WarmLaunch::Cold(_) => return None,
+        launch::WarmLaunch::Launched(Ok(l)) => l,
+        launch::WarmLaunch::Launched(Err(e)) => return Some(Sample::failed(e)),
+    };
+    let t3 = Instant::now();
+    let st = launched.wait();
+    let t4 = Instant::now();
+    launched.finish();
+    let t5 = Instant::now();
+    let st = match st {
+        Ok(st) => st,
+        Err(e) => return Some(Sample::failed(e)),
+    };
+    let ns = |d: Duration| d.as_nanos() as u64;
+    let t = &st.timings;
+    let exit_code = st.exit_code;
+    let error = match (st.status, exit_code) {
+        (Status::Exited, Some(0)) => None,
+        (Status::Exited, Some(c)) => Some(format!("exit code {c}")),
+        (s, _) => Some(format!(
+            "ended as {s:?}: {}",
+            st.reason.clone().or(st.error.clone()).unwrap_or_default()
+        )),
+    };
+    Some(Sample {
+        phases: vec![
+            ns(t1 - t0),
+            t.prepare_us * 1000,
+            t.spawn_us * 1000,
+            t.cgroup_us * 1000,
+            t.namespaces_us * 1000,
+            t.cgroup_join_us * 1000,
+            t.mounts_us * 1000,
+            t.exec_us * 1000,
+            ns(t3 - t2),
+            ns(t4 - t3),
+            ns(t4 - t2),
+            ns(t5 - t4),
+            ns(t5 - t0),
+        ],
+        first_output: None,
+        exit_code,
+        error,
+        warm: true,
+    })
 }
 
 /// One Wasm task: the program from the engine's caches, then a fresh instance run to its end,
@@ -481,6 +613,7 @@ fn wasm_task(
             ns(t2 - t0),
         ],
         first_output: None,
+        warm: false,
         exit_code: Some(code),
         error: (!status.success()).then(|| status.to_string()),
     }
@@ -559,6 +692,16 @@ fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::p
             if cni.is_some() {
                 rt = rt.without_netns_ahead();
             }
+            let warm = a.warm_sandboxes.filter(|n| *n > 0);
+            if let Some(n) = warm {
+                if cni.is_some() || network != NetworkMode::None {
+                    bail!("--warm-sandboxes needs the default network (none)");
+                }
+                rt = rt
+                    .with_warm_sandboxes(image.clone(), n)
+                    .sandbox_refill(false);
+                rt.fill_sandboxes().context("making the warm sandboxes")?;
+            }
             Target::Native {
                 root: root.to_path_buf(),
                 rt,
@@ -566,6 +709,7 @@ fn launch_bench(root: &Path, cni_args: &CniArgs, a: LaunchArgs) -> Result<std::p
                 cmd: a.cmd.clone(),
                 network,
                 cni,
+                warm: warm.is_some(),
             }
         }
         Kind::Wasm => {
@@ -669,6 +813,7 @@ fn build_report(
     let mut per_phase: Vec<Vec<u64>> = vec![vec![]; names.len()];
     let mut first_outputs = vec![];
     let (mut ok, mut errors) = (0, 0);
+    let in_sandboxes = samples.iter().filter(|s| s.warm).count();
     for s in &samples {
         let code = s
             .exit_code
@@ -728,6 +873,11 @@ fn build_report(
             wall_seconds: wall.as_secs_f64(),
             throughput_per_second: ok as f64 / wall.as_secs_f64().max(1e-9),
             phases,
+            warm_sandboxes: a.warm_sandboxes.filter(|n| *n > 0).map(|pool| WarmReport {
+                pool,
+                tasks_in_sandboxes: in_sandboxes,
+                refill: REFILL,
+            }),
             host: host(),
             started_unix_ms,
         },
@@ -789,6 +939,19 @@ fn print_table(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
         "wall {:.3} s, throughput {:.1} tasks/s; host: kernel {}, {} cpus, cgroups {}",
         r.wall_seconds, r.throughput_per_second, r.host.kernel, r.host.cpus, r.host.cgroups
     )?;
+    match &r.warm_sandboxes {
+        Some(w) => writeln!(
+            out,
+            "WARM sandboxes: {} of {} tasks ran in one ({} kept ready; namespaces, mounts, \
+             pivot_root and cgroup done ahead; `rootfs` is only the image config lookup); \
+             refilled {}",
+            w.tasks_in_sandboxes, r.count, w.pool, w.refill
+        )?,
+        None if r.kind == Kind::Native && r.master.is_none() => {
+            writeln!(out, "cold launches (no warm sandboxes)")?
+        }
+        None => {}
+    }
     for m in &r.error_messages {
         writeln!(out, "error: {m}")?;
     }

@@ -15,6 +15,7 @@ const NATIVE_PHASES: &[&str] = &[
     "exec",
     "launch_to_exec",
     "exit",
+    "launch_to_exit",
     "teardown",
     "total",
 ];
@@ -241,6 +242,34 @@ fn native_report_counts_phases_errors_and_leaves_nothing() {
     assert_eq!(r["target"], image);
     assert_eq!(r["command"], serde_json::json!(["/bin/true"]));
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    assert!(r.get("warm_sandboxes").is_none(), "cold by default: {r}");
+
+    // Warm sandboxes: every task takes one, the report says so and how the pool was refilled.
+    let (code, r) = bench(
+        &c,
+        &[
+            "--kind",
+            "native",
+            "--image",
+            image,
+            "-n",
+            "4",
+            "--warmup",
+            "0",
+            "--warm-sandboxes",
+            "1",
+            "--",
+            "/bin/true",
+        ],
+    );
+    assert_eq!(code, 0, "{r}");
+    check(&r, 4, 4, NATIVE_PHASES);
+    assert_eq!(r["warm_sandboxes"]["pool"], 1, "{r}");
+    assert_eq!(r["warm_sandboxes"]["tasks_in_sandboxes"], 4, "{r}");
+    assert!(r["warm_sandboxes"]["refill"]
+        .as_str()
+        .unwrap()
+        .contains("between launches"));
 
     // A task that writes gets a first_output phase (before exit): the time from its start to
     // its first byte, so after the 0.3 s it sleeps first, and within the task's total.

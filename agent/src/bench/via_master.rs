@@ -213,6 +213,7 @@ fn sample(t: &Task, submit_ns: u64, to_terminal_ns: u64) -> Sample {
             to_terminal_ns,
         ],
         first_output: None,
+        warm: false,
         exit_code: t.exit_code,
         error: (!finished).then(|| {
             format!(

@@ -1,5 +1,6 @@
 //! `caisson-shim DIR [SPAWNED_NS]` (or `caisson-shim --standby`, started ahead of its task:
-//! `containerizer::launch::standby`): the per-task supervisor. Single-threaded on purpose: it
+//! `containerizer::launch::standby`, or `caisson-shim --sandbox DIR`, a warm sandbox:
+//! `containerizer::launch::sandbox`): the per-task supervisor. Single-threaded on purpose: it
 //! forks the task's init, so it must never start a thread (see `containerizer::launch::shim`).
 fn main() {
     let Some(dir) = std::env::args_os().nth(1) else {
@@ -12,6 +13,14 @@ fn main() {
         .init();
     if dir == containerizer::launch::standby::STANDBY_ARG {
         std::process::exit(containerizer::launch::standby::main());
+    }
+    if dir == containerizer::launch::sandbox::SANDBOX_ARG {
+        let Some(sandbox) = std::env::args_os().nth(2) else {
+            eprintln!("usage: caisson-shim --sandbox DIR");
+            std::process::exit(2);
+        };
+        let code = containerizer::launch::sandbox::main(std::path::Path::new(&sandbox));
+        std::process::exit(code);
     }
     let spawned_ns = std::env::args().nth(2).and_then(|s| s.parse().ok());
     let code = containerizer::launch::shim::main(std::path::Path::new(&dir), spawned_ns);

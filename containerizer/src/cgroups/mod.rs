@@ -326,6 +326,12 @@ impl TaskCgroup {
         }
     }
 
+    /// Writes `limits` into the existing cgroup (a warm sandbox's, at its task's launch).
+    pub fn apply_limits(&self, limits: &Limits) -> Result<()> {
+        limits.validate()?;
+        self.apply(limits)
+    }
+
     fn apply(&self, limits: &Limits) -> Result<()> {
         if let Some(mem) = limits.memory {
             let c: &MemController = self.controller("memory")?;
@@ -559,8 +565,11 @@ impl TaskCgroup {
             return Ok(());
         }
         let deadline = Instant::now() + timeout;
+        // An empty cgroup (the usual case: its task has been reaped) goes with one rmdir per
+        // hierarchy; processes are looked for (and killed) only when that fails.
+        let mut first = true;
         loop {
-            if !self.pids().is_empty() {
+            if !first && !self.pids().is_empty() {
                 self.signal_all(nix::sys::signal::Signal::SIGKILL)?;
             }
             let mut ok = true;
@@ -573,6 +582,9 @@ impl TaskCgroup {
             }
             if ok {
                 return Ok(());
+            }
+            if std::mem::take(&mut first) {
+                continue;
             }
             if Instant::now() >= deadline {
                 return Err(CgroupError::Busy {

@@ -109,6 +109,10 @@ pub struct ChildArgs<'a> {
     /// `-t`: make a terminal after pivot_root and send its master here (see `console`).
     pub terminal: Option<&'a OwnedFd>,
     pub status: OwnedFd,
+    /// A warm sandbox's init ([`super::sandbox`]): after its setup it writes `W <ns>` to the
+    /// status pipe, then reads the final task spec (JSON, to EOF) from here and applies only
+    /// what is task-specific (hostname, user, environment, cwd, capabilities, seccomp, exec).
+    pub claim: Option<OwnedFd>,
 }
 
 /// Runs the setup and execs the task; only returns by exiting the process.
@@ -261,6 +265,22 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         sys::loopback_up().ctx(|| "bringing up lo".into())?;
     }
 
+    let claimed;
+    // A warm sandbox builds its seccomp program before it waits (the task may not need it).
+    let mut seccomp_prog = None;
+    let spec = match &a.claim {
+        None => spec,
+        Some(fd) => {
+            seccomp_prog = Some(crate::sys::seccomp::default_filter());
+            claimed = wait_for_claim(fd, status)?;
+            unistd::sethostname(&claimed.hostname).ctx(|| "sethostname".into())?;
+            // Made in the host's view by a cold launch; here inside the task's root.
+            if !Path::new(&claimed.process.cwd).exists() {
+                let _ = fs::create_dir_all(&claimed.process.cwd);
+            }
+            &claimed
+        }
+    };
     if !spec.hooks.start_container.is_empty() {
         let state = super::hooks::state_json(&spec.id, "created", host_pid, &bundle);
         super::hooks::run_all(
@@ -313,8 +333,11 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     }
     sys::set_no_new_privs().ctx(|| "no_new_privs".into())?;
     if !spec.seccomp_unconfined {
-        crate::sys::seccomp::install_default_filter()
-            .ctx(|| "installing the seccomp filter".into())?;
+        match &seccomp_prog {
+            Some(prog) => crate::sys::seccomp::install_filter(prog),
+            None => crate::sys::seccomp::install_default_filter(),
+        }
+        .ctx(|| "installing the seccomp filter".into())?;
     }
     unistd::chdir(spec.process.cwd.as_str())
         .map_err(|e| fail(126, format!("chdir to cwd {:?}: {e}", spec.process.cwd)))?;
@@ -341,6 +364,19 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     let _ = writeln!(status, "M {}", sys::monotonic_ns());
     let err = unistd::execve(&cexe, &cargs, &cenv).unwrap_err();
     Err(exec_error(&spec.process.args[0], err))
+}
+
+/// A warm sandbox's init, set up: says so, then waits for its task's spec (EOF without one:
+/// the sandbox is torn down unused).
+fn wait_for_claim(fd: &OwnedFd, status: &mut fs::File) -> Result<TaskSpec, ChildError> {
+    let _ = writeln!(status, "W {}", sys::monotonic_ns());
+    let mut data = Vec::with_capacity(4096);
+    let mut f = fs::File::from(fd.try_clone().ctx(|| "dup".into())?);
+    std::io::Read::read_to_end(&mut f, &mut data).ctx(|| "reading the task spec".into())?;
+    if data.is_empty() {
+        return Err(fail(125, "the sandbox was not used"));
+    }
+    serde_json::from_slice(&data).ctx(|| "parsing the task spec".into())
 }
 
 /// Waits for the supervisor's go (one byte; EOF means it gave up on the launch).

@@ -49,6 +49,7 @@
 pub mod child;
 pub mod console;
 pub mod hooks;
+pub mod sandbox;
 pub mod shim;
 pub mod spec;
 pub mod standby;
@@ -212,6 +213,16 @@ pub struct Runtime {
     root: PathBuf,
     shim: PathBuf,
     warm: Option<Arc<WarmPool>>,
+    sandboxes: Option<Arc<sandbox::Pool>>,
+}
+
+/// What [`Runtime::launch_in_sandbox`] did.
+#[derive(Debug)]
+pub enum WarmLaunch {
+    /// The task took a warm sandbox (or failed in it; the sandbox is gone either way).
+    Launched(Result<Launched, LaunchError>),
+    /// No sandbox fits or is ready: the spec back, to launch on the cold path.
+    Cold(Box<TaskSpec>),
 }
 
 /// One standby supervisor kept ready ([`standby`]), shared by a runtime's clones.
@@ -276,6 +287,7 @@ impl Runtime {
             root: root.into(),
             shim,
             warm: None,
+            sandboxes: None,
         }
     }
 
@@ -406,11 +418,173 @@ impl Runtime {
         self.launch_with(spec, true)
     }
 
-    fn launch_with(&self, mut spec: TaskSpec, attach: bool) -> Result<Launched, LaunchError> {
+    /// Warm sandboxes ([`sandbox`]): keeps `n` sandboxes of `image` (a reference in the image
+    /// store under the state root) ready, refilled in the background after each launch that
+    /// takes one. Launch through [`Runtime::launch_in_sandbox`]. Unused sandboxes are torn
+    /// down when the last clone of this runtime is dropped (or its process dies). Not on pure
+    /// cgroup v2 (launches then take the cold path).
+    pub fn with_warm_sandboxes(mut self, image: impl Into<String>, n: usize) -> Self {
+        let pool = Arc::new(sandbox::Pool::new(image.into(), n));
+        pool.fill_in_background(&self.root, &self.shim);
+        self.sandboxes = Some(pool);
+        self
+    }
+
+    /// Whether a launch that takes a sandbox starts making the next one in the background
+    /// (the default); without, call [`Runtime::fill_sandboxes`] (e.g. between timed launches).
+    pub fn sandbox_refill(self, on: bool) -> Self {
+        if let Some(p) = &self.sandboxes {
+            p.refill.store(on, Ordering::Release);
+        }
+        self
+    }
+
+    /// Makes sandboxes until the wanted number is ready; returns how many are.
+    pub fn fill_sandboxes(&self) -> Result<usize, LaunchError> {
+        let Some(pool) = &self.sandboxes else {
+            return Ok(0);
+        };
+        pool.fill(&self.root, &self.shim)?;
+        Ok(pool.ready())
+    }
+
+    /// Sandboxes ready now.
+    pub fn ready_sandboxes(&self) -> usize {
+        self.sandboxes.as_ref().map_or(0, |p| p.ready())
+    }
+
+    /// Launches `spec` in a warm sandbox if it fits ([`sandbox::fits`]: among others
+    /// `spec.image` is the sandboxes' image and `spec.rootfs` is empty, the sandbox brings its
+    /// root) and one is ready; returns once the task runs, as [`Runtime::launch`]. Otherwise
+    /// gives the spec back for the cold path (prepare its root, then [`Runtime::launch`]).
+    pub fn launch_in_sandbox(&self, spec: TaskSpec) -> WarmLaunch {
+        let Some(pool) = self
+            .sandboxes
+            .as_ref()
+            .filter(|p| sandbox::fits(&spec, &p.image))
+        else {
+            return WarmLaunch::Cold(Box::new(spec));
+        };
+        let Some(sb) = pool.take() else {
+            if pool.refill.load(Ordering::Acquire) {
+                pool.fill_in_background(&self.root, &self.shim);
+            }
+            return WarmLaunch::Cold(Box::new(spec));
+        };
+        let res = self.launch_sandboxed(spec, sb);
+        if pool.refill.load(Ordering::Acquire) {
+            pool.fill_in_background(&self.root, &self.shim);
+        }
+        WarmLaunch::Launched(res)
+    }
+
+    fn launch_sandboxed(
+        &self,
+        mut spec: TaskSpec,
+        sb: sandbox::Sandbox,
+    ) -> Result<Launched, LaunchError> {
         let started_ns = crate::sys::launch::monotonic_ns();
-        validate(&spec)?;
-        // Once per process: without it every v1 cgroup migration waits for an RCU grace period.
-        let favoring = crate::cgroups::favor_dynamic_modifications().is_on();
+        spec.rootfs = sb.rootfs.clone();
+        spec.cleanup = vec![sb.owned.clone()];
+        spec.rootfs_prepare_us = None;
+        let sandbox::Sandbox {
+            id: sid,
+            dir: sdir,
+            owned,
+            mut child,
+            stdin,
+            mut events,
+            ..
+        } = sb;
+        let give_up = |mut stdin: Option<ChildStdin>, child: &mut Child| {
+            // EOF: an unclaimed supervisor removes the sandbox; a claimed one has reported.
+            drop(stdin.take());
+            let _ = child.wait();
+            let _ = TaskCgroup::load(&sid).destroy(Duration::from_secs(5));
+            state::cleanup_owned(&[owned.clone(), sdir.clone()]);
+        };
+        let td = match self.admit(&mut spec) {
+            Ok(td) => td,
+            Err(e) => {
+                give_up(Some(stdin), &mut child);
+                return Err(e);
+            }
+        };
+        let (id, name) = (spec.id.clone(), spec.name.clone());
+        let mut stdin = Some(stdin);
+        let res = (|| {
+            // The records first, in place (no new inodes), while the directory is still the
+            // sandbox's and no one else reads it; then the renames make it the task's.
+            let sandbox_td = TaskDir::new(sdir.clone());
+            write_task_files(&sandbox_td, &spec)?;
+            sandbox_td
+                .write_records_in_place(
+                    &TaskConfig {
+                        spec: spec.clone(),
+                        launch_started_ns: started_ns,
+                    },
+                    &TaskState::created(state::now_ms()),
+                )
+                .map_err(io_err("writing the records"))?;
+            sandbox::rename_cgroup(&sid, &id)?;
+            if spec.limits.memory.is_some() {
+                let cg = TaskCgroup::open(&id, &spec.limits)
+                    .ok_or_else(|| LaunchError::Shim("the sandbox's cgroup is gone".into()))?;
+                cg.apply_limits(&spec.limits)?;
+            }
+            fs::rename(&sdir, &td.dir).map_err(io_err(format!("taking {}", sdir.display())))?;
+            let line = standby::handover_line(&td.dir, crate::sys::launch::monotonic_ns())
+                .ok_or_else(|| LaunchError::Invalid("task directory path".into()))?;
+            stdin
+                .as_mut()
+                .expect("stdin")
+                .write_all(&line)
+                .map_err(io_err("handing the task to its sandbox"))?;
+            let reply = sandbox::first_reply(&mut events);
+            if let Some(pid) = reply.strip_prefix("started ") {
+                return pid
+                    .parse()
+                    .map_err(|_| LaunchError::Shim(format!("bad reply {reply:?}")));
+            }
+            if let Some(rest) = reply.strip_prefix("failed ") {
+                let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+                return Err(LaunchError::Start {
+                    code: code.parse().unwrap_or(125),
+                    message: msg.to_string(),
+                });
+            }
+            let log = fs::read_to_string(td.shim_log()).unwrap_or_default();
+            Err(LaunchError::Shim(format!(
+                "exited without reporting: {}",
+                log.trim()
+            )))
+        })();
+        match res {
+            Ok(pid) => Ok(Launched {
+                id,
+                name,
+                pid,
+                dir: td.dir.clone(),
+                shim: Some(child),
+                stdin,
+                events,
+                console: None,
+            }),
+            Err(e) => {
+                sandbox::drain(&mut events);
+                give_up(stdin, &mut child);
+                let _ = fs::remove_dir_all(&td.dir);
+                let _ = TaskCgroup::load(&id).destroy(Duration::from_secs(5));
+                td.release_name(&name, &id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates `spec`, completes its id, name and hostname, and reserves its name; returns
+    /// its (not yet created) directory.
+    fn admit(&self, spec: &mut TaskSpec) -> Result<TaskDir, LaunchError> {
+        validate(spec)?;
         if spec.id.is_empty() {
             spec.id = new_id();
         } else if !valid_name(&spec.id) || spec.id.len() > 128 {
@@ -429,7 +603,7 @@ impl Runtime {
         fs::create_dir_all(self.containers()).map_err(io_err("creating the state root"))?;
         let td = self.task_dir(&spec.id);
         if td.dir.exists() {
-            return Err(LaunchError::Exists(spec.id));
+            return Err(LaunchError::Exists(spec.id.clone()));
         }
         // Names are unique through an index of files created exclusively.
         let name_file = td.name_file(&spec.name);
@@ -444,10 +618,18 @@ impl Runtime {
                 .write_all(spec.id.as_bytes())
                 .map_err(io_err("writing the name index"))?,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(LaunchError::NameInUse(spec.name))
+                return Err(LaunchError::NameInUse(spec.name.clone()))
             }
             Err(e) => return Err(io_err("creating the name index entry")(e)),
         }
+        Ok(td)
+    }
+
+    fn launch_with(&self, mut spec: TaskSpec, attach: bool) -> Result<Launched, LaunchError> {
+        let started_ns = crate::sys::launch::monotonic_ns();
+        // Once per process: without it every v1 cgroup migration waits for an RCU grace period.
+        let favoring = crate::cgroups::favor_dynamic_modifications().is_on();
+        let td = self.admit(&mut spec)?;
         let (id, name) = (spec.id.clone(), spec.name.clone());
         let res = fs::create_dir(&td.dir)
             .map_err(io_err(format!("creating {}", td.dir.display())))
@@ -485,33 +667,7 @@ impl Runtime {
         started_ns: u64,
         attach: bool,
     ) -> Result<Launched, LaunchError> {
-        fs::create_dir(td.etc()).map_err(io_err("creating etc"))?;
-        fs::create_dir(td.sandbox()).map_err(io_err("creating the sandbox"))?;
-        let w = |name: &str, data: &[u8]| {
-            fs::write(td.etc().join(name), data).map_err(io_err(format!("writing etc/{name}")))
-        };
-        w("hostname", format!("{}\n", spec.hostname).as_bytes())?;
-        match &spec.hosts_file {
-            Some(h) => w("hosts", h.as_bytes())?,
-            None => w(
-                "hosts",
-                format!(
-                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
-                    spec.hostname
-                )
-                .as_bytes(),
-            )?,
-        }
-        match &spec.resolv_conf {
-            Some(r) => w("resolv.conf", r.as_bytes())?,
-            None => w(
-                "resolv.conf",
-                &fs::read("/etc/resolv.conf").unwrap_or_default(),
-            )?,
-        }
-        if !spec.hooks.is_empty() {
-            hooks::write_bundle(td, &spec).map_err(io_err("writing the hooks' bundle"))?;
-        }
+        write_task_files(td, &spec)?;
         let id = spec.id.clone();
         let name = spec.name.clone();
         let (interactive, tty) = (spec.interactive, spec.tty);
@@ -705,7 +861,9 @@ impl Runtime {
             TaskCgroup::load(id).signal_all(Signal::SIGKILL)?;
             return Ok(info.state);
         }
-        if info.state.status != Status::Running {
+        // Created: the supervisor reports `started` to the launcher before it records it, so
+        // a stop right after a launch may see Created; the task is there all the same.
+        if !matches!(info.state.status, Status::Running | Status::Created) {
             return Ok(info.state);
         }
         if !grace.is_zero() {
@@ -805,6 +963,39 @@ impl Runtime {
     pub fn dir(&self, id: &str) -> TaskDir {
         self.task_dir(id)
     }
+}
+
+/// The task's generated files: `etc/{hostname,hosts,resolv.conf}` (written in place: in a warm
+/// sandbox they are bind mounted already), the sandbox directory, the hooks' bundle.
+pub(crate) fn write_task_files(td: &TaskDir, spec: &TaskSpec) -> Result<(), LaunchError> {
+    fs::create_dir_all(td.etc()).map_err(io_err("creating etc"))?;
+    fs::create_dir_all(td.sandbox()).map_err(io_err("creating the sandbox"))?;
+    let w = |name: &str, data: &[u8]| {
+        fs::write(td.etc().join(name), data).map_err(io_err(format!("writing etc/{name}")))
+    };
+    w("hostname", format!("{}\n", spec.hostname).as_bytes())?;
+    match &spec.hosts_file {
+        Some(h) => w("hosts", h.as_bytes())?,
+        None => w(
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                spec.hostname
+            )
+            .as_bytes(),
+        )?,
+    }
+    match &spec.resolv_conf {
+        Some(r) => w("resolv.conf", r.as_bytes())?,
+        None => w(
+            "resolv.conf",
+            &fs::read("/etc/resolv.conf").unwrap_or_default(),
+        )?,
+    }
+    if !spec.hooks.is_empty() {
+        hooks::write_bundle(td, spec).map_err(io_err("writing the hooks' bundle"))?;
+    }
+    Ok(())
 }
 
 /// Marks a task whose supervisor is gone without a terminal record as lost.

@@ -232,6 +232,7 @@ pub(super) fn main_with(
                 stdin: task_stdin,
                 terminal,
                 status: status_w,
+                claim: None,
             })
         }
         Ok(CloneResult::Parent(pid)) => pid,
@@ -332,15 +333,72 @@ pub(super) fn main_with(
         }
     }
     let t_exec = sys::monotonic_ns();
+    timings.namespaces_us = t_started.saturating_sub(t_clone) / 1000;
+    timings.mounts_us = t_mounts.saturating_sub(t_started) / 1000;
+    timings.exec_us = t_exec.saturating_sub(t_mounts) / 1000;
+    timings.total_us = t_exec.saturating_sub(cfg.launch_started_ns) / 1000;
+    timings.clone_into_cgroup = joined_at_birth;
+    supervise(Supervised {
+        td: &td,
+        cfg: &cfg,
+        state,
+        timings,
+        pid,
+        cg,
+        held_ns: mount_ns.into_iter().collect(),
+        error,
+        console: console_side.zip(console_log).map(|(s, l)| (s, l, console)),
+    })
+}
+
+/// A task whose init has exec'd (or reported an error): what [`supervise`] needs.
+pub(super) struct Supervised<'a> {
+    pub td: &'a TaskDir,
+    pub cfg: &'a super::state::TaskConfig,
+    pub state: TaskState,
+    pub timings: Timings,
+    pub pid: i32,
+    pub cg: TaskCgroup,
+    /// The task's namespaces (at least its mount namespace), held until the exit is reported:
+    /// when the init exits the kernel then does not tear them down (RCU grace periods, the
+    /// mounts) before we learn of the exit.
+    pub held_ns: Vec<File>,
+    /// The init's launch error, if any.
+    pub error: Option<(i32, String)>,
+    /// `-i`/`-t`: the console's task side, its log and the launcher's socket.
+    pub console: Option<(
+        super::console::TaskSide,
+        OwnedFd,
+        Option<std::os::unix::net::UnixStream>,
+    )>,
+}
+
+/// Reports the launch, supervises the task to its end, records and reports its fate, then
+/// (with `auto_remove`) removes it. Shared by fresh, standby and sandbox supervisors.
+pub(super) fn supervise(s: Supervised<'_>) -> i32 {
+    let Supervised {
+        td,
+        cfg,
+        mut state,
+        timings,
+        pid,
+        cg,
+        held_ns,
+        error,
+        console,
+    } = s;
+    let td = td.clone();
+    let spec = &cfg.spec;
+    let mut out = std::io::stdout();
     if let Some((code, msg)) = error {
         let _ = waitpid(Pid::from_raw(pid), None);
         let _ = cg.destroy(Duration::from_secs(5));
         state.pid = Some(pid);
-        report_failure(&mut state, &mut out, code, msg);
+        launch_failed(&td, &spec.id, &mut state, &mut out, code, msg);
         return 0;
     }
-    let pumps = match (console_side, console_log) {
-        (Some(side), Some(log)) => match side.start(log, console) {
+    let pumps = match console {
+        Some((side, log, sock)) => match side.start(log, sock) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::error!(id = %spec.id, "starting the console pumps: {e}");
@@ -349,11 +407,6 @@ pub(super) fn main_with(
         },
         _ => None,
     };
-    timings.namespaces_us = t_started.saturating_sub(t_clone) / 1000;
-    timings.mounts_us = t_mounts.saturating_sub(t_started) / 1000;
-    timings.exec_us = t_exec.saturating_sub(t_mounts) / 1000;
-    timings.total_us = t_exec.saturating_sub(cfg.launch_started_ns) / 1000;
-    timings.clone_into_cgroup = joined_at_birth;
     let mut replaced = report_started(&td, &spec.id, &mut state, timings, pid, &mut out);
     run_logged_hooks(
         &td,
@@ -364,6 +417,8 @@ pub(super) fn main_with(
         Some(pid),
     );
 
+    // The exit's state write then allocates no inode.
+    td.prepare_state_write();
     // Supervise.
     let status = reap(pid, &spec.id);
     // The task's networks (CNI DEL, then the netns) are released by this process rather than
@@ -393,17 +448,29 @@ pub(super) fn main_with(
     }
     state.usage = Some(usage);
     state.finished_ms = Some(now_ms());
-    if let Err(e) = cg.destroy(Duration::from_secs(10)) {
-        tracing::error!(id = %spec.id, "removing the cgroup: {e}");
+    // poststop hooks run after the cgroup is gone and before the exit is recorded; without
+    // them the cgroup's removal (an rmdir per hierarchy) follows the report: the usage has
+    // been read, and `rm` waits for this process to end before it cleans up.
+    let destroy = |cg: &TaskCgroup| {
+        if let Err(e) = cg.destroy(Duration::from_secs(10)) {
+            tracing::error!(id = %spec.id, "removing the cgroup: {e}");
+        }
+    };
+    let hooks_first = !spec.hooks.poststop.is_empty();
+    if hooks_first {
+        destroy(&cg);
+        run_logged_hooks(&td, spec, "poststop", &spec.hooks.poststop, "stopped", None);
     }
-    run_logged_hooks(&td, spec, "poststop", &spec.hooks.poststop, "stopped", None);
     replaced.extend(File::open(td.state()).ok());
     if let Err(e) = td.write_state(&state) {
         tracing::error!(id = %spec.id, "writing state: {e}");
     }
     let _ = writeln!(out, "exited {}", status.0);
     let _ = out.flush();
-    drop(mount_ns);
+    if !hooks_first {
+        destroy(&cg);
+    }
+    drop(held_ns);
     // Released before `removed` (and before we exit): the address and ports are free then.
     let join_release = || {
         let released = match net_release {

@@ -56,7 +56,7 @@ pub(super) fn handover_line(dir: &Path, spawned_ns: u64) -> Option<Vec<u8>> {
     Some(line)
 }
 
-fn parse_handover(line: &[u8]) -> Option<(PathBuf, u64)> {
+pub(super) fn parse_handover(line: &[u8]) -> Option<(PathBuf, u64)> {
     let line = line.strip_suffix(b"\n")?;
     let tab = line.iter().rposition(|b| *b == b'\t')?;
     let ns = std::str::from_utf8(&line[tab + 1..]).ok()?.parse().ok()?;

@@ -490,7 +490,12 @@ pub fn default_filter() -> Vec<libc::sock_filter> {
 /// Installs the default filter on the calling thread (requires `no_new_privs` or
 /// CAP_SYS_ADMIN). Inherited across fork and exec.
 pub fn install_default_filter() -> io::Result<()> {
-    let prog = default_filter();
+    install_filter(&default_filter())
+}
+
+/// Installs `prog` (e.g. [`default_filter`] built ahead, in a warm sandbox) on the calling
+/// thread; `no_new_privs` (or CAP_SYS_ADMIN) is required.
+pub fn install_filter(prog: &[libc::sock_filter]) -> io::Result<()> {
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,

@@ -1,0 +1,653 @@
+//! Warm sandboxes: everything of a native launch that does not depend on the task, done ahead.
+//!
+//! A long-running launcher (the agent, `caisson bench launch --warm-sandboxes`) asks for
+//! sandboxes of one image: [`super::Runtime::with_warm_sandboxes`]. For each, the launcher
+//! mounts the image's overlay root under `<root>/rootfs/<sid>`, writes a provisional task
+//! directory `<root>/sandboxes/<sid>` and (v1) creates the cgroup, then starts
+//! `caisson-shim --sandbox DIR`. That supervisor clones the init into new pid, mount, uts, ipc
+//! and net namespaces and moves it into the cgroup; the init does every mount, pivot_root and
+//! the old root's detach, masks /proc and /sys and brings up loopback, then waits (`W` on the
+//! status pipe). The supervisor says `ready` and waits for one line on stdin.
+//!
+//! A launch whose spec fits ([`fits`]: the same image, no volumes, mounts, devices, hooks,
+//! console, CNI network, read-only root, cpu or pids limits) takes a ready sandbox: the
+//! launcher renames the sandbox directory to `containers/<id>` and each v1 cgroup directory to
+//! the task's id (one rename each), writes the task's /etc files in place (they are bind
+//! mounted already), its memory limit and its records, and hands the directory over
+//! (`TASK_DIR<TAB>SPAWNED_NS`, as to a standby supervisor). The supervisor sends the final spec
+//! to the init, which sets the hostname, resolves the user, drops capabilities, sets
+//! `no_new_privs` and seccomp and execs; from there it is an ordinary task (same records,
+//! protocol, `ps`/`inspect`/`rm`, exit status in `state.json` after a launcher's `kill -9`).
+//!
+//! Each sandbox serves one task. EOF on the supervisor's stdin before a handover (the `Runtime`
+//! dropped, its owner gone, `kill -9` included) makes it kill its init and remove the cgroup,
+//! the overlay and the directory. Pure cgroup v2 is not supported (a v2 cgroup cannot be
+//! renamed): there the pool stays empty and launches take the cold path.
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+
+use super::child::{self, ChildArgs};
+use super::shim::{open_log, supervise, Supervised};
+use super::spec::{NetworkMode, Process, TaskSpec};
+use super::state::{self, now_ms, process_start_ticks, TaskConfig, TaskDir, TaskState, Timings};
+use super::{io_err, LaunchError};
+use crate::cgroups::{Limits, TaskCgroup};
+use crate::sys::launch::{self as sys, CloneResult};
+
+/// The argument that starts a sandbox supervisor: `caisson-shim --sandbox DIR`.
+pub const SANDBOX_ARG: &str = "--sandbox";
+
+/// True if `spec` can run in a warm sandbox of `image`: what differs from the sandbox's
+/// defaults would need setup that is done already (mounts, namespaces, cgroup hierarchies).
+pub fn fits(spec: &TaskSpec, image: &str) -> bool {
+    let l = &spec.limits;
+    spec.image == image
+        && spec.rootfs.as_os_str().is_empty()
+        && spec.cleanup.is_empty()
+        && spec.wasm.is_none()
+        && !spec.readonly_rootfs
+        && spec.volumes.is_empty()
+        && spec.mounts.is_empty()
+        && spec.devices.is_empty()
+        && spec.hooks.is_empty()
+        && spec.network == NetworkMode::None
+        && spec.netns.is_none()
+        && spec.network_release.is_none()
+        && !spec.interactive
+        && !spec.tty
+        // Memory is in the hierarchies every task joins; cpu and pids are not.
+        && l.cpus.is_none()
+        && l.cpu_shares.is_none()
+        && l.pids.is_none()
+}
+
+/// A sandbox ready for a task: its supervisor waits for the handover.
+#[derive(Debug)]
+pub(super) struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub rootfs: PathBuf,
+    /// `<root>/rootfs/<sid>`: the overlay's directory, the task's to clean up.
+    pub owned: PathBuf,
+    pub child: Child,
+    pub stdin: ChildStdin,
+    pub events: BufReader<ChildStdout>,
+}
+
+impl Sandbox {
+    /// Tears an unused sandbox down: EOF makes its supervisor remove everything; waits for it.
+    fn discard(self) {
+        let Sandbox {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        let _ = child.wait();
+    }
+}
+
+/// The ready sandboxes of one image, shared by a runtime's clones.
+#[derive(Debug)]
+pub(super) struct Pool {
+    pub image: String,
+    pub want: usize,
+    ready: Mutex<VecDeque<Sandbox>>,
+    /// Held while making sandboxes, so that concurrent fills do not overshoot `want`.
+    making: Mutex<()>,
+    /// A background refill is running.
+    filling: AtomicBool,
+    /// Refill in the background after each launch (else [`super::Runtime::fill_sandboxes`]).
+    pub refill: AtomicBool,
+}
+
+impl Pool {
+    pub fn new(image: String, want: usize) -> Self {
+        Pool {
+            image,
+            want,
+            ready: Mutex::new(VecDeque::new()),
+            making: Mutex::new(()),
+            filling: AtomicBool::new(false),
+            refill: AtomicBool::new(true),
+        }
+    }
+
+    pub fn ready(&self) -> usize {
+        self.ready.lock().map_or(0, |r| r.len())
+    }
+
+    /// A ready sandbox whose supervisor is still there.
+    pub fn take(&self) -> Option<Sandbox> {
+        loop {
+            let mut sb = self.ready.lock().ok()?.pop_front()?;
+            match sb.child.try_wait() {
+                Ok(None) => return Some(sb),
+                _ => {
+                    let _ = sb.child.wait();
+                    state::cleanup_owned(&[sb.owned.clone(), sb.dir.clone()]);
+                }
+            }
+        }
+    }
+
+    /// Makes sandboxes until `want` are ready (or one fails: returns its error).
+    pub fn fill(&self, root: &Path, shim: &Path) -> Result<(), LaunchError> {
+        let _making = self.making.lock().unwrap_or_else(|e| e.into_inner());
+        while self.ready() < self.want {
+            let sb = make(root, shim, &self.image)?;
+            match self.ready.lock() {
+                Ok(mut r) => r.push_back(sb),
+                Err(_) => sb.discard(),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Pool::fill`] on a background thread (one at a time). The thread holds the pool only
+    /// while it makes a sandbox, so that dropping the runtime tears the pool down at once.
+    pub fn fill_in_background(self: &Arc<Self>, root: &Path, shim: &Path) {
+        if self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (weak, root, shim) = (Arc::downgrade(self), root.to_path_buf(), shim.to_path_buf());
+        let spawned = std::thread::Builder::new()
+            .name("sandbox-fill".into())
+            .spawn(move || {
+                sweep_stale(&root, Duration::from_secs(60));
+                while let Some(pool) = weak.upgrade() {
+                    let made = {
+                        let _making = pool.making.lock().unwrap_or_else(|e| e.into_inner());
+                        // Refills turned off (the caller fills): stop here too.
+                        if pool.ready() >= pool.want || !pool.refill.load(Ordering::Acquire) {
+                            pool.filling.store(false, Ordering::Release);
+                            return;
+                        }
+                        make(&root, &shim, &pool.image)
+                    };
+                    match made {
+                        Ok(sb) => match pool.ready.lock() {
+                            Ok(mut r) => r.push_back(sb),
+                            Err(_) => sb.discard(),
+                        },
+                        Err(e) => {
+                            tracing::warn!("making a warm sandbox of {}: {e}", pool.image);
+                            pool.filling.store(false, Ordering::Release);
+                            return;
+                        }
+                    }
+                }
+            });
+        if spawned.is_err() {
+            self.filling.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Ok(r) = self.ready.get_mut() {
+            for sb in r.drain(..) {
+                sb.discard();
+            }
+        }
+    }
+}
+
+/// Removes sandboxes a launcher left while making them (killed between the cgroup and the
+/// supervisor's start): directories under `<root>/sandboxes` older than `min_age` whose cgroup
+/// holds no process (a waiting sandbox's holds its init). Returns how many went.
+pub(super) fn sweep_stale(root: &Path, min_age: Duration) -> usize {
+    let Ok(rd) = fs::read_dir(root.join("sandboxes")) else {
+        return 0;
+    };
+    let now = std::time::SystemTime::now();
+    let mut swept = 0;
+    for e in rd.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|a| a >= min_age);
+        let td = TaskDir::new(e.path());
+        let Ok(cfg) = td.read_config() else { continue };
+        let cg = TaskCgroup::load(&cfg.spec.id);
+        if !old || !cg.pids().is_empty() {
+            continue;
+        }
+        let _ = cg.destroy(Duration::from_secs(1));
+        state::cleanup_owned(&cfg.spec.cleanup);
+        let _ = fs::remove_dir_all(e.path());
+        swept += 1;
+    }
+    swept
+}
+
+/// Makes one sandbox of `image` (in the store under `root`): overlay, provisional task
+/// directory, cgroup, supervisor; returns once its init waits for a task.
+pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, LaunchError> {
+    if crate::cgroups::is_v2() {
+        return Err(LaunchError::Invalid(
+            "warm sandboxes need cgroup v1 or hybrid (a v2 cgroup cannot be renamed)".into(),
+        ));
+    }
+    let _ = crate::cgroups::favor_dynamic_modifications();
+    let sid = super::new_id();
+    let owned = root.join("rootfs").join(&sid);
+    let dir = root.join("sandboxes").join(&sid);
+    let made = (|| {
+        let rootfs = make_rootfs(root, image, &owned)?;
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let td = TaskDir::new(dir.clone());
+        let short: String = sid.chars().take(12).collect();
+        let spec = TaskSpec {
+            id: sid.clone(),
+            name: short.clone(),
+            image: image.to_string(),
+            rootfs: rootfs.clone(),
+            cleanup: vec![owned.clone()],
+            process: Process {
+                args: vec!["/bin/true".into()],
+                env: vec![],
+                cwd: "/".into(),
+                user: String::new(),
+            },
+            hostname: short,
+            ..Default::default()
+        };
+        super::write_task_files(&td, &spec)?;
+        td.write_state(&TaskState::created(now_ms()))
+            .map_err(io_err("writing the state"))?;
+        td.write_config(&TaskConfig {
+            spec,
+            launch_started_ns: sys::monotonic_ns(),
+        })
+        .map_err(io_err("writing the config"))?;
+        TaskCgroup::create(&sid, &Limits::default())?;
+        let log = File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
+        let mut child = Command::new(shim)
+            .arg(SANDBOX_ARG)
+            .arg(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(io_err(format!("starting {}", shim.display())))?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut events = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        let _ = events.read_line(&mut line);
+        if line.trim_end() == "ready" {
+            return Ok(Sandbox {
+                id: sid.clone(),
+                dir: dir.clone(),
+                rootfs,
+                owned: owned.clone(),
+                child,
+                stdin,
+                events,
+            });
+        }
+        drop(stdin);
+        let _ = child.wait();
+        let log = fs::read_to_string(td.shim_log()).unwrap_or_default();
+        Err(LaunchError::Shim(format!(
+            "sandbox supervisor: {} {}",
+            line.trim(),
+            log.trim()
+        )))
+    })();
+    if made.is_err() {
+        let _ = TaskCgroup::load(&sid).destroy(Duration::from_secs(5));
+        state::cleanup_owned(&[owned, dir]);
+    }
+    made
+}
+
+fn make_rootfs(root: &Path, image: &str, owned: &Path) -> Result<PathBuf, LaunchError> {
+    use crate::image::{rootfs, Store};
+    let bad = |e: crate::image::Error| LaunchError::Invalid(format!("image {image}: {e}"));
+    let store = Store::open(root).map_err(bad)?;
+    let record = store.resolve(image).map_err(bad)?;
+    fs::create_dir_all(owned).map_err(io_err(format!("creating {}", owned.display())))?;
+    let backend = if rootfs::overlay_supported() {
+        rootfs::Backend::Overlay
+    } else {
+        rootfs::Backend::Copy
+    };
+    let opts = rootfs::CreateOptions {
+        volatile: true,
+        ..rootfs::CreateOptions::from_env()
+    };
+    Ok(store
+        .create_rootfs(&record, owned, backend, &opts)
+        .map_err(bad)?
+        .path)
+}
+
+/// Renames a sandbox's v1 cgroup directories from `sid` to `id` (same parent, one rename per
+/// hierarchy); on failure renames back what was renamed.
+pub(super) fn rename_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
+    let dirs = TaskCgroup::open(sid, &Limits::default())
+        .map(|cg| cg.dirs())
+        .ok_or_else(|| LaunchError::Shim(format!("the cgroup of sandbox {sid} is gone")))?;
+    let mut done: Vec<(PathBuf, PathBuf)> = vec![];
+    for d in dirs {
+        let to = d.with_file_name(id);
+        if let Err(e) = fs::rename(&d, &to) {
+            for (from, to) in done.iter().rev() {
+                let _ = fs::rename(to, from);
+            }
+            return Err(io_err(format!("renaming {}", d.display()))(e));
+        }
+        done.push((d, to));
+    }
+    Ok(())
+}
+
+/// `caisson-shim --sandbox DIR`: prepares the sandbox in DIR, waits for its task, supervises
+/// it; returns the exit code. Call it first thing (it closes every inherited descriptor above
+/// stderr).
+pub fn main(dir: &Path) -> i32 {
+    sys::close_from(3);
+    let _ = nix::unistd::setsid();
+    let mut out = std::io::stdout();
+    let td = TaskDir::new(dir.to_path_buf());
+    let cfg = match td.read_config() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(out, "failed 125 reading {}: {e}", td.config().display());
+            return 1;
+        }
+    };
+    let spec = &cfg.spec;
+    // Unused (or failed before the handover): everything goes.
+    let teardown = |pid: Option<i32>| {
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+        }
+        let _ = TaskCgroup::load(&spec.id).destroy(Duration::from_secs(5));
+        state::cleanup_owned(&spec.cleanup);
+        let _ = fs::remove_dir_all(dir);
+    };
+    let failed = |out: &mut std::io::Stdout, pid: Option<i32>, code: i32, msg: String| {
+        let _ = writeln!(out, "failed {code} {}", msg.replace('\n', " "));
+        let _ = out.flush();
+        teardown(pid);
+        1
+    };
+    let Some(cg) = TaskCgroup::open(&spec.id, &spec.limits) else {
+        return failed(
+            &mut out,
+            None,
+            125,
+            "the sandbox's cgroup is missing".into(),
+        );
+    };
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC);
+    let fds = (|| -> std::io::Result<_> {
+        Ok((
+            open_log(&td.stdout_log())?,
+            open_log(&td.stderr_log())?,
+            OwnedFd::from(File::open("/dev/null")?),
+            pipe()?,
+            pipe()?,
+            pipe()?,
+        ))
+    })();
+    let (stdout_fd, stderr_fd, devnull, (status_r, status_w), (go_r, go_w), (claim_r, claim_w)) =
+        match fds {
+            Ok(f) => f,
+            Err(e) => return failed(&mut out, None, 125, format!("opening files: {e}")),
+        };
+    let flags = (libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWNET) as u64;
+    let pid = match sys::clone_fork(flags, None) {
+        Ok(CloneResult::Child) => {
+            drop((status_r, go_w, claim_w));
+            child::run(ChildArgs {
+                spec,
+                dir: &td,
+                // The go comes right after the clone; waiting for it before the (absent)
+                // createContainer hooks makes the init join its cgroup before its task.
+                wait_for_cgroup: Some(go_r),
+                wait_early: true,
+                cgroup_ns: false,
+                netns: None,
+                device_cgroup: true,
+                stdout: &stdout_fd,
+                stderr: &stderr_fd,
+                stdin: &devnull,
+                terminal: None,
+                status: status_w,
+                claim: Some(claim_r),
+            })
+        }
+        Ok(CloneResult::Parent(pid)) => pid,
+        Err(e) => return failed(&mut out, None, 125, format!("clone: {e}")),
+    };
+    drop((status_w, go_r, claim_r, stdout_fd, stderr_fd, devnull));
+    // Opened ahead, so free for the task: its namespaces outlive its init until the exit is
+    // reported (see `Supervised::held_ns`).
+    let held_ns: Vec<File> = ["mnt", "net", "ipc", "uts", "pid"]
+        .iter()
+        .filter_map(|n| File::open(format!("/proc/{pid}/ns/{n}")).ok())
+        .collect();
+    let joined = cg
+        .procs_files()
+        .iter()
+        .try_for_each(|f| fs::write(f, pid.to_string()).map_err(|e| (f.clone(), e)));
+    if let Err((f, e)) = joined {
+        return failed(
+            &mut out,
+            Some(pid),
+            125,
+            format!("moving the init into {}: {e}", f.display()),
+        );
+    }
+    let _ = File::from(go_w).write_all(b"1");
+    let mut status = BufReader::new(File::from(status_r));
+    let mut lines = StatusLines::default();
+    lines.read_until(&mut status, 'W');
+    if let Some((code, msg)) = lines.error.take() {
+        return failed(&mut out, Some(pid), code, msg);
+    }
+    if lines.waiting.is_none() {
+        return failed(&mut out, Some(pid), 125, "the init ended early".into());
+    }
+    // The task's first state write (moved along with the directory) allocates no inode.
+    td.prepare_state_write();
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+
+    // The handover, or EOF.
+    let mut line = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    let stdin = std::io::stdin();
+    while !line.contains(&b'\n') {
+        match nix::unistd::read(&stdin, &mut buf) {
+            Ok(0) => {
+                teardown(Some(pid));
+                return 0;
+            }
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => {
+                teardown(Some(pid));
+                return 0;
+            }
+        }
+    }
+    let t_start = sys::monotonic_ns();
+    let Some((task_dir, spawned_ns)) = super::standby::parse_handover(&line) else {
+        return failed(&mut out, Some(pid), 125, "bad handover line".into());
+    };
+    let td = TaskDir::new(task_dir);
+    // From here on the task's records say what happened; the launcher cleans up on failure.
+    let kill_init = || {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        let _ = waitpid(Pid::from_raw(pid), None);
+    };
+    let task_cfg = match td.read_config() {
+        Ok(c) => c,
+        Err(e) => {
+            kill_init();
+            let _ = writeln!(out, "failed 125 reading {}: {e}", td.config().display());
+            return 1;
+        }
+    };
+    let tspec = &task_cfg.spec;
+    let mut state = td
+        .read_state()
+        .unwrap_or_else(|_| TaskState::created(now_ms()));
+    let me = std::process::id() as i32;
+    state.shim_pid = Some(me);
+    state.shim_start_ticks = process_start_ticks(me);
+    let Some(cg) = TaskCgroup::open(&tspec.id, &tspec.limits) else {
+        kill_init();
+        super::shim::launch_failed(
+            &td,
+            &tspec.id,
+            &mut state,
+            &mut out,
+            125,
+            "the task's cgroup is missing".into(),
+        );
+        return 1;
+    };
+    state.cgroup_paths = cg.dirs();
+    let t_sent = sys::monotonic_ns();
+    let sent = serde_json::to_vec(tspec)
+        .map_err(std::io::Error::other)
+        .and_then(|data| File::from(claim_w).write_all(&data));
+    if let Err(e) = sent {
+        lines.error = Some((125, format!("sending the task to its init: {e}")));
+    } else {
+        lines.read_until(&mut status, '\0');
+    }
+    let t_exec = sys::monotonic_ns();
+    let t_mounts = lines.mounts.unwrap_or(t_exec);
+    let timings = Timings {
+        rootfs_us: tspec.rootfs_prepare_us,
+        network_us: tspec.network_us,
+        prepare_us: spawned_ns.saturating_sub(task_cfg.launch_started_ns) / 1000,
+        // The handover to the waiting supervisor.
+        spawn_us: t_start.saturating_sub(spawned_ns) / 1000,
+        cgroup_us: 0,
+        // Done ahead, in the sandbox.
+        namespaces_us: 0,
+        cgroup_join_us: 0,
+        // What is left for the init: hostname, user, capabilities, seccomp.
+        mounts_us: t_mounts.saturating_sub(t_sent) / 1000,
+        exec_us: t_exec.saturating_sub(t_mounts) / 1000,
+        total_us: t_exec.saturating_sub(task_cfg.launch_started_ns) / 1000,
+        clone_into_cgroup: false,
+    };
+    supervise(Supervised {
+        td: &td,
+        cfg: &task_cfg,
+        state,
+        timings,
+        pid,
+        cg,
+        held_ns,
+        error: lines.error,
+        console: None,
+    })
+}
+
+/// The init's status lines (see [`child`]): `S`, `W`, `M` times and an `E` error.
+#[derive(Default)]
+struct StatusLines {
+    waiting: Option<u64>,
+    mounts: Option<u64>,
+    error: Option<(i32, String)>,
+}
+
+impl StatusLines {
+    /// Reads lines until one of kind `stop` (or EOF, or an error).
+    fn read_until(&mut self, r: &mut impl BufRead, stop: char) {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let mut it = line.trim_end().splitn(3, ' ');
+            let (kind, a, b) = (it.next(), it.next(), it.next());
+            let t = a.and_then(|t| t.parse().ok());
+            match kind {
+                Some("W") => self.waiting = t,
+                Some("M") => self.mounts = t,
+                Some("E") => {
+                    let code = a.and_then(|c| c.parse().ok()).unwrap_or(125);
+                    self.error = Some((code, b.unwrap_or("").to_string()));
+                    return;
+                }
+                _ => {}
+            }
+            if kind.and_then(|k| k.chars().next()) == Some(stop) {
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the supervisor's first reply after a handover (`started PID` or `failed ...`).
+pub(super) fn first_reply(events: &mut BufReader<ChildStdout>) -> String {
+    let mut line = String::new();
+    let _ = events.read_line(&mut line);
+    line.trim_end().to_string()
+}
+
+/// Reads whatever is left (used when a handover failed).
+pub(super) fn drain(events: &mut BufReader<ChildStdout>) {
+    let mut sink = Vec::new();
+    let _ = events.read_to_end(&mut sink);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_default_options_fit() {
+        let base = TaskSpec {
+            image: "img".into(),
+            limits: Limits {
+                memory: Some(64 << 20),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(fits(&base, "img"));
+        assert!(!fits(&base, "other"));
+        let no = |f: &dyn Fn(&mut TaskSpec)| {
+            let mut s = base.clone();
+            f(&mut s);
+            !fits(&s, "img")
+        };
+        assert!(no(&|s| s.rootfs = "/r".into()));
+        assert!(no(&|s| s.readonly_rootfs = true));
+        assert!(no(&|s| s.limits.cpus = Some(1.0)));
+        assert!(no(&|s| s.limits.pids = Some(5)));
+        assert!(no(&|s| s.network = NetworkMode::Host));
+        assert!(no(&|s| s.netns = Some("/run/netns/x".into())));
+        assert!(no(&|s| s.interactive = true));
+        assert!(no(&|s| s.mounts.push(Default::default())));
+    }
+}
