@@ -5,6 +5,11 @@ fn main() {
     // pages stay clean and shared between all hosts (idle service: 1.5 MiB -> 0.65 MiB private).
     // The price: the host's own code is not address-randomized (libraries, heap, stacks and the
     // guests' compiled code still are).
+    // `CAISSON_PIE=1` at build time keeps both binaries position-independent.
+    println!("cargo:rerun-if-env-changed=CAISSON_PIE");
+    if std::env::var_os("CAISSON_PIE").is_some_and(|v| v == "1") {
+        return;
+    }
     println!("cargo:rustc-link-arg-bin=caisson-wasm=-no-pie");
     // The CLI: a position-independent caisson applies ~67k relative relocations and dirties
     // their pages at every start (~2.5 ms of a `caisson run` of ~3-15 ms); at a fixed address
