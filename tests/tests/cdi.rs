@@ -473,7 +473,7 @@ fn root_cdi_bad_input_is_refused_and_leaves_nothing() {
             "example.com/dev=a",
             wat.to_str().unwrap(),
         ],
-        "devices are not supported for Wasm tasks",
+        "--device does not apply to Wasm tasks",
     );
 }
 
