@@ -68,7 +68,9 @@ fn main() {
         ours.join("bridge").exists(),
         "build our plugins first: cargo build --release -p caisson-cni-plugins"
     );
-    let dir = tempfile::tempdir().unwrap();
+    // Cache, IPAM and netns where caisson keeps them (tmpfs), for both sets of plugins.
+    let _ = containerizer::net::volatile::ensure_tmpfs();
+    let dir = tempfile::tempdir_in(containerizer::net::RUN_DIR).unwrap();
     let mut guard = Guard {
         ns: None,
         bridge: "cstbench0",
