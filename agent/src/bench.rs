@@ -447,9 +447,30 @@ fn native_task(
         Ok(st) => st,
         Err(e) => return Sample::failed(e),
     };
+    let (mut phases, exit_code, error) = native_phases(&st, [t0, t1, t2, t3, t4, t5]);
+    if let Some(n) = network_ns {
+        phases.insert(1, n);
+    }
+    Sample {
+        phases,
+        first_output,
+        exit_code,
+        error,
+        warm: false,
+    }
+}
+
+/// A native task's phases (in [`NATIVE_PHASES`] order, without `network`), exit code and
+/// error, from its final state and the launcher's time stamps: start, root ready, launch call,
+/// launched, exit reported, torn down.
+fn native_phases(
+    st: &launch::TaskState,
+    at: [Instant; 6],
+) -> (Vec<u64>, Option<i32>, Option<String>) {
+    let [t0, t1, t2, t3, t4, t5] = at;
+    let ns = |d: Duration| d.as_nanos() as u64;
     let t = &st.timings;
-    let exit_code = st.exit_code;
-    let error = match (st.status, exit_code) {
+    let error = match (st.status, st.exit_code) {
         (Status::Exited, Some(0)) => None,
         (Status::Exited, Some(c)) => Some(format!("exit code {c}")),
         (s, _) => Some(format!(
@@ -457,7 +478,7 @@ fn native_task(
             st.reason.clone().or(st.error.clone()).unwrap_or_default()
         )),
     };
-    let mut phases = vec![
+    let phases = vec![
         ns(t1 - t0),
         t.prepare_us * 1000,
         t.spawn_us * 1000,
@@ -472,16 +493,7 @@ fn native_task(
         ns(t5 - t4),
         ns(t5 - t0),
     ];
-    if let Some(n) = network_ns {
-        phases.insert(1, n);
-    }
-    Sample {
-        phases,
-        first_output,
-        exit_code,
-        error,
-        warm: false,
-    }
+    (phases, st.exit_code, error)
 }
 
 /// One native task in a warm sandbox (the runtime's pool of `image`), timed with the same
@@ -538,33 +550,9 @@ fn warm_task(
         Ok(st) => st,
         Err(e) => return Some(Sample::failed(e)),
     };
-    let ns = |d: Duration| d.as_nanos() as u64;
-    let t = &st.timings;
-    let exit_code = st.exit_code;
-    let error = match (st.status, exit_code) {
-        (Status::Exited, Some(0)) => None,
-        (Status::Exited, Some(c)) => Some(format!("exit code {c}")),
-        (s, _) => Some(format!(
-            "ended as {s:?}: {}",
-            st.reason.clone().or(st.error.clone()).unwrap_or_default()
-        )),
-    };
+    let (phases, exit_code, error) = native_phases(&st, [t0, t1, t2, t3, t4, t5]);
     Some(Sample {
-        phases: vec![
-            ns(t1 - t0),
-            t.prepare_us * 1000,
-            t.spawn_us * 1000,
-            t.cgroup_us * 1000,
-            t.namespaces_us * 1000,
-            t.cgroup_join_us * 1000,
-            t.mounts_us * 1000,
-            t.exec_us * 1000,
-            ns(t3 - t2),
-            ns(t4 - t3),
-            ns(t4 - t2),
-            ns(t5 - t4),
-            ns(t5 - t0),
-        ],
+        phases,
         first_output: None,
         exit_code,
         error,

@@ -546,18 +546,7 @@ impl Runtime {
                     .parse()
                     .map_err(|_| LaunchError::Shim(format!("bad reply {reply:?}")));
             }
-            if let Some(rest) = reply.strip_prefix("failed ") {
-                let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
-                return Err(LaunchError::Start {
-                    code: code.parse().unwrap_or(125),
-                    message: msg.to_string(),
-                });
-            }
-            let log = fs::read_to_string(td.shim_log()).unwrap_or_default();
-            Err(LaunchError::Shim(format!(
-                "exited without reporting: {}",
-                log.trim()
-            )))
+            Err(start_failure(&reply, &td))
         })();
         match res {
             Ok(pid) => Ok(Launched {
@@ -763,18 +752,7 @@ impl Runtime {
         }
         drop(stdin);
         let _ = child.wait();
-        if let Some(rest) = line.strip_prefix("failed ") {
-            let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
-            return Err(LaunchError::Start {
-                code: code.parse().unwrap_or(125),
-                message: msg.to_string(),
-            });
-        }
-        let log = fs::read_to_string(td.shim_log()).unwrap_or_default();
-        Err(LaunchError::Shim(format!(
-            "exited without reporting: {}",
-            log.trim()
-        )))
+        Err(start_failure(&line, &td))
     }
 
     /// All tasks, oldest first.
@@ -1027,6 +1005,20 @@ pub fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// The error for a supervisor that did not report `started`: its `failed CODE MESSAGE` line,
+/// or else what it logged before it went.
+fn start_failure(reply: &str, td: &TaskDir) -> LaunchError {
+    if let Some(rest) = reply.strip_prefix("failed ") {
+        let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+        return LaunchError::Start {
+            code: code.parse().unwrap_or(125),
+            message: msg.to_string(),
+        };
+    }
+    let log = fs::read_to_string(td.shim_log()).unwrap_or_default();
+    LaunchError::Shim(format!("exited without reporting: {}", log.trim()))
 }
 
 fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {

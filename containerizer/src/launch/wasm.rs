@@ -555,9 +555,8 @@ fn claim_and_fork(
     program: &Program,
     cgroup: &mut Option<TaskCgroup>,
 ) -> Result<super::Launched, super::LaunchError> {
-    use super::{io_err, LaunchError};
+    use super::LaunchError;
     let started_ns = sys::monotonic_ns();
-    super::validate(&spec)?;
     let Some(run) = spec.wasm.clone().filter(|r| r.http.is_none()) else {
         return Err(LaunchError::Invalid(
             "launch_in_process runs Wasm commands only".into(),
@@ -565,42 +564,8 @@ fn claim_and_fork(
     };
     // Once per process: without it every v1 cgroup migration waits for an RCU grace period.
     crate::cgroups::favor_dynamic_modifications();
-    if spec.id.is_empty() {
-        spec.id = super::new_id();
-    } else if !super::valid_name(&spec.id) || spec.id.len() > 128 {
-        return Err(LaunchError::Invalid(format!(
-            "invalid task id {:?}",
-            spec.id
-        )));
-    }
-    let short: String = spec.id.chars().take(12).collect();
-    if spec.name.is_empty() {
-        spec.name = short.clone();
-    }
-    if spec.hostname.is_empty() {
-        spec.hostname = short;
-    }
-    fs::create_dir_all(rt.containers()).map_err(io_err("creating the state root"))?;
-    let td = rt.task_dir(&spec.id);
-    if td.dir.exists() {
-        return Err(LaunchError::Exists(spec.id));
-    }
-    let name_file = td.name_file(&spec.name);
-    fs::create_dir_all(name_file.parent().expect("names dir"))
-        .map_err(io_err("creating the name index"))?;
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&name_file)
-    {
-        Ok(mut f) => f
-            .write_all(spec.id.as_bytes())
-            .map_err(io_err("writing the name index"))?,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(LaunchError::NameInUse(spec.name))
-        }
-        Err(e) => return Err(io_err("creating the name index entry")(e)),
-    }
+    // Validation, id, name and hostname defaults, the name claimed: as every launch.
+    let td = rt.admit(&mut spec)?;
     let (id, name) = (spec.id.clone(), spec.name.clone());
     let res = fork_supervisor(&td, spec, &run, started_ns, engine, program, cgroup.take());
     if res.is_err() {
@@ -701,18 +666,7 @@ fn fork_supervisor(
             }
             drop(done_w);
             let _ = waitpid(Pid::from_raw(pid), None);
-            if let Some(rest) = line.strip_prefix("failed ") {
-                let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
-                return Err(LaunchError::Start {
-                    code: code.parse().unwrap_or(125),
-                    message: msg.to_string(),
-                });
-            }
-            let log = fs::read_to_string(td.shim_log()).unwrap_or_default();
-            Err(LaunchError::Shim(format!(
-                "exited without reporting: {}",
-                log.trim()
-            )))
+            Err(super::start_failure(&line, td))
         }
     }
 }
