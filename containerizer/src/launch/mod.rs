@@ -752,7 +752,7 @@ impl Runtime {
         }
         drop(stdin);
         let _ = child.wait();
-        Err(start_failure(&line, &td))
+        Err(start_failure(line, td))
     }
 
     /// All tasks, oldest first.

@@ -666,7 +666,7 @@ fn fork_supervisor(
             }
             drop(done_w);
             let _ = waitpid(Pid::from_raw(pid), None);
-            Err(super::start_failure(&line, td))
+            Err(super::start_failure(line, td))
         }
     }
 }
