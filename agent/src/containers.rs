@@ -266,15 +266,8 @@ pub(crate) fn prepare_image_root(
     let config = store.config(&record)?.config().clone();
     let dir = root.join("rootfs").join(id);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let backend = if rootfs::overlay_supported() {
-        rootfs::Backend::Overlay
-    } else {
-        rootfs::Backend::Copy
-    };
-    let opts = rootfs::CreateOptions {
-        volatile: true,
-        ..rootfs::CreateOptions::from_env()
-    };
+    let backend = rootfs::Backend::preferred();
+    let opts = rootfs::CreateOptions::task_root();
     let made = match store.create_rootfs(&record, &dir, backend, &opts) {
         Ok(r) => r,
         Err(e) => {

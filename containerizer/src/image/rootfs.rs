@@ -39,6 +39,17 @@ pub enum Backend {
     Copy,
 }
 
+impl Backend {
+    /// Overlay where the kernel has it, else a copy.
+    pub fn preferred() -> Self {
+        if overlay_supported() {
+            Backend::Overlay
+        } else {
+            Backend::Copy
+        }
+    }
+}
+
 /// How an overlay was mounted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MountApi {
@@ -67,6 +78,14 @@ impl CreateOptions {
         Self {
             force_legacy_mount: force,
             ..Self::default()
+        }
+    }
+
+    /// A task's root: [`CreateOptions::from_env`], mounted `volatile`.
+    pub fn task_root() -> Self {
+        Self {
+            volatile: true,
+            ..Self::from_env()
         }
     }
 }

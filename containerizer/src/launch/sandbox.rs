@@ -319,15 +319,8 @@ fn make_rootfs(root: &Path, image: &str, owned: &Path) -> Result<PathBuf, Launch
     let store = Store::open(root).map_err(bad)?;
     let record = store.resolve(image).map_err(bad)?;
     fs::create_dir_all(owned).map_err(io_err(format!("creating {}", owned.display())))?;
-    let backend = if rootfs::overlay_supported() {
-        rootfs::Backend::Overlay
-    } else {
-        rootfs::Backend::Copy
-    };
-    let opts = rootfs::CreateOptions {
-        volatile: true,
-        ..rootfs::CreateOptions::from_env()
-    };
+    let backend = rootfs::Backend::preferred();
+    let opts = rootfs::CreateOptions::task_root();
     Ok(store
         .create_rootfs(&record, owned, backend, &opts)
         .map_err(bad)?

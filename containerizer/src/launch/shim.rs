@@ -643,6 +643,17 @@ fn wait_exit_command(spec: &super::spec::TaskSpec, child: Option<std::process::C
     }
 }
 
+/// Tells the launcher `removed`, then closes our end of its pipe (fd 1 becomes /dev/null):
+/// the launcher is done with us.
+pub(super) fn report_removed() {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "removed");
+    let _ = out.flush();
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = sys::dup2(null.as_raw_fd(), 1);
+    }
+}
+
 /// `--rm`: makes the task disappear at once, tells the launcher, then deletes its files.
 ///
 /// What a user can observe goes first: the overlay is unmounted, the owned paths and the task
@@ -696,12 +707,6 @@ pub(super) fn remove_task(
             tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());
         }
     }
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "removed");
-    let _ = out.flush();
-    // Close our end of the launcher's pipe (fd 1 becomes /dev/null): the launcher is done.
-    if let Ok(null) = File::options().write(true).open("/dev/null") {
-        let _ = sys::dup2(null.as_raw_fd(), 1);
-    }
+    report_removed();
     super::state::cleanup_owned(&doomed);
 }

@@ -462,13 +462,7 @@ fn remove_wasm_task(td: &TaskDir, spec: &TaskSpec) {
             tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());
         }
     }
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "removed");
-    let _ = out.flush();
-    // The launcher is done once our end of its pipe closes (fd 1 becomes /dev/null).
-    if let Ok(null) = File::options().write(true).open("/dev/null") {
-        let _ = sys::dup2(null.as_raw_fd(), 1);
-    }
+    super::shim::report_removed();
     if let Some(p) = moved {
         let _ = fs::remove_dir_all(p);
     }
