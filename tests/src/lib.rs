@@ -234,6 +234,13 @@ impl Registry {
 
 impl Drop for Caisson {
     fn drop(&mut self) {
+        // Tasks a test left behind (an exited task without --rm keeps its overlay root
+        // mounted until `rm`) are removed, so that the temp root goes without leaving mounts.
+        let left = std::fs::read_dir(self.root.path().join("containers"))
+            .is_ok_and(|mut d| d.next().is_some());
+        if left {
+            let _ = self.cmd().args(["rm", "-f", "--all"]).output();
+        }
         // The store's volatile networking dir (/run/caisson/net/stores/<hash>): empty once its
         // tasks are gone; a netns still pinned there (a leak) makes this fail, and stays.
         let _ = std::fs::remove_dir_all(containerizer::net::volatile_dir(self.root.path()));
