@@ -534,7 +534,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     } else {
         // A task on CNI networks joins the namespace made for it: none made ahead.
         let cni_netns = matches!(plan, tasknet::Plan::Cni(_));
-        Runtime::new(root).with_supervisor_started_early_netns(!cni_netns)
+        Runtime::new(root).with_supervisor_started_early(!cni_netns)
     };
     let mode = match plan {
         tasknet::Plan::Host => NetworkMode::Host,

@@ -270,6 +270,16 @@ pub async fn set_index_up(h: &Handle, index: u32, name: &str) -> Result<(), CniE
         .map_err(|e| err(format!("setting {name} up"), e))
 }
 
+/// Takes link `index` down.
+pub async fn set_index_down(h: &Handle, index: u32, name: &str) -> Result<(), CniError> {
+    let m = LinkUnspec::new_with_index(index).down().build();
+    h.link()
+        .set(m)
+        .execute()
+        .await
+        .map_err(|e| err(format!("setting {name} down"), e))
+}
+
 /// The addresses on link `index`.
 pub async fn addrs(h: &Handle, index: u32) -> Result<Vec<IpNet>, CniError> {
     use netlink_packet_route::address::AddressAttribute;

@@ -407,12 +407,7 @@ impl Plugin for Bridge {
             return nl::runtime().block_on(async {
                 let hc = nl::connect_in(&ns)?;
                 if let Some(l) = nl::link(&hc, &args.ifname).await? {
-                    let down = LinkUnspec::new_with_index(l.header.index).down().build();
-                    hc.link()
-                        .set(down)
-                        .execute()
-                        .await
-                        .map_err(|e| nl::err(format!("setting {} down", args.ifname), e))?;
+                    nl::set_index_down(&hc, l.header.index, &args.ifname).await?;
                 }
                 Ok(())
             });
@@ -441,12 +436,7 @@ impl Plugin for Bridge {
             );
             // Two requests: the kernel renames before it applies flags, and refuses to rename
             // an interface that is up.
-            let down = LinkUnspec::new_with_index(l.header.index).down().build();
-            hc.link()
-                .set(down)
-                .execute()
-                .await
-                .map_err(|e| nl::err(format!("setting {} down", args.ifname), e))?;
+            nl::set_index_down(&hc, l.header.index, &args.ifname).await?;
             let rename = LinkUnspec::new_with_index(l.header.index)
                 .name(tomb.clone())
                 .build();

@@ -312,16 +312,11 @@ impl Runtime {
     }
 
     /// For a process that launches one task (the CLI): starts that task's supervisor now, in
-    /// standby ([`standby`]), so that its start-up and the task's network namespace are made
-    /// while the caller prepares the launch (root filesystem, records) instead of after.
-    /// No other standby follows; an unused one exits when the runtime is dropped.
-    pub fn with_supervisor_started_early(self) -> Self {
-        self.with_supervisor_started_early_netns(true)
-    }
-
-    /// [`Runtime::with_supervisor_started_early`]; `netns_ahead == false` for a task that
-    /// joins a network namespace made for it (CNI): the standby then makes none.
-    pub fn with_supervisor_started_early_netns(mut self, netns_ahead: bool) -> Self {
+    /// standby ([`standby`]), so that its start-up (and, with `netns_ahead`, the task's network
+    /// namespace) is done while the caller prepares the launch (root filesystem, records)
+    /// instead of after. `netns_ahead == false` for a task that joins a namespace made for it
+    /// (CNI). No other standby follows; an unused one exits when the runtime is dropped.
+    pub fn with_supervisor_started_early(mut self, netns_ahead: bool) -> Self {
         let mut pool = WarmPool::default();
         pool.no_netns = !netns_ahead;
         self.warm = Some(Arc::new(pool));
