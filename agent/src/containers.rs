@@ -427,6 +427,22 @@ fn use_networks(cni: &containerizer::net::Cni, att: tasknet::Attached, spec: &mu
     spec.network_us = Some(att.took_us);
 }
 
+/// What the launch needs for a network still being attached ([`tasknet::Gated`]): the
+/// namespace to join, the gate to wait at, and the release at exit. (/etc/hosts and
+/// resolv.conf come through the gate.)
+fn gate_networks(cni: &containerizer::net::Cni, g: &tasknet::Gated, spec: &mut TaskSpec) {
+    if spec.hostname.is_empty() {
+        spec.hostname = spec.id[..12].to_string();
+    }
+    spec.network_release = Some(containerizer::net::Release::new(
+        cni,
+        &spec.id,
+        g.netns.clone(),
+    ));
+    spec.netns = Some(g.netns.clone());
+    spec.network_gate = Some(g.gate.clone());
+}
+
 /// `--add-host NAME:IP` as an /etc/hosts line.
 fn host_line(v: &str) -> Result<String, LaunchError> {
     let bad = || LaunchError::Invalid(format!("invalid --add-host {v:?}: expected NAME:IP"));
@@ -440,6 +456,7 @@ fn host_line(v: &str) -> Result<String, LaunchError> {
 }
 
 /// The /etc/hosts and resolv.conf flags, checked before anything is made.
+#[derive(Clone)]
 struct NameFlags {
     hosts: Vec<String>,
     dns: Vec<String>,
@@ -483,10 +500,40 @@ impl NameFlags {
             && self.options.is_empty()
     }
 
+    /// /etc/hosts and resolv.conf with these flags applied.
+    fn extend(&self, hosts: String, resolv: &str) -> (String, String) {
+        let extra: String = self.hosts.iter().map(|l| format!("{l}\n")).collect();
+        (
+            hosts + &extra,
+            containerizer::net::files::override_resolv_conf(
+                resolv,
+                &self.dns,
+                &self.search,
+                &self.options,
+            ),
+        )
+    }
+
+    /// The task's /etc/hosts and resolv.conf once its networks are attached (for the network
+    /// gate: computed on the network thread, written by the supervisor).
+    fn network_files(&self, hostname: String) -> tasknet::NetworkFiles {
+        let names = self.clone();
+        Box::new(move |atts| {
+            use containerizer::net::files;
+            let hosts = files::hosts_file(&hostname, atts, &[]);
+            let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            let resolv = files::resolv_conf(atts, &host_resolv);
+            if names.is_empty() {
+                (hosts, resolv)
+            } else {
+                names.extend(hosts, &resolv)
+            }
+        })
+    }
+
     /// Rewrites the task's /etc/hosts and resolv.conf (the network's, or the defaults the
     /// launcher would write).
     fn apply(&self, spec: &mut TaskSpec) {
-        use containerizer::net::files;
         if self.is_empty() {
             return;
         }
@@ -499,24 +546,13 @@ impl NameFlags {
                 spec.hostname
             )
         });
-        spec.hosts_file = Some(
-            hosts
-                + &self
-                    .hosts
-                    .iter()
-                    .map(|l| format!("{l}\n"))
-                    .collect::<String>(),
-        );
         let resolv = spec
             .resolv_conf
             .take()
             .unwrap_or_else(|| std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
-        spec.resolv_conf = Some(files::override_resolv_conf(
-            &resolv,
-            &self.dns,
-            &self.search,
-            &self.options,
-        ));
+        let (hosts, resolv) = self.extend(hosts, &resolv);
+        spec.hosts_file = Some(hosts);
+        spec.resolv_conf = Some(resolv);
     }
 }
 
@@ -542,26 +578,31 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     };
     let cni = cni_args.cni(root);
     let id = launch::new_id();
-    // With --network, the namespace and CNI ADD are made on a thread of their own while the
-    // root filesystem is prepared: both are milliseconds of mostly kernel work. (Only -p means
-    // the default network, unless the image is Wasm: that one waits for the spec.)
+    // With CNI networks the namespace is made and the ADD started on a thread of their own
+    // while the root filesystem is prepared, and the ADD goes on while the task's supervisor
+    // sets it up: only the task's exec waits for the network (the gate). (Only -p means the
+    // default network, unless the image is Wasm: that one starts once the spec is known.)
+    let hostname = match a.hostname.as_deref() {
+        Some(h) if !h.is_empty() => h.to_string(),
+        _ => id[..12].to_string(),
+    };
+    let start_network = |reqs: &[containerizer::net::NetworkRequest]| {
+        tasknet::start_gated(&cni, root, &id, reqs, names.network_files(hostname.clone()))
+    };
     let early = match &plan {
-        tasknet::Plan::Cni(reqs) if !a.network.is_empty() => {
-            let (cni, root, id, reqs) = (cni.clone(), root.to_path_buf(), id.clone(), reqs.clone());
-            Some(std::thread::spawn(move || {
-                tasknet::attach(&cni, &root, &id, &reqs)
-            }))
-        }
+        tasknet::Plan::Cni(reqs) if !a.network.is_empty() => Some(start_network(reqs)),
         _ => None,
     };
     let built = build_spec(root, &a, mode, id.clone());
-    let early = early.map(|t| {
-        t.join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the network setup thread panicked")))
-    });
-    // Releases what the early attach made, on the way out of a failed run.
-    let undo_early = |early: &Option<anyhow::Result<tasknet::Attached>>| {
-        if let Some(Ok(_)) = early {
+    let (mut gated, early_err) = match early.map(tasknet::Starting::ready) {
+        Some(Ok(g)) => (Some(g), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    // Releases what the network thread made, on the way out of a failed run.
+    let undo_network = |g: Option<tasknet::Gated>| {
+        if let Some(g) = g {
+            let _ = g.finish();
             if let Err(e) = tasknet::detach(&cni, root, &id) {
                 tracing::warn!("releasing the network after a failed run: {e:#}");
             }
@@ -570,14 +611,14 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     let (mut spec, owned_root) = match built {
         Ok(b) => b,
         Err(e) => {
-            undo_early(&early);
+            undo_network(gated.take());
             return Err(e);
         }
     };
     // A Wasm task runs in the host's network namespace; its `-p` is where it serves HTTP.
     // (`wasm_run::task_spec` refused the flags that do not apply to Wasm tasks.)
     let plan = if spec.wasm.is_some() {
-        undo_early(&early);
+        undo_network(gated.take());
         tasknet::Plan::None
     } else {
         plan
@@ -587,19 +628,25 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             let _ = containerizer::image::rootfs::remove(dir);
         }
     };
-    let early = match early {
-        Some(Err(e)) => {
-            remove_root();
-            return Err(e);
+    if let Some(e) = early_err {
+        remove_root();
+        return Err(e);
+    }
+    if let (None, tasknet::Plan::Cni(reqs)) = (&gated, &plan) {
+        match start_network(reqs).ready() {
+            Ok(g) => gated = Some(g),
+            Err(e) => {
+                remove_root();
+                return Err(e);
+            }
         }
-        other => other,
-    };
+    }
     // Devices and GPUs: allocated before the launch, released if it fails or when the task
     // is done (by the supervisor's exit command as soon as it exits).
     let gpus = match crate::cdi::attach(root, a.gpus.as_deref(), &a.device, &mut spec) {
         Ok(g) => g,
         Err(e) => {
-            undo_early(&early);
+            undo_network(gated.take());
             remove_root();
             return Err(e);
         }
@@ -609,23 +656,14 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             Ok(c) => spec.exit_command = c,
             Err(e) => {
                 crate::gpus::release(root, &spec.id);
-                undo_early(&early);
+                undo_network(gated.take());
                 remove_root();
                 return Err(e);
             }
         }
     }
-    let networked = matches!(plan, tasknet::Plan::Cni(_));
-    if let Some(Ok(att)) = early {
-        use_networks(&cni, att, &mut spec);
-    } else if let tasknet::Plan::Cni(reqs) = &plan {
-        if let Err(e) = attach_networks(root, &cni, reqs, &mut spec) {
-            if gpus {
-                crate::gpus::release(root, &spec.id);
-            }
-            remove_root();
-            return Err(e);
-        }
+    if let Some(g) = &gated {
+        gate_networks(&cni, g, &mut spec);
     }
     names.apply(&mut spec);
     let id = spec.id.clone();
@@ -635,9 +673,18 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     } else {
         wasm_run::launch(&rt, spec)
     };
-    let mut launched = match launch {
-        Ok(l) => l,
-        Err(e) => {
+    // The ADD's outcome: the launch has returned, so the supervisor has read the gate (or
+    // failed before); the gate goes now.
+    let networked = gated.is_some();
+    let attached = gated.map(tasknet::Gated::finish);
+    let mut launched = match (launch, attached) {
+        (Ok(l), None | Some(Ok(_))) => l,
+        (Ok(l), Some(Err(e))) => {
+            // Not expected: the supervisor lets the task exec only on the network's go.
+            tracing::warn!("the task started though its network reported: {e:#}");
+            l
+        }
+        (Err(e), att) => {
             if gpus {
                 crate::gpus::release(root, &id);
             }
@@ -647,7 +694,12 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
                     tracing::warn!("releasing the network after a failed launch: {de:#}");
                 }
             }
-            return Err(e.into());
+            // The network's own error names the network and plugin; the supervisor's report
+            // of it only repeats it.
+            return Err(match att {
+                Some(Err(ne)) => ne,
+                _ => e.into(),
+            });
         }
     };
     if let Some(f) = &a.cidfile {

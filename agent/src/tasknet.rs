@@ -107,6 +107,151 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the CNI runtime")
 }
 
+/// Where the network gates of a store's launches are (see [`Gated`]).
+fn gates_dir(root: &Path) -> PathBuf {
+    containerizer::net::volatile_dir(root).join("gates")
+}
+
+/// Where the network gate of a task's launch is.
+pub fn gate_path(root: &Path, id: &str) -> PathBuf {
+    gates_dir(root).join(id)
+}
+
+/// What the task's /etc/hosts and resolv.conf become once its networks are attached.
+pub type NetworkFiles = Box<dyn FnOnce(&[Attachment]) -> (String, String) + Send>;
+
+/// A task's network made while its launch goes on: the namespace exists (the launch joins it),
+/// the CNI ADD runs on a thread of its own, and the supervisor holds the task's exec at the
+/// network gate (`containerizer::net::gate`) until the ADD is done; the task's setup (clone,
+/// mounts, cgroups) overlaps the ADD instead of waiting for it.
+pub struct Gated {
+    pub netns: PathBuf,
+    pub gate: PathBuf,
+    thread: std::thread::JoinHandle<(anyhow::Result<Attached>, Option<net::gate::Gate>)>,
+}
+
+/// [`Gated`] on its way: the namespace is being made.
+pub struct Starting {
+    ready: std::sync::mpsc::Receiver<anyhow::Result<()>>,
+    netns: PathBuf,
+    gate: PathBuf,
+    thread: std::thread::JoinHandle<(anyhow::Result<Attached>, Option<net::gate::Gate>)>,
+}
+
+/// Starts making the task's network on a thread: checks the networks, creates the namespace
+/// and the gate, then runs ADD and sends the task's files (`files`) through the gate.
+pub fn start_gated(
+    cni: &Cni,
+    root: &Path,
+    id: &str,
+    reqs: &[NetworkRequest],
+    files: NetworkFiles,
+) -> Starting {
+    let (tx, ready) = std::sync::mpsc::channel();
+    let netns = netns_path(root, id);
+    let gate = gate_path(root, id);
+    let (cni, id, reqs) = (cni.clone(), id.to_string(), reqs.to_vec());
+    let (ns_path, gate_at) = (netns.clone(), gate.clone());
+    let thread = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let made = (|| -> anyhow::Result<(Netns, net::gate::Gate)> {
+            check_networks(&cni, &reqs)?;
+            let ns = Netns::create(&ns_path)?;
+            match net::gate::Gate::create(&gate_at) {
+                Ok(g) => Ok((ns, g)),
+                Err(e) => {
+                    let _ = ns.delete();
+                    Err(anyhow::Error::new(e).context("creating the network gate"))
+                }
+            }
+        })();
+        let (ns, gate) = match made {
+            Ok(m) => {
+                let _ = tx.send(Ok(()));
+                m
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return (Err(anyhow::anyhow!("the network was not made")), None);
+            }
+        };
+        let res = runtime().and_then(|rt| Ok(rt.block_on(cni.setup(&id, ns.path(), &reqs))?));
+        let msg = match &res {
+            Ok(atts) => {
+                let (hosts, resolv_conf) = files(atts);
+                net::gate::GateMessage::Ready {
+                    hosts,
+                    resolv_conf,
+                    network_us: t0.elapsed().as_micros() as u64,
+                }
+            }
+            Err(e) => net::gate::GateMessage::Failed {
+                message: format!("{e:#}"),
+            },
+        };
+        let sent = gate.send(&msg);
+        let res = res.and_then(|attachments| {
+            sent.context("writing the network gate")?;
+            Ok(Attached {
+                netns: ns_path,
+                attachments,
+                took_us: t0.elapsed().as_micros() as u64,
+            })
+        });
+        if res.is_err() {
+            let _ = ns.delete();
+        }
+        (res, Some(gate))
+    });
+    Starting {
+        ready,
+        netns,
+        gate,
+        thread,
+    }
+}
+
+impl Starting {
+    /// Waits for the namespace and the gate (not for the ADD).
+    pub fn ready(self) -> anyhow::Result<Gated> {
+        match self.ready.recv() {
+            Ok(Ok(())) => Ok(Gated {
+                netns: self.netns,
+                gate: self.gate,
+                thread: self.thread,
+            }),
+            Ok(Err(e)) => {
+                let _ = self.thread.join();
+                Err(e)
+            }
+            Err(_) => Err(anyhow::anyhow!("the network setup thread panicked")),
+        }
+    }
+}
+
+impl Gated {
+    /// Waits for the ADD (call it once the launch has returned: the gate is removed then).
+    pub fn finish(self) -> anyhow::Result<Attached> {
+        match self.thread.join() {
+            Ok((res, _gate)) => res,
+            Err(_) => Err(anyhow::anyhow!("the network setup thread panicked")),
+        }
+    }
+}
+
+/// The default network is written on first use; an unknown network is reported before anything
+/// is made.
+fn check_networks(cni: &Cni, reqs: &[NetworkRequest]) -> anyhow::Result<()> {
+    if reqs.iter().any(|r| r.name == net::DEFAULT_NETWORK) {
+        cni.ensure_default_network()
+            .context("creating the default network")?;
+    }
+    for r in reqs {
+        cni.network(&r.name)?;
+    }
+    Ok(())
+}
+
 /// Creates the task's namespace and attaches it to every requested network (all or nothing:
 /// on failure, what was attached is detached and the namespace removed).
 pub fn attach(
@@ -116,14 +261,7 @@ pub fn attach(
     reqs: &[NetworkRequest],
 ) -> anyhow::Result<Attached> {
     let t0 = Instant::now();
-    if reqs.iter().any(|r| r.name == net::DEFAULT_NETWORK) {
-        cni.ensure_default_network()
-            .context("creating the default network")?;
-    }
-    // An unknown network is reported before anything is made.
-    for r in reqs {
-        cni.network(&r.name)?;
-    }
+    check_networks(cni, reqs)?;
     let path = netns_path(root, id);
     let ns = Netns::create(&path)?;
     let res = runtime().and_then(|rt| Ok(rt.block_on(cni.setup(id, ns.path(), reqs))?));
@@ -190,17 +328,25 @@ pub fn sweep_orphans(cni: &Cni, root: &Path) -> Vec<String> {
     }
     let grace = orphan_grace();
     let now = std::time::SystemTime::now();
+    let old_enough = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_none_or(|age| age >= grace)
+    };
+    // Gates of launches whose launcher and supervisor both died before using them.
+    if let Ok(rd) = std::fs::read_dir(gates_dir(root)) {
+        for e in rd.flatten().filter(|e| old_enough(&e.path())) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let mut released = vec![];
     for (id, marker) in ids {
         if root.join("containers").join(&id).exists() {
             continue;
         }
-        let old = std::fs::symlink_metadata(&marker)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| now.duration_since(t).ok())
-            .is_none_or(|age| age >= grace);
-        if !old {
+        if !old_enough(&marker) {
             continue;
         }
         match detach(cni, root, &id) {

@@ -82,6 +82,8 @@ impl Env {
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(netns.is_empty(), "netns left: {netns:?}");
+        let gates = walk_files(&volatile_dir(root).join("gates"));
+        assert!(gates.is_empty(), "network gates left: {gates:?}");
         let cache: Vec<_> = walk_files(&volatile_dir(root).join("cni"));
         assert!(cache.is_empty(), "CNI cache left: {cache:?}");
         let roots: Vec<_> = std::fs::read_dir(root.join("rootfs"))
@@ -362,7 +364,7 @@ fn bad_networks_fail_cleanly() {
 }
 
 #[test]
-fn a_launch_killed_during_add_is_released_by_the_next_rm() {
+fn a_launch_killed_during_add_fails_at_the_network_gate_and_rm_releases_it() {
     use std::os::unix::fs::PermissionsExt;
     let Some(mut env) = Env::new(&our_plugins()) else {
         return;
@@ -390,8 +392,12 @@ fn a_launch_killed_during_add_is_released_by_the_next_rm() {
         .spawn()
         .unwrap();
     let root = env.c.root.path().to_path_buf();
-    eventually("the ADD is under way", || {
+    // The ADD is under way (its cache entry exists) and the supervisor waits at the network
+    // gate (it removes the FIFO once it has opened it).
+    eventually("the supervisor waits for the ADD", || {
         walk_files(&volatile_dir(&root).join("cni")).len() == 1
+            && env.run(&["ps", "-aq"]).1.trim().len() == 12
+            && walk_files(&volatile_dir(&root).join("gates")).is_empty()
     });
     launcher.kill().unwrap();
     launcher.wait().unwrap();
@@ -399,20 +405,25 @@ fn a_launch_killed_during_add_is_released_by_the_next_rm() {
         .unwrap()
         .collect();
     assert_eq!(netns.len(), 1, "the half-made launch holds a namespace");
+    // The task's setup went on during the ADD; its supervisor, waiting at the network gate,
+    // sees the launcher go, stops the task before it ever ran and says why.
+    eventually("the task is reported failed", || {
+        let (_, out, _) = env.run(&["ps", "-a", "--json"]);
+        out.contains("failed")
+    });
+    let (_, out, _) = env.run(&["ps", "-aq"]);
+    let id = out.trim().to_string();
+    let (code, out, err) = env.run(&["inspect", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("before the task's network was ready"),
+        "the reason is kept: {out}"
+    );
     let roots: Vec<_> = std::fs::read_dir(root.join("rootfs")).unwrap().collect();
-    assert_eq!(roots.len(), 1, "and its root filesystem");
-    // Within the grace period a sweep leaves it alone (it could be a launch in progress).
+    assert_eq!(roots.len(), 1, "its root filesystem is kept until rm");
+    // rm removes it and releases its network (from the cache ADD left).
     let (code, _, err) = env.run(&["rm", "-a"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(walk_files(&volatile_dir(&root).join("cni")).len(), 1);
-    // Past it, the next rm releases it.
-    let out = env
-        .cmd()
-        .env("CAISSON_ORPHAN_GRACE_SECS", "0")
-        .args(["rm", "-a"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
     env.assert_clean(&[]);
 }
 

@@ -536,6 +536,7 @@ pub fn main(dir: &Path) -> i32 {
     let timings = Timings {
         rootfs_us: tspec.rootfs_prepare_us,
         network_us: tspec.network_us,
+        network_wait_us: None,
         prepare_us: spawned_ns.saturating_sub(task_cfg.launch_started_ns) / 1000,
         // The handover to the waiting supervisor.
         spawn_us: t_start.saturating_sub(spawned_ns) / 1000,

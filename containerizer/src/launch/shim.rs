@@ -200,6 +200,9 @@ pub(super) fn main_with(
     // createRuntime hooks run (here) between the clone and the init's createContainer hooks:
     // the init then waits for our go after its mounts, whatever the cgroup layout.
     let early_go = !spec.hooks.create_runtime.is_empty();
+    // A CNI ADD still in flight (the network gate): the init sets up meanwhile and waits for
+    // our go before exec.
+    let gated = spec.network_gate.is_some();
     let t_clone = sys::monotonic_ns();
     let mut joined_at_birth = v2fd.is_some();
     // Born in its v2 cgroup, the init also gets a cgroup namespace rooted there, so that it can
@@ -221,7 +224,7 @@ pub(super) fn main_with(
             child::run(ChildArgs {
                 spec,
                 dir: &td,
-                wait_for_cgroup: (!joined_at_birth || early_go).then_some(go_r),
+                wait_for_cgroup: (!joined_at_birth || early_go || gated).then_some(go_r),
                 wait_early: early_go,
                 cgroup_ns: joined_at_birth,
                 netns: premade_netns.as_ref(),
@@ -285,6 +288,33 @@ pub(super) fn main_with(
             return 1;
         }
     }
+    if let Some(gate) = &spec.network_gate {
+        let t_gate = sys::monotonic_ns();
+        let ready = match crate::net::gate::wait(gate) {
+            Ok(crate::net::gate::GateMessage::Ready {
+                hosts,
+                resolv_conf,
+                network_us,
+            }) => {
+                timings.network_us = Some(network_us);
+                // In place: the task's /etc files are bind mounts of these already.
+                fs::write(td.etc().join("hosts"), hosts)
+                    .and_then(|_| fs::write(td.etc().join("resolv.conf"), resolv_conf))
+                    .map_err(|e| format!("writing the task's network files: {e}"))
+            }
+            Ok(crate::net::gate::GateMessage::Failed { message }) => Err(message),
+            Err(e) => Err(e),
+        };
+        timings.network_wait_us = Some((sys::monotonic_ns() - t_gate) / 1000);
+        if let Err(e) = ready {
+            drop(go_w_fd);
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            let _ = cg.destroy(Duration::from_secs(5));
+            report_failure(&mut state, &mut out, 125, e);
+            return 1;
+        }
+    }
     if early_go {
         let hook_state = super::hooks::state_json(
             &spec.id,
@@ -309,8 +339,8 @@ pub(super) fn main_with(
         }
     }
     // The init waits for this byte unless it was born in its cgroup (and has no createRuntime
-    // hooks to wait for).
-    if early_go || !joined_at_birth {
+    // hooks or network to wait for).
+    if early_go || !joined_at_birth || gated {
         let _ = File::from(go_w_fd).write_all(b"1");
     } else {
         drop(go_w_fd);

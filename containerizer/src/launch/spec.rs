@@ -164,6 +164,11 @@ pub struct TaskSpec {
     /// Time the caller spent on the network (netns + CNI ADD), for the phase timings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_us: Option<u64>,
+    /// The network gate ([`crate::net::gate`]): the CNI ADD on [`Self::netns`] is still
+    /// running; the supervisor holds the init's exec until this FIFO says the network is
+    /// ready (and writes the task's /etc/hosts and resolv.conf from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_gate: Option<PathBuf>,
     /// Content of the task's `/etc/hosts` (e.g. with its network addresses); loopback names
     /// and `127.0.1.1 hostname` when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

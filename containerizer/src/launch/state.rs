@@ -39,6 +39,10 @@ pub struct Timings {
     /// Network namespace and CNI attachments by the caller, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_us: Option<u64>,
+    /// With the network gate: how long the supervisor waited for the CNI ADD after the init's
+    /// cgroup move (the part of `network_us` not overlapped with the setup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_wait_us: Option<u64>,
     /// The launcher's bookkeeping: validation, task directory, records, generated /etc files.
     #[serde(default)]
     pub prepare_us: u64,

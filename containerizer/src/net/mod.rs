@@ -20,6 +20,7 @@ pub mod cache;
 pub mod config;
 pub mod exec;
 pub mod files;
+pub mod gate;
 pub mod release;
 pub mod result;
 pub mod volatile;
