@@ -412,35 +412,31 @@ pub(crate) fn attach_networks(
 /// Fills in what the launch needs from the task's attached networks (see [`attach_networks`]).
 fn use_networks(cni: &containerizer::net::Cni, att: tasknet::Attached, spec: &mut TaskSpec) {
     use containerizer::net::files;
-    if spec.hostname.is_empty() {
-        spec.hostname = spec.id[..12].to_string();
-    }
+    join_netns(cni, &att.netns, spec);
     spec.hosts_file = Some(files::hosts_file(&spec.hostname, &att.attachments, &[]));
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     spec.resolv_conf = Some(files::resolv_conf(&att.attachments, &host_resolv));
-    spec.network_release = Some(containerizer::net::Release::new(
-        cni,
-        &spec.id,
-        att.netns.clone(),
-    ));
-    spec.netns = Some(att.netns);
     spec.network_us = Some(att.took_us);
 }
 
 /// What the launch needs for a network still being attached ([`tasknet::Gated`]): the
-/// namespace to join, the gate to wait at, and the release at exit. (/etc/hosts and
-/// resolv.conf come through the gate.)
+/// namespace and the gate to wait at. (/etc/hosts and resolv.conf come through the gate.)
 fn gate_networks(cni: &containerizer::net::Cni, g: &tasknet::Gated, spec: &mut TaskSpec) {
+    join_netns(cni, &g.netns, spec);
+    spec.network_gate = Some(g.gate.clone());
+}
+
+/// The task joins `netns` and its supervisor releases its networks when it exits.
+fn join_netns(cni: &containerizer::net::Cni, netns: &Path, spec: &mut TaskSpec) {
     if spec.hostname.is_empty() {
         spec.hostname = spec.id[..12].to_string();
     }
     spec.network_release = Some(containerizer::net::Release::new(
         cni,
         &spec.id,
-        g.netns.clone(),
+        netns.to_path_buf(),
     ));
-    spec.netns = Some(g.netns.clone());
-    spec.network_gate = Some(g.gate.clone());
+    spec.netns = Some(netns.to_path_buf());
 }
 
 /// `--add-host NAME:IP` as an /etc/hosts line.
