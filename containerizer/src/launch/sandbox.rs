@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,6 +82,38 @@ pub(super) struct Sandbox {
     pub child: Child,
     pub stdin: ChildStdin,
     pub events: BufReader<ChildStdout>,
+    /// What the sandbox's task files say.
+    pub made: MadeFiles,
+}
+
+/// The generated files a sandbox was made with (`etc/hostname`, `etc/hosts`,
+/// `etc/resolv.conf`, see [`super::write_task_files`]).
+#[derive(Debug)]
+pub(super) struct MadeFiles {
+    hostname: String,
+    resolv_conf: String,
+}
+
+impl MadeFiles {
+    /// True if `spec`'s generated files are the ones made (its hostname, default hosts, the
+    /// host's resolv.conf as it is now, no hooks' bundle): nothing to rewrite at its launch.
+    pub fn files_fit(&self, spec: &TaskSpec) -> bool {
+        spec.hostname == self.hostname
+            && spec.hosts_file.is_none()
+            && spec.hooks.is_empty()
+            && spec.resolv_conf.as_ref().unwrap_or(&host_resolv_conf()) == &self.resolv_conf
+    }
+}
+
+/// The host's resolv.conf, as a task without networks gets it.
+fn host_resolv_conf() -> String {
+    fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
+}
+
+/// `<sandbox dir>/name`: the name index entry made ahead (it holds the sandbox's id; linked
+/// into the index when a task takes the id, see `Runtime::admit_with`).
+pub(super) fn name_file(dir: &Path) -> PathBuf {
+    dir.join("name")
 }
 
 impl Sandbox {
@@ -164,16 +196,14 @@ impl Pool {
             .spawn(move || {
                 sweep_stale(&root, Duration::from_secs(60));
                 while let Some(pool) = weak.upgrade() {
-                    let made = {
-                        let _making = pool.making.lock().unwrap_or_else(|e| e.into_inner());
-                        // Refills turned off (the caller fills): stop here too.
-                        if pool.ready() >= pool.want || !pool.refill.load(Ordering::Acquire) {
-                            pool.filling.store(false, Ordering::Release);
-                            return;
-                        }
-                        make(&root, &shim, &pool.image)
-                    };
-                    match made {
+                    // Held until the sandbox is in the pool, so that a concurrent fill counts it.
+                    let _making = pool.making.lock().unwrap_or_else(|e| e.into_inner());
+                    // Refills turned off (the caller fills): stop here too.
+                    if pool.ready() >= pool.want || !pool.refill.load(Ordering::Acquire) {
+                        pool.filling.store(false, Ordering::Release);
+                        return;
+                    }
+                    match make(&root, &shim, &pool.image) {
                         Ok(sb) => match pool.ready.lock() {
                             Ok(mut r) => r.push_back(sb),
                             Err(_) => sb.discard(),
@@ -249,6 +279,15 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let td = TaskDir::new(dir.clone());
         let short: String = sid.chars().take(12).collect();
+        // What a launch needs of the state root, made ahead (see `Runtime::admit_with`).
+        for d in [root.join("containers"), root.join("names")] {
+            fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+        fs::write(name_file(&dir), &sid).map_err(io_err("writing the name index entry"))?;
+        let made_files = MadeFiles {
+            hostname: short.clone(),
+            resolv_conf: host_resolv_conf(),
+        };
         let spec = TaskSpec {
             id: sid.clone(),
             name: short.clone(),
@@ -262,6 +301,7 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
                 user: String::new(),
             },
             hostname: short,
+            resolv_conf: Some(made_files.resolv_conf.clone()),
             ..Default::default()
         };
         super::write_task_files(&td, &spec)?;
@@ -295,6 +335,7 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
                 child,
                 stdin,
                 events,
+                made: made_files,
             });
         }
         drop(stdin);
@@ -395,14 +436,15 @@ pub fn main(dir: &Path) -> i32 {
             OwnedFd::from(File::open("/dev/null")?),
             pipe()?,
             pipe()?,
-            pipe()?,
+            // The init reads its task from our stdin (the launcher writes it there): one hop
+            // less than through us, and our bookkeeping overlaps the init's.
+            std::io::stdin().as_fd().try_clone_to_owned()?,
         ))
     })();
-    let (stdout_fd, stderr_fd, devnull, (status_r, status_w), (go_r, go_w), (claim_r, claim_w)) =
-        match fds {
-            Ok(f) => f,
-            Err(e) => return failed(&mut out, None, 125, format!("opening files: {e}")),
-        };
+    let (stdout_fd, stderr_fd, devnull, (status_r, status_w), (go_r, go_w), claim_r) = match fds {
+        Ok(f) => f,
+        Err(e) => return failed(&mut out, None, 125, format!("opening files: {e}")),
+    };
     let flags = (libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWUTS
@@ -410,7 +452,7 @@ pub fn main(dir: &Path) -> i32 {
         | libc::CLONE_NEWNET) as u64;
     let pid = match sys::clone_fork(flags, None) {
         Ok(CloneResult::Child) => {
-            drop((status_r, go_w, claim_w));
+            drop((status_r, go_w));
             child::run(ChildArgs {
                 spec,
                 dir: &td,
@@ -463,32 +505,25 @@ pub fn main(dir: &Path) -> i32 {
     }
     // The task's first state write (moved along with the directory) allocates no inode.
     td.prepare_state_write();
+    let me = std::process::id() as i32;
+    let my_start_ticks = process_start_ticks(me);
     let _ = writeln!(out, "ready");
     let _ = out.flush();
 
-    // The handover, or EOF.
-    let mut line = Vec::with_capacity(256);
-    let mut buf = [0u8; 512];
-    let stdin = std::io::stdin();
-    while !line.contains(&b'\n') {
-        match nix::unistd::read(&stdin, &mut buf) {
-            Ok(0) => {
+    // The init's claim of a task (the launcher's handover), or its end: EOF on our stdin (the
+    // sandbox unused) or a failure before it had a task.
+    lines.read_until(&mut status, 'C');
+    let Some(claim) = lines.claim.take() else {
+        return match lines.error.take() {
+            Some((_, msg)) if msg == child::UNUSED => {
                 teardown(Some(pid));
-                return 0;
+                0
             }
-            Ok(n) => line.extend_from_slice(&buf[..n]),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => {
-                teardown(Some(pid));
-                return 0;
-            }
-        }
-    }
-    let t_start = sys::monotonic_ns();
-    let Some((task_dir, spawned_ns)) = super::standby::parse_handover(&line) else {
-        return failed(&mut out, Some(pid), 125, "bad handover line".into());
+            Some((code, msg)) => failed(&mut out, Some(pid), code, msg),
+            None => failed(&mut out, Some(pid), 125, "the init ended early".into()),
+        };
     };
-    let td = TaskDir::new(task_dir);
+    let td = TaskDir::new(claim.dir);
     // From here on the task's records say what happened; the launcher cleans up on failure.
     let kill_init = || {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
@@ -506,10 +541,14 @@ pub fn main(dir: &Path) -> i32 {
     let mut state = td
         .read_state()
         .unwrap_or_else(|_| TaskState::created(now_ms()));
-    let me = std::process::id() as i32;
     state.shim_pid = Some(me);
-    state.shim_start_ticks = process_start_ticks(me);
-    let Some(cg) = TaskCgroup::open(&tspec.id, &tspec.limits) else {
+    state.shim_start_ticks = my_start_ticks;
+    // The task took the sandbox's id (and so its cgroup), or the launcher renamed the cgroup.
+    let cg = match tspec.id == spec.id {
+        true => Some(cg),
+        false => cg.renamed(&tspec.id),
+    };
+    let Some(cg) = cg else {
         kill_init();
         super::shim::launch_failed(
             &td,
@@ -522,29 +561,21 @@ pub fn main(dir: &Path) -> i32 {
         return 1;
     };
     state.cgroup_paths = cg.dirs();
-    let t_sent = sys::monotonic_ns();
-    let sent = serde_json::to_vec(tspec)
-        .map_err(std::io::Error::other)
-        .and_then(|data| File::from(claim_w).write_all(&data));
-    if let Err(e) = sent {
-        lines.error = Some((125, format!("sending the task to its init: {e}")));
-    } else {
-        lines.read_until(&mut status, '\0');
-    }
+    lines.read_until(&mut status, '\0');
     let t_exec = sys::monotonic_ns();
     let t_mounts = lines.mounts.unwrap_or(t_exec);
     let timings = Timings {
         rootfs_us: tspec.rootfs_prepare_us,
         network_us: tspec.network_us,
-        prepare_us: spawned_ns.saturating_sub(task_cfg.launch_started_ns) / 1000,
-        // The handover to the waiting supervisor.
-        spawn_us: t_start.saturating_sub(spawned_ns) / 1000,
+        prepare_us: claim.spawned_ns.saturating_sub(task_cfg.launch_started_ns) / 1000,
+        // The handover to the waiting init.
+        spawn_us: claim.at_ns.saturating_sub(claim.spawned_ns) / 1000,
         cgroup_us: 0,
         // Done ahead, in the sandbox.
         namespaces_us: 0,
         cgroup_join_us: 0,
         // What is left for the init: hostname, user, capabilities, seccomp.
-        mounts_us: t_mounts.saturating_sub(t_sent) / 1000,
+        mounts_us: t_mounts.saturating_sub(claim.at_ns) / 1000,
         exec_us: t_exec.saturating_sub(t_mounts) / 1000,
         total_us: t_exec.saturating_sub(task_cfg.launch_started_ns) / 1000,
         clone_into_cgroup: false,
@@ -562,12 +593,33 @@ pub fn main(dir: &Path) -> i32 {
     })
 }
 
-/// The init's status lines (see [`child`]): `S`, `W`, `M` times and an `E` error.
+/// The init's status lines (see [`child`]): `S`, `W`, `M` times, the `C` claim and an `E`
+/// error.
 #[derive(Default)]
 struct StatusLines {
     waiting: Option<u64>,
     mounts: Option<u64>,
+    claim: Option<Claim>,
     error: Option<(i32, String)>,
+}
+
+/// `C <ns> <spawned ns> <task dir>`: the init has its task (when, the launcher's time of the
+/// handover, the task's directory).
+struct Claim {
+    at_ns: u64,
+    spawned_ns: u64,
+    dir: PathBuf,
+}
+
+impl Claim {
+    fn parse(rest: &str) -> Option<Claim> {
+        let mut it = rest.splitn(3, ' ');
+        Some(Claim {
+            at_ns: it.next()?.parse().ok()?,
+            spawned_ns: it.next()?.parse().ok()?,
+            dir: PathBuf::from(it.next().filter(|d| !d.is_empty())?),
+        })
+    }
 }
 
 impl StatusLines {
@@ -580,7 +632,18 @@ impl StatusLines {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            let mut it = line.trim_end().splitn(3, ' ');
+            let line = line.strip_suffix('\n').unwrap_or(&line);
+            if let Some(rest) = line.strip_prefix("C ") {
+                self.claim = Claim::parse(rest);
+                if self.claim.is_none() {
+                    self.error = Some((125, format!("bad claim line {line:?}")));
+                }
+                if stop == 'C' {
+                    return;
+                }
+                continue;
+            }
+            let mut it = line.splitn(3, ' ');
             let (kind, a, b) = (it.next(), it.next(), it.next());
             let t = a.and_then(|t| t.parse().ok());
             match kind {

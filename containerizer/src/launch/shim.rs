@@ -4,7 +4,8 @@
 //!
 //! Protocol with the launcher: the launcher spawns the shim with stdin and stdout as pipes.
 //! The shim writes `started <pid>` or `failed <code> <message>` as its first line on stdout,
-//! then `exited <code>` when the task has ended and its state is recorded. With `auto_remove`
+//! then `exited <code> <state JSON>` when the task has ended (and, without `auto_remove`,
+//! its state is recorded; with it the record is written right after). With `auto_remove`
 //! the shim then waits for EOF on stdin (the launcher has drained the logs, or is gone) and
 //! removes the task's directory.
 use std::fs::{self, File, OpenOptions};
@@ -462,11 +463,21 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
         run_logged_hooks(&td, spec, "poststop", &spec.hooks.poststop, "stopped", None);
     }
     replaced.extend(File::open(td.state()).ok());
-    if let Err(e) = td.write_state(&state) {
-        tracing::error!(id = %spec.id, "writing state: {e}");
+    let record = |state: &TaskState| {
+        if let Err(e) = td.write_state(state) {
+            tracing::error!(id = %spec.id, "writing state: {e}");
+        }
+    };
+    // The final state comes with the report, so that the launcher need not read it back.
+    // A task removed with its exit (--rm) is reported first: its record goes anyway, and
+    // nobody else waits for it; any other is recorded first, for whoever looks next.
+    if spec.auto_remove {
+        report_exited(&mut out, &state);
+        record(&state);
+    } else {
+        record(&state);
+        report_exited(&mut out, &state);
     }
-    let _ = writeln!(out, "exited {}", status.0);
-    let _ = out.flush();
     if !hooks_first {
         destroy(&cg);
     }
@@ -504,6 +515,16 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
     // Only now, with nobody waiting on us: freeing the old state files' blocks can be slow.
     drop(replaced);
     0
+}
+
+/// Tells the launcher that the task has ended: `exited CODE STATE` (the final state as one
+/// line of JSON; see [`super::Launched::wait`]).
+fn report_exited(out: &mut std::io::Stdout, state: &TaskState) {
+    let mut line = format!("exited {} ", state.exit_code.unwrap_or(255)).into_bytes();
+    let _ = serde_json::to_writer(&mut line, state);
+    line.push(b'\n');
+    let _ = out.write_all(&line);
+    let _ = out.flush();
 }
 
 /// Records the task as running (pid, start time, launch timings) and tells the launcher.
