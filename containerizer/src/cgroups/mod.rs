@@ -5,6 +5,7 @@
 //! opened and passed to `clone3(CLONE_INTO_CGROUP)`; on v1 the supervisor writes the init's pid
 //! into the `cgroup.procs` of each hierarchy the task needs ([`v1_controllers_for`]).
 use std::fs;
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -434,16 +435,19 @@ impl TaskCgroup {
         let Some(dir) = self.controller_dir("devices") else {
             return Ok(());
         };
-        let w = |file: &str, v: &str| {
-            fs::write(dir.join(file), v).map_err(|source| CgroupError::Io {
-                path: dir.display().to_string(),
-                op: "device rules",
-                source,
-            })
+        let io = |source| CgroupError::Io {
+            path: dir.display().to_string(),
+            op: "device rules",
+            source,
         };
-        w("devices.deny", "a")?;
+        let open = |file: &str| fs::OpenOptions::new().write(true).open(dir.join(file));
+        open("devices.deny")
+            .and_then(|mut f| f.write_all(b"a"))
+            .map_err(io)?;
+        // One rule per write, all through one open file (a path lookup each cost more).
+        let mut allow = open("devices.allow").map_err(io)?;
         for rule in rules {
-            w("devices.allow", &rule.to_v1())?;
+            allow.write_all(rule.to_v1().as_bytes()).map_err(io)?;
         }
         Ok(())
     }

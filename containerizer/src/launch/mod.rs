@@ -426,8 +426,7 @@ impl Runtime {
     /// Warm sandboxes ([`sandbox`]): keeps `n` sandboxes of `image` (a reference in the image
     /// store under the state root) ready, refilled in the background after each launch that
     /// takes one. Launch through [`Runtime::launch_in_sandbox`]. Unused sandboxes are torn
-    /// down when the last clone of this runtime is dropped (or its process dies). Not on pure
-    /// cgroup v2 (launches then take the cold path).
+    /// down when the last clone of this runtime is dropped (or its process dies).
     pub fn with_warm_sandboxes(mut self, image: impl Into<String>, n: usize) -> Self {
         let pool = Arc::new(sandbox::Pool::new(image.into(), n));
         pool.fill_in_background(&self.root, &self.shim);
@@ -541,9 +540,7 @@ impl Runtime {
                     &TaskState::created(state::now_ms()),
                 )
                 .map_err(io_err("writing the records"))?;
-            if !same_id {
-                sandbox::rename_cgroup(&sid, &id)?;
-            }
+            sandbox::hand_over_cgroup(&sid, &id)?;
             if spec.limits.memory.is_some() {
                 let cg = TaskCgroup::open(&id, &spec.limits)
                     .ok_or_else(|| LaunchError::Shim("the sandbox's cgroup is gone".into()))?;

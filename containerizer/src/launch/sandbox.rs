@@ -21,8 +21,13 @@
 //!
 //! Each sandbox serves one task. EOF on the supervisor's stdin before a handover (the `Runtime`
 //! dropped, its owner gone, `kill -9` included) makes it kill its init and remove the cgroup,
-//! the overlay and the directory. Pure cgroup v2 is not supported (a v2 cgroup cannot be
-//! renamed): there the pool stays empty and launches take the cold path.
+//! the overlay and the directory.
+//!
+//! A task without an id of its own takes the sandbox's (its cgroup, hostname, /etc files and
+//! name index entry are then ready as they are). One with its own id gets the sandbox's
+//! cgroup renamed on v1 and hybrid hosts; on pure v2, where a cgroup cannot be renamed, its
+//! cgroup is created and the waiting init moved into it ([`cgroup_handover`]). On v2 a
+//! sandbox's task has no cgroup namespace of its own (a cold one has).
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -265,11 +270,6 @@ pub(super) fn sweep_stale(root: &Path, min_age: Duration) -> usize {
 /// Makes one sandbox of `image` (in the store under `root`): overlay, provisional task
 /// directory, cgroup, supervisor; returns once its init waits for a task.
 pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, LaunchError> {
-    if crate::cgroups::is_v2() {
-        return Err(LaunchError::Invalid(
-            "warm sandboxes need cgroup v1 or hybrid (a v2 cgroup cannot be renamed)".into(),
-        ));
-    }
     let _ = crate::cgroups::favor_dynamic_modifications();
     let sid = super::new_id();
     let owned = root.join("rootfs").join(&sid);
@@ -368,9 +368,63 @@ fn make_rootfs(root: &Path, image: &str, owned: &Path) -> Result<PathBuf, Launch
         .path)
 }
 
+/// How a sandbox's cgroup becomes its task's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CgroupHandover {
+    /// The task took the sandbox's id: its cgroup already is the task's.
+    Keep,
+    /// v1 and hybrid: one rename per hierarchy ([`rename_cgroup`]).
+    Rename,
+    /// Pure v2, where a cgroup cannot be renamed: the task's is created and the waiting init
+    /// moved into it ([`move_cgroup`]).
+    Move,
+}
+
+/// The way for a task of id `id` in the sandbox `sid` on this cgroup layout.
+pub(super) fn cgroup_handover(v2: bool, sid: &str, id: &str) -> CgroupHandover {
+    match (sid == id, v2) {
+        (true, _) => CgroupHandover::Keep,
+        (false, false) => CgroupHandover::Rename,
+        (false, true) => CgroupHandover::Move,
+    }
+}
+
+/// Makes the cgroup of sandbox `sid` task `id`'s, the way [`cgroup_handover`] says.
+pub(super) fn hand_over_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
+    match cgroup_handover(crate::cgroups::is_v2(), sid, id) {
+        CgroupHandover::Keep => Ok(()),
+        CgroupHandover::Rename => rename_cgroup(sid, id),
+        CgroupHandover::Move => move_cgroup(sid, id),
+    }
+}
+
+/// v2: creates task `id`'s cgroup, moves what the sandbox's holds (its waiting init) into it
+/// and removes the sandbox's.
+fn move_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
+    let from = TaskCgroup::open(sid, &Limits::default())
+        .ok_or_else(|| LaunchError::Shim(format!("the cgroup of sandbox {sid} is gone")))?;
+    let to = TaskCgroup::create(id, &Limits::default())?;
+    let moved = from.pids().into_iter().try_for_each(|pid| {
+        to.procs_files()
+            .iter()
+            .try_for_each(|f| fs::write(f, pid.to_string()))
+    });
+    if let Err(e) = moved {
+        for pid in to.pids() {
+            for f in from.procs_files() {
+                let _ = fs::write(f, pid.to_string());
+            }
+        }
+        let _ = to.destroy(Duration::from_secs(1));
+        return Err(io_err(format!("moving sandbox {sid} into its task's cgroup"))(e));
+    }
+    let _ = from.destroy(Duration::from_secs(1));
+    Ok(())
+}
+
 /// Renames a sandbox's v1 cgroup directories from `sid` to `id` (same parent, one rename per
 /// hierarchy); on failure renames back what was renamed.
-pub(super) fn rename_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
+fn rename_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
     let dirs = TaskCgroup::open(sid, &Limits::default())
         .map(|cg| cg.dirs())
         .ok_or_else(|| LaunchError::Shim(format!("the cgroup of sandbox {sid} is gone")))?;
@@ -462,7 +516,8 @@ pub fn main(dir: &Path) -> i32 {
                 wait_early: true,
                 cgroup_ns: false,
                 netns: None,
-                device_cgroup: true,
+                // On v2 no device program is attached by default (CAP_MKNOD goes instead).
+                device_cgroup: !crate::cgroups::is_v2(),
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
                 stdin: &devnull,
@@ -705,5 +760,16 @@ mod tests {
         assert!(no(&|s| s.netns = Some("/run/netns/x".into())));
         assert!(no(&|s| s.interactive = true));
         assert!(no(&|s| s.mounts.push(Default::default())));
+    }
+
+    #[test]
+    fn a_sandbox_cgroup_is_kept_renamed_or_moved() {
+        use CgroupHandover::*;
+        // The sandbox's own id: nothing to do, on any layout.
+        assert_eq!(cgroup_handover(false, "s1", "s1"), Keep);
+        assert_eq!(cgroup_handover(true, "s1", "s1"), Keep);
+        // Another id: a rename on v1/hybrid, a new cgroup and a move on pure v2.
+        assert_eq!(cgroup_handover(false, "s1", "t1"), Rename);
+        assert_eq!(cgroup_handover(true, "s1", "t1"), Move);
     }
 }
