@@ -139,7 +139,7 @@ pub fn run(args: ChildArgs<'_>) -> ! {
 enum Never {}
 
 fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, ChildError> {
-    let _ = writeln!(status, "S {}", sys::monotonic_ns());
+    status_line(status, &format!("S {}", sys::monotonic_ns()));
     let spec = a.spec;
     // stdio: stdin from /dev/null, stdout/stderr into the log files (or the console's).
     sys::dup2(a.stdin.as_raw_fd(), 0).ctx(|| "dup2 stdin".into())?;
@@ -371,9 +371,17 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     if let Some(fd) = a.wait_for_cgroup.as_ref().filter(|_| !a.wait_early) {
         wait_for_go(fd)?;
     }
-    let _ = writeln!(status, "M {}", sys::monotonic_ns());
+    status_line(status, &format!("M {}", sys::monotonic_ns()));
     let err = unistd::execve(&cexe, &cargs, &cenv).unwrap_err();
     Err(exec_error(&spec.process.args[0], err))
+}
+
+/// One status line in one write (`writeln!` on a file makes a write per piece).
+fn status_line(status: &mut fs::File, line: &str) {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    let _ = status.write_all(&buf);
 }
 
 /// A warm sandbox's init's error when its launcher went without handing it a task.
@@ -393,7 +401,7 @@ fn task_independent_credentials(caps: u64) -> Result<(), ChildError> {
 /// before parsing the spec, so that the supervisor's bookkeeping overlaps what the init still
 /// does. EOF without a task: the sandbox is torn down unused.
 fn wait_for_claim(fd: &OwnedFd, status: &mut fs::File) -> Result<TaskSpec, ChildError> {
-    let _ = writeln!(status, "W {}", sys::monotonic_ns());
+    status_line(status, &format!("W {}", sys::monotonic_ns()));
     let mut f = fs::File::from(fd.try_clone().ctx(|| "dup".into())?);
     let mut data = Vec::with_capacity(4096);
     let mut buf = [0u8; 4096];
@@ -412,11 +420,9 @@ fn wait_for_claim(fd: &OwnedFd, status: &mut fs::File) -> Result<TaskSpec, Child
     let (handover, spec) = data.split_at(at);
     let (dir, spawned_ns) =
         super::standby::parse_handover(handover).ok_or_else(|| fail(125, "bad handover line"))?;
-    let _ = writeln!(
+    status_line(
         status,
-        "C {} {spawned_ns} {}",
-        sys::monotonic_ns(),
-        dir.display()
+        &format!("C {} {spawned_ns} {}", sys::monotonic_ns(), dir.display()),
     );
     serde_json::from_slice(spec.trim_ascii_end()).ctx(|| "parsing the task spec".into())
 }

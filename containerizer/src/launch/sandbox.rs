@@ -416,7 +416,9 @@ fn move_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
             }
         }
         let _ = to.destroy(Duration::from_secs(1));
-        return Err(io_err(format!("moving sandbox {sid} into its task's cgroup"))(e));
+        return Err(io_err(format!(
+            "moving sandbox {sid} into its task's cgroup"
+        ))(e));
     }
     let _ = from.destroy(Duration::from_secs(1));
     Ok(())
