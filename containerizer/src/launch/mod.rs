@@ -170,12 +170,7 @@ impl Launched {
         }
         // `exited CODE STATE`: the final state is on the line (older supervisors: only the
         // code; the state is then read back from the record).
-        let reported = line
-            .strip_prefix("exited ")
-            .and_then(|rest| rest.split_once(' '))
-            .and_then(|(_, json)| serde_json::from_str::<TaskState>(json.trim_end()).ok())
-            .filter(|st| st.status.is_terminal());
-        if let Some(st) = reported {
+        if let Some(st) = shim::parse_exited(&line) {
             return Ok(st);
         }
         let td = TaskDir::new(self.dir.clone());

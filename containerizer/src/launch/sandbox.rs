@@ -765,6 +765,15 @@ mod tests {
     }
 
     #[test]
+    fn claim_lines_parse() {
+        let c = Claim::parse("12 7 /var/lib/caisson/containers/a b").unwrap();
+        assert_eq!((c.at_ns, c.spawned_ns), (12, 7));
+        assert_eq!(c.dir, Path::new("/var/lib/caisson/containers/a b"));
+        assert!(Claim::parse("12 7 ").is_none());
+        assert!(Claim::parse("x 7 /d").is_none());
+    }
+
+    #[test]
     fn a_sandbox_cgroup_is_kept_renamed_or_moved() {
         use CgroupHandover::*;
         // The sandbox's own id: nothing to do, on any layout.

@@ -520,11 +520,23 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
 /// Tells the launcher that the task has ended: `exited CODE STATE` (the final state as one
 /// line of JSON; see [`super::Launched::wait`]).
 fn report_exited(out: &mut std::io::Stdout, state: &TaskState) {
+    let _ = out.write_all(&exited_line(state));
+    let _ = out.flush();
+}
+
+fn exited_line(state: &TaskState) -> Vec<u8> {
     let mut line = format!("exited {} ", state.exit_code.unwrap_or(255)).into_bytes();
     let _ = serde_json::to_writer(&mut line, state);
     line.push(b'\n');
-    let _ = out.write_all(&line);
-    let _ = out.flush();
+    line
+}
+
+/// The final state on an `exited CODE STATE` line (None for a bare `exited CODE`).
+pub(super) fn parse_exited(line: &str) -> Option<TaskState> {
+    line.strip_prefix("exited ")
+        .and_then(|rest| rest.split_once(' '))
+        .and_then(|(_, json)| serde_json::from_str::<TaskState>(json.trim_end()).ok())
+        .filter(|st| st.status.is_terminal())
 }
 
 /// Records the task as running (pid, start time, launch timings) and tells the launcher.
@@ -730,4 +742,22 @@ pub(super) fn remove_task(
     }
     report_removed();
     super::state::cleanup_owned(&doomed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exited_line_carries_the_final_state() {
+        let mut st = TaskState::created(1);
+        st.status = Status::Exited;
+        st.exit_code = Some(3);
+        st.reason = Some("a b\nc".into());
+        let line = String::from_utf8(exited_line(&st)).unwrap();
+        assert!(line.starts_with("exited 3 ") && line.matches('\n').count() == 1);
+        assert_eq!(parse_exited(&line), Some(st));
+        // An older supervisor's line: the launcher reads the record instead.
+        assert_eq!(parse_exited("exited 3\n"), None);
+    }
 }
