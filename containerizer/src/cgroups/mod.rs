@@ -5,6 +5,7 @@
 //! opened and passed to `clone3(CLONE_INTO_CGROUP)`; on v1 the supervisor writes the init's pid
 //! into the `cgroup.procs` of each hierarchy the task needs ([`v1_controllers_for`]).
 use std::fs;
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -117,28 +118,59 @@ pub fn shares_to_weight(shares: u64) -> u64 {
     1 + ((shares.saturating_sub(2)) * 9999) / 262142
 }
 
-/// True on a pure cgroup v2 host.
+/// True on a pure cgroup v2 host (found once per process: the layout does not change while
+/// caisson runs, and a launch asks many times).
 pub fn is_v2() -> bool {
-    cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode()
+    static V2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V2.get_or_init(cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode)
 }
 
 /// The host's cgroup hierarchy, found once per process: `hierarchies::auto()` parses the whole
 /// of `/proc/self/mountinfo` on v1, whose size grows with every task's overlay root, and every
 /// cgroup load or creation asked for it (the agent's launches and removals did, twice a task).
-/// Controllers are not remounted elsewhere while caisson runs.
+/// Its controllers' mount points are kept too: every load used to clone the parsed mount table
+/// and scan it once per controller. Controllers are not remounted elsewhere while caisson runs.
 fn hierarchy() -> Box<dyn cgroups_rs::fs::Hierarchy> {
     use cgroups_rs::fs::hierarchies::{V1, V2};
-    enum Found {
-        V1(V1),
-        V2(V2),
+    static FOUND: std::sync::OnceLock<Known> = std::sync::OnceLock::new();
+    Box::new(
+        FOUND
+            .get_or_init(|| {
+                let inner: Box<dyn cgroups_rs::fs::Hierarchy> = match is_v2() {
+                    true => Box::new(V2::new()),
+                    false => Box::new(V1::new()),
+                };
+                let subsystems = inner.subsystems();
+                Known(std::sync::Arc::new((inner, subsystems)))
+            })
+            .clone(),
+    )
+}
+
+/// A hierarchy with its controllers found once ([`hierarchy`]); the rest is the inner one's.
+#[derive(Debug, Clone)]
+struct Known(
+    std::sync::Arc<(
+        Box<dyn cgroups_rs::fs::Hierarchy>,
+        Vec<cgroups_rs::fs::Subsystem>,
+    )>,
+);
+
+impl cgroups_rs::fs::Hierarchy for Known {
+    fn subsystems(&self) -> Vec<cgroups_rs::fs::Subsystem> {
+        self.0 .1.clone()
     }
-    static FOUND: std::sync::OnceLock<Found> = std::sync::OnceLock::new();
-    match FOUND.get_or_init(|| match is_v2() {
-        true => Found::V2(V2::new()),
-        false => Found::V1(V1::new()),
-    }) {
-        Found::V1(h) => Box::new(h.clone()),
-        Found::V2(h) => Box::new(h.clone()),
+    fn root(&self) -> PathBuf {
+        self.0 .0.root()
+    }
+    fn root_control_group(&self) -> Cgroup {
+        self.0 .0.root_control_group()
+    }
+    fn parent_control_group(&self, path: &str) -> Cgroup {
+        self.0 .0.parent_control_group(path)
+    }
+    fn v2(&self) -> bool {
+        self.0 .0.v2()
     }
 }
 
@@ -290,11 +322,7 @@ impl TaskCgroup {
                 .collect()
         };
         let rel = Self::rel_path(id);
-        let cg = Cgroup::load_with_specified_controllers(
-            cgroups_rs::fs::hierarchies::auto(),
-            &rel,
-            controllers,
-        );
+        let cg = Cgroup::load_with_specified_controllers(hierarchy(), &rel, controllers);
         let me = TaskCgroup { cg, rel, v2 };
         me.cg.create().map_err(|source| CgroupError::Cgroups {
             path: me.rel.clone(),
@@ -324,6 +352,25 @@ impl TaskCgroup {
             op,
             source,
         }
+    }
+
+    /// The same cgroup (same hierarchies) under task id `id`, if every one of its directories
+    /// exists (a warm sandbox's, renamed to its task's id by the launcher).
+    pub fn renamed(&self, id: &str) -> Option<Self> {
+        let rel = Self::rel_path(id);
+        let controllers = self
+            .cg
+            .subsystems()
+            .iter()
+            .map(|s| s.controller_name())
+            .collect();
+        let cg = Cgroup::load_with_specified_controllers(hierarchy(), &rel, controllers);
+        let me = TaskCgroup {
+            cg,
+            rel,
+            v2: self.v2,
+        };
+        me.dirs().iter().all(|d| d.is_dir()).then_some(me)
     }
 
     /// Writes `limits` into the existing cgroup (a warm sandbox's, at its task's launch).
@@ -388,16 +435,19 @@ impl TaskCgroup {
         let Some(dir) = self.controller_dir("devices") else {
             return Ok(());
         };
-        let w = |file: &str, v: &str| {
-            fs::write(dir.join(file), v).map_err(|source| CgroupError::Io {
-                path: dir.display().to_string(),
-                op: "device rules",
-                source,
-            })
+        let io = |source| CgroupError::Io {
+            path: dir.display().to_string(),
+            op: "device rules",
+            source,
         };
-        w("devices.deny", "a")?;
+        let open = |file: &str| fs::OpenOptions::new().write(true).open(dir.join(file));
+        open("devices.deny")
+            .and_then(|mut f| f.write_all(b"a"))
+            .map_err(io)?;
+        // One rule per write, all through one open file (a path lookup each cost more).
+        let mut allow = open("devices.allow").map_err(io)?;
         for rule in rules {
-            w("devices.allow", &rule.to_v1())?;
+            allow.write_all(rule.to_v1().as_bytes()).map_err(io)?;
         }
         Ok(())
     }

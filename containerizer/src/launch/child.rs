@@ -110,8 +110,10 @@ pub struct ChildArgs<'a> {
     pub terminal: Option<&'a OwnedFd>,
     pub status: OwnedFd,
     /// A warm sandbox's init ([`super::sandbox`]): after its setup it writes `W <ns>` to the
-    /// status pipe, then reads the final task spec (JSON, to EOF) from here and applies only
-    /// what is task-specific (hostname, user, environment, cwd, capabilities, seccomp, exec).
+    /// status pipe, then reads its task from here (a copy of the supervisor's stdin: the
+    /// launcher's handover line, then the task spec as one line of JSON), says `C ...` and
+    /// applies only what is task-specific (hostname, user, environment, cwd, capabilities,
+    /// seccomp, exec).
     pub claim: Option<OwnedFd>,
 }
 
@@ -137,7 +139,7 @@ pub fn run(args: ChildArgs<'_>) -> ! {
 enum Never {}
 
 fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, ChildError> {
-    let _ = writeln!(status, "S {}", sys::monotonic_ns());
+    status_line(status, &format!("S {}", sys::monotonic_ns()));
     let spec = a.spec;
     // stdio: stdin from /dev/null, stdout/stderr into the log files (or the console's).
     sys::dup2(a.stdin.as_raw_fd(), 0).ctx(|| "dup2 stdin".into())?;
@@ -265,15 +267,28 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         sys::loopback_up().ctx(|| "bringing up lo".into())?;
     }
 
+    // The default capability set (what the bounding set keeps).
+    let mut caps: u64 = DEFAULT_CAPS.iter().fold(0, |m, c| m | (1u64 << c));
+    if !a.device_cgroup {
+        caps &= !(1u64 << CAP_MKNOD);
+    }
     let claimed;
-    // A warm sandbox builds its seccomp program before it waits (the task may not need it).
+    // A warm sandbox builds its seccomp program before it waits (the task may not need it),
+    // and does ahead what no task changes: the bounding set (the init keeps its effective
+    // capabilities for what follows), the ambient set, `no_new_privs` and the signal
+    // dispositions (about a hundred syscalls).
     let mut seccomp_prog = None;
+    let ahead = a.claim.is_some();
     let spec = match &a.claim {
         None => spec,
         Some(fd) => {
             seccomp_prog = Some(crate::sys::seccomp::default_filter());
+            task_independent_credentials(caps)?;
             claimed = wait_for_claim(fd, status)?;
-            unistd::sethostname(&claimed.hostname).ctx(|| "sethostname".into())?;
+            // The sandbox's hostname is its id's, also the task's when it takes that id.
+            if claimed.hostname != spec.hostname {
+                unistd::sethostname(&claimed.hostname).ctx(|| "sethostname".into())?;
+            }
             // Made in the host's view by a cold launch; here inside the task's root.
             if !Path::new(&claimed.process.cwd).exists() {
                 let _ = fs::create_dir_all(&claimed.process.cwd);
@@ -315,12 +330,9 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     let exe = find_executable(&spec.process.args[0], &path_var)?;
 
     // Capabilities and credentials.
-    let mut caps: u64 = DEFAULT_CAPS.iter().fold(0, |m, c| m | (1u64 << c));
-    if !a.device_cgroup {
-        caps &= !(1u64 << CAP_MKNOD);
+    if !ahead {
+        task_independent_credentials(caps)?;
     }
-    sys::drop_bounding_set(caps).ctx(|| "dropping capabilities".into())?;
-    sys::clear_ambient().ok();
     let groups: Vec<Gid> = ids.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     unistd::setgroups(&groups).ctx(|| "setgroups".into())?;
     let gid = Gid::from_raw(ids.gid);
@@ -331,7 +343,6 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         let uid = Uid::from_raw(ids.uid);
         unistd::setresuid(uid, uid, uid).ctx(|| format!("setuid {}", ids.uid))?;
     }
-    sys::set_no_new_privs().ctx(|| "no_new_privs".into())?;
     if !spec.seccomp_unconfined {
         match &seccomp_prog {
             Some(prog) => crate::sys::seccomp::install_filter(prog),
@@ -342,7 +353,6 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     unistd::chdir(spec.process.cwd.as_str())
         .map_err(|e| fail(126, format!("chdir to cwd {:?}: {e}", spec.process.cwd)))?;
     umask(Mode::from_bits_truncate(0o022));
-    sys::reset_signals().ctx(|| "resetting signals".into())?;
     sys::cloexec_from(3).ctx(|| "marking descriptors close-on-exec".into())?;
 
     let cargs: Vec<CString> = spec
@@ -361,22 +371,70 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     if let Some(fd) = a.wait_for_cgroup.as_ref().filter(|_| !a.wait_early) {
         wait_for_go(fd)?;
     }
-    let _ = writeln!(status, "M {}", sys::monotonic_ns());
+    status_line(status, &format!("M {}", sys::monotonic_ns()));
     let err = unistd::execve(&cexe, &cargs, &cenv).unwrap_err();
     Err(exec_error(&spec.process.args[0], err))
 }
 
-/// A warm sandbox's init, set up: says so, then waits for its task's spec (EOF without one:
-/// the sandbox is torn down unused).
+/// One status line in one write (`writeln!` on a file makes a write per piece).
+fn status_line(status: &mut fs::File, line: &str) {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    let _ = status.write_all(&buf);
+}
+
+/// A warm sandbox's init's error when its launcher went without handing it a task.
+pub(super) const UNUSED: &str = "the sandbox was not used";
+
+/// What does not depend on the task: the bounding set down to `caps`, no ambient
+/// capabilities, `no_new_privs`, default signal dispositions and no blocked signal.
+fn task_independent_credentials(caps: u64) -> Result<(), ChildError> {
+    sys::drop_bounding_set(caps).ctx(|| "dropping capabilities".into())?;
+    sys::clear_ambient().ok();
+    sys::set_no_new_privs().ctx(|| "no_new_privs".into())?;
+    sys::reset_signals().ctx(|| "resetting signals".into())
+}
+
+/// A warm sandbox's init, set up: says so (`W`), then waits for its task from the launcher
+/// (see [`claim_message`]) and tells the supervisor which (`C <ns> <spawned ns> <task dir>`),
+/// before parsing the spec, so that the supervisor's bookkeeping overlaps what the init still
+/// does. EOF without a task: the sandbox is torn down unused.
 fn wait_for_claim(fd: &OwnedFd, status: &mut fs::File) -> Result<TaskSpec, ChildError> {
-    let _ = writeln!(status, "W {}", sys::monotonic_ns());
-    let mut data = Vec::with_capacity(4096);
+    status_line(status, &format!("W {}", sys::monotonic_ns()));
     let mut f = fs::File::from(fd.try_clone().ctx(|| "dup".into())?);
-    std::io::Read::read_to_end(&mut f, &mut data).ctx(|| "reading the task spec".into())?;
-    if data.is_empty() {
-        return Err(fail(125, "the sandbox was not used"));
+    let mut data = Vec::with_capacity(4096);
+    let mut buf = [0u8; 4096];
+    // Exactly two lines come, then nothing until EOF: reading in blocks takes nothing of what
+    // the supervisor reads from the same pipe later (only the EOF).
+    while data.iter().filter(|b| **b == b'\n').count() < 2 {
+        match std::io::Read::read(&mut f, &mut buf) {
+            Ok(0) if data.is_empty() => return Err(fail(125, UNUSED)),
+            Ok(0) => return Err(fail(125, "the task's handover was cut short")),
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail(125, format!("reading the task: {e}"))),
+        }
     }
-    serde_json::from_slice(&data).ctx(|| "parsing the task spec".into())
+    let at = data.iter().position(|b| *b == b'\n').unwrap_or(0) + 1;
+    let (handover, spec) = data.split_at(at);
+    let (dir, spawned_ns) =
+        super::standby::parse_handover(handover).ok_or_else(|| fail(125, "bad handover line"))?;
+    status_line(
+        status,
+        &format!("C {} {spawned_ns} {}", sys::monotonic_ns(), dir.display()),
+    );
+    serde_json::from_slice(spec.trim_ascii_end()).ctx(|| "parsing the task spec".into())
+}
+
+/// What a launcher writes to a sandbox supervisor's stdin to hand it a task: the handover
+/// line (`TASK_DIR<TAB>SPAWNED_NS`), then the spec as one line of JSON. The waiting init
+/// reads it (see [`wait_for_claim`]).
+pub(super) fn claim_message(handover_line: &[u8], spec: &TaskSpec) -> serde_json::Result<Vec<u8>> {
+    let mut msg = handover_line.to_vec();
+    serde_json::to_writer(&mut msg, spec)?;
+    msg.push(b'\n');
+    Ok(msg)
 }
 
 /// Waits for the supervisor's go (one byte; EOF means it gave up on the launch).

@@ -168,6 +168,11 @@ impl Launched {
                 Ok(_) => continue,
             }
         }
+        // `exited CODE STATE`: the final state is on the line (older supervisors: only the
+        // code; the state is then read back from the record).
+        if let Some(st) = shim::parse_exited(&line) {
+            return Ok(st);
+        }
         let td = TaskDir::new(self.dir.clone());
         let st = td.read_state().map_err(io_err("reading the task state"))?;
         Ok(refresh(st, &td))
@@ -416,8 +421,7 @@ impl Runtime {
     /// Warm sandboxes ([`sandbox`]): keeps `n` sandboxes of `image` (a reference in the image
     /// store under the state root) ready, refilled in the background after each launch that
     /// takes one. Launch through [`Runtime::launch_in_sandbox`]. Unused sandboxes are torn
-    /// down when the last clone of this runtime is dropped (or its process dies). Not on pure
-    /// cgroup v2 (launches then take the cold path).
+    /// down when the last clone of this runtime is dropped (or its process dies).
     pub fn with_warm_sandboxes(mut self, image: impl Into<String>, n: usize) -> Self {
         let pool = Arc::new(sandbox::Pool::new(image.into(), n));
         pool.fill_in_background(&self.root, &self.shim);
@@ -482,6 +486,11 @@ impl Runtime {
         spec.rootfs = sb.rootfs.clone();
         spec.cleanup = vec![sb.owned.clone()];
         spec.rootfs_prepare_us = None;
+        // A task without an id of its own takes the sandbox's: its cgroup, hostname, /etc
+        // files and name index entry are then made already (nothing to rename or rewrite).
+        if spec.id.is_empty() {
+            spec.id = sb.id.clone();
+        }
         let sandbox::Sandbox {
             id: sid,
             dir: sdir,
@@ -489,6 +498,7 @@ impl Runtime {
             mut child,
             stdin,
             mut events,
+            made,
             ..
         } = sb;
         let give_up = |mut stdin: Option<ChildStdin>, child: &mut Child| {
@@ -498,7 +508,9 @@ impl Runtime {
             let _ = TaskCgroup::load(&sid).destroy(Duration::from_secs(5));
             state::cleanup_owned(&[owned.clone(), sdir.clone()]);
         };
-        let td = match self.admit(&mut spec) {
+        let same_id = spec.id == sid;
+        let name_ahead = same_id.then(|| sandbox::name_file(&sdir));
+        let td = match self.admit_with(&mut spec, name_ahead.as_deref()) {
             Ok(td) => td,
             Err(e) => {
                 give_up(Some(stdin), &mut child);
@@ -511,7 +523,9 @@ impl Runtime {
             // The records first, in place (no new inodes), while the directory is still the
             // sandbox's and no one else reads it; then the renames make it the task's.
             let sandbox_td = TaskDir::new(sdir.clone());
-            write_task_files(&sandbox_td, &spec)?;
+            if !made.files_fit(&spec) {
+                write_task_files(&sandbox_td, &spec)?;
+            }
             sandbox_td
                 .write_records_in_place(
                     &TaskConfig {
@@ -521,19 +535,27 @@ impl Runtime {
                     &TaskState::created(state::now_ms()),
                 )
                 .map_err(io_err("writing the records"))?;
-            sandbox::rename_cgroup(&sid, &id)?;
+            sandbox::hand_over_cgroup(&sid, &id)?;
             if spec.limits.memory.is_some() {
                 let cg = TaskCgroup::open(&id, &spec.limits)
                     .ok_or_else(|| LaunchError::Shim("the sandbox's cgroup is gone".into()))?;
                 cg.apply_limits(&spec.limits)?;
             }
+            // Made before the directory is the task's: a launcher that dies between the rename
+            // and the handover leaves a task that never starts.
+            let mut msg = standby::handover_line(&td.dir, 0)
+                .ok_or_else(|| LaunchError::Invalid("task directory path".into()))
+                .and_then(|line| {
+                    child::claim_message(&line, &spec)
+                        .map_err(|e| LaunchError::Invalid(format!("the task spec: {e}")))
+                })?;
             fs::rename(&sdir, &td.dir).map_err(io_err(format!("taking {}", sdir.display())))?;
-            let line = standby::handover_line(&td.dir, crate::sys::launch::monotonic_ns())
-                .ok_or_else(|| LaunchError::Invalid("task directory path".into()))?;
+            standby::set_handover_time(&mut msg, crate::sys::launch::monotonic_ns());
+            // Straight to the waiting init (it reads the supervisor's stdin).
             stdin
                 .as_mut()
                 .expect("stdin")
-                .write_all(&line)
+                .write_all(&msg)
                 .map_err(io_err("handing the task to its sandbox"))?;
             let reply = sandbox::first_reply(&mut events);
             if let Some(pid) = reply.strip_prefix("started ") {
@@ -568,6 +590,17 @@ impl Runtime {
     /// Validates `spec`, completes its id, name and hostname, and reserves its name; returns
     /// its (not yet created) directory.
     fn admit(&self, spec: &mut TaskSpec) -> Result<TaskDir, LaunchError> {
+        self.admit_with(spec, None)
+    }
+
+    /// [`Runtime::admit`]; with `name_ahead`, a name index entry made ahead for this task's id
+    /// (a warm sandbox's, with the state root's directories): linked into the index when the
+    /// task keeps its default name.
+    fn admit_with(
+        &self,
+        spec: &mut TaskSpec,
+        name_ahead: Option<&Path>,
+    ) -> Result<TaskDir, LaunchError> {
         validate(spec)?;
         if spec.id.is_empty() {
             spec.id = new_id();
@@ -584,13 +617,28 @@ impl Runtime {
         if spec.hostname.is_empty() {
             spec.hostname = short;
         }
-        fs::create_dir_all(self.containers()).map_err(io_err("creating the state root"))?;
+        if name_ahead.is_none() {
+            fs::create_dir_all(self.containers()).map_err(io_err("creating the state root"))?;
+        }
         let td = self.task_dir(&spec.id);
         if td.dir.exists() {
             return Err(LaunchError::Exists(spec.id.clone()));
         }
-        // Names are unique through an index of files created exclusively.
+        // Names are unique through an index of files created (or linked) exclusively.
         let name_file = td.name_file(&spec.name);
+        if let Some(ahead) = name_ahead {
+            match fs::hard_link(ahead, &name_file) {
+                Ok(()) => return Ok(td),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(LaunchError::NameInUse(spec.name.clone()))
+                }
+                // (The index's directory gone, say: as without.)
+                Err(_) => {
+                    fs::create_dir_all(self.containers())
+                        .map_err(io_err("creating the state root"))?;
+                }
+            }
+        }
         fs::create_dir_all(name_file.parent().expect("names dir"))
             .map_err(io_err("creating the name index"))?;
         match fs::OpenOptions::new()

@@ -21,12 +21,17 @@
 //!
 //! Each sandbox serves one task. EOF on the supervisor's stdin before a handover (the `Runtime`
 //! dropped, its owner gone, `kill -9` included) makes it kill its init and remove the cgroup,
-//! the overlay and the directory. Pure cgroup v2 is not supported (a v2 cgroup cannot be
-//! renamed): there the pool stays empty and launches take the cold path.
+//! the overlay and the directory.
+//!
+//! A task without an id of its own takes the sandbox's (its cgroup, hostname, /etc files and
+//! name index entry are then ready as they are). One with its own id gets the sandbox's
+//! cgroup renamed on v1 and hybrid hosts; on pure v2, where a cgroup cannot be renamed, its
+//! cgroup is created and the waiting init moved into it ([`cgroup_handover`]). On v2 a
+//! sandbox's task has no cgroup namespace of its own (a cold one has).
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,6 +87,38 @@ pub(super) struct Sandbox {
     pub child: Child,
     pub stdin: ChildStdin,
     pub events: BufReader<ChildStdout>,
+    /// What the sandbox's task files say.
+    pub made: MadeFiles,
+}
+
+/// The generated files a sandbox was made with (`etc/hostname`, `etc/hosts`,
+/// `etc/resolv.conf`, see [`super::write_task_files`]).
+#[derive(Debug)]
+pub(super) struct MadeFiles {
+    hostname: String,
+    resolv_conf: String,
+}
+
+impl MadeFiles {
+    /// True if `spec`'s generated files are the ones made (its hostname, default hosts, the
+    /// host's resolv.conf as it is now, no hooks' bundle): nothing to rewrite at its launch.
+    pub fn files_fit(&self, spec: &TaskSpec) -> bool {
+        spec.hostname == self.hostname
+            && spec.hosts_file.is_none()
+            && spec.hooks.is_empty()
+            && spec.resolv_conf.as_ref().unwrap_or(&host_resolv_conf()) == &self.resolv_conf
+    }
+}
+
+/// The host's resolv.conf, as a task without networks gets it.
+fn host_resolv_conf() -> String {
+    fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
+}
+
+/// `<sandbox dir>/name`: the name index entry made ahead (it holds the sandbox's id; linked
+/// into the index when a task takes the id, see `Runtime::admit_with`).
+pub(super) fn name_file(dir: &Path) -> PathBuf {
+    dir.join("name")
 }
 
 impl Sandbox {
@@ -164,16 +201,14 @@ impl Pool {
             .spawn(move || {
                 sweep_stale(&root, Duration::from_secs(60));
                 while let Some(pool) = weak.upgrade() {
-                    let made = {
-                        let _making = pool.making.lock().unwrap_or_else(|e| e.into_inner());
-                        // Refills turned off (the caller fills): stop here too.
-                        if pool.ready() >= pool.want || !pool.refill.load(Ordering::Acquire) {
-                            pool.filling.store(false, Ordering::Release);
-                            return;
-                        }
-                        make(&root, &shim, &pool.image)
-                    };
-                    match made {
+                    // Held until the sandbox is in the pool, so that a concurrent fill counts it.
+                    let _making = pool.making.lock().unwrap_or_else(|e| e.into_inner());
+                    // Refills turned off (the caller fills): stop here too.
+                    if pool.ready() >= pool.want || !pool.refill.load(Ordering::Acquire) {
+                        pool.filling.store(false, Ordering::Release);
+                        return;
+                    }
+                    match make(&root, &shim, &pool.image) {
                         Ok(sb) => match pool.ready.lock() {
                             Ok(mut r) => r.push_back(sb),
                             Err(_) => sb.discard(),
@@ -235,11 +270,6 @@ pub(super) fn sweep_stale(root: &Path, min_age: Duration) -> usize {
 /// Makes one sandbox of `image` (in the store under `root`): overlay, provisional task
 /// directory, cgroup, supervisor; returns once its init waits for a task.
 pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, LaunchError> {
-    if crate::cgroups::is_v2() {
-        return Err(LaunchError::Invalid(
-            "warm sandboxes need cgroup v1 or hybrid (a v2 cgroup cannot be renamed)".into(),
-        ));
-    }
     let _ = crate::cgroups::favor_dynamic_modifications();
     let sid = super::new_id();
     let owned = root.join("rootfs").join(&sid);
@@ -249,6 +279,15 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let td = TaskDir::new(dir.clone());
         let short: String = sid.chars().take(12).collect();
+        // What a launch needs of the state root, made ahead (see `Runtime::admit_with`).
+        for d in [root.join("containers"), root.join("names")] {
+            fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+        fs::write(name_file(&dir), &sid).map_err(io_err("writing the name index entry"))?;
+        let made_files = MadeFiles {
+            hostname: short.clone(),
+            resolv_conf: host_resolv_conf(),
+        };
         let spec = TaskSpec {
             id: sid.clone(),
             name: short.clone(),
@@ -262,6 +301,7 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
                 user: String::new(),
             },
             hostname: short,
+            resolv_conf: Some(made_files.resolv_conf.clone()),
             ..Default::default()
         };
         super::write_task_files(&td, &spec)?;
@@ -295,6 +335,7 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
                 child,
                 stdin,
                 events,
+                made: made_files,
             });
         }
         drop(stdin);
@@ -327,9 +368,65 @@ fn make_rootfs(root: &Path, image: &str, owned: &Path) -> Result<PathBuf, Launch
         .path)
 }
 
+/// How a sandbox's cgroup becomes its task's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CgroupHandover {
+    /// The task took the sandbox's id: its cgroup already is the task's.
+    Keep,
+    /// v1 and hybrid: one rename per hierarchy ([`rename_cgroup`]).
+    Rename,
+    /// Pure v2, where a cgroup cannot be renamed: the task's is created and the waiting init
+    /// moved into it ([`move_cgroup`]).
+    Move,
+}
+
+/// The way for a task of id `id` in the sandbox `sid` on this cgroup layout.
+pub(super) fn cgroup_handover(v2: bool, sid: &str, id: &str) -> CgroupHandover {
+    match (sid == id, v2) {
+        (true, _) => CgroupHandover::Keep,
+        (false, false) => CgroupHandover::Rename,
+        (false, true) => CgroupHandover::Move,
+    }
+}
+
+/// Makes the cgroup of sandbox `sid` task `id`'s, the way [`cgroup_handover`] says.
+pub(super) fn hand_over_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
+    match cgroup_handover(crate::cgroups::is_v2(), sid, id) {
+        CgroupHandover::Keep => Ok(()),
+        CgroupHandover::Rename => rename_cgroup(sid, id),
+        CgroupHandover::Move => move_cgroup(sid, id),
+    }
+}
+
+/// v2: creates task `id`'s cgroup, moves what the sandbox's holds (its waiting init) into it
+/// and removes the sandbox's.
+fn move_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
+    let from = TaskCgroup::open(sid, &Limits::default())
+        .ok_or_else(|| LaunchError::Shim(format!("the cgroup of sandbox {sid} is gone")))?;
+    let to = TaskCgroup::create(id, &Limits::default())?;
+    let moved = from.pids().into_iter().try_for_each(|pid| {
+        to.procs_files()
+            .iter()
+            .try_for_each(|f| fs::write(f, pid.to_string()))
+    });
+    if let Err(e) = moved {
+        for pid in to.pids() {
+            for f in from.procs_files() {
+                let _ = fs::write(f, pid.to_string());
+            }
+        }
+        let _ = to.destroy(Duration::from_secs(1));
+        return Err(io_err(format!(
+            "moving sandbox {sid} into its task's cgroup"
+        ))(e));
+    }
+    let _ = from.destroy(Duration::from_secs(1));
+    Ok(())
+}
+
 /// Renames a sandbox's v1 cgroup directories from `sid` to `id` (same parent, one rename per
 /// hierarchy); on failure renames back what was renamed.
-pub(super) fn rename_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
+fn rename_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
     let dirs = TaskCgroup::open(sid, &Limits::default())
         .map(|cg| cg.dirs())
         .ok_or_else(|| LaunchError::Shim(format!("the cgroup of sandbox {sid} is gone")))?;
@@ -395,14 +492,15 @@ pub fn main(dir: &Path) -> i32 {
             OwnedFd::from(File::open("/dev/null")?),
             pipe()?,
             pipe()?,
-            pipe()?,
+            // The init reads its task from our stdin (the launcher writes it there): one hop
+            // less than through us, and our bookkeeping overlaps the init's.
+            std::io::stdin().as_fd().try_clone_to_owned()?,
         ))
     })();
-    let (stdout_fd, stderr_fd, devnull, (status_r, status_w), (go_r, go_w), (claim_r, claim_w)) =
-        match fds {
-            Ok(f) => f,
-            Err(e) => return failed(&mut out, None, 125, format!("opening files: {e}")),
-        };
+    let (stdout_fd, stderr_fd, devnull, (status_r, status_w), (go_r, go_w), claim_r) = match fds {
+        Ok(f) => f,
+        Err(e) => return failed(&mut out, None, 125, format!("opening files: {e}")),
+    };
     let flags = (libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWUTS
@@ -410,7 +508,7 @@ pub fn main(dir: &Path) -> i32 {
         | libc::CLONE_NEWNET) as u64;
     let pid = match sys::clone_fork(flags, None) {
         Ok(CloneResult::Child) => {
-            drop((status_r, go_w, claim_w));
+            drop((status_r, go_w));
             child::run(ChildArgs {
                 spec,
                 dir: &td,
@@ -420,7 +518,8 @@ pub fn main(dir: &Path) -> i32 {
                 wait_early: true,
                 cgroup_ns: false,
                 netns: None,
-                device_cgroup: true,
+                // On v2 no device program is attached by default (CAP_MKNOD goes instead).
+                device_cgroup: !crate::cgroups::is_v2(),
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
                 stdin: &devnull,
@@ -463,32 +562,25 @@ pub fn main(dir: &Path) -> i32 {
     }
     // The task's first state write (moved along with the directory) allocates no inode.
     td.prepare_state_write();
+    let me = std::process::id() as i32;
+    let my_start_ticks = process_start_ticks(me);
     let _ = writeln!(out, "ready");
     let _ = out.flush();
 
-    // The handover, or EOF.
-    let mut line = Vec::with_capacity(256);
-    let mut buf = [0u8; 512];
-    let stdin = std::io::stdin();
-    while !line.contains(&b'\n') {
-        match nix::unistd::read(&stdin, &mut buf) {
-            Ok(0) => {
+    // The init's claim of a task (the launcher's handover), or its end: EOF on our stdin (the
+    // sandbox unused) or a failure before it had a task.
+    lines.read_until(&mut status, 'C');
+    let Some(claim) = lines.claim.take() else {
+        return match lines.error.take() {
+            Some((_, msg)) if msg == child::UNUSED => {
                 teardown(Some(pid));
-                return 0;
+                0
             }
-            Ok(n) => line.extend_from_slice(&buf[..n]),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => {
-                teardown(Some(pid));
-                return 0;
-            }
-        }
-    }
-    let t_start = sys::monotonic_ns();
-    let Some((task_dir, spawned_ns)) = super::standby::parse_handover(&line) else {
-        return failed(&mut out, Some(pid), 125, "bad handover line".into());
+            Some((code, msg)) => failed(&mut out, Some(pid), code, msg),
+            None => failed(&mut out, Some(pid), 125, "the init ended early".into()),
+        };
     };
-    let td = TaskDir::new(task_dir);
+    let td = TaskDir::new(claim.dir);
     // From here on the task's records say what happened; the launcher cleans up on failure.
     let kill_init = || {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
@@ -506,10 +598,14 @@ pub fn main(dir: &Path) -> i32 {
     let mut state = td
         .read_state()
         .unwrap_or_else(|_| TaskState::created(now_ms()));
-    let me = std::process::id() as i32;
     state.shim_pid = Some(me);
-    state.shim_start_ticks = process_start_ticks(me);
-    let Some(cg) = TaskCgroup::open(&tspec.id, &tspec.limits) else {
+    state.shim_start_ticks = my_start_ticks;
+    // The task took the sandbox's id (and so its cgroup), or the launcher renamed the cgroup.
+    let cg = match tspec.id == spec.id {
+        true => Some(cg),
+        false => cg.renamed(&tspec.id),
+    };
+    let Some(cg) = cg else {
         kill_init();
         super::shim::launch_failed(
             &td,
@@ -522,30 +618,22 @@ pub fn main(dir: &Path) -> i32 {
         return 1;
     };
     state.cgroup_paths = cg.dirs();
-    let t_sent = sys::monotonic_ns();
-    let sent = serde_json::to_vec(tspec)
-        .map_err(std::io::Error::other)
-        .and_then(|data| File::from(claim_w).write_all(&data));
-    if let Err(e) = sent {
-        lines.error = Some((125, format!("sending the task to its init: {e}")));
-    } else {
-        lines.read_until(&mut status, '\0');
-    }
+    lines.read_until(&mut status, '\0');
     let t_exec = sys::monotonic_ns();
     let t_mounts = lines.mounts.unwrap_or(t_exec);
     let timings = Timings {
         rootfs_us: tspec.rootfs_prepare_us,
         network_us: tspec.network_us,
         network_wait_us: None,
-        prepare_us: spawned_ns.saturating_sub(task_cfg.launch_started_ns) / 1000,
-        // The handover to the waiting supervisor.
-        spawn_us: t_start.saturating_sub(spawned_ns) / 1000,
+        prepare_us: claim.spawned_ns.saturating_sub(task_cfg.launch_started_ns) / 1000,
+        // The handover to the waiting init.
+        spawn_us: claim.at_ns.saturating_sub(claim.spawned_ns) / 1000,
         cgroup_us: 0,
         // Done ahead, in the sandbox.
         namespaces_us: 0,
         cgroup_join_us: 0,
         // What is left for the init: hostname, user, capabilities, seccomp.
-        mounts_us: t_mounts.saturating_sub(t_sent) / 1000,
+        mounts_us: t_mounts.saturating_sub(claim.at_ns) / 1000,
         exec_us: t_exec.saturating_sub(t_mounts) / 1000,
         total_us: t_exec.saturating_sub(task_cfg.launch_started_ns) / 1000,
         clone_into_cgroup: false,
@@ -563,12 +651,33 @@ pub fn main(dir: &Path) -> i32 {
     })
 }
 
-/// The init's status lines (see [`child`]): `S`, `W`, `M` times and an `E` error.
+/// The init's status lines (see [`child`]): `S`, `W`, `M` times, the `C` claim and an `E`
+/// error.
 #[derive(Default)]
 struct StatusLines {
     waiting: Option<u64>,
     mounts: Option<u64>,
+    claim: Option<Claim>,
     error: Option<(i32, String)>,
+}
+
+/// `C <ns> <spawned ns> <task dir>`: the init has its task (when, the launcher's time of the
+/// handover, the task's directory).
+struct Claim {
+    at_ns: u64,
+    spawned_ns: u64,
+    dir: PathBuf,
+}
+
+impl Claim {
+    fn parse(rest: &str) -> Option<Claim> {
+        let mut it = rest.splitn(3, ' ');
+        Some(Claim {
+            at_ns: it.next()?.parse().ok()?,
+            spawned_ns: it.next()?.parse().ok()?,
+            dir: PathBuf::from(it.next().filter(|d| !d.is_empty())?),
+        })
+    }
 }
 
 impl StatusLines {
@@ -581,7 +690,18 @@ impl StatusLines {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            let mut it = line.trim_end().splitn(3, ' ');
+            let line = line.strip_suffix('\n').unwrap_or(&line);
+            if let Some(rest) = line.strip_prefix("C ") {
+                self.claim = Claim::parse(rest);
+                if self.claim.is_none() {
+                    self.error = Some((125, format!("bad claim line {line:?}")));
+                }
+                if stop == 'C' {
+                    return;
+                }
+                continue;
+            }
+            let mut it = line.splitn(3, ' ');
             let (kind, a, b) = (it.next(), it.next(), it.next());
             let t = a.and_then(|t| t.parse().ok());
             match kind {
@@ -643,5 +763,25 @@ mod tests {
         assert!(no(&|s| s.netns = Some("/run/netns/x".into())));
         assert!(no(&|s| s.interactive = true));
         assert!(no(&|s| s.mounts.push(Default::default())));
+    }
+
+    #[test]
+    fn claim_lines_parse() {
+        let c = Claim::parse("12 7 /var/lib/caisson/containers/a b").unwrap();
+        assert_eq!((c.at_ns, c.spawned_ns), (12, 7));
+        assert_eq!(c.dir, Path::new("/var/lib/caisson/containers/a b"));
+        assert!(Claim::parse("12 7 ").is_none());
+        assert!(Claim::parse("x 7 /d").is_none());
+    }
+
+    #[test]
+    fn a_sandbox_cgroup_is_kept_renamed_or_moved() {
+        use CgroupHandover::*;
+        // The sandbox's own id: nothing to do, on any layout.
+        assert_eq!(cgroup_handover(false, "s1", "s1"), Keep);
+        assert_eq!(cgroup_handover(true, "s1", "s1"), Keep);
+        // Another id: a rename on v1/hybrid, a new cgroup and a move on pure v2.
+        assert_eq!(cgroup_handover(false, "s1", "t1"), Rename);
+        assert_eq!(cgroup_handover(true, "s1", "t1"), Move);
     }
 }

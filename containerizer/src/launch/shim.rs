@@ -4,7 +4,8 @@
 //!
 //! Protocol with the launcher: the launcher spawns the shim with stdin and stdout as pipes.
 //! The shim writes `started <pid>` or `failed <code> <message>` as its first line on stdout,
-//! then `exited <code>` when the task has ended and its state is recorded. With `auto_remove`
+//! then `exited <code> <state JSON>` when the task has ended (and, without `auto_remove`,
+//! its state is recorded; with it the record is written right after). With `auto_remove`
 //! the shim then waits for EOF on stdin (the launcher has drained the logs, or is gone) and
 //! removes the task's directory.
 use std::fs::{self, File, OpenOptions};
@@ -492,11 +493,21 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
         run_logged_hooks(&td, spec, "poststop", &spec.hooks.poststop, "stopped", None);
     }
     replaced.extend(File::open(td.state()).ok());
-    if let Err(e) = td.write_state(&state) {
-        tracing::error!(id = %spec.id, "writing state: {e}");
+    let record = |state: &TaskState| {
+        if let Err(e) = td.write_state(state) {
+            tracing::error!(id = %spec.id, "writing state: {e}");
+        }
+    };
+    // The final state comes with the report, so that the launcher need not read it back.
+    // A task removed with its exit (--rm) is reported first: its record goes anyway, and
+    // nobody else waits for it; any other is recorded first, for whoever looks next.
+    if spec.auto_remove {
+        report_exited(&mut out, &state);
+        record(&state);
+    } else {
+        record(&state);
+        report_exited(&mut out, &state);
     }
-    let _ = writeln!(out, "exited {}", status.0);
-    let _ = out.flush();
     if !hooks_first {
         destroy(&cg);
     }
@@ -534,6 +545,28 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
     // Only now, with nobody waiting on us: freeing the old state files' blocks can be slow.
     drop(replaced);
     0
+}
+
+/// Tells the launcher that the task has ended: `exited CODE STATE` (the final state as one
+/// line of JSON; see [`super::Launched::wait`]).
+fn report_exited(out: &mut std::io::Stdout, state: &TaskState) {
+    let _ = out.write_all(&exited_line(state));
+    let _ = out.flush();
+}
+
+fn exited_line(state: &TaskState) -> Vec<u8> {
+    let mut line = format!("exited {} ", state.exit_code.unwrap_or(255)).into_bytes();
+    let _ = serde_json::to_writer(&mut line, state);
+    line.push(b'\n');
+    line
+}
+
+/// The final state on an `exited CODE STATE` line (None for a bare `exited CODE`).
+pub(super) fn parse_exited(line: &str) -> Option<TaskState> {
+    line.strip_prefix("exited ")
+        .and_then(|rest| rest.split_once(' '))
+        .and_then(|(_, json)| serde_json::from_str::<TaskState>(json.trim_end()).ok())
+        .filter(|st| st.status.is_terminal())
 }
 
 /// Records the task as running (pid, start time, launch timings) and tells the launcher.
@@ -739,4 +772,22 @@ pub(super) fn remove_task(
     }
     report_removed();
     super::state::cleanup_owned(&doomed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exited_line_carries_the_final_state() {
+        let mut st = TaskState::created(1);
+        st.status = Status::Exited;
+        st.exit_code = Some(3);
+        st.reason = Some("a b\nc".into());
+        let line = String::from_utf8(exited_line(&st)).unwrap();
+        assert!(line.starts_with("exited 3 ") && line.matches('\n').count() == 1);
+        assert_eq!(parse_exited(&line), Some(st));
+        // An older supervisor's line: the launcher reads the record instead.
+        assert_eq!(parse_exited("exited 3\n"), None);
+    }
 }

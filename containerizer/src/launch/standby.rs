@@ -56,6 +56,16 @@ pub(super) fn handover_line(dir: &Path, spawned_ns: u64) -> Option<Vec<u8>> {
     Some(line)
 }
 
+/// Replaces the time in a message that starts with a [`handover_line`] made with time 0.
+pub(super) fn set_handover_time(msg: &mut Vec<u8>, spawned_ns: u64) {
+    let Some(nl) = msg.iter().position(|b| *b == b'\n') else {
+        return;
+    };
+    if nl >= 2 && msg[nl - 2] == b'\t' && msg[nl - 1] == b'0' {
+        msg.splice(nl - 1..nl, spawned_ns.to_string().into_bytes());
+    }
+}
+
 pub(super) fn parse_handover(line: &[u8]) -> Option<(PathBuf, u64)> {
     let line = line.strip_suffix(b"\n")?;
     let tab = line.iter().rposition(|b| *b == b'\t')?;
@@ -129,5 +139,13 @@ mod tests {
         );
         assert!(handover_line(Path::new("/a\nb"), 1).is_none());
         assert!(parse_handover(b"/no/newline\t1").is_none());
+        let mut msg = handover_line(Path::new("/d"), 0).unwrap();
+        msg.extend_from_slice(b"{}\n");
+        set_handover_time(&mut msg, 1234);
+        assert_eq!(msg, b"/d\t1234\n{}\n");
+        assert_eq!(
+            parse_handover(&msg[..msg.len() - 3]),
+            Some((PathBuf::from("/d"), 1234))
+        );
     }
 }
