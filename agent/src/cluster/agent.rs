@@ -25,7 +25,7 @@ use caisson_proto::master_message::Msg as Down;
 use caisson_proto::outbox_record::Rec;
 use caisson_proto::*;
 use containerizer::launch::{self, Runtime, Status as CStatus};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::launcher::{self as tl, Launcher};
@@ -57,6 +57,10 @@ struct Pending {
     status: TaskStatus,
 }
 
+/// A launch waiting for one of the agent's launch threads: the task, its spec, when its
+/// LaunchTask arrived.
+type Job = (String, Option<TaskSpec>, Instant);
+
 struct Outbox {
     wal: Wal,
     next_seq: u64,
@@ -81,7 +85,8 @@ pub struct Agent {
     outbox: Mutex<Outbox>,
     durable_tx: mpsc::UnboundedSender<u64>,
     tasks: Mutex<HashMap<String, Known>>,
-    launches: Arc<Semaphore>,
+    /// Native and service launches, for the `parallelism` launch threads (FIFO).
+    launches: Mutex<std::sync::mpsc::Sender<Job>>,
     wasm_host: SharedHost,
     /// When each shared-host task's LaunchTask arrived (for its `agent_us`).
     received: Mutex<HashMap<String, Instant>>,
@@ -255,8 +260,17 @@ impl Agent {
         // Everything replayed is already on disk.
         let _ = durable_tx.send(outbox.next_seq - 1);
         let parallelism = cfg.parallelism.max(1);
-        let (host_tx, host_rx) = std::sync::mpsc::channel();
+        // Host events are handled on the connection's reader thread (no hop through another
+        // thread per event); the agent exists before any connection is made.
+        let me_slot: Arc<std::sync::OnceLock<std::sync::Weak<Agent>>> = Arc::default();
+        let slot = me_slot.clone();
+        let on_event: super::wasmhost::OnEvent = Arc::new(move |ev| {
+            if let Some(me) = slot.get().and_then(std::sync::Weak::upgrade) {
+                me.on_host_event(ev);
+            }
+        });
         let (rm_tx, rm_rx) = std::sync::mpsc::channel::<PathBuf>();
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("wasm-rm".into())
             .spawn(move || {
@@ -271,7 +285,7 @@ impl Agent {
             })?;
         let agent = Arc::new(Agent {
             shared_rm: Arc::new(Mutex::new(rm_tx)),
-            wasm_host: SharedHost::new(&cfg.root, host_tx),
+            wasm_host: SharedHost::new(&cfg.root, on_event),
             received: Mutex::new(HashMap::new()),
             rt: Runtime::new(&cfg.root),
             launcher: Launcher::new(&cfg.root, cfg.cni.clone()),
@@ -282,8 +296,25 @@ impl Agent {
             outbox: Mutex::new(outbox),
             durable_tx,
             tasks: Mutex::new(known),
-            launches: Arc::new(Semaphore::new(parallelism)),
+            launches: Mutex::new(job_tx),
         });
+        let _ = me_slot.set(Arc::downgrade(&agent));
+        // `parallelism` long-lived launch threads rather than a thread per launch (a spawn, a
+        // stack mapped and unmapped, per task). Plain threads, not the blocking pool: image
+        // pulls start their own runtime.
+        let jobs = Arc::new(Mutex::new(job_rx));
+        for _ in 0..parallelism {
+            let (me, jobs) = (agent.clone(), jobs.clone());
+            std::thread::Builder::new()
+                .name("task-launch".into())
+                .spawn(move || loop {
+                    let job = lock(&jobs).recv();
+                    match job {
+                        Ok((id, spec, received)) => me.clone().launch_blocking(id, spec, received),
+                        Err(_) => return,
+                    }
+                })?;
+        }
         agent.recover(rebooted, &latest, &ended)?;
         if agent.cfg.shared_wasm {
             // Start the shared Wasm host now rather than on the first Wasm task, which would
@@ -297,14 +328,6 @@ impl Agent {
                     }
                 })?;
         }
-        let me = agent.clone();
-        std::thread::Builder::new()
-            .name("wasm-host-ev".into())
-            .spawn(move || {
-                for ev in host_rx {
-                    me.on_host_event(ev);
-                }
-            })?;
         Ok((agent, durable_rx))
     }
 
@@ -465,13 +488,36 @@ impl Agent {
                 // Off the log's writer thread: removal unmounts and deletes.
                 let _ = std::thread::Builder::new()
                     .name("task-rm".into())
-                    .spawn(move || {
-                        if let Err(e) = me.rt.remove(&id, true) {
-                            tracing::warn!(task = %id, "removing: {e}");
-                        }
-                    });
+                    .spawn(move || me.remove_task(&id));
             })),
         );
+    }
+
+    /// [`Agent::report_then_remove`] on the calling thread (a task's own waiting thread, which
+    /// has nothing else to do): no thread of its own per removal. Waits for the update to be
+    /// durable; a log that failed to write it leaves the task for the restart to report.
+    fn report_then_remove_here(&self, st: TaskStatus) {
+        if self.cfg.keep_finished {
+            self.report(st, None);
+            return;
+        }
+        let id = st.task_id.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        self.report(
+            st,
+            Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        );
+        if rx.recv().is_ok() {
+            self.remove_task(&id);
+        }
+    }
+
+    fn remove_task(&self, id: &str) {
+        if let Err(e) = self.rt.remove(id, true) {
+            tracing::warn!(task = %id, "removing: {e}");
+        }
     }
 
     fn acked(&self, uuid: &str) {
@@ -507,7 +553,7 @@ impl Agent {
             Ok(Some(st)) => {
                 self.launcher.release(&id);
                 let u = self.terminal_status(&id, &st, self.killing(&id));
-                self.report_then_remove(u);
+                self.report_then_remove_here(u);
             }
             Ok(None) => {}
             Err(e) => {
@@ -537,20 +583,7 @@ impl Agent {
             status(&id, TaskState::Starting, Reason::Unspecified, ""),
             None,
         );
-        let me = self.clone();
-        let sem = self.launches.clone();
-        tokio::spawn(async move {
-            let Ok(permit) = sem.acquire_owned().await else {
-                return;
-            };
-            // A plain thread, not the blocking pool: image pulls start their own runtime.
-            let _ = std::thread::Builder::new()
-                .name("task-launch".into())
-                .spawn(move || {
-                    me.launch_blocking(id, lt.spec, received);
-                    drop(permit);
-                });
-        });
+        let _ = lock(&self.launches).send((id, lt.spec, received));
     }
 
     fn launch_blocking(self: Arc<Self>, id: String, spec: Option<TaskSpec>, received: Instant) {
@@ -595,17 +628,20 @@ impl Agent {
             let _ = self.rt.stop(&id, Duration::ZERO);
         }
         let me = self.clone();
+        let holds = tl::holds_outside(&spec);
         let _ = std::thread::Builder::new()
             .name("task-wait".into())
             .stack_size(256 * 1024)
             .spawn(move || {
                 let st = launched.wait();
                 launched.finish();
-                me.launcher.release(&id);
+                if holds {
+                    me.launcher.release(&id);
+                }
                 match st {
                     Ok(st) => {
                         let u = me.terminal_status(&id, &st, me.killing(&id));
-                        me.report_then_remove(u);
+                        me.report_then_remove_here(u);
                     }
                     Err(e) => me.report(
                         status(&id, TaskState::Lost, Reason::SupervisorGone, e.to_string()),

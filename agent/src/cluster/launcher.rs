@@ -40,6 +40,14 @@ pub fn http_port(spec: &TaskSpec) -> Option<u16> {
     }
 }
 
+/// Whether a task holds anything outside its directory that [`Launcher::release`] frees
+/// (networks, ports, GPUs); most tasks hold nothing, and then their end costs no look.
+pub fn holds_outside(spec: &TaskSpec) -> bool {
+    !spec.networks.is_empty()
+        || !spec.ports.is_empty()
+        || spec.resources.as_ref().is_some_and(|r| r.gpu_count > 0)
+}
+
 /// Whether a Wasm task's `image` names a module file on the agent's host (rather than an image).
 pub fn is_module_path(image: &str) -> bool {
     Path::new(image).is_absolute() || image.ends_with(".wasm") || image.ends_with(".wat")

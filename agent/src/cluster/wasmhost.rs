@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use containerizer::launch::state::{TaskState, Timings};
@@ -38,6 +38,9 @@ pub enum HostEvent {
     },
 }
 
+/// What the agent does with each event, called on the connection's reader thread.
+pub type OnEvent = Arc<dyn Fn(HostEvent) + Send + Sync>;
+
 struct Conn {
     writer: Mutex<UnixStream>,
     pid: i32,
@@ -52,7 +55,7 @@ pub struct SharedHost {
     cache: PathBuf,
     log: PathBuf,
     conn: Arc<Mutex<Option<Arc<Conn>>>>,
-    events: mpsc::Sender<HostEvent>,
+    events: OnEvent,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,7 +63,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SharedHost {
-    pub fn new(root: &Path, events: mpsc::Sender<HostEvent>) -> SharedHost {
+    pub fn new(root: &Path, events: OnEvent) -> SharedHost {
         let dir = root.join("agent");
         SharedHost {
             socket: dir.join(host::SOCKET),
@@ -138,9 +141,7 @@ impl SharedHost {
                         }
                         Event::Hello { .. } => continue,
                     };
-                    if events.send(out).is_err() {
-                        return;
-                    }
+                    events(out);
                 }
                 // The host is gone (or broke the protocol: then make sure it is gone).
                 if containerizer::launch::state::process_alive(c.pid, None) {
@@ -163,7 +164,7 @@ impl SharedHost {
                 );
                 for id in left {
                     let message = format!("the shared Wasm host (pid {}) died", c.pid);
-                    let _ = events.send(HostEvent::Gone { id, message });
+                    events(HostEvent::Gone { id, message });
                 }
             })?;
         Ok((conn, running))

@@ -417,6 +417,15 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
             let _ = sysmount::unmount(&merged, true);
         }
     }
+    // Nothing else mounted below (the usual case, asked of each directory, not of the mount
+    // table, whose size grows with every running task): delete.
+    if no_mount_below(&dir) {
+        return match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("deleting", &dir)(e)),
+        };
+    }
     // Several rounds: mounts can be stacked on the same mount point. The round that finds
     // nothing is the check that nothing is left.
     let mut clear = false;
@@ -462,6 +471,28 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
 }
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// True if no directory at or below `dir` is a mount root (symlinks are not followed). False
+/// when one is, or when it cannot tell (a kernel without `STATX_ATTR_MOUNT_ROOT`, an error):
+/// then the mount table decides.
+fn no_mount_below(dir: &Path) -> bool {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if sysmount::is_mount_root(&d).ok().flatten() != Some(false) {
+            return false;
+        }
+        let Ok(entries) = fs::read_dir(&d) else {
+            return false;
+        };
+        for e in entries {
+            let Ok(e) = e else { return false };
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    true
+}
 
 /// Mount points at or below `dir`, from `/proc/self/mountinfo`.
 fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -1015,6 +1046,39 @@ mod tests {
         assert!(!cdir.exists());
         assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
         assert_eq!(fs::read(lowers[0].join("a/keep")).unwrap(), b"keep");
+    }
+
+    /// The fast path (no mount table read) must see a mount anywhere below, not only at
+    /// `merged`: a bind mount deeper down is unmounted, and what it shows is not deleted.
+    #[test]
+    fn root_remove_sees_mounts_below_without_the_mount_table() {
+        if !require_root("root_remove_sees_mounts_below_without_the_mount_table") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("precious"), b"p").unwrap();
+        let cdir = tmp.path().join("c");
+        let deep = cdir.join("upper/deep");
+        fs::create_dir_all(&deep).unwrap();
+        assert!(no_mount_below(&cdir), "nothing mounted yet");
+        nix::mount::mount(
+            Some(&outside),
+            &deep,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        assert!(
+            !no_mount_below(&cdir),
+            "a bind mount of the same filesystem"
+        );
+        remove(&cdir).unwrap();
+        assert!(!is_mounted_under(&cdir));
+        assert!(!cdir.exists());
+        assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
     }
 
     #[test]

@@ -214,3 +214,28 @@ pub fn unmount(target: &Path, detach: bool) -> io::Result<()> {
     }
     nix::mount::umount2(target, flags).map_err(io::Error::from)
 }
+
+/// Whether `path` (not followed if a symlink) is the root of a mount, from `statx(2)`'s
+/// `STATX_ATTR_MOUNT_ROOT` (Linux 5.8): one system call, whatever the size of the mount table.
+/// `None` when the kernel does not report the attribute.
+pub fn is_mount_root(path: &Path) -> io::Result<Option<bool>> {
+    let c = cstring(path.as_os_str().as_bytes())?;
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; `stx` is a valid, writable
+    // statx the kernel fills.
+    let ret = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            libc::STATX_TYPE,
+            &mut stx,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    Ok((stx.stx_attributes_mask & bit != 0).then_some(stx.stx_attributes & bit != 0))
+}
