@@ -289,9 +289,11 @@ pub(super) fn main_with(
             return 1;
         }
     }
+    // The network (gate), then the createRuntime hooks: either failing stops the launch.
+    let mut ready: Result<(), String> = Ok(());
     if let Some(gate) = &spec.network_gate {
         let t_gate = sys::monotonic_ns();
-        let ready = match crate::net::gate::wait(gate) {
+        ready = match crate::net::gate::wait(gate) {
             Ok(crate::net::gate::GateMessage::Ready {
                 hosts,
                 resolv_conf,
@@ -307,37 +309,29 @@ pub(super) fn main_with(
             Err(e) => Err(e),
         };
         timings.network_wait_us = Some((sys::monotonic_ns() - t_gate) / 1000);
-        if let Err(e) = ready {
-            drop(go_w_fd);
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-            let _ = waitpid(Pid::from_raw(pid), None);
-            let _ = cg.destroy(Duration::from_secs(5));
-            report_failure(&mut state, &mut out, 125, e);
-            return 1;
-        }
     }
-    if early_go {
+    if early_go && ready.is_ok() {
         let hook_state = super::hooks::state_json(
             &spec.id,
             "creating",
             Some(pid),
             &super::hooks::bundle_dir(&td),
         );
-        let ran = super::hooks::run_all(
+        ready = super::hooks::run_all(
             "createRuntime",
             &spec.hooks.create_runtime,
             &hook_state,
             None,
         );
-        if let Err(e) = ran {
-            // Without its go the init gives up; make sure it is gone before cleaning up.
-            drop(go_w_fd);
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-            let _ = waitpid(Pid::from_raw(pid), None);
-            let _ = cg.destroy(Duration::from_secs(5));
-            report_failure(&mut state, &mut out, 125, e);
-            return 1;
-        }
+    }
+    if let Err(e) = ready {
+        // Without its go the init gives up; make sure it is gone before cleaning up.
+        drop(go_w_fd);
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        let _ = waitpid(Pid::from_raw(pid), None);
+        let _ = cg.destroy(Duration::from_secs(5));
+        report_failure(&mut state, &mut out, 125, e);
+        return 1;
     }
     // The init waits for this byte unless it was born in its cgroup (and has no createRuntime
     // hooks or network to wait for).
