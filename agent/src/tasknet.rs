@@ -133,9 +133,7 @@ pub struct Gated {
 /// [`Gated`] on its way: the namespace is being made.
 pub struct Starting {
     ready: std::sync::mpsc::Receiver<anyhow::Result<()>>,
-    netns: PathBuf,
-    gate: PathBuf,
-    thread: std::thread::JoinHandle<(anyhow::Result<Attached>, Option<net::gate::Gate>)>,
+    gated: Gated,
 }
 
 /// Starts making the task's network on a thread: checks the networks, creates the namespace
@@ -189,7 +187,10 @@ pub fn start_gated(
                 message: format!("{e:#}"),
             },
         };
+        // Unsent, the gate must close now: the supervisor then reads EOF and fails the launch
+        // (held open, it would wait for a message that never comes).
         let sent = gate.send(&msg);
+        let gate = sent.is_ok().then_some(gate);
         let res = res.and_then(|attachments| {
             sent.context("writing the network gate")?;
             Ok(Attached {
@@ -201,13 +202,15 @@ pub fn start_gated(
         if res.is_err() {
             let _ = ns.delete();
         }
-        (res, Some(gate))
+        (res, gate)
     });
     Starting {
         ready,
-        netns,
-        gate,
-        thread,
+        gated: Gated {
+            netns,
+            gate,
+            thread,
+        },
     }
 }
 
@@ -215,13 +218,9 @@ impl Starting {
     /// Waits for the namespace and the gate (not for the ADD).
     pub fn ready(self) -> anyhow::Result<Gated> {
         match self.ready.recv() {
-            Ok(Ok(())) => Ok(Gated {
-                netns: self.netns,
-                gate: self.gate,
-                thread: self.thread,
-            }),
+            Ok(Ok(())) => Ok(self.gated),
             Ok(Err(e)) => {
-                let _ = self.thread.join();
+                let _ = self.gated.thread.join();
                 Err(e)
             }
             Err(_) => Err(anyhow::anyhow!("the network setup thread panicked")),
