@@ -168,11 +168,18 @@ const NATIVE_PHASES: &[(&str, &str)] = &[
 const FIRST_OUTPUT: &str =
     "start (rootfs) until the task's first byte in its logs (tasks that wrote)";
 
-/// Only with CNI networks: between `rootfs` and `launcher`.
-const NETWORK_PHASE: (&str, &str) = (
-    "network",
-    "netns + CNI ADD before the launch (DEL runs in the supervisor's exit command)",
-);
+/// Only with CNI networks: between `rootfs` and `launcher`. The ADD runs on a thread of its
+/// own while the root and the task's setup go on (the network gate, as `caisson run` does).
+const NETWORK_PHASES: [(&str, &str); 2] = [
+    (
+        "network",
+        "netns + CNI ADD, overlapped with the launch (DEL runs in the supervisor's exit command)",
+    ),
+    (
+        "network_wait",
+        "the task's exec held at the network gate (the part of `network` not overlapped)",
+    ),
+];
 
 const WASM_PHASES: &[(&str, &str)] = &[
     (
@@ -320,7 +327,7 @@ impl Target {
             Target::Native { cni: None, .. } => NATIVE_PHASES.to_vec(),
             Target::Native { cni: Some(_), .. } => {
                 let mut v = NATIVE_PHASES.to_vec();
-                v.insert(1, NETWORK_PHASE);
+                v.splice(1..1, NETWORK_PHASES);
                 v
             }
             Target::Wasm { .. } => WASM_PHASES.to_vec(),
@@ -377,9 +384,38 @@ fn native_task(
         Err(e) => return Sample::failed(format!("{e:#}")),
     };
     let t0 = Instant::now();
-    let prepared = match crate::containers::prepare_image_root(root, image, &id) {
+    // As `caisson run --network`: the namespace and the ADD start first, on their own thread.
+    let starting = cni.map(|(cni, reqs)| {
+        let files = tasknet::network_files(id[..12].to_string());
+        tasknet::start_gated(cni, root, &id, reqs, files)
+    });
+    let prepared = crate::containers::prepare_image_root(root, image, &id);
+    let gated = match starting.map(tasknet::Starting::ready).transpose() {
+        Ok(g) => g,
+        Err(e) => {
+            if let Ok(p) = &prepared {
+                if let Some(dir) = &p.owned {
+                    let _ = containerizer::image::rootfs::remove(dir);
+                }
+            }
+            return Sample::failed(format!("{e:#}"));
+        }
+    };
+    // Releases what the network thread made, on the way out of a failed task.
+    let undo_network = |g: Option<tasknet::Gated>| {
+        if let (Some(g), Some((cni, _))) = (g, cni) {
+            let _ = g.finish();
+            if let Err(e) = tasknet::detach(cni, root, &id) {
+                tracing::warn!("releasing the network after a failed launch: {e:#}");
+            }
+        }
+    };
+    let prepared = match prepared {
         Ok(p) => p,
-        Err(e) => return Sample::failed(format!("{e:#}")),
+        Err(e) => {
+            undo_network(gated);
+            return Sample::failed(format!("{e:#}"));
+        }
     };
     let t1 = Instant::now();
     let remove_root = |owned: &Option<PathBuf>| {
@@ -397,12 +433,13 @@ fn native_task(
         Ok(p) => p,
         Err(e) => {
             remove_root(&prepared.owned);
+            undo_network(gated);
             return Sample::failed(e);
         }
     };
     let owned = prepared.owned.clone();
     let mut spec = TaskSpec {
-        id,
+        id: id.clone(),
         image: image.to_string(),
         rootfs: prepared.rootfs,
         cleanup: prepared.owned.into_iter().collect(),
@@ -412,25 +449,26 @@ fn native_task(
         auto_remove: true,
         ..Default::default()
     };
-    if let Some((cni, reqs)) = cni {
-        if let Err(e) = crate::containers::attach_networks(root, cni, reqs, &mut spec) {
-            remove_root(&owned);
-            return Sample::failed(format!("{e:#}"));
-        }
+    if let (Some(g), Some((cni, _))) = (&gated, cni) {
+        crate::containers::gate_networks(cni, g, &mut spec);
     }
-    let network_ns = spec.network_us.map(|us| us * 1000);
-    let id = spec.id.clone();
     let t2 = Instant::now();
-    let mut launched = match rt.launch(spec) {
-        Ok(l) => l,
-        Err(e) => {
+    let launched = rt.launch(spec);
+    // The launch has returned: the supervisor has read the gate (or failed before it).
+    let attached = gated.map(tasknet::Gated::finish);
+    let mut launched = match (launched, attached) {
+        (Ok(l), _) => l,
+        (Err(e), att) => {
             remove_root(&owned);
             if let Some((cni, ..)) = cni {
                 if let Err(de) = tasknet::detach(cni, root, &id) {
                     tracing::warn!("releasing the network after a failed launch: {de:#}");
                 }
             }
-            return Sample::failed(e);
+            return Sample::failed(match att {
+                Some(Err(ne)) => format!("{ne:#}"),
+                _ => e.to_string(),
+            });
         }
     };
     let t3 = Instant::now();
@@ -448,8 +486,10 @@ fn native_task(
         Err(e) => return Sample::failed(e),
     };
     let (mut phases, exit_code, error) = native_phases(&st, [t0, t1, t2, t3, t4, t5]);
-    if let Some(n) = network_ns {
-        phases.insert(1, n);
+    if cni.is_some() {
+        let t = &st.timings;
+        let us = |v: Option<u64>| v.unwrap_or(0) * 1000;
+        phases.splice(1..1, [us(t.network_us), us(t.network_wait_us)]);
     }
     Sample {
         phases,

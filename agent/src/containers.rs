@@ -395,33 +395,13 @@ fn build_spec_on(
     })
 }
 
-/// Creates the task's namespace, attaches it to `reqs` and fills in what the launch needs
-/// (netns, /etc/hosts, resolv.conf, and the release the supervisor does itself when the task
-/// exits: CNI DEL in-process, no `caisson cleanup` to start).
-pub(crate) fn attach_networks(
-    root: &Path,
-    cni: &containerizer::net::Cni,
-    reqs: &[containerizer::net::NetworkRequest],
-    spec: &mut TaskSpec,
-) -> anyhow::Result<()> {
-    let att = tasknet::attach(cni, root, &spec.id, reqs)?;
-    use_networks(cni, att, spec);
-    Ok(())
-}
-
-/// Fills in what the launch needs from the task's attached networks (see [`attach_networks`]).
-fn use_networks(cni: &containerizer::net::Cni, att: tasknet::Attached, spec: &mut TaskSpec) {
-    use containerizer::net::files;
-    join_netns(cni, &att.netns, spec);
-    spec.hosts_file = Some(files::hosts_file(&spec.hostname, &att.attachments, &[]));
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    spec.resolv_conf = Some(files::resolv_conf(&att.attachments, &host_resolv));
-    spec.network_us = Some(att.took_us);
-}
-
 /// What the launch needs for a network still being attached ([`tasknet::Gated`]): the
 /// namespace and the gate to wait at. (/etc/hosts and resolv.conf come through the gate.)
-fn gate_networks(cni: &containerizer::net::Cni, g: &tasknet::Gated, spec: &mut TaskSpec) {
+pub(crate) fn gate_networks(
+    cni: &containerizer::net::Cni,
+    g: &tasknet::Gated,
+    spec: &mut TaskSpec,
+) {
     join_netns(cni, &g.netns, spec);
     spec.network_gate = Some(g.gate.clone());
 }
@@ -513,17 +493,14 @@ impl NameFlags {
     /// The task's /etc/hosts and resolv.conf once its networks are attached (for the network
     /// gate: computed on the network thread, written by the supervisor).
     fn network_files(&self, hostname: String) -> tasknet::NetworkFiles {
+        let plain = tasknet::network_files(hostname);
+        if self.is_empty() {
+            return plain;
+        }
         let names = self.clone();
         Box::new(move |atts| {
-            use containerizer::net::files;
-            let hosts = files::hosts_file(&hostname, atts, &[]);
-            let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-            let resolv = files::resolv_conf(atts, &host_resolv);
-            if names.is_empty() {
-                (hosts, resolv)
-            } else {
-                names.extend(hosts, &resolv)
-            }
+            let (hosts, resolv) = plain(atts);
+            names.extend(hosts, &resolv)
         })
     }
 

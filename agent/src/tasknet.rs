@@ -92,13 +92,6 @@ pub fn netns_path(root: &Path, id: &str) -> PathBuf {
     netns_dir(root).join(id)
 }
 
-/// A task's network, ready for the launch.
-pub struct Attached {
-    pub netns: PathBuf,
-    pub attachments: Vec<Attachment>,
-    pub took_us: u64,
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // Plugins are child processes: one thread is enough, and no pooled thread ever setns's.
     tokio::runtime::Builder::new_current_thread()
@@ -120,6 +113,19 @@ pub fn gate_path(root: &Path, id: &str) -> PathBuf {
 /// What the task's /etc/hosts and resolv.conf become once its networks are attached.
 pub type NetworkFiles = Box<dyn FnOnce(&[Attachment]) -> (String, String) + Send>;
 
+/// The task's /etc/hosts and resolv.conf from its attachments (the host's resolv.conf for
+/// what the networks do not set), for a task without `--add-host`/`--dns` flags.
+pub fn network_files(hostname: String) -> NetworkFiles {
+    Box::new(move |atts| {
+        use containerizer::net::files;
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        (
+            files::hosts_file(&hostname, atts, &[]),
+            files::resolv_conf(atts, &host_resolv),
+        )
+    })
+}
+
 /// A task's network made while its launch goes on: the namespace exists (the launch joins it),
 /// the CNI ADD runs on a thread of its own, and the supervisor holds the task's exec at the
 /// network gate (`containerizer::net::gate`) until the ADD is done; the task's setup (clone,
@@ -127,7 +133,7 @@ pub type NetworkFiles = Box<dyn FnOnce(&[Attachment]) -> (String, String) + Send
 pub struct Gated {
     pub netns: PathBuf,
     pub gate: PathBuf,
-    thread: std::thread::JoinHandle<(anyhow::Result<Attached>, Option<net::gate::Gate>)>,
+    thread: std::thread::JoinHandle<(anyhow::Result<()>, Option<net::gate::Gate>)>,
 }
 
 /// [`Gated`] on its way: the namespace is being made.
@@ -191,14 +197,7 @@ pub fn start_gated(
         // (held open, it would wait for a message that never comes).
         let sent = gate.send(&msg);
         let gate = sent.is_ok().then_some(gate);
-        let res = res.and_then(|attachments| {
-            sent.context("writing the network gate")?;
-            Ok(Attached {
-                netns: ns_path,
-                attachments,
-                took_us: t0.elapsed().as_micros() as u64,
-            })
-        });
+        let res = res.and_then(|_| sent.context("writing the network gate"));
         if res.is_err() {
             let _ = ns.delete();
         }
@@ -230,7 +229,7 @@ impl Starting {
 
 impl Gated {
     /// Waits for the ADD (call it once the launch has returned: the gate is removed then).
-    pub fn finish(self) -> anyhow::Result<Attached> {
+    pub fn finish(self) -> anyhow::Result<()> {
         match self.thread.join() {
             Ok((res, _gate)) => res,
             Err(_) => Err(anyhow::anyhow!("the network setup thread panicked")),
@@ -249,32 +248,6 @@ fn check_networks(cni: &Cni, reqs: &[NetworkRequest]) -> anyhow::Result<()> {
         cni.network(&r.name)?;
     }
     Ok(())
-}
-
-/// Creates the task's namespace and attaches it to every requested network (all or nothing:
-/// on failure, what was attached is detached and the namespace removed).
-pub fn attach(
-    cni: &Cni,
-    root: &Path,
-    id: &str,
-    reqs: &[NetworkRequest],
-) -> anyhow::Result<Attached> {
-    let t0 = Instant::now();
-    check_networks(cni, reqs)?;
-    let path = netns_path(root, id);
-    let ns = Netns::create(&path)?;
-    let res = runtime().and_then(|rt| Ok(rt.block_on(cni.setup(id, ns.path(), reqs))?));
-    match res {
-        Ok(attachments) => Ok(Attached {
-            netns: path,
-            attachments,
-            took_us: t0.elapsed().as_micros() as u64,
-        }),
-        Err(e) => {
-            let _ = ns.delete();
-            Err(e)
-        }
-    }
 }
 
 /// Releases a task's network: DEL on every cached attachment (newest first), then removes its

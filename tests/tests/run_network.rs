@@ -574,3 +574,84 @@ fn rm_releases_the_network_of_a_task_whose_supervisor_was_killed() {
     drop(env);
     del_bridge(bridge);
 }
+
+/// `bench launch --network`: every task is attached while it is set up (the network gate, as
+/// `caisson run` does), the report has the network phases, and a failing network is counted
+/// as each task's error with nothing left behind.
+#[test]
+fn bench_launch_on_a_network_gates_each_task_and_leaves_nothing() {
+    let Some(env) = Env::new(&our_plugins()) else {
+        return;
+    };
+    let (bridge, net) = ("cstbench60", "benchnet");
+    del_bridge(bridge);
+    let _ = std::fs::remove_dir_all(Path::new(IPAM_DATA_DIR).join(net));
+    env.create(net, "10.231.60.0/24", bridge);
+    let bench = |network: &str| -> serde_json::Value {
+        let (_, out, err) = env.run(&[
+            "bench",
+            "launch",
+            "--kind",
+            "native",
+            "--image",
+            IMAGE,
+            "-n",
+            "4",
+            "-c",
+            "2",
+            "--warmup",
+            "0",
+            "--network",
+            network,
+            "--json",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            // The address is there when the task runs: the gate held its exec until the ADD.
+            "busybox ip -4 addr show eth0 | grep -q 'inet 10.231.60.'",
+        ]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"))
+    };
+    let r = bench(net);
+    assert_eq!(r["ok"], 4, "{r}");
+    let names: Vec<&str> = r["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(&names[..3], ["rootfs", "network", "network_wait"], "{r}");
+    let phase = |n: &str| {
+        r["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == n)
+            .unwrap()["min_us"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(phase("network") > 0.0, "the ADD's time is reported: {r}");
+    env.assert_clean(&[bridge]);
+
+    // A network whose plugin does not exist: every task fails with the plugin named.
+    std::fs::write(
+        env.conf.path().join("50-broken.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"broken","plugins":[{"type":"nosuchplugin"}]}"#,
+    )
+    .unwrap();
+    let r = bench("broken");
+    assert_eq!(r["ok"], 0, "{r}");
+    assert_eq!(r["errors"], 4, "{r}");
+    assert!(
+        r["error_messages"][0]
+            .as_str()
+            .unwrap()
+            .contains("nosuchplugin"),
+        "{r}"
+    );
+    env.assert_clean(&[bridge]);
+    drop(env);
+    del_bridge(bridge);
+}

@@ -197,26 +197,64 @@ impl Launcher {
     fn start_native(&self, id: &str, spec: &TaskSpec) -> Result<Launched, Failure> {
         let ports: Vec<String> = spec.ports.iter().map(port_arg).collect();
         let plan = tasknet::plan(&spec.networks, &ports).map_err(|e| failed(format!("{e:#}")))?;
+        let cni = self.cni.cni(&self.root);
+        // As `caisson run --network`: the namespace is made and the ADD started on a thread
+        // of their own while the root is prepared and the task set up; only the task's exec
+        // waits for the network (the gate).
+        let starting = match &plan {
+            tasknet::Plan::Cni(reqs) => {
+                let hostname = id.chars().take(12).collect();
+                let files = tasknet::network_files(hostname);
+                Some(tasknet::start_gated(&cni, &self.root, id, reqs, files))
+            }
+            _ => None,
+        };
         let prepared = crate::containers::prepare_image_root(&self.root, &spec.image, id)
-            .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")))?;
+            .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")));
+        let gated = starting.map(tasknet::Starting::ready).transpose();
+        let release_network = || {
+            if let Err(e) = tasknet::detach(&cni, &self.root, id) {
+                tracing::warn!(task = %id, "releasing the network after a failed launch: {e:#}");
+            }
+        };
+        let (prepared, gated) = match (prepared, gated) {
+            (Ok(p), Ok(g)) => (p, g),
+            (p, g) => {
+                let network_err = match g {
+                    Ok(Some(g)) => {
+                        let _ = g.finish();
+                        release_network();
+                        None
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some(failed(format!("{e:#}"))),
+                };
+                return Err(match p {
+                    Ok(p) => {
+                        if let Some(dir) = &p.owned {
+                            let _ = containerizer::image::rootfs::remove(dir);
+                        }
+                        network_err.unwrap_or_else(|| failed("the network was not made"))
+                    }
+                    Err(e) => e,
+                });
+            }
+        };
         let owned = prepared.owned.clone();
         let mut gpus = false;
-        let mut networked = false;
-        let cni = self.cni.cni(&self.root);
-        let undo = |gpus: bool, networked: bool| {
+        let networked = gated.is_some();
+        let undo = |gpus: bool| {
             if gpus {
                 crate::gpus::release(&self.root, id);
             }
             if networked {
-                if let Err(e) = tasknet::detach(&cni, &self.root, id) {
-                    tracing::warn!(task = %id, "releasing the network after a failed launch: {e:#}");
-                }
+                release_network();
             }
             if let Some(dir) = &owned {
                 let _ = containerizer::image::rootfs::remove(dir);
             }
         };
-        let res = (|| -> Result<Launched, Failure> {
+        let res = (|| -> Result<launch::TaskSpec, Failure> {
             let process = launch::process_from_image(
                 prepared.config.as_ref(),
                 &launch::ProcessOverrides {
@@ -260,10 +298,8 @@ impl Launcher {
                 gpus = crate::gpus::attach(&self.root, Some(&n), &[], &mut ts)
                     .map_err(|e| failed(format!("{e:#}")))?;
             }
-            if let tasknet::Plan::Cni(reqs) = &plan {
-                networked = true;
-                crate::containers::attach_networks(&self.root, &cni, reqs, &mut ts)
-                    .map_err(|e| failed(format!("{e:#}")))?;
+            if let Some(g) = &gated {
+                crate::containers::gate_networks(&cni, g, &mut ts);
                 // The supervisor releases the networks itself; GPUs at exit still need
                 // `caisson cleanup` (as before, when that released the networks too).
                 if gpus {
@@ -272,10 +308,17 @@ impl Launcher {
                             .map_err(|e| failed(format!("{e:#}")))?;
                 }
             }
-            self.rt.launch(ts).map_err(failed)
+            Ok(ts)
         })();
+        let res = res.and_then(|ts| self.rt.launch(ts).map_err(failed));
+        // The launch has returned: the supervisor has read the gate (or failed before it).
+        // The network's own error names the network and plugin: it is the one to report.
+        let res = match (res, gated.map(tasknet::Gated::finish)) {
+            (Err(_), Some(Err(ne))) => Err(failed(format!("{ne:#}"))),
+            (res, _) => res,
+        };
         if res.is_err() {
-            undo(gpus, networked);
+            undo(gpus);
         }
         res
     }
