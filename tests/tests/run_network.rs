@@ -372,9 +372,13 @@ fn a_launch_killed_during_add_fails_at_the_network_gate_and_rm_releases_it() {
     // A plugin that hangs in ADD, so that the launcher can be killed in the middle of it.
     let bin = tempfile::tempdir().unwrap();
     let plugin = bin.path().join("hangadd");
+    let pid_file = bin.path().join("pid");
     std::fs::write(
         &plugin,
-        "#!/bin/sh\nif [ \"$CNI_COMMAND\" = ADD ]; then exec sleep 3; fi\n",
+        format!(
+            "#!/bin/sh\nif [ \"$CNI_COMMAND\" = ADD ]; then echo $$ > {}; exec sleep 30; fi\n",
+            pid_file.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -401,6 +405,14 @@ fn a_launch_killed_during_add_fails_at_the_network_gate_and_rm_releases_it() {
     });
     launcher.kill().unwrap();
     launcher.wait().unwrap();
+    // The plugin dies with the launcher (it must not finish its ADD after rm's DEL).
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{}", pid.trim()));
+    eventually("the plugin is killed with the launcher", || {
+        std::fs::read_to_string(proc_dir.join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    });
     let netns: Vec<_> = std::fs::read_dir(volatile_dir(&root).join("netns"))
         .unwrap()
         .collect();

@@ -193,6 +193,7 @@ pub(crate) async fn run_plugin(
         // e.g. a delegated IPAM plugin) is killed, not just the direct child.
         .process_group(0)
         .kill_on_drop(true);
+    crate::sys::kill_child_with_parent(&mut cmd);
     // VERSION, STATUS and GC concern the plugin or the network, not one attachment.
     if matches!(inv.command, Command::Add | Command::Check | Command::Del) {
         cmd.env("CNI_CONTAINERID", inv.container_id)

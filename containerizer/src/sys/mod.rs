@@ -18,3 +18,22 @@ pub fn default_sigpipe() {
         )
     };
 }
+
+/// Makes the child `cmd` spawns get SIGKILL when the thread that spawned it ends (the
+/// process killed included): a CNI plugin must not outlive a launcher killed in the middle of
+/// its ADD, or it could finish the ADD after `rm` has run the DEL.
+pub fn kill_child_with_parent(cmd: &mut tokio::process::Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe calls (prctl, getppid, _exit); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The parent may have died before the prctl: then no signal would ever come.
+            if nix::unistd::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
