@@ -679,6 +679,13 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         std::fs::write(f, &launched.id).with_context(|| format!("writing {}", f.display()))?;
     }
     if a.detach {
+        // As podman: the id comes once the task is recorded running (pid and all).
+        if rt
+            .wait_recorded(&launched.id, Duration::from_secs(10))
+            .is_none()
+        {
+            tracing::warn!("{} is not recorded as started yet", launched.id);
+        }
         println!("{}", launched.id);
         drop(launched);
         return Ok(0);

@@ -902,6 +902,24 @@ impl Runtime {
         }
     }
 
+    /// Waits, for at most `timeout`, until the supervisor has recorded the task as started
+    /// (it reports `started` to the launcher first and writes `state.json` right after, so
+    /// that launches return sooner); `None` if it has not. A detached `run` waits for it, so
+    /// that `ps`/`inspect` right after show the task running with its pid.
+    pub fn wait_recorded(&self, id: &str, timeout: Duration) -> Option<TaskState> {
+        let td = self.dir(id);
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match td.read_state() {
+                Ok(st) if st.status != Status::Created => return Some(st),
+                _ if Instant::now() >= deadline => return None,
+                _ => std::thread::sleep(pause),
+            }
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+    }
+
     /// Polls the state until it is terminal, for at most `timeout`.
     pub fn wait_terminal(
         &self,
