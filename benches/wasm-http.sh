@@ -10,7 +10,9 @@
 # BASE (a second such directory to compare with), WRK (wrk arguments; default -t2 -c32 -d10s),
 # ROUNDS (wrk runs per service; default 3), THREADS (CAISSON_WASM_HTTP_THREADS for the services;
 # default unset: the binaries' own default), PORT (default 18299; BASE's service gets PORT+1),
-# GUEST (the component; default the tests' http guest, built if missing).
+# GUEST (the component; default the tests' http guest, built if missing), QUIET=1 to wait
+# (up to 10 minutes) before each run until the CPUs were at least 90% idle for a second: on a
+# shared machine, a build that starts mid-run skews that run only.
 #
 # Prints each wrk run (requests/s, mean latency), then per service the median requests/s, the
 # host process's RSS and CPU time after the runs, and the load before and after.
@@ -64,15 +66,32 @@ for i in "${!sets[@]}"; do
   wrk -t1 -c4 -d1s "http://127.0.0.1:$port/" >/dev/null
 done
 
+# Percent of CPU time busy over the last second.
+busy() {
+  local a b
+  read -ra a < <(head -1 /proc/stat)
+  sleep 1
+  read -ra b < <(head -1 /proc/stat)
+  local tot=0 i
+  for i in 1 2 3 4 5 6 7 8; do tot=$((tot + b[i] - a[i])); done
+  echo $((100 - 100 * (b[4] - a[4] + b[5] - a[5]) / tot))
+}
 for r in $(seq "$ROUNDS"); do
   for i in "${!sets[@]}"; do
     s=${sets[$i]} port=$((PORT + i))
+    pre=$(busy)
+    if [ "${QUIET:-0}" = 1 ]; then
+      for _ in $(seq 600); do
+        [ "$pre" -lt 10 ] && break
+        pre=$(busy)
+      done
+    fi
     # shellcheck disable=SC2086 # WRK is a list of arguments
     out=$(wrk $WRK "http://127.0.0.1:$port/")
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
     lat=$(awk '$1 == "Latency" {print $2}' <<<"$out")
     errs=$(grep -E "Non-2xx|Socket errors" <<<"$out" | tr '\n' ' ' || true)
-    echo "round $r $s: $rps requests/s, latency mean $lat $errs"
+    echo "round $r $s: $rps requests/s, latency mean $lat (CPUs ${pre}% busy before) $errs"
     echo "$rps" >>"$W/$s.rps"
   done
 done

@@ -872,6 +872,20 @@ fn wasi_http_service_starts_a_worker_thread_only_for_overlapping_connections() {
     let mut third = KeepAlive::connect(port);
     assert_eq!(third.get("/c"), hello("/c"));
     assert_eq!(workers(), 1);
+    // Its connections closed, the worker ends after an idle while (seconds); the service goes
+    // on with one thread and starts a worker again when connections overlap again.
+    drop((a, b, third));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while workers() > 0 {
+        assert!(Instant::now() < deadline, "the idle worker never ended");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(http_get(port, "/again").unwrap(), hello("/again"));
+    let mut a = KeepAlive::connect(port);
+    let mut b = KeepAlive::connect(port);
+    assert_eq!(a.get("/a"), hello("/a"));
+    assert_eq!(b.get("/b"), hello("/b"));
+    assert_eq!(workers(), 1);
     // A graceful stop closes the idle keep-alive connections of every thread.
     c.ok(&["stop", "-t", "20", "threads"]);
     let v = inspect(&c, "threads");

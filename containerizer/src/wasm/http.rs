@@ -34,6 +34,9 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Ticks without a request in flight before the ticker parks.
 const IDLE_TICKS_BEFORE_PARKING: u32 = 50;
 
+/// A worker thread without connections for this long ends.
+const WORKER_IDLE_EXIT: Duration = Duration::from_secs(5);
+
 /// How a service is hosted.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -50,8 +53,8 @@ pub struct ServiceConfig {
     /// call) and the request answered 504 if no response was sent yet.
     pub request_timeout: Duration,
     /// Threads serving connections at most, the one calling [`Service::serve_until`] included.
-    /// The others are started only when connections overlap (and then kept), so an idle
-    /// service, or one that sees one client at a time, costs no extra thread.
+    /// The others are started only when connections overlap, and end after a few idle
+    /// seconds, so an idle service, or one that sees one client at a time, has no extra thread.
     pub threads: usize,
 }
 
@@ -522,7 +525,8 @@ struct Worker {
 
 impl Worker {
     /// A thread with a runtime of its own, serving the connections it is handed until the
-    /// handing side is dropped and its last connection has ended.
+    /// handing side is dropped or it has been idle for [`WORKER_IDLE_EXIT`], and its last
+    /// connection has ended.
     fn start(service: Service) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -549,10 +553,20 @@ impl Worker {
                                 }
                             }
                             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                            // Idle for a while: end, so that a service busy once does not
+                            // keep the thread. Closing first means no connection is lost: any
+                            // already handed over are still received (and served), any later
+                            // are refused and the dispatcher serves them elsewhere.
+                            () = tokio::time::sleep(WORKER_IDLE_EXIT), if conns.is_empty() => {
+                                rx.close();
+                            }
                         }
                     }
                     while conns.join_next().await.is_some() {}
-                })
+                });
+                drop(rt);
+                // What this thread allocated need not stay resident in an idle service.
+                crate::sys::wasm::release_free_heap();
             })?;
         Ok(Self { live, tx })
     }
@@ -572,54 +586,56 @@ impl Threads {
     /// Serves `conn` on the thread with the fewest live connections, starting a worker first
     /// if every running thread has one.
     fn dispatch(&mut self, conn: tokio::net::TcpStream, stop: tokio::sync::watch::Receiver<bool>) {
-        let mut best = None;
-        let mut fewest = self.local.load(Ordering::Acquire);
-        for (i, w) in self.workers.iter().enumerate() {
-            let n = w.live.load(Ordering::Acquire);
-            if n < fewest {
-                (best, fewest) = (Some(i), n);
-            }
-        }
-        if fewest > 0 && self.workers.len() < self.max_workers {
-            match Worker::start(self.service.clone()) {
-                Ok(w) => {
-                    self.workers.push(w);
-                    best = Some(self.workers.len() - 1);
+        let (mut conn, mut stop) = (conn, stop);
+        // A second round only if the chosen worker had just ended.
+        for _ in 0..2 {
+            let mut best = None;
+            let mut fewest = self.local.load(Ordering::Acquire);
+            for (i, w) in self.workers.iter().enumerate() {
+                let n = w.live.load(Ordering::Acquire);
+                if n < fewest {
+                    (best, fewest) = (Some(i), n);
                 }
+            }
+            if fewest > 0 && self.workers.len() < self.max_workers {
+                match Worker::start(self.service.clone()) {
+                    Ok(w) => {
+                        self.workers.push(w);
+                        best = Some(self.workers.len() - 1);
+                    }
+                    Err(e) => {
+                        tracing::warn!(service = %self.service.0.name, "worker thread: {e}");
+                        self.max_workers = self.workers.len();
+                    }
+                }
+            }
+            let Some(i) = best else { break };
+            let w = &self.workers[i];
+            // Off this runtime's reactor; the worker registers it with its own.
+            let std_conn = match conn.into_std() {
+                Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(service = %self.service.0.name, "worker thread: {e}");
-                    self.max_workers = self.workers.len();
-                }
-            }
-        }
-        let (conn, stop) = match best.map(|i| &self.workers[i]) {
-            None => (conn, stop),
-            Some(w) => {
-                // Off this runtime's reactor; the worker registers it with its own.
-                let conn = match conn.into_std() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!("handing a connection over: {e}");
-                        return;
-                    }
-                };
-                w.live.fetch_add(1, Ordering::AcqRel);
-                let Err(tokio::sync::mpsc::error::SendError((conn, stop))) =
-                    w.tx.send((conn, stop))
-                else {
+                    tracing::debug!("handing a connection over: {e}");
                     return;
-                };
-                // The worker is gone (its runtime could not start): serve it here.
-                w.live.fetch_sub(1, Ordering::AcqRel);
-                match tokio::net::TcpStream::from_std(conn) {
-                    Ok(c) => (c, stop),
-                    Err(e) => {
-                        tracing::debug!("taking a connection back: {e}");
-                        return;
-                    }
                 }
-            }
-        };
+            };
+            w.live.fetch_add(1, Ordering::AcqRel);
+            let Err(tokio::sync::mpsc::error::SendError((std_conn, s))) =
+                w.tx.send((std_conn, stop))
+            else {
+                return;
+            };
+            // The worker has ended (idle, or its runtime failed): forget it, choose again.
+            self.workers.swap_remove(i);
+            stop = s;
+            conn = match tokio::net::TcpStream::from_std(std_conn) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("taking a connection back: {e}");
+                    return;
+                }
+            };
+        }
         self.local.fetch_add(1, Ordering::AcqRel);
         let live = LiveConnection(self.local.clone());
         tokio::spawn(self.service.clone().serve_connection(conn, stop, live));
