@@ -763,6 +763,136 @@ fn start_service(c: &Caisson, g: &str, name: &str, extra: &[&str]) -> u16 {
     port
 }
 
+/// A keep-alive HTTP/1.1 client connection.
+struct KeepAlive(std::io::BufReader<std::net::TcpStream>);
+
+impl KeepAlive {
+    fn connect(port: u16) -> Self {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Self(std::io::BufReader::new(s))
+    }
+
+    /// One request on this connection; returns (status, body).
+    fn get(&mut self, path: &str) -> (u16, String) {
+        use std::io::{BufRead, Read, Write};
+        write!(
+            self.0.get_mut(),
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
+        .unwrap();
+        let mut line = String::new();
+        self.0.read_line(&mut line).unwrap();
+        let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let (mut length, mut chunked) = (None, false);
+        loop {
+            line.clear();
+            self.0.read_line(&mut line).unwrap();
+            let l = line.trim_end().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(n) = l.strip_prefix("content-length:") {
+                length = Some(n.trim().parse::<usize>().unwrap());
+            }
+            chunked |= l == "transfer-encoding: chunked";
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                self.0.read_line(&mut line).unwrap();
+                let n = usize::from_str_radix(line.trim(), 16).unwrap();
+                let mut chunk = vec![0; n + 2];
+                self.0.read_exact(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else {
+            let mut b = vec![0; length.expect("no length, not chunked")];
+            self.0.read_exact(&mut b).unwrap();
+            body = b;
+        }
+        (status, String::from_utf8(body).unwrap())
+    }
+}
+
+#[test]
+fn wasi_http_service_starts_a_worker_thread_only_for_overlapping_connections() {
+    if !require_root() {
+        return;
+    }
+    let Some(g) = http_guest() else { return };
+    let c = Caisson::new();
+    let port = caisson_tests::free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    let out = c
+        .cmd()
+        .env("CAISSON_WASM_HTTP_THREADS", "2")
+        .args(["run", "-d", "--name", "threads", "-p", &publish, &g])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(port, "/").is_err() {
+        assert!(Instant::now() < deadline, "service never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = inspect(&c, "threads")["state"]["pid"].as_i64().unwrap();
+    let workers = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|n| n.trim() == "wasm-http")
+            })
+            .count()
+    };
+    let hello = |path: &str| (200, format!("hello from wasi:http GET {path}\n"));
+    // One client at a time: the service keeps its one thread.
+    for i in 0..5 {
+        let path = format!("/one/{i}");
+        assert_eq!(http_get(port, &path).unwrap(), hello(&path));
+    }
+    assert_eq!(workers(), 0);
+    // A second connection while the first is open goes to a worker thread; both go on serving.
+    let mut a = KeepAlive::connect(port);
+    assert_eq!(a.get("/a"), hello("/a"));
+    let mut b = KeepAlive::connect(port);
+    assert_eq!(b.get("/b"), hello("/b"));
+    assert_eq!(workers(), 1);
+    for i in 0..3 {
+        assert_eq!(a.get(&format!("/a/{i}")), hello(&format!("/a/{i}")));
+        assert_eq!(b.get(&format!("/b/{i}")), hello(&format!("/b/{i}")));
+    }
+    // No more threads than asked for.
+    let mut third = KeepAlive::connect(port);
+    assert_eq!(third.get("/c"), hello("/c"));
+    assert_eq!(workers(), 1);
+    // Its connections closed, the worker ends after an idle while (seconds); the service goes
+    // on with one thread and starts a worker again when connections overlap again.
+    drop((a, b, third));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while workers() > 0 {
+        assert!(Instant::now() < deadline, "the idle worker never ended");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(http_get(port, "/again").unwrap(), hello("/again"));
+    let mut a = KeepAlive::connect(port);
+    let mut b = KeepAlive::connect(port);
+    assert_eq!(a.get("/a"), hello("/a"));
+    assert_eq!(b.get("/b"), hello("/b"));
+    assert_eq!(workers(), 1);
+    // A graceful stop closes the idle keep-alive connections of every thread.
+    c.ok(&["stop", "-t", "20", "threads"]);
+    let v = inspect(&c, "threads");
+    assert_eq!(v["state"]["exit_code"], 0, "{v}");
+    c.ok(&["rm", "threads"]);
+}
+
 #[test]
 fn wasi_http_service_stops_gracefully_on_sigterm() {
     if !require_root() {

@@ -267,6 +267,13 @@ fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs, stop_signals: SigSet) ->
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+    // As many threads as CPUs at most, but the extra ones start only when connections overlap:
+    // an idle service, or one with a client at a time, keeps one thread.
+    // CAISSON_WASM_HTTP_THREADS=N sets the most.
+    let threads = std::env::var("CAISSON_WASM_HTTP_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let service = match wasm::Service::load(
         &spec.module,
         wasm::ServiceConfig {
@@ -276,6 +283,7 @@ fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs, stop_signals: SigSet) ->
             request_timeout: spec
                 .timeout_ms
                 .map_or(wasm::DEFAULT_REQUEST_TIMEOUT, Duration::from_millis),
+            threads,
             ..Default::default()
         },
     ) {
@@ -285,23 +293,9 @@ fn serve(spec: &RunSpec, addr: &str, cache: &CacheArgs, stop_signals: SigSet) ->
     // Loading (reading, hashing, maybe compiling the component) left garbage on the heap; an
     // idle service should not keep it resident.
     containerizer::sys::wasm::release_free_heap();
-    // One thread by default: it serves a hello service on our 2-CPU machines as fast as two
-    // workers do (the load generator needs the other CPU), and an idle service costs the least.
-    // CAISSON_WASM_HTTP_THREADS=N gives a busy service N worker threads on a bigger host.
-    let threads: usize = std::env::var("CAISSON_WASM_HTTP_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let built = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    };
+    let built = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let rt = match built {
         Ok(rt) => rt,
         Err(e) => {

@@ -34,6 +34,9 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Ticks without a request in flight before the ticker parks.
 const IDLE_TICKS_BEFORE_PARKING: u32 = 50;
 
+/// A worker thread without connections for this long ends.
+const WORKER_IDLE_EXIT: Duration = Duration::from_secs(5);
+
 /// How a service is hosted.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -49,6 +52,10 @@ pub struct ServiceConfig {
     /// handler: past it the guest is stopped (even in an infinite loop, or blocked in a host
     /// call) and the request answered 504 if no response was sent yet.
     pub request_timeout: Duration,
+    /// Threads serving connections at most, the one calling [`Service::serve_until`] included.
+    /// The others are started only when connections overlap, and end after a few idle
+    /// seconds, so an idle service, or one that sees one client at a time, has no extra thread.
+    pub threads: usize,
 }
 
 impl Default for ServiceConfig {
@@ -59,6 +66,7 @@ impl Default for ServiceConfig {
             limits: Limits::default(),
             env: vec![],
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            threads: 1,
         }
     }
 }
@@ -278,6 +286,10 @@ impl Service {
     /// gracefully: the listener is closed (new connections are refused), idle keep-alive
     /// connections are closed, and requests in flight are answered before this returns. A
     /// request cannot outlive [`ServiceConfig::request_timeout`], so neither can the drain.
+    ///
+    /// Connections are served on the calling thread's runtime and, up to
+    /// [`ServiceConfig::threads`], on worker threads started only once connections overlap: a
+    /// service that sees one client at a time never starts one.
     pub async fn serve_until(
         self,
         listener: tokio::net::TcpListener,
@@ -285,6 +297,7 @@ impl Service {
     ) -> std::io::Result<()> {
         // Every connection task holds a receiver: when none is left, all are done.
         let (stop_tx, _) = tokio::sync::watch::channel(false);
+        let mut threads = Threads::new(self.clone());
         tokio::pin!(shutdown);
         loop {
             let conn = tokio::select! {
@@ -302,37 +315,45 @@ impl Service {
                 }
             };
             let _ = conn.set_nodelay(true);
-            let svc = self.clone();
-            let mut stop = stop_tx.subscribe();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let svc = svc.clone();
-                    async move { Ok::<_, std::convert::Infallible>(svc.handle(req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(conn), service);
-                tokio::pin!(conn);
-                let res = tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = res {
-                    tracing::debug!("connection: {e}");
-                }
-                drop(stop);
-            });
+            threads.dispatch(conn, stop_tx.subscribe());
         }
         drop(listener);
+        // Workers end once their channel is closed and their connections are done.
+        drop(threads);
         let _ = stop_tx.send(true);
         let limit = self.0.config.request_timeout + Duration::from_secs(1);
         if tokio::time::timeout(limit, stop_tx.closed()).await.is_err() {
             tracing::warn!(service = %self.0.name, "connections still open after {limit:?}");
         }
         Ok(())
+    }
+
+    /// Serves one connection until the client closes it, or until `stop` says so (then
+    /// gracefully: the request in flight is answered first).
+    async fn serve_connection(
+        self,
+        conn: tokio::net::TcpStream,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        _live: LiveConnection,
+    ) {
+        let service = hyper::service::service_fn(move |req| {
+            let svc = self.clone();
+            async move { Ok::<_, std::convert::Infallible>(svc.handle(req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(conn), service);
+        tokio::pin!(conn);
+        let res = tokio::select! {
+            r = conn.as_mut() => r,
+            () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!("connection: {e}");
+        }
     }
 
     /// One request: a fresh instance, its handler called, the response it sets, or an error
@@ -470,6 +491,154 @@ impl Service {
                 error_response(status, why)
             }
         }
+    }
+}
+
+/// One of a thread's live connections: the dispatcher gives a new connection to the thread
+/// with the fewest.
+struct LiveConnection(Arc<AtomicUsize>);
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection handed to a worker thread, with its stop signal.
+type Handoff = (std::net::TcpStream, tokio::sync::watch::Receiver<bool>);
+
+/// The threads serving a service's connections: the acceptor's own (its connections are tasks
+/// on its runtime) and up to `threads - 1` workers, each a thread with a runtime of its own.
+/// A connection stays on the thread it was given: hyper's state and the requests' instances
+/// never move between threads.
+struct Threads {
+    service: Service,
+    max_workers: usize,
+    local: Arc<AtomicUsize>,
+    workers: Vec<Worker>,
+}
+
+struct Worker {
+    live: Arc<AtomicUsize>,
+    tx: tokio::sync::mpsc::UnboundedSender<Handoff>,
+}
+
+impl Worker {
+    /// A thread with a runtime of its own, serving the connections it is handed until the
+    /// handing side is dropped or it has been idle for [`WORKER_IDLE_EXIT`], and its last
+    /// connection has ended.
+    fn start(service: Service) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+        let live = Arc::new(AtomicUsize::new(0));
+        let counter = live.clone();
+        std::thread::Builder::new()
+            .name("wasm-http".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let mut conns = tokio::task::JoinSet::new();
+                    loop {
+                        tokio::select! {
+                            handoff = rx.recv() => {
+                                let Some((conn, stop)) = handoff else { break };
+                                // Counted by the dispatcher; uncounted when it ends.
+                                let live = LiveConnection(counter.clone());
+                                match tokio::net::TcpStream::from_std(conn) {
+                                    Ok(conn) => {
+                                        conns.spawn(service.clone().serve_connection(conn, stop, live));
+                                    }
+                                    Err(e) => tracing::debug!("taking a connection over: {e}"),
+                                }
+                            }
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                            // Idle for a while: end, so that a service busy once does not
+                            // keep the thread. Closing first means no connection is lost: any
+                            // already handed over are still received (and served), any later
+                            // are refused and the dispatcher serves them elsewhere.
+                            () = tokio::time::sleep(WORKER_IDLE_EXIT), if conns.is_empty() => {
+                                rx.close();
+                            }
+                        }
+                    }
+                    while conns.join_next().await.is_some() {}
+                });
+                drop(rt);
+                // What this thread allocated need not stay resident in an idle service.
+                crate::sys::wasm::release_free_heap();
+            })?;
+        Ok(Self { live, tx })
+    }
+}
+
+impl Threads {
+    fn new(service: Service) -> Self {
+        let max_workers = service.0.config.threads.saturating_sub(1);
+        Self {
+            service,
+            max_workers,
+            local: Arc::new(AtomicUsize::new(0)),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Serves `conn` on the thread with the fewest live connections, starting a worker first
+    /// if every running thread has one.
+    fn dispatch(&mut self, conn: tokio::net::TcpStream, stop: tokio::sync::watch::Receiver<bool>) {
+        let (mut conn, mut stop) = (conn, stop);
+        // A second round only if the chosen worker had just ended.
+        for _ in 0..2 {
+            let mut best = None;
+            let mut fewest = self.local.load(Ordering::Acquire);
+            for (i, w) in self.workers.iter().enumerate() {
+                let n = w.live.load(Ordering::Acquire);
+                if n < fewest {
+                    (best, fewest) = (Some(i), n);
+                }
+            }
+            if fewest > 0 && self.workers.len() < self.max_workers {
+                match Worker::start(self.service.clone()) {
+                    Ok(w) => {
+                        self.workers.push(w);
+                        best = Some(self.workers.len() - 1);
+                    }
+                    Err(e) => {
+                        tracing::warn!(service = %self.service.0.name, "worker thread: {e}");
+                        self.max_workers = self.workers.len();
+                    }
+                }
+            }
+            let Some(i) = best else { break };
+            let w = &self.workers[i];
+            // Off this runtime's reactor; the worker registers it with its own.
+            let std_conn = match conn.into_std() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("handing a connection over: {e}");
+                    return;
+                }
+            };
+            w.live.fetch_add(1, Ordering::AcqRel);
+            let Err(tokio::sync::mpsc::error::SendError((std_conn, s))) =
+                w.tx.send((std_conn, stop))
+            else {
+                return;
+            };
+            // The worker has ended (idle, or its runtime failed): forget it, choose again.
+            self.workers.swap_remove(i);
+            stop = s;
+            conn = match tokio::net::TcpStream::from_std(std_conn) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("taking a connection back: {e}");
+                    return;
+                }
+            };
+        }
+        self.local.fetch_add(1, Ordering::AcqRel);
+        let live = LiveConnection(self.local.clone());
+        tokio::spawn(self.service.clone().serve_connection(conn, stop, live));
     }
 }
 
