@@ -691,8 +691,8 @@ pub fn connect(socket: &Path) -> io::Result<(UnixStream, BufReader<UnixStream>, 
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    match serde_json::from_str::<Event>(&line) {
-        Ok(Event::Hello { pid, running }) => Ok((stream, reader, pid, running)),
+    match parse_event(&line) {
+        Some(Event::Hello { pid, running }) => Ok((stream, reader, pid, running)),
         _ => Err(io::Error::other(format!(
             "the wasm host did not say hello (got {:?})",
             line.trim()
@@ -712,5 +712,90 @@ pub fn events(reader: BufReader<UnixStream>) -> impl Iterator<Item = Event> {
     reader
         .lines()
         .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str(&l).ok())
+        .filter_map(|l| parse_event(&l))
+}
+
+/// An [`Event`] line read as one flat struct: the same wire format, without serde's buffering
+/// of an internally tagged enum (every field parsed twice), on the agent's path for every
+/// task.
+#[derive(Deserialize)]
+struct WireEvent {
+    ev: String,
+    id: Option<String>,
+    timings: Option<Timings>,
+    state: Option<Box<TaskState>>,
+    pid: Option<i32>,
+    running: Option<Vec<String>>,
+    code: Option<i32>,
+    message: Option<String>,
+}
+
+fn parse_event(line: &str) -> Option<Event> {
+    let w: WireEvent = serde_json::from_str(line).ok()?;
+    Some(match w.ev.as_str() {
+        "hello" => Event::Hello {
+            pid: w.pid?,
+            running: w.running?,
+        },
+        "started" => Event::Started {
+            id: w.id?,
+            timings: w.timings?,
+        },
+        "failed" => Event::Failed {
+            id: w.id?,
+            code: w.code?,
+            message: w.message?,
+        },
+        "exited" => Event::Exited {
+            id: w.id?,
+            state: w.state?,
+        },
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_read_back_as_written() {
+        let mut state = TaskState::created(1);
+        state.status = Status::Exited;
+        state.exit_code = Some(3);
+        state.reason = Some("exited".into());
+        let events = [
+            Event::Hello {
+                pid: 7,
+                running: vec!["a".into(), "b".into()],
+            },
+            Event::Started {
+                id: "a".into(),
+                timings: Timings {
+                    prepare_us: 5,
+                    total_us: 6,
+                    ..Timings::default()
+                },
+            },
+            Event::Failed {
+                id: "b".into(),
+                code: 2,
+                message: "no module".into(),
+            },
+            Event::Exited {
+                id: "a".into(),
+                state: Box::new(state),
+            },
+        ];
+        for ev in events {
+            let line = serde_json::to_string(&ev).unwrap();
+            let back = parse_event(&line).unwrap_or_else(|| panic!("{line}"));
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(&ev).unwrap()
+            );
+        }
+        assert!(parse_event(r#"{"ev":"later","id":"a"}"#).is_none());
+        assert!(parse_event(r#"{"ev":"started"}"#).is_none());
+    }
 }
