@@ -49,8 +49,10 @@ A0=$(cpu "$AP"); M0=$(cpu "$MP"); B0=$(busy)
 HP=$(pgrep -f "caisson-wasm host --socket $W/" | head -1 || true); H0=$([ -n "$HP" ] && cpu "$HP" || echo 0)
 # PERF=FILE also records the whole machine's profile (perf record -a -g) during the run.
 if [ -n "${PERF:-}" ]; then perf record -q -a -g -o "$PERF" & PP=$!; sleep 0.5; fi
-# STRACE=FILE counts the agent's system calls (strace -c -f) during the run.
-if [ -n "${STRACE:-}" ]; then strace -c -f -o "$STRACE" -p "$AP" & SP=$!; sleep 0.5; fi
+# STRACE=FILE counts the agent's system calls (strace -c -f) during the run; STRACE_WHO=host or
+# master counts those of the shared Wasm host or of the master instead.
+case "${STRACE_WHO:-agent}" in host) SPID=$HP ;; master) SPID=$MP ;; *) SPID=$AP ;; esac
+if [ -n "${STRACE:-}" ]; then strace -c -f -o "$STRACE" -p "$SPID" & SP=$!; sleep 0.5; fi
 /usr/bin/time -f "bench client cpu %U+%S s" \
   "$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 "${ARGS[@]}"
 # perf stops on SIGTERM (SIGINT is ignored by a background job of a script); strace on SIGINT.

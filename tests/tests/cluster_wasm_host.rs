@@ -48,14 +48,18 @@ fn task_dir(c: &Cluster, agent: &str, id: &str) -> PathBuf {
     c.agent_root(agent).join("containers").join(id)
 }
 
-/// The pid of the shared host that ran task `id` (its record's marker).
+/// The shared host that ran task `id`, if one did (its config's `wasm_host_pid`).
+fn wasm_host_pid(c: &Cluster, agent: &str, id: &str) -> Option<i32> {
+    let config = task_dir(c, agent, id).join("config.json");
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&config).unwrap_or_else(|e| panic!("{}: {e}", config.display())),
+    )
+    .unwrap();
+    v["wasm_host_pid"].as_i64().map(|p| p as i32)
+}
+
 fn host_pid(c: &Cluster, agent: &str, id: &str) -> i32 {
-    let marker = task_dir(c, agent, id).join("wasm-host");
-    std::fs::read_to_string(&marker)
-        .unwrap_or_else(|e| panic!("{}: {e}", marker.display()))
-        .trim()
-        .parse()
-        .unwrap()
+    wasm_host_pid(c, agent, id).unwrap_or_else(|| panic!("{id} did not run in a shared host"))
 }
 
 fn alive(pid: i32) -> bool {
@@ -295,12 +299,12 @@ fn root_per_task_wasm_host_is_still_available() {
         ("FINISHED", Some(0)),
         "{t}"
     );
-    // Its own supervisor and host process: the supervisor's records, no shared-host marker.
+    // Its own supervisor and host process: the supervisor's records, no shared host's pid.
     let dir = task_dir(&c, "a1", &id);
     assert_eq!(
         std::fs::read_to_string(dir.join("stdout.log")).unwrap(),
         "hello, world\n"
     );
     assert!(dir.join("wasm-status.json").exists());
-    assert!(!dir.join("wasm-host").exists());
+    assert_eq!(wasm_host_pid(&c, "a1", &id), None);
 }

@@ -25,6 +25,7 @@ use caisson_proto::master_message::Msg as Down;
 use caisson_proto::outbox_record::Rec;
 use caisson_proto::*;
 use containerizer::launch::{self, Runtime, Status as CStatus};
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -66,6 +67,8 @@ struct Outbox {
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,
     by_uuid: HashMap<String, u64>,
+    /// Acks of a batch of master messages, recorded together at its end.
+    acks: Vec<OutboxRecord>,
 }
 
 #[derive(Clone)]
@@ -103,6 +106,26 @@ fn write_atomic(path: &Path, data: &str) -> std::io::Result<()> {
     std::fs::write(&tmp, data)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Removes an ended shared-host task's directory: the files the host writes by name, then the
+/// (usually empty) sandbox and the directory; anything else there (a guest's files) by a walk.
+/// Fewer system calls than a walk of every directory. Gone already is fine.
+fn remove_shared_task_dir(dir: &Path) -> std::io::Result<()> {
+    use std::io::ErrorKind::NotFound;
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == NotFound => Ok(()),
+        r => r,
+    };
+    for f in ["config.json", "state.json", "stdout.log", "stderr.log"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let direct = gone(std::fs::remove_dir(dir.join("sandbox")))
+        .and_then(|()| gone(std::fs::remove_dir(dir)));
+    match direct {
+        Ok(()) => Ok(()),
+        Err(_) => gone(std::fs::remove_dir_all(dir)),
+    }
 }
 
 pub fn boot_id() -> String {
@@ -240,6 +263,7 @@ impl Agent {
             next_seq: 1,
             pending: BTreeMap::new(),
             by_uuid: HashMap::new(),
+            acks: vec![],
         };
         let mut known: HashMap<String, Known> = HashMap::new();
         for u in unacked {
@@ -278,7 +302,7 @@ impl Agent {
                 // launches do not want (a burst's deletions follow it instead of slowing it).
                 let _ = containerizer::sys::launch::set_idle_scheduling(0, true);
                 for dir in rm_rx {
-                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    if let Err(e) = remove_shared_task_dir(&dir) {
                         tracing::warn!(dir = %dir.display(), "removing: {e}");
                     }
                 }
@@ -383,7 +407,12 @@ impl Agent {
                 st.timings = Some(timings_of(&info.state.timings, 0));
                 self.report(st, None);
             }
-            if info.dir.join(containerizer::wasm::host::MARKER).exists() {
+            let in_shared_host = self
+                .rt
+                .dir(&id)
+                .read_config()
+                .is_ok_and(|c| c.wasm_host_pid.is_some());
+            if in_shared_host {
                 // Its end comes from the shared host, once we are connected again.
                 shared.push(id);
                 continue;
@@ -528,8 +557,9 @@ impl Agent {
         let Some(p) = ob.pending.remove(&seq) else {
             return;
         };
-        // No fsync of its own: lost in a crash, the update is resent and the master ignores it.
-        ob.wal.append_lazy(&OutboxRecord {
+        // Recorded at the batch's end, with no fsync of its own: lost in a crash, the update is
+        // resent and the master ignores it.
+        ob.acks.push(OutboxRecord {
             rec: Some(Rec::Acked(uuid.to_string())),
         });
         drop(ob);
@@ -541,6 +571,17 @@ impl Agent {
             {
                 tasks.remove(&p.status.task_id);
             }
+        }
+    }
+
+    /// The end of a batch of master messages (those that arrived together): the shared host
+    /// gets its launches and kills in one write, the outbox the acks in one record batch.
+    fn end_batch(&self) {
+        self.wasm_host.flush();
+        let mut ob = lock(&self.outbox);
+        if !ob.acks.is_empty() {
+            let acks = std::mem::take(&mut ob.acks);
+            ob.wal.append_lazy_all(&acks);
         }
     }
 
@@ -725,6 +766,10 @@ impl Agent {
         // it LOST.
         let spec = lt.spec.unwrap_or_default();
         let image = spec.image.clone();
+        // A module file is resolved here, on the session's thread, and its launch goes out
+        // with the others of its batch (`Agent::end_batch`); an image may have to be pulled,
+        // on a thread of its own that sends its launch itself.
+        let batched = tl::is_module_path(&image);
         let me = self.clone();
         let go = move || {
             let res = me.launcher.wasm_run_spec(&spec).and_then(|run| {
@@ -732,11 +777,14 @@ impl Agent {
                     return Err((Reason::KilledByUser, "killed before it started".into()));
                 }
                 me.wasm_host
-                    .run(&id, &me.rt.dir(&id).dir, &spec.image, run)
+                    .queue_run(&id, &me.rt.dir(&id).dir, &spec.image, run)
                     .map_err(|e| (Reason::LaunchFailed, format!("shared Wasm host: {e}")))
             });
+            if !batched {
+                me.wasm_host.flush();
+            }
             match res {
-                // A kill that came while we were sending: the host has the task now.
+                // A kill that came meanwhile: it goes to the host after the launch.
                 Ok(()) if me.killing(&id) => me.wasm_host.kill(&id, Duration::ZERO),
                 Ok(()) => {}
                 Err((reason, msg)) => {
@@ -750,11 +798,9 @@ impl Agent {
                 }
             }
         };
-        if tl::is_module_path(&image) {
-            // A file: resolving it is a few syscalls, done here.
+        if batched {
             go();
         } else {
-            // An image may have to be pulled: not on the session's task.
             let _ = std::thread::Builder::new()
                 .name("task-launch".into())
                 .spawn(go);
@@ -802,6 +848,28 @@ impl Agent {
                 self.report_then_remove_shared(u);
             }
         }
+    }
+
+    /// Handles one message of the master's stream: false once it asks us to shut down.
+    fn on_message(
+        self: &Arc<Self>,
+        m: Result<Option<MasterMessage>, tonic::Status>,
+    ) -> anyhow::Result<bool> {
+        match m.map_err(anyhow::Error::new)? {
+            None => anyhow::bail!("the master closed the stream"),
+            Some(MasterMessage { msg: Some(m) }) => match m {
+                Down::Launch(lt) => self.launch(lt),
+                Down::Kill(k) => self.kill(k),
+                Down::Ack(a) => self.acked(&a.uuid),
+                Down::Reconcile(_) | Down::Registered(_) => {}
+                Down::Shutdown(s) => {
+                    tracing::info!("the master asked us to shut down: {}", s.reason);
+                    return Ok(false);
+                }
+            },
+            Some(_) => {}
+        }
+        Ok(true)
     }
 
     fn register_msg(&self) -> AgentMessage {
@@ -913,20 +981,30 @@ impl Agent {
         let mut seq_no = 0u64;
         loop {
             tokio::select! {
-                m = inbound.message() => match m.map_err(anyhow::Error::new)? {
-                    None => anyhow::bail!("the master closed the stream"),
-                    Some(MasterMessage { msg: Some(m) }) => match m {
-                        Down::Launch(lt) => self.launch(lt),
-                        Down::Kill(k) => self.kill(k),
-                        Down::Ack(a) => self.acked(&a.uuid),
-                        Down::Reconcile(_) | Down::Registered(_) => {}
-                        Down::Shutdown(s) => {
-                            tracing::info!("the master asked us to shut down: {}", s.reason);
-                            return Ok(());
+                m = inbound.message() => {
+                    // Then every message already received, up to a bound (heartbeats and
+                    // updates wait meanwhile), as one batch.
+                    let mut m = m;
+                    let mut handled = 0;
+                    let end = loop {
+                        match self.on_message(m) {
+                            Ok(true) => {}
+                            done => break done,
                         }
-                    },
-                    Some(_) => {}
-                },
+                        handled += 1;
+                        if handled == 1024 {
+                            break Ok(true);
+                        }
+                        match inbound.message().now_or_never() {
+                            Some(next) => m = next,
+                            None => break Ok(true),
+                        }
+                    };
+                    self.end_batch();
+                    if !end? {
+                        return Ok(());
+                    }
+                }
                 Some(seq) = durable_rx.recv() => {
                     // Everything durable by now goes out together (one lock, and the
                     // connection writes them in one go rather than waking once per update).
@@ -953,5 +1031,32 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_task_dirs_are_removed_with_whatever_guests_left() {
+        let root = tempfile::tempdir().unwrap();
+        // What the host writes, with a log never written to.
+        let plain = root.path().join("t1");
+        std::fs::create_dir_all(plain.join("sandbox")).unwrap();
+        for f in ["config.json", "state.json", "stdout.log"] {
+            std::fs::write(plain.join(f), "x").unwrap();
+        }
+        // A guest's files in its sandbox, and a stray file: removed by the walk.
+        let busy = root.path().join("t2");
+        std::fs::create_dir_all(busy.join("sandbox/sub")).unwrap();
+        std::fs::write(busy.join("sandbox/sub/out.txt"), "x").unwrap();
+        std::fs::write(busy.join(".state.json.1.tmp"), "x").unwrap();
+        for d in [&plain, &busy] {
+            remove_shared_task_dir(d).unwrap();
+            assert!(!d.exists(), "{}", d.display());
+        }
+        // Gone already.
+        remove_shared_task_dir(&plain).unwrap();
     }
 }

@@ -103,8 +103,14 @@ impl Launcher {
     fn wasm_module(&self, spec: &TaskSpec) -> Result<(PathBuf, Vec<String>, Vec<String>), Failure> {
         let p = Path::new(&spec.image);
         if is_module_path(&spec.image) {
-            let module = std::fs::canonicalize(p)
-                .map_err(|e| failed(format!("Wasm module {}: {e}", spec.image)))?;
+            // An absolute path is used as given: one stat says it is there (a launch that
+            // cannot start leaves nothing behind), where resolving it costs a look per component.
+            let module = if p.is_absolute() {
+                std::fs::metadata(p).map(|_| p.to_path_buf())
+            } else {
+                std::fs::canonicalize(p)
+            }
+            .map_err(|e| failed(format!("Wasm module {}: {e}", spec.image)))?;
             let mut argv = vec![module
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())

@@ -93,12 +93,11 @@ impl Wal {
         }
     }
 
-    /// Queues `record` without asking for an fsync of its own: it is written with the next
-    /// batch and made durable by the next record that needs it. For records whose loss in a
-    /// crash is harmless (an ack: the update is resent, and the master ignores duplicates).
-    pub fn append_lazy<M: Message>(&self, record: &M) {
-        let bytes = record.encode_length_delimited_to_vec();
-        let _ = self.tx.send(Op::Append(bytes, None, false));
+    /// Queues `records` without asking for an fsync of their own: they are written with the
+    /// next batch and made durable by the next record that needs it. For records whose loss in
+    /// a crash is harmless (acks: the update is resent, and the master ignores duplicates).
+    pub fn append_lazy_all<M: Message>(&self, records: &[M]) {
+        let _ = self.tx.send(Op::Append(encode_all(records), None, false));
     }
 }
 

@@ -42,10 +42,18 @@ pub enum HostEvent {
 pub type OnEvent = Arc<dyn Fn(HostEvent) + Send + Sync>;
 
 struct Conn {
-    writer: Mutex<UnixStream>,
+    writer: Mutex<Outgoing>,
     pid: i32,
-    /// Sent and not yet reported ended.
+    /// Sent (or queued) and not yet reported ended.
     tasks: Mutex<HashSet<String>>,
+}
+
+/// The requests queued on a connection and not written yet, in order: a burst of launches
+/// goes out in one write (one wake-up of the host's reader), not one each.
+struct Outgoing {
+    stream: UnixStream,
+    /// Each request, with the task id of a `Run` (sent again on a new host if this one died).
+    queued: Vec<(Option<String>, Vec<u8>)>,
 }
 
 pub struct SharedHost {
@@ -111,7 +119,10 @@ impl SharedHost {
         };
         let running: HashSet<String> = running.into_iter().collect();
         let conn = Arc::new(Conn {
-            writer: Mutex::new(stream),
+            writer: Mutex::new(Outgoing {
+                stream,
+                queued: vec![],
+            }),
             pid,
             tasks: Mutex::new(
                 adopt
@@ -231,31 +242,76 @@ impl SharedHost {
         }
     }
 
-    /// Sends task `id` to the host (starting one if needed).
-    pub fn run(&self, id: &str, dir: &Path, image: &str, spec: RunSpec) -> io::Result<()> {
+    /// Queues task `id` for the host (starting one if needed); [`SharedHost::flush`] sends it.
+    /// If it cannot be sent, its end comes as [`HostEvent::Failed`].
+    pub fn queue_run(&self, id: &str, dir: &Path, image: &str, spec: RunSpec) -> io::Result<()> {
         let req = host::encode(&Request::Run {
             id: id.to_string(),
             dir: dir.to_path_buf(),
             image: image.to_string(),
             spec: Box::new(spec),
         });
-        // A host that died since our last use: one retry with a fresh one.
-        for attempt in 0..2 {
-            let conn = self.conn()?;
-            lock(&conn.tasks).insert(id.to_string());
-            let sent = lock(&conn.writer).write_all(&req);
-            match sent {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    lock(&conn.tasks).remove(id);
-                    self.forget(&conn);
-                    if attempt == 1 {
-                        return Err(e);
-                    }
-                }
+        let conn = self.conn()?;
+        lock(&conn.tasks).insert(id.to_string());
+        lock(&conn.writer).queued.push((Some(id.to_string()), req));
+        Ok(())
+    }
+
+    /// Writes what is queued, in one go. A host that died since our last use: its queued
+    /// launches go once to a fresh one, and those that cannot be sent are reported failed.
+    pub fn flush(&self) {
+        let Some(conn) = lock(&self.conn).clone() else {
+            return;
+        };
+        let (queued, sent) = {
+            let mut w = lock(&conn.writer);
+            if w.queued.is_empty() {
+                return;
+            }
+            let queued = std::mem::take(&mut w.queued);
+            let bytes: Vec<u8> = queued.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            let sent = w.stream.write_all(&bytes);
+            (queued, sent)
+        };
+        let Err(e) = sent else { return };
+        // Kills die with the host (and its tasks); launches get one retry.
+        let runs: Vec<(String, Vec<u8>)> = queued
+            .into_iter()
+            .filter_map(|(id, b)| Some((id?, b)))
+            .collect();
+        {
+            let mut tasks = lock(&conn.tasks);
+            for (id, _) in &runs {
+                tasks.remove(id);
             }
         }
-        unreachable!("the loop returns")
+        self.forget(&conn);
+        let retried = self.conn().and_then(|c| {
+            {
+                let mut tasks = lock(&c.tasks);
+                tasks.extend(runs.iter().map(|(id, _)| id.clone()));
+            }
+            let bytes: Vec<u8> = runs.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            let sent = lock(&c.writer).stream.write_all(&bytes);
+            if sent.is_err() {
+                let mut tasks = lock(&c.tasks);
+                for (id, _) in &runs {
+                    tasks.remove(id);
+                }
+                drop(tasks);
+                self.forget(&c);
+            }
+            sent
+        });
+        if let Err(e2) = retried {
+            tracing::warn!("sending tasks to the shared wasm host: {e}; then {e2}");
+            for (id, _) in runs {
+                (self.events)(HostEvent::Failed {
+                    id,
+                    message: format!("shared Wasm host: {e2}"),
+                });
+            }
+        }
     }
 
     /// Whether task `id` is running in the shared host.
@@ -265,7 +321,7 @@ impl SharedHost {
             .is_some_and(|c| lock(&c.tasks).contains(id))
     }
 
-    /// Asks the host to stop task `id` (see `Request::Kill`).
+    /// Asks the host to stop task `id` (see `Request::Kill`), after what is queued.
     pub fn kill(&self, id: &str, grace: Duration) {
         let conn = lock(&self.conn).clone();
         if let Some(c) = conn {
@@ -273,7 +329,8 @@ impl SharedHost {
                 id: id.to_string(),
                 grace_ms: grace.as_millis() as u64,
             });
-            let _ = lock(&c.writer).write_all(&req);
+            lock(&c.writer).queued.push((None, req));
+            self.flush();
         }
     }
 }

@@ -531,6 +531,7 @@ impl Runtime {
                     &TaskConfig {
                         spec: spec.clone(),
                         launch_started_ns: started_ns,
+                        wasm_host_pid: None,
                     },
                     &TaskState::created(state::now_ms()),
                 )
@@ -708,6 +709,7 @@ impl Runtime {
         td.write_config(&TaskConfig {
             spec,
             launch_started_ns: started_ns,
+            wasm_host_pid: None,
         })
         .map_err(io_err("writing the config"))?;
         let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;

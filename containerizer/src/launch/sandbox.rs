@@ -310,6 +310,7 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
         td.write_config(&TaskConfig {
             spec,
             launch_started_ns: sys::monotonic_ns(),
+            wasm_host_pid: None,
         })
         .map_err(io_err("writing the config"))?;
         TaskCgroup::create(&sid, &Limits::default())?;

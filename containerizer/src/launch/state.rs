@@ -129,6 +129,10 @@ pub struct TaskConfig {
     pub spec: TaskSpec,
     /// `CLOCK_MONOTONIC` at the launcher's start, in ns (for the timings).
     pub launch_started_ns: u64,
+    /// The pid of the agent's shared Wasm host (`crate::wasm::host`) when it runs the task
+    /// (instead of a supervisor of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_host_pid: Option<i32>,
 }
 
 /// Paths of one task's directory.

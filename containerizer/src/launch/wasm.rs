@@ -590,6 +590,7 @@ fn fork_supervisor(
     let cfg = TaskConfig {
         spec,
         launch_started_ns: started_ns,
+        wasm_host_pid: None,
     };
     fs::write(td.config(), to_json(&cfg)?).map_err(io_err("writing the config"))?;
     fs::write(td.state(), to_json(&created)?).map_err(io_err("writing the state"))?;

@@ -8,10 +8,11 @@
 //! which tasks still run, and finds the fate of the others in their records.
 //!
 //! Each task keeps the records of a supervised task, under `<root>/containers/<id>/`:
-//! `config.json` (a [`crate::launch::wasm::wasm_task`] spec), `state.json` (running, with the
-//! host as its "supervisor" pid, so a dead host shows as lost; then exited with its exit code,
-//! reason and CPU time), `stdout.log`, `stderr.log` and the `sandbox/` the guest sees as `/`;
-//! and a [`MARKER`] file telling the agent which tasks live in the shared host.
+//! `config.json` (a [`crate::launch::wasm::wasm_task`] spec, with the host's pid as
+//! `wasm_host_pid`: how the agent tells which tasks live in the shared host), `state.json`
+//! (running, with the host as its "supervisor" pid, so a dead host shows as lost; then exited
+//! with its exit code, reason and CPU time), `stdout.log` and `stderr.log` (each created at the
+//! guest's first write to it) and the `sandbox/` the guest sees as `/`.
 //!
 //! What differs from a supervised task: the tasks share the host's cgroup, so a task's CPU time
 //! is its thread's CPU clock (`usage.cpu_ns`, instantiation included) and there is no per-task
@@ -40,9 +41,6 @@ use crate::launch::state::{now_ms, process_start_ticks, Status, TaskConfig, Task
 
 /// The socket's file name in the agent's state directory.
 pub const SOCKET: &str = "wasm-host.sock";
-/// A file in a task's directory: the task runs in the shared host (its content is the host's
-/// pid).
-pub const MARKER: &str = "wasm-host";
 
 /// From the agent to the host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -524,9 +522,16 @@ impl Host {
         state: &mut TaskState,
     ) -> Result<(super::TaskSpec, super::Program), (i32, String)> {
         let io = |what: &str, e: io::Error| (super::EXIT_HOST_ERROR, format!("{what}: {e}"));
-        fs::create_dir_all(td.sandbox()).map_err(|e| io("creating the task directory", e))?;
-        fs::write(td.dir.join(MARKER), self.pid.to_string())
-            .map_err(|e| io("writing the marker", e))?;
+        // The containers directory exists after the first task: two mkdirs, not create_dir_all's
+        // failed one first.
+        let mkdir = |d: &Path| match fs::create_dir(d) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(d),
+            r => r,
+        };
+        mkdir(&td.dir)
+            .and_then(|()| mkdir(&td.sandbox()))
+            .map_err(|e| io("creating the task directory", e))?;
         let mut ts = crate::launch::wasm::wasm_task(spec.clone());
         ts.id = id.to_string();
         ts.name = id.to_string();
@@ -536,6 +541,7 @@ impl Host {
         let config = serde_json::to_vec(&TaskConfig {
             spec: ts,
             launch_started_ns: crate::sys::launch::monotonic_ns(),
+            wasm_host_pid: Some(self.pid),
         })
         .map_err(|e| io("writing the config", io::Error::other(e)))?;
         fs::write(td.config(), config).map_err(|e| io("writing the config", e))?;
@@ -557,8 +563,9 @@ impl Host {
             .to_task()
             .map_err(|e| (super::EXIT_HOST_ERROR, e.to_string()))?;
         task.stdin = Stdio::Null;
-        task.stdout = Stdio::Path(td.stdout_log());
-        task.stderr = Stdio::Path(td.stderr_log());
+        // Created at the guest's first write: most tasks write one stream or none.
+        task.stdout = Stdio::PathOnWrite(td.stdout_log());
+        task.stderr = Stdio::PathOnWrite(td.stderr_log());
         let program = self
             .engine
             .load(&Source::Path(spec.module.clone()))
@@ -684,8 +691,8 @@ pub fn connect(socket: &Path) -> io::Result<(UnixStream, BufReader<UnixStream>, 
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    match serde_json::from_str::<Event>(&line) {
-        Ok(Event::Hello { pid, running }) => Ok((stream, reader, pid, running)),
+    match parse_event(&line) {
+        Some(Event::Hello { pid, running }) => Ok((stream, reader, pid, running)),
         _ => Err(io::Error::other(format!(
             "the wasm host did not say hello (got {:?})",
             line.trim()
@@ -705,5 +712,90 @@ pub fn events(reader: BufReader<UnixStream>) -> impl Iterator<Item = Event> {
     reader
         .lines()
         .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str(&l).ok())
+        .filter_map(|l| parse_event(&l))
+}
+
+/// An [`Event`] line read as one flat struct: the same wire format, without serde's buffering
+/// of an internally tagged enum (every field parsed twice), on the agent's path for every
+/// task.
+#[derive(Deserialize)]
+struct WireEvent {
+    ev: String,
+    id: Option<String>,
+    timings: Option<Timings>,
+    state: Option<Box<TaskState>>,
+    pid: Option<i32>,
+    running: Option<Vec<String>>,
+    code: Option<i32>,
+    message: Option<String>,
+}
+
+fn parse_event(line: &str) -> Option<Event> {
+    let w: WireEvent = serde_json::from_str(line).ok()?;
+    Some(match w.ev.as_str() {
+        "hello" => Event::Hello {
+            pid: w.pid?,
+            running: w.running?,
+        },
+        "started" => Event::Started {
+            id: w.id?,
+            timings: w.timings?,
+        },
+        "failed" => Event::Failed {
+            id: w.id?,
+            code: w.code?,
+            message: w.message?,
+        },
+        "exited" => Event::Exited {
+            id: w.id?,
+            state: w.state?,
+        },
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_read_back_as_written() {
+        let mut state = TaskState::created(1);
+        state.status = Status::Exited;
+        state.exit_code = Some(3);
+        state.reason = Some("exited".into());
+        let events = [
+            Event::Hello {
+                pid: 7,
+                running: vec!["a".into(), "b".into()],
+            },
+            Event::Started {
+                id: "a".into(),
+                timings: Timings {
+                    prepare_us: 5,
+                    total_us: 6,
+                    ..Timings::default()
+                },
+            },
+            Event::Failed {
+                id: "b".into(),
+                code: 2,
+                message: "no module".into(),
+            },
+            Event::Exited {
+                id: "a".into(),
+                state: Box::new(state),
+            },
+        ];
+        for ev in events {
+            let line = serde_json::to_string(&ev).unwrap();
+            let back = parse_event(&line).unwrap_or_else(|| panic!("{line}"));
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(&ev).unwrap()
+            );
+        }
+        assert!(parse_event(r#"{"ev":"later","id":"a"}"#).is_none());
+        assert!(parse_event(r#"{"ev":"started"}"#).is_none());
+    }
 }

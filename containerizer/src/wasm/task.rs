@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wasmtime_wasi::cli::{InputFile, OutputFile};
+use wasmtime_wasi::cli::{InputFile, IsTerminal, OutputFile, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// Where a standard stream of the guest goes. The paths are the same log files a native task
@@ -23,6 +24,10 @@ pub enum Stdio {
     File(File),
     /// A path: opened read-only for stdin, created/appended for stdout and stderr.
     Path(PathBuf),
+    /// For stdout and stderr: a path created (appended to) at the guest's first write, so a
+    /// guest that writes nothing leaves no empty log to create and delete (the shared host's
+    /// tasks, thousands a second). Opening errors surface at that write. As `Path` for stdin.
+    PathOnWrite(PathBuf),
 }
 
 /// A host directory the guest sees at `guest`.
@@ -308,7 +313,7 @@ impl Host {
             Stdio::File(f) => {
                 b.stdin(InputFile::new(f));
             }
-            Stdio::Path(p) => {
+            Stdio::Path(p) | Stdio::PathOnWrite(p) => {
                 let f = File::open(&p).map_err(|source| Error::Stdio {
                     what: "stdin",
                     path: p.clone(),
@@ -323,7 +328,7 @@ impl Host {
             }
             s => {
                 if let Some(out) = output(s, "stdout")? {
-                    b.stdout(out);
+                    set_output(&mut b, out, false);
                 }
             }
         }
@@ -333,7 +338,7 @@ impl Host {
             }
             s => {
                 if let Some(out) = output(s, "stderr")? {
-                    b.stderr(out);
+                    set_output(&mut b, out, true);
                 }
             }
         }
@@ -345,11 +350,11 @@ impl Host {
 }
 
 /// Opens an output stream (`Inherit` is handled by the caller; `Null` keeps the default sink).
-fn output(s: Stdio, what: &'static str) -> Result<Option<OutputFile>> {
+fn output(s: Stdio, what: &'static str) -> Result<Option<Output>> {
     Ok(match s {
         Stdio::Null => None,
         Stdio::Inherit => None,
-        Stdio::File(f) => Some(OutputFile::new(f)),
+        Stdio::File(f) => Some(Output::File(OutputFile::new(f))),
         Stdio::Path(p) => {
             let f = OpenOptions::new()
                 .create(true)
@@ -360,9 +365,119 @@ fn output(s: Stdio, what: &'static str) -> Result<Option<OutputFile>> {
                     path: p.clone(),
                     source,
                 })?;
-            Some(OutputFile::new(f))
+            Some(Output::File(OutputFile::new(f)))
         }
+        Stdio::PathOnWrite(p) => Some(Output::OnWrite(OutputOnWrite {
+            path: Arc::new(p),
+            file: Arc::default(),
+        })),
     })
+}
+
+/// What [`output`] opened.
+enum Output {
+    File(OutputFile),
+    OnWrite(OutputOnWrite),
+}
+
+fn set_output(b: &mut WasiCtxBuilder, out: Output, stderr: bool) {
+    match (out, stderr) {
+        (Output::File(f), false) => b.stdout(f),
+        (Output::File(f), true) => b.stderr(f),
+        (Output::OnWrite(f), false) => b.stdout(f),
+        (Output::OnWrite(f), true) => b.stderr(f),
+    };
+}
+
+/// An output file created at the first write ([`Stdio::PathOnWrite`]); writes are blocking
+/// and unbuffered, as with wasmtime's `OutputFile`.
+#[derive(Clone)]
+struct OutputOnWrite {
+    path: Arc<PathBuf>,
+    file: Arc<std::sync::OnceLock<std::result::Result<File, String>>>,
+}
+
+impl OutputOnWrite {
+    fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let file = self.file.get_or_init(|| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&*self.path)
+                .map_err(|e| format!("{}: {e}", self.path.display()))
+        });
+        match file {
+            Ok(f) => {
+                let mut f: &File = f;
+                f.write_all(bytes)
+            }
+            Err(e) => Err(std::io::Error::other(e.clone())),
+        }
+    }
+}
+
+impl IsTerminal for OutputOnWrite {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for OutputOnWrite {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for OutputOnWrite {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for OutputOnWrite {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.write_all(&bytes)
+            .map_err(|e| StreamError::LastOperationFailed(wasmtime::format_err!(e)))
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for OutputOnWrite {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(self.write_all(buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// Turns the error that ended a run into the task's outcome.

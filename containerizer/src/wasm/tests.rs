@@ -85,6 +85,35 @@ fn run_captured(program: &Program, mut task: TaskSpec) -> Captured {
 }
 
 #[test]
+fn output_on_write_creates_only_the_logs_written_to() {
+    let p = engine().load(&wat("hello.wat", HELLO)).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let (out, err) = (d.path().join("out"), d.path().join("err"));
+    std::fs::write(&out, "before\n").unwrap();
+    let task = TaskSpec {
+        stdout: Stdio::PathOnWrite(out.clone()),
+        stderr: Stdio::PathOnWrite(err.clone()),
+        ..TaskSpec::new(["hello"])
+    };
+    assert_eq!(
+        engine().run(&p, task).unwrap(),
+        ExitStatus::Exited { code: 0 }
+    );
+    // Appended to, as a `Path` is; the stream never written to was never created.
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "before\nhello, world\n"
+    );
+    assert!(!err.exists());
+    // A log that cannot be created fails the guest's write, not the task's setup.
+    let task = TaskSpec {
+        stdout: Stdio::PathOnWrite(d.path().join("missing/out")),
+        ..TaskSpec::new(["hello"])
+    };
+    assert!(engine().run(&p, task).is_ok());
+}
+
+#[test]
 fn hello_wat_writes_stdout_and_exits_zero() {
     let p = engine().load(&wat("hello.wat", HELLO)).unwrap();
     assert_eq!(p.kind(), ProgramKind::WasiP1Module);
