@@ -342,16 +342,11 @@ impl Launcher {
     /// returns on the supervisor's `started` line, which it prints just before writing
     /// `state.json` (reading it at once sometimes found no timings yet).
     pub fn running_timings(&self, id: &str) -> launch::Timings {
-        let td = self.rt.dir(id);
         // Milliseconds normally; seconds only on a host under heavy load.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match td.read_state() {
-                Ok(st) if st.status != launch::Status::Created => return st.timings,
-                _ if Instant::now() >= deadline => return launch::Timings::default(),
-                _ => std::thread::sleep(Duration::from_micros(500)),
-            }
-        }
+        self.rt
+            .wait_recorded(id, Duration::from_secs(10))
+            .map(|st| st.timings)
+            .unwrap_or_default()
     }
 
     /// For a wasi:http service: waits until its port accepts connections (RUNNING then means
