@@ -390,13 +390,16 @@ fn native_task(
         tasknet::start_gated(cni, root, &id, reqs, files)
     });
     let prepared = crate::containers::prepare_image_root(root, image, &id);
+    let remove_root = |owned: &Option<PathBuf>| {
+        if let Some(dir) = owned {
+            let _ = containerizer::image::rootfs::remove(dir);
+        }
+    };
     let gated = match starting.map(tasknet::Starting::ready).transpose() {
         Ok(g) => g,
         Err(e) => {
             if let Ok(p) = &prepared {
-                if let Some(dir) = &p.owned {
-                    let _ = containerizer::image::rootfs::remove(dir);
-                }
+                remove_root(&p.owned);
             }
             return Sample::failed(format!("{e:#}"));
         }
@@ -404,10 +407,7 @@ fn native_task(
     // Releases what the network thread made, on the way out of a failed task.
     let undo_network = |g: Option<tasknet::Gated>| {
         if let (Some(g), Some((cni, _))) = (g, cni) {
-            let _ = g.finish();
-            if let Err(e) = tasknet::detach(cni, root, &id) {
-                tracing::warn!("releasing the network after a failed launch: {e:#}");
-            }
+            g.abandon(cni, root, &id);
         }
     };
     let prepared = match prepared {
@@ -418,11 +418,6 @@ fn native_task(
         }
     };
     let t1 = Instant::now();
-    let remove_root = |owned: &Option<PathBuf>| {
-        if let Some(dir) = owned {
-            let _ = containerizer::image::rootfs::remove(dir);
-        }
-    };
     let process = match process_from_image(
         prepared.config.as_ref(),
         &ProcessOverrides {

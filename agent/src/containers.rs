@@ -575,10 +575,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     // Releases what the network thread made, on the way out of a failed run.
     let undo_network = |g: Option<tasknet::Gated>| {
         if let Some(g) = g {
-            let _ = g.finish();
-            if let Err(e) = tasknet::detach(&cni, root, &id) {
-                tracing::warn!("releasing the network after a failed run: {e:#}");
-            }
+            g.abandon(&cni, root, &id);
         }
     };
     let (mut spec, owned_root) = match built {

@@ -228,6 +228,15 @@ impl Starting {
 }
 
 impl Gated {
+    /// Gives up a network being made, on the way out of a failed launch: waits for the ADD
+    /// thread, then releases whatever it attached (DEL from the cache, netns removed).
+    pub fn abandon(self, cni: &Cni, root: &Path, id: &str) {
+        let _ = self.finish();
+        if let Err(e) = detach(cni, root, id) {
+            tracing::warn!(task = %id, "releasing the network after a failed launch: {e:#}");
+        }
+    }
+
     /// Waits for the ADD (call it once the launch has returned: the gate is removed then).
     pub fn finish(self) -> anyhow::Result<()> {
         match self.thread.join() {

@@ -228,8 +228,7 @@ impl Launcher {
             (p, g) => {
                 let network_err = match g {
                     Ok(Some(g)) => {
-                        let _ = g.finish();
-                        release_network();
+                        g.abandon(&cni, &self.root, id);
                         None
                     }
                     Ok(None) => None,
