@@ -1289,14 +1289,105 @@ fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
     }
     assert_ne!(seen[0], seen[1]);
     let spare = ready(&rt);
+    // Forked by the runtime's fork server (no exec per supervisor), itself our child.
+    let server = ppid_of(spare);
+    let cmdline = std::fs::read(format!("/proc/{server}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("--fork-server"),
+        "standby {spare}'s parent {server}: {cmdline:?}"
+    );
+    assert_eq!(ppid_of(server), std::process::id());
     for name in ["w1", "w2"] {
         rt.remove(&st_id(&rt, name), false).unwrap();
     }
     drop(rt);
-    assert!(
-        !Path::new(&format!("/proc/{spare}")).exists(),
-        "standby {spare} left running"
-    );
+    for pid in [spare, server] {
+        assert!(
+            wait_gone(pid),
+            "process {pid} (standby or fork server) left running"
+        );
+    }
+}
+
+/// The parent pid of `pid` (field 4 of /proc/PID/stat).
+fn ppid_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Whether `pid` is gone (or a zombie) within 5 s.
+fn wait_gone(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(s) if s[s.rfind(')').unwrap() + 2..].starts_with('Z') => return true,
+            Ok(_) if Instant::now() > deadline => return false,
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// A fork server killed under a long-running launcher: the standby it had forked still takes
+/// a task, and launches go on (exec'd supervisors, then from a new server).
+#[test]
+fn root_launches_go_on_after_the_fork_server_is_killed() {
+    use containerizer::launch::{Process, Runtime, TaskSpec};
+    if !root_or_skip("root_launches_go_on_after_the_fork_server_is_killed") {
+        return;
+    }
+    let env = Env::new();
+    let shim = caisson_bin().with_file_name("caisson-shim");
+    let rt = Runtime::new(env.state_root())
+        .with_shim(&shim)
+        .with_warm_supervisor();
+    let ready = |rt: &Runtime| -> u32 {
+        rt.prewarm();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = rt.standby_pid() {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no standby supervisor");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let spec = |name: &str| TaskSpec {
+        name: name.into(),
+        image: "busybox".into(),
+        rootfs: env.rootfs.clone(),
+        process: Process {
+            args: vec!["sh".into(), "-c".into(), "exit 7".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+        },
+        ..Default::default()
+    };
+    let first = ready(&rt);
+    let server = ppid_of(first);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_gone(server), "fork server {server} still there");
+    for name in ["k1", "k2", "k3"] {
+        let mut task = rt.launch(spec(name)).unwrap();
+        let st = task.wait().unwrap();
+        task.finish();
+        assert_eq!(st.exit_code, Some(7), "{name}: {st:?}");
+    }
+    let next = ready(&rt);
+    let new_server = ppid_of(next);
+    assert_ne!(new_server, server);
+    assert_eq!(ppid_of(new_server), std::process::id());
+    for name in ["k1", "k2", "k3"] {
+        rt.remove(&st_id(&rt, name), false).unwrap();
+    }
+    drop(rt);
+    assert!(wait_gone(next) && wait_gone(new_server));
 }
 
 fn st_id(rt: &containerizer::launch::Runtime, name: &str) -> String {

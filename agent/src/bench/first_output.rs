@@ -9,7 +9,7 @@
 //! already hold output by then, the sample is dropped rather than guessed.
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -20,7 +20,9 @@ const LOGS: [&str; 2] = ["stdout.log", "stderr.log"];
 
 /// A running watch for one task; `finish` after the task has ended.
 pub struct Watch {
-    thread: JoinHandle<Option<Instant>>,
+    /// The watcher's answer, sent before it closes its inotify instance: that close waits for
+    /// an SRCU grace period (10-20 ms here), which must not be counted against the launches.
+    result: Receiver<Option<Instant>>,
     /// Dropping the write end wakes the watcher up when the task wrote nothing.
     stop: OwnedFd,
 }
@@ -40,21 +42,25 @@ impl Watch {
         let (stop_r, stop) = nix::unistd::pipe().context("pipe")?;
         let dir = containers.join(id);
         let id = id.to_string();
-        let thread = std::thread::Builder::new()
+        let (tx, result) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
             .name("first-output".into())
-            .spawn(move || watch(ino, stop_r, &dir, &id))
+            .spawn(move || {
+                let _ = tx.send(watch(&ino, stop_r, &dir, &id));
+                drop(ino);
+            })
             .context("starting the first-output watcher")?;
-        Ok(Watch { thread, stop })
+        Ok(Watch { result, stop })
     }
 
     /// The instant of the task's first output, if it wrote any (and it was seen).
     pub fn finish(self) -> Option<Instant> {
         drop(self.stop);
-        self.thread.join().ok().flatten()
+        self.result.recv().ok().flatten()
     }
 }
 
-fn watch(ino: Inotify, stop: OwnedFd, dir: &PathBuf, id: &str) -> Option<Instant> {
+fn watch(ino: &Inotify, stop: OwnedFd, dir: &PathBuf, id: &str) -> Option<Instant> {
     let mut in_task_dir = false;
     loop {
         let mut fds = [

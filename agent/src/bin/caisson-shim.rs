@@ -1,5 +1,6 @@
 //! `caisson-shim DIR [SPAWNED_NS]` (or `caisson-shim --standby`, started ahead of its task:
-//! `containerizer::launch::standby`, or `caisson-shim --sandbox DIR`, a warm sandbox:
+//! `containerizer::launch::standby`, or `caisson-shim --fork-server`, which forks such standbys
+//! for a long-running launcher, or `caisson-shim --sandbox DIR`, a warm sandbox:
 //! `containerizer::launch::sandbox`): the per-task supervisor. Single-threaded on purpose: it
 //! forks the task's init, so it must never start a thread (see `containerizer::launch::shim`).
 fn main() {
@@ -11,6 +12,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    if dir == containerizer::launch::standby::FORK_SERVER_ARG {
+        std::process::exit(containerizer::launch::standby::fork_server_main());
+    }
     if dir == containerizer::launch::standby::STANDBY_ARG {
         std::process::exit(containerizer::launch::standby::main());
     }

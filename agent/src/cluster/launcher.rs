@@ -67,7 +67,9 @@ impl Launcher {
         Launcher {
             root: root.to_path_buf(),
             cni,
-            rt: Runtime::new(root),
+            // A supervisor waits ahead of each launch (with the task's loopback-only netns
+            // made), and supervisors are forked by one server rather than each exec'd.
+            rt: Runtime::new(root).with_warm_supervisor(),
             engine: std::sync::OnceLock::new(),
         }
     }

@@ -233,7 +233,7 @@ pub enum WarmLaunch {
 /// One standby supervisor kept ready ([`standby`]), shared by a runtime's clones.
 #[derive(Debug, Default)]
 struct WarmPool {
-    spare: Mutex<Option<Child>>,
+    spare: Mutex<Option<standby::Standby>>,
     /// A standby is being started (on a background thread).
     filling: AtomicBool,
     /// Signalled when a start ends (with or without a standby).
@@ -242,10 +242,13 @@ struct WarmPool {
     refill: bool,
     /// Standbys make no network namespace ahead (their task joins one made for it).
     no_netns: bool,
+    /// Long-running launchers: standbys are forked by one server instead of each exec'd
+    /// (started at the first need; None again after it failed, to be restarted).
+    server: Mutex<Option<standby::ForkServer>>,
 }
 
 impl WarmPool {
-    fn take(&self) -> Option<Child> {
+    fn take(&self) -> Option<standby::Standby> {
         let mut spare = self.spare.lock().ok()?;
         // One being started now is nearer than a fresh start.
         let deadline = Instant::now() + Duration::from_millis(100);
@@ -256,10 +259,39 @@ impl WarmPool {
         let mut c = spare.take()?;
         drop(spare);
         // One that died meanwhile (killed, or its launcher's pipe broke) is no use.
-        match c.try_wait() {
-            Ok(None) => Some(c),
-            _ => {
-                let _ = c.wait();
+        c.alive().then_some(c)
+    }
+
+    /// A new standby: forked by the fork server (long-running launchers), else spawned.
+    fn new_standby(&self, shim: &Path) -> std::io::Result<standby::Standby> {
+        match self.forked(shim) {
+            Some(st) => Ok(st),
+            None => standby::spawn(shim, !self.no_netns).map(standby::Standby::spawned),
+        }
+    }
+
+    /// A standby forked now by the fork server (started at the first call), for long-running
+    /// launchers only; None when that fails (the server is restarted at the next call).
+    fn forked(&self, shim: &Path) -> Option<standby::Standby> {
+        // `CAISSON_FORK_SERVER=0`: every standby exec'd (as before the fork server).
+        if !self.refill || std::env::var_os("CAISSON_FORK_SERVER").is_some_and(|v| v == "0") {
+            return None;
+        }
+        let mut server = self.server.lock().ok()?;
+        if server.is_none() {
+            match standby::ForkServer::start(shim) {
+                Ok(s) => *server = Some(s),
+                Err(e) => {
+                    tracing::warn!("starting a fork server {}: {e}", shim.display());
+                    return None;
+                }
+            }
+        }
+        match server.as_ref()?.standby(!self.no_netns) {
+            Ok(st) => Some(st),
+            Err(e) => {
+                tracing::warn!("the supervisors' fork server failed: {e}");
+                *server = None;
                 None
             }
         }
@@ -268,11 +300,9 @@ impl WarmPool {
 
 impl Drop for WarmPool {
     fn drop(&mut self) {
-        if let Some(mut c) = self.spare.get_mut().ok().and_then(Option::take) {
-            // EOF on its stdin: it exits without having touched anything.
-            drop(c.stdin.take());
-            let _ = c.wait();
-        }
+        // A spare standby ends at EOF on its stdin (dropped), the fork server at EOF on its
+        // socket.
+        drop(self.spare.get_mut().ok().and_then(Option::take));
     }
 }
 
@@ -333,7 +363,7 @@ impl Runtime {
     pub fn standby_pid(&self) -> Option<u32> {
         let pool = self.warm.as_ref()?;
         let spare = pool.spare.lock().ok()?;
-        spare.as_ref().map(Child::id)
+        spare.as_ref().map(|s| s.pid)
     }
 
     /// Starts a standby supervisor now if warm supervisors are on and none is ready (in the
@@ -366,7 +396,7 @@ impl Runtime {
                     }
                     let empty = pool.spare.lock().map(|s| s.is_none()).unwrap_or(false);
                     if empty {
-                        match standby::spawn(&shim, !pool.no_netns) {
+                        match pool.new_standby(&shim) {
                             Ok(c) => {
                                 if let Ok(mut s) = pool.spare.lock() {
                                     *s = Some(c);
@@ -715,32 +745,32 @@ impl Runtime {
         let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
         // An attached console needs a supervisor spawned with it: no standby then.
         let wants_console = attach && (interactive || tty);
-        let warm = self
-            .warm
-            .as_ref()
-            .filter(|_| !wants_console)
-            .and_then(|p| p.take())
-            .and_then(|mut c| {
-                let line = standby::handover_line(&td.dir, crate::sys::launch::monotonic_ns())?;
-                // Never let a task inherit SCHED_IDLE: a standby that cannot leave it is not used.
-                let normal = crate::sys::launch::set_idle_scheduling(c.id() as i32, false).is_ok();
-                match c
-                    .stdin
-                    .as_mut()
-                    .filter(|_| normal)
-                    .map(|s| s.write_all(&line))
-                {
-                    Some(Ok(())) => Some(c),
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        None
-                    }
+        let pool = self.warm.as_ref().filter(|_| !wants_console);
+        let hand_over = |mut c: standby::Standby| {
+            let line = standby::handover_line(&td.dir, crate::sys::launch::monotonic_ns())?;
+            // Never let a task inherit SCHED_IDLE: a standby that cannot leave it is not used.
+            let normal = crate::sys::launch::set_idle_scheduling(c.pid as i32, false).is_ok();
+            match c
+                .stdin
+                .as_mut()
+                .filter(|_| normal)
+                .map(|s| s.write_all(&line))
+            {
+                Some(Ok(())) => Some(c),
+                _ => {
+                    c.kill();
+                    None
                 }
-            });
+            }
+        };
+        let mut warm = pool.and_then(|p| p.take()).and_then(hand_over);
+        if warm.is_none() {
+            // None ready: a long-running launcher's fork server makes one now (no exec).
+            warm = pool.and_then(|p| p.forked(&self.shim)).and_then(hand_over);
+        }
         let mut console = None;
-        let mut child = match warm {
-            Some(c) => c,
+        let (shim, stdin, stdout) = match warm {
+            Some(mut c) => (c.child.take(), c.stdin.take(), c.stdout.take()),
             None => {
                 let mut cmd = Command::new(&self.shim);
                 cmd.arg(&td.dir)
@@ -770,11 +800,12 @@ impl Runtime {
                     drop(theirs);
                     console::Console::new(ours)
                 });
-                spawned.map_err(io_err(format!("starting {}", self.shim.display())))?
+                let mut c = spawned.map_err(io_err(format!("starting {}", self.shim.display())))?;
+                let (stdin, stdout) = (c.stdin.take(), c.stdout.take());
+                (Some(c), stdin, stdout)
             }
         };
-        let stdin = child.stdin.take();
-        let mut events = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut events = BufReader::new(stdout.expect("piped stdout"));
         let mut line = String::new();
         let _ = events.read_line(&mut line);
         let line = line.trim_end();
@@ -789,14 +820,16 @@ impl Runtime {
                 name,
                 pid,
                 dir: td.dir.clone(),
-                shim: Some(child),
+                shim,
                 stdin,
                 events,
                 console,
             });
         }
         drop(stdin);
-        let _ = child.wait();
+        if let Some(mut c) = shim {
+            let _ = c.wait();
+        }
         Err(start_failure(line, td))
     }
 

@@ -12,11 +12,11 @@
 //! Each task still gets a network namespace of its own, made for it alone; it is only made
 //! before the launch instead of during it. The CLI, one launch per process, does not use this.
 use std::ffi::OsStr;
-use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::fs::OpenOptions;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use nix::sched::CloneFlags;
 
@@ -75,25 +75,31 @@ pub(super) fn parse_handover(line: &[u8]) -> Option<(PathBuf, u64)> {
 
 /// A new network namespace, returned as a descriptor while the caller stays in its own.
 fn fresh_netns() -> std::io::Result<OwnedFd> {
-    let own = File::open("/proc/thread-self/ns/net")?;
+    let own = crate::sys::netns::current_netns()?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
-    let fresh = File::open("/proc/thread-self/ns/net");
+    let fresh = crate::sys::netns::current_netns();
     // Back to the launcher's namespace whatever happened: the supervisor itself (and the exit
     // command it runs) belongs there.
     nix::sched::setns(&own, CloneFlags::CLONE_NEWNET)?;
-    Ok(OwnedFd::from(fresh?))
+    fresh
 }
 
-/// `caisson-shim --standby`: prepares, waits for a task, then supervises it; returns the exit
-/// code. Call it first thing (it closes every inherited descriptor above stderr).
+/// `caisson-shim --standby [--no-netns]`: prepares, waits for a task, then supervises it;
+/// returns the exit code. Call it first thing (it closes every inherited descriptor above
+/// stderr).
 pub fn main() -> i32 {
     sys::close_from(3);
+    let ahead = std::env::args_os().nth(2).is_none_or(|a| a != NO_NETNS_ARG);
+    run(ahead)
+}
+
+/// A standby's life from its start: descriptors above stderr are closed already.
+fn run(netns_ahead: bool) -> i32 {
     // Started under SCHED_IDLE (a refilling launcher's standby): the namespace's creation takes
     // kernel locks (rtnl) that a starved idle task must never hold, so it runs under the normal
     // policy; only the exec and start-up before it ran on idle CPU time.
     let _ = sys::set_idle_scheduling(0, false);
-    let ahead = std::env::args_os().nth(2).is_none_or(|a| a != NO_NETNS_ARG);
-    let netns = match ahead.then(fresh_netns).transpose() {
+    let netns = match netns_ahead.then(fresh_netns).transpose() {
         Ok(fd) => fd,
         Err(e) => {
             tracing::debug!("standby: no network namespace made ahead: {e}");
@@ -124,6 +130,207 @@ pub fn main() -> i32 {
         let _ = sys::dup2(log.as_raw_fd(), 2);
     }
     super::shim::main_with(&dir, Some(spawned_ns), netns, None)
+}
+
+/// The argument that starts a fork server ([`fork_server_main`]).
+pub const FORK_SERVER_ARG: &str = "--fork-server";
+
+/// A request's flag: the standby makes a network namespace ahead.
+const NETNS_AHEAD: u8 = 1;
+
+/// `caisson-shim --fork-server`: forks standby supervisors for a long-running launcher, which
+/// saves each one the exec, the dynamic loading and the runtime's start-up (~0.5-1 ms of CPU
+/// per task here). Descriptor 0 is the launcher's end of a `SOCK_SEQPACKET` pair; a request is
+/// one flag byte ([`NETNS_AHEAD`]) with the standby's stdin and stdout passed along
+/// (`SCM_RIGHTS`); the reply is the forked pid (i32, native order; <= 0: -errno). The children
+/// are reaped by the kernel; once forked, a standby lives exactly like a spawned one (it ends
+/// at EOF on its stdin), and the server ends at EOF on its socket. Single-threaded: it forks.
+pub fn fork_server_main() -> i32 {
+    sys::close_from(3);
+    // Started from a refilling launcher's idle thread: a launch that needs a supervisor now
+    // must not wait for idle CPU time (the fork is all the server does).
+    let _ = sys::set_idle_scheduling(0, false);
+    if sys::auto_reap_children(true).is_err() {
+        return 1;
+    }
+    let sock = std::io::stdin().as_raw_fd();
+    loop {
+        let mut flags = [0u8; 1];
+        let fds = match sys::recv_with_fds(sock, &mut flags) {
+            Ok((0, _)) => return 0,
+            Ok((_, fds)) => fds,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return 0,
+        };
+        let [stdin, stdout] = match <[OwnedFd; 2]>::try_from(fds) {
+            Ok(pair) => pair,
+            Err(_) => {
+                let _ = reply(sock, -libc::EINVAL);
+                continue;
+            }
+        };
+        match sys::clone_fork(0, None) {
+            Ok(sys::CloneResult::Child) => {
+                // Its own children are its to wait for.
+                let _ = sys::auto_reap_children(false);
+                let ok = sys::dup2(stdin.as_raw_fd(), 0).is_ok()
+                    && sys::dup2(stdout.as_raw_fd(), 1).is_ok();
+                // The server's socket (a copy was on 0) and the passed descriptors.
+                sys::close_from(3);
+                std::mem::forget((stdin, stdout));
+                if !ok {
+                    sys::exit_now(1);
+                }
+                std::process::exit(run(flags[0] & NETNS_AHEAD != 0));
+            }
+            Ok(sys::CloneResult::Parent(pid)) => {
+                drop((stdin, stdout));
+                if reply(sock, pid).is_err() {
+                    return 0;
+                }
+            }
+            Err(e) => {
+                drop((stdin, stdout));
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                if reply(sock, -errno).is_err() {
+                    return 0;
+                }
+            }
+        }
+    }
+}
+
+fn reply(sock: RawFd, value: i32) -> nix::Result<usize> {
+    nix::sys::socket::send(
+        sock,
+        &value.to_ne_bytes(),
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    )
+}
+
+/// A long-running launcher's connection to its fork server.
+#[derive(Debug)]
+pub(super) struct ForkServer {
+    sock: OwnedFd,
+    server: Child,
+}
+
+impl ForkServer {
+    /// Starts `shim --fork-server`.
+    pub(super) fn start(shim: &Path) -> std::io::Result<ForkServer> {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let server = Command::new(shim)
+            .arg(FORK_SERVER_ARG)
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(ForkServer { sock: ours, server })
+    }
+
+    /// A new standby supervisor, forked by the server.
+    pub(super) fn standby(&self, netns_ahead: bool) -> std::io::Result<Standby> {
+        use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags};
+        let (in_r, in_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let flags = [if netns_ahead { NETNS_AHEAD } else { 0 }];
+        let fds = [in_r.as_raw_fd(), out_w.as_raw_fd()];
+        sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &[std::io::IoSlice::new(&flags)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )?;
+        drop((in_r, out_w));
+        let mut pid = [0u8; 4];
+        let n = recv(self.sock.as_raw_fd(), &mut pid, MsgFlags::empty())?;
+        let pid = i32::from_ne_bytes(pid);
+        if n != 4 {
+            return Err(std::io::Error::other("the fork server ended"));
+        }
+        if pid <= 0 {
+            return Err(std::io::Error::from_raw_os_error(-pid));
+        }
+        Ok(Standby {
+            pid: pid as u32,
+            stdin: Some(ChildStdin::from(in_w)),
+            stdout: Some(ChildStdout::from(out_r)),
+            child: None,
+        })
+    }
+}
+
+impl Drop for ForkServer {
+    fn drop(&mut self) {
+        // EOF on its socket: it exits (standbys it forked end at EOF on their own stdin).
+        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let _ = self.server.wait();
+    }
+}
+
+/// A supervisor in standby: spawned (our child), or forked by a [`ForkServer`] (its child,
+/// reaped by the kernel).
+#[derive(Debug)]
+pub(super) struct Standby {
+    pub(super) pid: u32,
+    pub(super) stdin: Option<ChildStdin>,
+    pub(super) stdout: Option<ChildStdout>,
+    pub(super) child: Option<Child>,
+}
+
+impl Standby {
+    pub(super) fn spawned(mut c: Child) -> Standby {
+        Standby {
+            pid: c.id(),
+            stdin: c.stdin.take(),
+            stdout: c.stdout.take(),
+            child: Some(c),
+        }
+    }
+
+    /// Whether it is still waiting (not killed meanwhile): a standby writes nothing before
+    /// its handover, so a readable or hung-up stdout means it is gone.
+    pub(super) fn alive(&mut self) -> bool {
+        if let Some(c) = &mut self.child {
+            return matches!(c.try_wait(), Ok(None));
+        }
+        let Some(out) = &self.stdout else {
+            return false;
+        };
+        let mut fds = [nix::poll::PollFd::new(
+            out.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+            Ok(0)
+        )
+    }
+
+    /// Makes it end now (a spawned one is killed; a forked one ends at EOF when dropped).
+    pub(super) fn kill(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+        }
+    }
+}
+
+impl Drop for Standby {
+    /// Unused (or its parts taken): EOF on its stdin makes it exit having touched nothing; a
+    /// spawned one is then reaped.
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
 }
 
 #[cfg(test)]

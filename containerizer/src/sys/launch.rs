@@ -4,7 +4,7 @@
 //! Everything here is used by the single-threaded supervisor (`caisson-shim`) and by the task's
 //! init between clone and exec.
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// `CLONE_INTO_CGROUP` (Linux 5.7), not exported by every libc version.
 pub const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -367,6 +367,40 @@ pub fn close_from_keeping(first: RawFd, keep: Option<RawFd>) {
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.
     unsafe { libc::_exit(code) }
+}
+
+/// Children of the caller are reaped by the kernel as they exit (`SIGCHLD` ignored, `on`), or
+/// must be waited for again (default disposition). A fork server's children are not its
+/// business once forked; the supervisors it forks wait for their own children.
+pub fn auto_reap_children(on: bool) -> io::Result<()> {
+    let action = if on { libc::SIG_IGN } else { libc::SIG_DFL };
+    // SAFETY: SIG_IGN and SIG_DFL install no handler code.
+    let prev = unsafe { libc::signal(libc::SIGCHLD, action) };
+    if prev == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one message on the `SOCK_SEQPACKET` socket `sock` into `buf`, with up to two
+/// descriptors passed along it (`SCM_RIGHTS`), which the caller then owns. `Ok((0, _))` is
+/// the peer's end.
+pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: a descriptor received through SCM_RIGHTS is new in this process and
+                // referenced nowhere else: we are its only owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
 }
 
 #[cfg(test)]

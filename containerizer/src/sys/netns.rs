@@ -87,3 +87,27 @@ where
         .join()
         .map_err(|_| io::Error::other("netns thread panicked"))?
 }
+
+/// A descriptor of the calling thread's network namespace, found through a socket
+/// (`SIOCGSKNS`, Linux 4.9) rather than `/proc/thread-self/ns/net`: a short-lived process
+/// that looks itself up in /proc leaves dentries that a later lookup of its pid must walk
+/// and invalidate.
+pub fn current_netns() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(nix_io)?;
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor (or -1) that nothing
+    // else owns.
+    let fd = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGSKNS as _) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
