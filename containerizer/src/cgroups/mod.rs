@@ -147,6 +147,12 @@ fn hierarchy() -> Box<dyn cgroups_rs::fs::Hierarchy> {
     )
 }
 
+/// Finds the host's hierarchy now ([`hierarchy`]): a fork server does, so that the
+/// supervisors it forks do not each parse the mount table again.
+pub fn find_hierarchy() {
+    drop(hierarchy());
+}
+
 /// A hierarchy with its controllers found once ([`hierarchy`]); the rest is the inner one's.
 #[derive(Debug, Clone)]
 struct Known(

@@ -409,17 +409,7 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err("inspecting", &dir)(e)),
     }
-    // The overlay root we mounted goes first without a look at the mount table (reading
-    // it costs more the more tasks are running): a mounted `merged/` is on another device.
-    let merged = dir.join(MERGED);
-    if let (Ok(d), Ok(m)) = (fs::symlink_metadata(&dir), fs::symlink_metadata(&merged)) {
-        if m.is_dir() && m.dev() != d.dev() && sysmount::unmount(&merged, false).is_err() {
-            let _ = sysmount::unmount(&merged, true);
-        }
-    }
-    // Nothing else mounted below (the usual case, asked of each directory, not of the mount
-    // table, whose size grows with every running task): delete.
-    if no_mount_below(&dir) {
+    if unmount_root(&dir) {
         return match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -475,6 +465,23 @@ const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// True if no directory at or below `dir` is a mount root (symlinks are not followed). False
 /// when one is, or when it cannot tell (a kernel without `STATX_ATTR_MOUNT_ROOT`, an error):
 /// then the mount table decides.
+/// Unmounts the overlay root of `container_dir` (its `merged/`, if mounted) without a look at
+/// the mount table (reading it costs more the more tasks are running: a mounted `merged/` is
+/// on another device); true when nothing else is mounted below `container_dir` (the usual
+/// case, asked of each directory, not of the mount table).
+pub fn unmount_root(container_dir: &Path) -> bool {
+    let merged = container_dir.join(MERGED);
+    if let (Ok(d), Ok(m)) = (
+        fs::symlink_metadata(container_dir),
+        fs::symlink_metadata(&merged),
+    ) {
+        if m.is_dir() && m.dev() != d.dev() && sysmount::unmount(&merged, false).is_err() {
+            let _ = sysmount::unmount(&merged, true);
+        }
+    }
+    no_mount_below(container_dir)
+}
+
 fn no_mount_below(dir: &Path) -> bool {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -282,7 +282,7 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     let spec = match &a.claim {
         None => spec,
         Some(fd) => {
-            seccomp_prog = Some(crate::sys::seccomp::default_filter());
+            seccomp_prog = Some(crate::sys::seccomp::cached_default_filter());
             task_independent_credentials(caps)?;
             claimed = wait_for_claim(fd, status)?;
             // The sandbox's hostname is its id's, also the task's when it takes that id.

@@ -734,7 +734,10 @@ pub(super) fn remove_task(
     let trash = trash.filter(|t| fs::create_dir_all(t).is_ok());
     let mut doomed = vec![];
     for (i, p) in spec.cleanup.iter().enumerate() {
-        super::state::unmount_under(p);
+        // An overlay root alone, as nearly always: no mount table to read.
+        if !crate::image::rootfs::unmount_root(p) {
+            super::state::unmount_under(p);
+        }
         let renamed = trash.as_ref().and_then(|t| {
             let to = t.join(format!("{}.{i}", spec.id));
             fs::rename(p, &to).ok().map(|()| to)

@@ -153,6 +153,10 @@ pub fn fork_server_main() -> i32 {
     if sys::auto_reap_children(true).is_err() {
         return 1;
     }
+    // What every supervisor would otherwise work out again: the cgroup hierarchy (a parse of
+    // the mount table) and the seccomp program.
+    crate::cgroups::find_hierarchy();
+    let _ = crate::sys::seccomp::cached_default_filter();
     let sock = std::io::stdin().as_raw_fd();
     loop {
         let mut flags = [0u8; 1];

@@ -490,7 +490,14 @@ pub fn default_filter() -> Vec<libc::sock_filter> {
 /// Installs the default filter on the calling thread (requires `no_new_privs` or
 /// CAP_SYS_ADMIN). Inherited across fork and exec.
 pub fn install_default_filter() -> io::Result<()> {
-    install_filter(&default_filter())
+    install_filter(cached_default_filter())
+}
+
+/// [`default_filter`], built once per process (a fork server builds it before forking, so
+/// that no supervisor builds it again).
+pub fn cached_default_filter() -> &'static [libc::sock_filter] {
+    static PROG: std::sync::OnceLock<Vec<libc::sock_filter>> = std::sync::OnceLock::new();
+    PROG.get_or_init(default_filter)
 }
 
 /// Installs `prog` (e.g. [`default_filter`] built ahead, in a warm sandbox) on the calling
