@@ -249,9 +249,12 @@ struct WarmPool {
 
 impl WarmPool {
     fn take(&self) -> Option<standby::Standby> {
+        // One being started now is nearer than a fresh exec; with a fork server, a fork now is
+        // as near (and a refill on idle CPU time can wait long on a busy machine).
+        let forks = self.server.lock().is_ok_and(|s| s.is_some());
         let mut spare = self.spare.lock().ok()?;
-        // One being started now is nearer than a fresh start.
-        let deadline = Instant::now() + Duration::from_millis(100);
+        let wait = if forks { 0 } else { 100 };
+        let deadline = Instant::now() + Duration::from_millis(wait);
         while spare.is_none() && self.filling.load(Ordering::Acquire) {
             let left = deadline.checked_duration_since(Instant::now())?;
             spare = self.filled.wait_timeout(spare, left).ok()?.0;
@@ -260,14 +263,6 @@ impl WarmPool {
         drop(spare);
         // One that died meanwhile (killed, or its launcher's pipe broke) is no use.
         c.alive().then_some(c)
-    }
-
-    /// A new standby: forked by the fork server (long-running launchers), else spawned.
-    fn new_standby(&self, shim: &Path) -> std::io::Result<standby::Standby> {
-        match self.forked(shim) {
-            Some(st) => Ok(st),
-            None => standby::spawn(shim, !self.no_netns).map(standby::Standby::spawned),
-        }
     }
 
     /// A standby forked now by the fork server (started at the first call), for long-running
@@ -386,17 +381,22 @@ impl Runtime {
             .spawn({
                 let pool = pool.clone();
                 move || {
-                    // A standby for a later launch does its exec and start-up only on CPU
-                    // time nothing else wants, so that it does not slow a running task or
-                    // launch (it leaves SCHED_IDLE itself before making the network namespace;
-                    // the launch that takes it makes sure). This dedicated thread, and so the
-                    // process it starts, inherit SCHED_IDLE.
-                    if pool.refill {
-                        let _ = crate::sys::launch::set_idle_scheduling(0, true);
-                    }
                     let empty = pool.spare.lock().map(|s| s.is_none()).unwrap_or(false);
                     if empty {
-                        match pool.new_standby(&shim) {
+                        // A fork by the server first, under the normal policy (this thread
+                        // holds the server's lock meanwhile, which a launch may wait for).
+                        // Else an exec'd standby, started only on CPU time nothing else wants,
+                        // so that it does not slow a running task or launch (it leaves
+                        // SCHED_IDLE itself before making the network namespace; the launch
+                        // that takes it makes sure): this thread, and so the process it
+                        // starts, inherit SCHED_IDLE.
+                        let st = pool.forked(&shim).map(Ok).unwrap_or_else(|| {
+                            if pool.refill {
+                                let _ = crate::sys::launch::set_idle_scheduling(0, true);
+                            }
+                            standby::spawn(&shim, !pool.no_netns).map(standby::Standby::spawned)
+                        });
+                        match st {
                             Ok(c) => {
                                 if let Ok(mut s) = pool.spare.lock() {
                                     *s = Some(c);
