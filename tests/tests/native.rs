@@ -1330,7 +1330,8 @@ fn wait_gone(pid: u32) -> bool {
 }
 
 /// A fork server killed under a long-running launcher: the standby it had forked still takes
-/// a task, and launches go on (exec'd supervisors, then from a new server).
+/// a task, and launches go on (exec'd supervisors, then from a new server); one that stops
+/// answering is killed and replaced.
 #[test]
 fn root_launches_go_on_after_the_fork_server_is_killed() {
     use containerizer::launch::{Process, Runtime, TaskSpec};
@@ -1383,11 +1384,30 @@ fn root_launches_go_on_after_the_fork_server_is_killed() {
     let new_server = ppid_of(next);
     assert_ne!(new_server, server);
     assert_eq!(ppid_of(new_server), std::process::id());
-    for name in ["k1", "k2", "k3"] {
+    // A server that stops answering: the next request times out, the launcher kills it and
+    // goes on (the task takes the standby that was ready; the refill execs one).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new_server as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let mut task = rt.launch(spec("k4")).unwrap();
+    let st = task.wait().unwrap();
+    task.finish();
+    assert_eq!(st.exit_code, Some(7), "k4: {st:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !wait_gone(new_server) {
+        assert!(
+            Instant::now() < deadline,
+            "stopped fork server {new_server} kept"
+        );
+    }
+    for name in ["k1", "k2", "k3", "k4"] {
         rt.remove(&st_id(&rt, name), false).unwrap();
     }
+    let last = ready(&rt);
     drop(rt);
-    assert!(wait_gone(next) && wait_gone(new_server));
+    assert!(wait_gone(next) && wait_gone(last));
 }
 
 fn st_id(rt: &containerizer::launch::Runtime, name: &str) -> String {

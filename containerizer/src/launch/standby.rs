@@ -229,6 +229,13 @@ impl ForkServer {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
+        // A server that does not answer (stopped, say) fails the request rather than the
+        // launch: the launcher then execs a standby and starts a new server next time.
+        nix::sys::socket::setsockopt(
+            &ours,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(2, 0),
+        )?;
         let server = Command::new(shim)
             .arg(FORK_SERVER_ARG)
             .stdin(Stdio::from(theirs))
@@ -273,8 +280,10 @@ impl ForkServer {
 
 impl Drop for ForkServer {
     fn drop(&mut self) {
-        // EOF on its socket: it exits (standbys it forked end at EOF on their own stdin).
-        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        // Nothing of it is needed any more (the standbys it forked end at EOF on their own
+        // stdin, the supervisors are on their own): killed rather than asked, so that a server
+        // that does not answer cannot hold the launcher up.
+        let _ = self.server.kill();
         let _ = self.server.wait();
     }
 }
