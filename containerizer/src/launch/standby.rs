@@ -11,6 +11,11 @@
 //!
 //! Each task still gets a network namespace of its own, made for it alone; it is only made
 //! before the launch instead of during it. The CLI, one launch per process, does not use this.
+//!
+//! A long-running launcher gets its standbys from a fork server ([`fork_server_main`],
+//! `caisson-shim --fork-server`) rather than by exec: a fork of a process that has already
+//! started, found the cgroup hierarchy and built the seccomp program. A launch with no standby
+//! ready gets one forked on the spot. `CAISSON_FORK_SERVER=0` execs every standby instead.
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};

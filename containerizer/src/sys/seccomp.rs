@@ -8,8 +8,9 @@
 //! AF_VSOCK. Syscalls newer than any we know, foreign architectures and the x32 ABI get ENOSYS,
 //! so that programs fall back as on an older kernel.
 //!
-//! The allowed numbers are searched with a balanced tree of comparisons (a handful per
-//! syscall, not hundreds); the kernel also caches the verdict of argument-free rules.
+//! The allowed numbers are searched with a balanced tree of comparisons over their runs (a
+//! handful per syscall, not hundreds, and a short program for the kernel to check and compile
+//! at every task's start); the kernel also caches the verdict of argument-free rules.
 use std::io;
 
 /// BPF_LD | BPF_W | BPF_ABS.
