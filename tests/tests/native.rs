@@ -1235,17 +1235,6 @@ fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
     let rt = Runtime::new(env.state_root())
         .with_shim(&shim)
         .with_warm_supervisor();
-    let ready = |rt: &Runtime| -> u32 {
-        rt.prewarm();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(pid) = rt.standby_pid() {
-                return pid;
-            }
-            assert!(Instant::now() < deadline, "no standby supervisor");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     let spec = |name: &str| {
         TaskSpec {
         name: name.into(),
@@ -1267,7 +1256,7 @@ fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
     let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
     let mut seen = vec![];
     for name in ["w1", "w2"] {
-        let standby = ready(&rt);
+        let standby = standby_ready(&rt);
         let mut task = rt.launch(spec(name)).unwrap();
         let st = task.wait().unwrap();
         task.finish();
@@ -1288,7 +1277,7 @@ fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
         seen.push(ns);
     }
     assert_ne!(seen[0], seen[1]);
-    let spare = ready(&rt);
+    let spare = standby_ready(&rt);
     // Forked by the runtime's fork server (no exec per supervisor), itself our child.
     let server = ppid_of(spare);
     let cmdline = std::fs::read(format!("/proc/{server}/cmdline")).unwrap();
@@ -1306,6 +1295,19 @@ fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
             wait_gone(pid),
             "process {pid} (standby or fork server) left running"
         );
+    }
+}
+
+/// The pid of the standby supervisor `rt` keeps ready (started now if none is).
+fn standby_ready(rt: &containerizer::launch::Runtime) -> u32 {
+    rt.prewarm();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = rt.standby_pid() {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no standby supervisor");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -1343,17 +1345,6 @@ fn root_launches_go_on_after_the_fork_server_is_killed() {
     let rt = Runtime::new(env.state_root())
         .with_shim(&shim)
         .with_warm_supervisor();
-    let ready = |rt: &Runtime| -> u32 {
-        rt.prewarm();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(pid) = rt.standby_pid() {
-                return pid;
-            }
-            assert!(Instant::now() < deadline, "no standby supervisor");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     let spec = |name: &str| TaskSpec {
         name: name.into(),
         image: "busybox".into(),
@@ -1366,7 +1357,7 @@ fn root_launches_go_on_after_the_fork_server_is_killed() {
         },
         ..Default::default()
     };
-    let first = ready(&rt);
+    let first = standby_ready(&rt);
     let server = ppid_of(first);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(server as i32),
@@ -1380,7 +1371,7 @@ fn root_launches_go_on_after_the_fork_server_is_killed() {
         task.finish();
         assert_eq!(st.exit_code, Some(7), "{name}: {st:?}");
     }
-    let next = ready(&rt);
+    let next = standby_ready(&rt);
     let new_server = ppid_of(next);
     assert_ne!(new_server, server);
     assert_eq!(ppid_of(new_server), std::process::id());
@@ -1405,7 +1396,7 @@ fn root_launches_go_on_after_the_fork_server_is_killed() {
     for name in ["k1", "k2", "k3", "k4"] {
         rt.remove(&st_id(&rt, name), false).unwrap();
     }
-    let last = ready(&rt);
+    let last = standby_ready(&rt);
     drop(rt);
     assert!(wait_gone(next) && wait_gone(last));
 }

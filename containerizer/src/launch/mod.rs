@@ -295,8 +295,7 @@ impl WarmPool {
 
 impl Drop for WarmPool {
     fn drop(&mut self) {
-        // A spare standby ends at EOF on its stdin (dropped), the fork server at EOF on its
-        // socket.
+        // A spare standby ends at EOF on its stdin (dropped); the fork server is killed.
         drop(self.spare.get_mut().ok().and_then(Option::take));
     }
 }
