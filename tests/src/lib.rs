@@ -151,12 +151,24 @@ impl Default for Caisson {
     }
 }
 
+/// A loopback port free now, and never handed out before in this test process: the port is
+/// released before its user binds it, and the kernel may give the same one to a concurrent
+/// test's `bind(0)` meanwhile (two clusters' masters on one port: one test then talks to the
+/// other's master).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A real `docker-registry` (distribution 2.8) on a free loopback port.
