@@ -350,7 +350,7 @@ fn root_mounts_and_masked_paths() {
     }
     let tail: Vec<&str> = lines.iter().rev().take(3).copied().collect();
     assert_eq!(tail, ["1", "1", "4"], "urandom, one link (lo), up: {s}");
-    // No host device nodes can be used even with CAP_MKNOD (device cgroup on v1) or made (v2).
+    // No host device node can be made (no CAP_MKNOD without a device cgroup) or used.
     let s = stdout_ok(&env.sh(
         &["--rm"],
         "mknod /tmp/sda b 8 0 2>/dev/null; head -c 1 /tmp/sda >/dev/null 2>&1 && echo read-disk || echo denied",

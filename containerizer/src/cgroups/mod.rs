@@ -185,7 +185,7 @@ const V1_ALL: &[&str] = &["cpu", "cpuacct", "memory", "pids", "freezer", "device
 
 /// Controllers a task cgroup uses, present on this host: with `limits`, only those a task
 /// with these limits needs (see [`v1_controllers_for`]); without, every one it may use.
-fn wanted_controllers(v2: bool, limits: Option<&Limits>) -> Vec<String> {
+fn wanted_controllers(v2: bool, limits: Option<(&Limits, bool)>) -> Vec<String> {
     if v2 {
         let avail = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
         ["cpu", "memory", "pids"]
@@ -195,7 +195,7 @@ fn wanted_controllers(v2: bool, limits: Option<&Limits>) -> Vec<String> {
             .collect()
     } else {
         match limits {
-            Some(l) => v1_controllers_for(l),
+            Some((l, devices)) => v1_controllers_for(l, devices),
             None => V1_ALL.iter().map(|c| c.to_string()).collect(),
         }
     }
@@ -203,11 +203,18 @@ fn wanted_controllers(v2: bool, limits: Option<&Limits>) -> Vec<String> {
 
 /// The v1 hierarchies a task joins. Each hierarchy costs a directory, a `cgroup.procs` write
 /// and an rmdir per launch, so a task joins only what it needs: `cpuacct` and `memory` for the
-/// usage recorded at exit (and the OOM report), `freezer` for a kill no process escapes,
-/// `devices` for the device allow-list; `cpu` only with `--cpus`/`--cpu-shares` and `pids`
-/// only with `--pids-limit` (they hold limits and nothing else we read).
-pub fn v1_controllers_for(limits: &Limits) -> Vec<String> {
-    let mut out = vec!["cpuacct", "memory", "freezer", "devices"];
+/// usage recorded at exit (and the OOM report), `freezer` for a kill no process escapes;
+/// `devices` only for a task given devices beyond the minimal /dev (`devices`: GPUs, CDI,
+/// `--device`), `cpu` only with `--cpus`/`--cpu-shares` and `pids` only with `--pids-limit`
+/// (they hold limits and nothing else we read). A task without a device cgroup gets no
+/// CAP_MKNOD (the init drops it), as on v2: it can neither make a device node nor find one
+/// beyond its own /dev, so the allow-list (a deny and eleven allow writes per launch) would
+/// add nothing.
+pub fn v1_controllers_for(limits: &Limits, devices: bool) -> Vec<String> {
+    let mut out = vec!["cpuacct", "memory", "freezer"];
+    if devices {
+        out.push("devices");
+    }
     if limits.cpus.is_some() || limits.cpu_shares.is_some() {
         out.push("cpu");
     }
@@ -275,7 +282,9 @@ impl TaskCgroup {
         Self::load_with(id, None)
     }
 
-    fn load_with(id: &str, limits: Option<&Limits>) -> Self {
+    /// With `limits` and whether the task has a device cgroup: the hierarchies such a task
+    /// uses; without: all of them.
+    fn load_with(id: &str, limits: Option<(&Limits, bool)>) -> Self {
         let v2 = is_v2();
         let rel = Self::rel_path(id);
         let cg = Cgroup::load_with_specified_controllers(
@@ -297,7 +306,7 @@ impl TaskCgroup {
     /// through a device BPF program attached to the cgroup.
     pub fn create_with_devices(id: &str, limits: &Limits, extra: &[DeviceRule]) -> Result<Self> {
         limits.validate()?;
-        let me = Self::load_with(id, Some(limits));
+        let me = Self::load_with(id, Some((limits, !extra.is_empty())));
         me.cg.create().map_err(|source| CgroupError::Cgroups {
             path: me.rel.clone(),
             op: "create",
@@ -320,11 +329,11 @@ impl TaskCgroup {
         limits.validate()?;
         let v2 = is_v2();
         let controllers = if v2 {
-            wanted_controllers(true, Some(limits))
+            wanted_controllers(true, Some((limits, false)))
         } else {
-            v1_controllers_for(limits)
+            v1_controllers_for(limits, false)
                 .into_iter()
-                .filter(|c| !matches!(c.as_str(), "devices" | "freezer" | "memory"))
+                .filter(|c| !matches!(c.as_str(), "freezer" | "memory"))
                 .collect()
         };
         let rel = Self::rel_path(id);
@@ -344,8 +353,8 @@ impl TaskCgroup {
 
     /// The cgroup of task `id` as [`TaskCgroup::create`] made it for `limits`, if every one of
     /// its directories exists (the launcher creates it on v1, the supervisor uses it).
-    pub fn open(id: &str, limits: &Limits) -> Option<Self> {
-        let me = Self::load_with(id, Some(limits));
+    pub fn open(id: &str, limits: &Limits, devices: bool) -> Option<Self> {
+        let me = Self::load_with(id, Some((limits, devices)));
         me.dirs().iter().all(|d| d.is_dir()).then_some(me)
     }
 
@@ -425,11 +434,11 @@ impl TaskCgroup {
         let rules = devices::default_allow()
             .into_iter()
             .chain(extra.iter().cloned());
+        if extra.is_empty() {
+            // No device cgroup by default (v1 or v2): the init drops CAP_MKNOD instead.
+            return Ok(());
+        }
         if self.v2 {
-            if extra.is_empty() {
-                // No device program by default on v2: the init then drops CAP_MKNOD instead.
-                return Ok(());
-            }
             let dir = self.dirs().remove(0);
             let rules: Vec<DeviceRule> = rules.collect();
             return devices::attach_v2(&dir, &rules).map_err(|source| CgroupError::Io {

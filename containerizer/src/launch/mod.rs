@@ -567,7 +567,7 @@ impl Runtime {
                 .map_err(io_err("writing the records"))?;
             sandbox::hand_over_cgroup(&sid, &id)?;
             if spec.limits.memory.is_some() {
-                let cg = TaskCgroup::open(&id, &spec.limits)
+                let cg = TaskCgroup::open(&id, &spec.limits, false)
                     .ok_or_else(|| LaunchError::Shim("the sandbox's cgroup is gone".into()))?;
                 cg.apply_limits(&spec.limits)?;
             }

@@ -402,7 +402,7 @@ pub(super) fn hand_over_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
 /// v2: creates task `id`'s cgroup, moves what the sandbox's holds (its waiting init) into it
 /// and removes the sandbox's.
 fn move_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
-    let from = TaskCgroup::open(sid, &Limits::default())
+    let from = TaskCgroup::open(sid, &Limits::default(), false)
         .ok_or_else(|| LaunchError::Shim(format!("the cgroup of sandbox {sid} is gone")))?;
     let to = TaskCgroup::create(id, &Limits::default())?;
     let moved = from.pids().into_iter().try_for_each(|pid| {
@@ -428,7 +428,7 @@ fn move_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
 /// Renames a sandbox's v1 cgroup directories from `sid` to `id` (same parent, one rename per
 /// hierarchy); on failure renames back what was renamed.
 fn rename_cgroup(sid: &str, id: &str) -> Result<(), LaunchError> {
-    let dirs = TaskCgroup::open(sid, &Limits::default())
+    let dirs = TaskCgroup::open(sid, &Limits::default(), false)
         .map(|cg| cg.dirs())
         .ok_or_else(|| LaunchError::Shim(format!("the cgroup of sandbox {sid} is gone")))?;
     let mut done: Vec<(PathBuf, PathBuf)> = vec![];
@@ -477,7 +477,7 @@ pub fn main(dir: &Path) -> i32 {
         teardown(pid);
         1
     };
-    let Some(cg) = TaskCgroup::open(&spec.id, &spec.limits) else {
+    let Some(cg) = TaskCgroup::open(&spec.id, &spec.limits, false) else {
         return failed(
             &mut out,
             None,
@@ -519,8 +519,9 @@ pub fn main(dir: &Path) -> i32 {
                 wait_early: true,
                 cgroup_ns: false,
                 netns: None,
-                // On v2 no device program is attached by default (CAP_MKNOD goes instead).
-                device_cgroup: !crate::cgroups::is_v2(),
+                // No device cgroup for a sandbox's task (no devices beyond the minimal /dev):
+                // CAP_MKNOD goes instead.
+                device_cgroup: false,
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
                 stdin: &devnull,

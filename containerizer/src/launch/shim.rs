@@ -108,7 +108,10 @@ pub(super) fn main_with(
      -> Option<TaskCgroup> {
         let t0 = sys::monotonic_ns();
         // On v1 the launcher has created it already (an older launcher may not have).
-        let made = match (v2, TaskCgroup::open(&spec.id, &spec.limits)) {
+        let made = match (
+            v2,
+            TaskCgroup::open(&spec.id, &spec.limits, !spec.devices.allow.is_empty()),
+        ) {
             (false, Some(cg)) => Ok(cg),
             _ => TaskCgroup::create_with_devices(&spec.id, &spec.limits, &spec.devices.allow),
         };
@@ -230,7 +233,7 @@ pub(super) fn main_with(
                 cgroup_ns: joined_at_birth,
                 netns: premade_netns.as_ref(),
                 // On v2 a device program is attached only for tasks with device rules.
-                device_cgroup: !v2 || !spec.devices.allow.is_empty(),
+                device_cgroup: !spec.devices.allow.is_empty(),
                 stdout: &stdout_fd,
                 stderr: &stderr_fd,
                 stdin: task_stdin,

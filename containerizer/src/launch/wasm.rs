@@ -223,7 +223,10 @@ pub(super) fn supervise(
     let made = match premade {
         // Made by the launcher while it loaded the module ([`prepare_cgroup`]).
         Some(cg) => Ok(cg),
-        None => match (v2, TaskCgroup::open(&spec.id, &spec.limits)) {
+        None => match (
+            v2,
+            TaskCgroup::open(&spec.id, &spec.limits, !spec.devices.allow.is_empty()),
+        ) {
             (false, Some(cg)) => Ok(cg),
             _ => TaskCgroup::create(&spec.id, &spec.limits),
         },
