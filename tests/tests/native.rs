@@ -64,6 +64,30 @@ fn busybox_rootfs(dir: &Path) {
     std::fs::write(dir.join("notexec"), "data").unwrap();
 }
 
+/// An OCI layout under `dir` with image `dev`: busybox and a character device node
+/// (`/hostnull`, 1:3) in its layer.
+fn image_with_device_node(dir: &Path) -> PathBuf {
+    let layout = dir.join("oci");
+    let img = format!("{}:dev", layout.display());
+    let bundle = dir.join("bundle-dev");
+    let umoci = |args: &[&str]| {
+        let st = Command::new("umoci").args(args).status().unwrap();
+        assert!(st.success(), "umoci {args:?}");
+    };
+    umoci(&["init", "--layout", layout.to_str().unwrap()]);
+    umoci(&["new", "--image", &img]);
+    umoci(&["unpack", "--image", &img, bundle.to_str().unwrap()]);
+    busybox_rootfs(&bundle.join("rootfs"));
+    assert!(Command::new("mknod")
+        .arg(bundle.join("rootfs/hostnull"))
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap()
+        .success());
+    umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
+    layout
+}
+
 impl Env {
     fn new() -> Env {
         let tmp = tempfile::Builder::new()
@@ -356,6 +380,25 @@ fn root_mounts_and_masked_paths() {
         "mknod /tmp/sda b 8 0 2>/dev/null; head -c 1 /tmp/sda >/dev/null 2>&1 && echo read-disk || echo denied",
     ));
     assert_eq!(s, "denied\n");
+    // Nor one the root filesystem carries: a node in a directory root, and one in an image
+    // layer (overlay root), are inert (nodev).
+    let node = env.rootfs.join("hostnull");
+    let _ = std::fs::remove_file(&node);
+    assert!(Command::new("mknod")
+        .arg(&node)
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap()
+        .success());
+    let probe = "cat /hostnull >/dev/null 2>&1 && echo opened || echo denied";
+    let s = stdout_ok(&env.sh(&["--rm"], probe));
+    assert_eq!(s, "denied\n", "a device node in a directory root");
+    let _ = std::fs::remove_file(&node);
+    let img = image_with_device_node(env.tmp.path());
+    let load = env.caisson(&["load", "-q", "-i", &format!("{}:dev", img.display())]);
+    assert!(load.status.success(), "{}", text(&load.stderr));
+    let s = stdout_ok(&env.caisson(&["run", "--rm", "localhost/oci:dev", "sh", "-c", probe]));
+    assert_eq!(s, "denied\n", "a device node in an image layer");
     // Host network mode sees more than loopback.
     let s = stdout_ok(&env.run(&["--rm", "--network", "host"], &["ip", "-o", "link"]));
     let host_links = std::fs::read_dir("/sys/class/net").unwrap().count();

@@ -171,6 +171,30 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         none,
     )
     .ctx(|| format!("bind mounting the root filesystem {}", root.display()))?;
+    // Device nodes an image carries stay inert: a task reaches devices only through its own
+    // /dev (a task without devices has no device cgroup and no CAP_MKNOD). Overlay roots are
+    // mounted so; another root (a directory, the copy backend) is made so here.
+    let flags = nix::sys::statvfs::statvfs(root)
+        .ctx(|| format!("statvfs {}", root.display()))?
+        .flags();
+    if !flags.contains(nix::sys::statvfs::FsFlags::ST_NODEV) {
+        let keep = [
+            (nix::sys::statvfs::FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+            (nix::sys::statvfs::FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (nix::sys::statvfs::FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        ]
+        .into_iter()
+        .filter(|(f, _)| flags.contains(*f))
+        .fold(MsFlags::empty(), |m, (_, ms)| m | ms);
+        mount(
+            none,
+            root,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NODEV | keep,
+            none,
+        )
+        .ctx(|| format!("remounting the root filesystem {} nodev", root.display()))?;
+    }
 
     mount_proc_dev_sys(root, spec.network)?;
     make_device_nodes(root, &spec.devices.nodes)?;

@@ -142,15 +142,18 @@ impl FsContext {
     }
 
     /// `fsmount(2)`: a detached mount of the created superblock (freed if the fd is dropped
-    /// before it is attached with [`move_mount_to`]).
+    /// before it is attached with [`move_mount_to`]), with device nodes inert on it
+    /// (`MOUNT_ATTR_NODEV`): every mount made this way is a task's root, whose image may carry
+    /// device nodes.
     pub fn mount(&self) -> io::Result<OwnedFd> {
+        const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
         // SAFETY: the fd is owned by self and open; fsmount takes no pointers.
         let ret = check(unsafe {
             libc::syscall(
                 libc::SYS_fsmount,
                 self.fd.as_raw_fd(),
                 FSMOUNT_CLOEXEC,
-                0 as libc::c_uint,
+                MOUNT_ATTR_NODEV,
             )
         })?;
         // SAFETY: on success fsmount returns a fresh file descriptor that nothing else owns.
@@ -192,14 +195,15 @@ pub fn move_mount_to(mount: &OwnedFd, target: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Classic `mount(2)` of a filesystem without a source device (overlay, tmpfs, ...). `data` is
-/// limited by the kernel to one page.
+/// Classic `mount(2)` of a filesystem without a source device (overlay, tmpfs, ...), with
+/// device nodes inert on it (`MS_NODEV`: a task's root, whose image may carry device nodes).
+/// `data` is limited by the kernel to one page.
 pub fn mount_nodev(fstype: &str, target: &Path, data: &str) -> io::Result<()> {
     nix::mount::mount(
         Some(fstype),
         target,
         Some(fstype),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV,
         Some(data),
     )
     .map_err(io::Error::from)
