@@ -15,7 +15,12 @@ if [ -z "${BIN:-}" ]; then
   BIN="${CARGO_TARGET_DIR:-$PWD/target}/release"
 fi
 W=$(mktemp -d "${RUNDIR:-/tmp}/caisson-cluster.XXXXXX")
-PORT=$((20000 + RANDOM % 20000))
+# A random port that nothing listens on (a fixed one, or a random one unchecked, sometimes
+# collided with a listener from an earlier run).
+while :; do
+  PORT=$((20000 + RANDOM % 20000))
+  [ -z "$(ss -Htln "sport = :$PORT" 2>/dev/null)" ] && break
+done
 URL=http://127.0.0.1:$PORT
 cleanup() {
   kill "${AP:-}" "${MP:-}" 2>/dev/null || true; wait 2>/dev/null || true
