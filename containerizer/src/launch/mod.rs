@@ -250,8 +250,13 @@ struct WarmPool {
 impl WarmPool {
     fn take(&self) -> Option<standby::Standby> {
         // One being started now is nearer than a fresh exec; with a fork server, a fork now is
-        // as near (and a refill on idle CPU time can wait long on a busy machine).
-        let forks = self.server.lock().is_ok_and(|s| s.is_some());
+        // as near (and a refill on idle CPU time can wait long on a busy machine). The server's
+        // lock held means a fork in progress (by a refill): the launch does not wait for it.
+        let forks = match self.server.try_lock() {
+            Ok(s) => s.is_some(),
+            Err(std::sync::TryLockError::WouldBlock) => true,
+            Err(std::sync::TryLockError::Poisoned(_)) => false,
+        };
         let mut spare = self.spare.lock().ok()?;
         let wait = if forks { 0 } else { 100 };
         let deadline = Instant::now() + Duration::from_millis(wait);
