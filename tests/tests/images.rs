@@ -727,6 +727,126 @@ fn pulled_image_becomes_overlay_and_copy_rootfs() {
     assert_eq!(c.layer_count(), 0);
 }
 
+/// A task root of an image gets the image's init layer on top from the second root on: the
+/// mount points a task needs (/proc, /dev, /sys, /mnt/sandbox, the /etc files) exist without
+/// anything created in the root's upper dir. What the image has as another kind (an /etc that
+/// is a symlink) is left alone; the init layers go with their images.
+#[test]
+fn init_layer_holds_task_mount_points_and_goes_with_the_image() {
+    use containerizer::image::{rootfs, store, Store};
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = LayoutWriter::new(&tmp.path().join("plain")).unwrap();
+    let plain = w
+        .image_with(
+            &[(
+                RawTar::new()
+                    .dir("bin")
+                    .file("bin/x", b"x")
+                    .dir("etc")
+                    .file("etc/hosts", b"image hosts")
+                    .finish(),
+                Compression::None,
+            )],
+            "amd64",
+            &["/bin/x"],
+        )
+        .unwrap();
+    w.index(vec![plain], "plain", false).unwrap();
+    let c = Caisson::new();
+    c.ok(&["load", "-i", w.dir.to_str().unwrap()]);
+    let w2 = LayoutWriter::new(&tmp.path().join("linked")).unwrap();
+    let linked = w2
+        .image_with(
+            &[(
+                RawTar::new()
+                    .dir("usr")
+                    .dir("usr/etc")
+                    .symlink("etc", "usr/etc")
+                    .finish(),
+                Compression::None,
+            )],
+            "amd64",
+            &["/bin/x"],
+        )
+        .unwrap();
+    w2.index(vec![linked], "linked", false).unwrap();
+    c.ok(&["load", "-i", w2.dir.to_str().unwrap()]);
+
+    let st = Store::open(c.root.path()).unwrap();
+    let opts = rootfs::CreateOptions::task_root();
+    let root_of = |image: &str, n: &str| {
+        let rec = st.resolve(image).unwrap();
+        let dir = c.root.path().join("rootfs").join(n);
+        fs::create_dir_all(&dir).unwrap();
+        let r = st
+            .create_rootfs(&rec, &dir, rootfs::Backend::Overlay, &opts)
+            .unwrap();
+        (rec, dir, r)
+    };
+    let (rec, d1, first) = root_of("localhost/plain:plain", "a1");
+    let init = c
+        .root
+        .path()
+        .join(store::INIT_LAYERS)
+        .join(&rec.id["sha256:".len()..]);
+    let mut made: Vec<String> = walk(&init);
+    made.sort();
+    assert_eq!(
+        made,
+        [
+            "dev",
+            "etc",
+            "etc/hostname",
+            "etc/hosts",
+            "etc/resolv.conf",
+            "mnt",
+            "mnt/sandbox",
+            "proc",
+            "sys"
+        ],
+        "init layer of the plain image"
+    );
+    // The first root went without (it was the model); the second has it.
+    assert!(!first.path.join("proc").exists());
+    let (_, d2, second) = root_of("localhost/plain:plain", "a2");
+    for p in ["proc", "dev", "sys", "mnt/sandbox"] {
+        assert!(second.path.join(p).is_dir(), "{p} in the second root");
+    }
+    assert!(second.path.join("etc/resolv.conf").is_file());
+    assert_eq!(fs::read(second.path.join("bin/x")).unwrap(), b"x");
+    assert!(
+        walk(second.upper.as_ref().unwrap()).is_empty(),
+        "nothing made in the upper dir"
+    );
+
+    let (rec2, d3, _) = root_of("localhost/linked:linked", "b1");
+    let init2 = c
+        .root
+        .path()
+        .join(store::INIT_LAYERS)
+        .join(&rec2.id["sha256:".len()..]);
+    let mut made2 = walk(&init2);
+    made2.sort();
+    assert_eq!(made2, ["dev", "mnt", "mnt/sandbox", "proc", "sys"]);
+    let (_, d4, linked_root) = root_of("localhost/linked:linked", "b2");
+    assert!(fs::symlink_metadata(linked_root.path.join("etc"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    for d in [d1, d2, d3, d4] {
+        rootfs::remove(&d).unwrap();
+    }
+    c.ok(&["rmi", "localhost/plain:plain"]);
+    assert!(!init.exists(), "init layer removed with its image");
+    assert!(init2.exists(), "the other image's stays");
+    c.ok(&["rmi", "localhost/linked:linked"]);
+    assert!(!init2.exists());
+}
+
 fn walk(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];

@@ -68,6 +68,9 @@ pub struct CreateOptions {
     /// container roots, which do not outlive a host crash anyway; without it, unmounting an
     /// overlay syncs the whole upper filesystem, tens of milliseconds on a busy host.
     pub volatile: bool,
+    /// Put the image's init layer on top ([`super::store::Store::create_rootfs`], overlay
+    /// only): the mount points every task root needs exist already.
+    pub init_layer: bool,
 }
 
 impl CreateOptions {
@@ -81,10 +84,11 @@ impl CreateOptions {
         }
     }
 
-    /// A task's root: [`CreateOptions::from_env`], mounted `volatile`.
+    /// A task's root: [`CreateOptions::from_env`], mounted `volatile`, with the init layer.
     pub fn task_root() -> Self {
         Self {
             volatile: true,
+            init_layer: true,
             ..Self::from_env()
         }
     }

@@ -23,6 +23,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// Per-image init layers (`<root>/init-layers/<image id hex>`): the mount points every task
+/// root needs, on top of the image's layers (as docker's `-init` layer), so that no launch
+/// creates (and copies up) them in its overlay and no removal deletes them again.
+pub const INIT_LAYERS: &str = "init-layers";
+/// Directories of an init layer (parents first); `mnt/sandbox` is the task's sandbox
+/// (`launch::SANDBOX_TARGET`).
+pub const INIT_DIRS: &[&str] = &["proc", "dev", "sys", "etc", "mnt", "mnt/sandbox"];
+/// Files of an init layer: the targets of a task's /etc bind mounts.
+pub const INIT_FILES: &[&str] = &["etc/hostname", "etc/hosts", "etc/resolv.conf"];
+
 pub const DEFAULT_ROOT: &str = "/var/lib/caisson";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -434,11 +444,102 @@ impl Store {
         backend: super::rootfs::Backend,
         opts: &super::rootfs::CreateOptions,
     ) -> Result<super::rootfs::Rootfs> {
-        let lowers = self.layer_dirs(record)?;
+        let mut lowers = self.layer_dirs(record)?;
+        let init = (opts.init_layer && backend == super::rootfs::Backend::Overlay)
+            .then(|| self.init_layer_dir(record));
+        let init_ready = init.as_deref().is_some_and(Path::is_dir);
+        if let (Some(dir), true) = (&init, init_ready) {
+            lowers.push(dir.clone());
+        }
         let rootfs = super::rootfs::create_with(&lowers, container_dir, backend, opts)?;
         fs::write(container_dir.join("image-id"), &record.id)
             .ctx(|| format!("writing image-id in {}", container_dir.display()))?;
+        if let (Some(dir), false) = (&init, init_ready) {
+            // Made from this first root, for the next ones; this one goes without.
+            if let Err(e) = self.make_init_layer(&rootfs.path, dir) {
+                tracing::debug!(image = %record.id, "no init layer: {e:#}");
+            }
+        }
         Ok(rootfs)
+    }
+
+    /// Where the init layer of `record` is (made at its first task root).
+    fn init_layer_dir(&self, record: &ImageRecord) -> PathBuf {
+        let hex = record.id.strip_prefix("sha256:").unwrap_or(&record.id);
+        self.root.join(INIT_LAYERS).join(hex)
+    }
+
+    /// Builds the init layer of an image from `merged`, a root of the image alone: for each of
+    /// [`INIT_DIRS`] and [`INIT_FILES`] the image lacks, an empty one (a directory the image
+    /// has is repeated with its mode and owner, so the union keeps them; a file it has is
+    /// shadowed by an empty one, which every task's bind mount covers anyway); anything the
+    /// image has as another kind (e.g. `/etc` a symlink) is left out, with what is under it,
+    /// and the task's init makes it as before. Made in `tmp/`, renamed into place: a
+    /// concurrent maker's copy wins and ours goes.
+    fn make_init_layer(&self, merged: &Path, dest: &Path) -> Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+        // A locked work dir: a concurrent `Store::open` leaves it alone.
+        let work = self.work()?;
+        let tmp = work.path.join("init");
+        let build = || -> std::io::Result<()> {
+            fs::create_dir(&tmp)?;
+            let mut skipped: Vec<&str> = vec![];
+            let under_skipped =
+                |p: &str, skipped: &[&str]| skipped.iter().any(|s| p.starts_with(&format!("{s}/")));
+            for d in INIT_DIRS {
+                if under_skipped(d, &skipped) {
+                    continue;
+                }
+                let (mode, owner) = match fs::symlink_metadata(merged.join(d)) {
+                    Ok(m) if m.is_dir() => (m.mode() & 0o7777, Some((m.uid(), m.gid()))),
+                    Ok(_) => {
+                        skipped.push(d);
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0o755, None),
+                    Err(e) => return Err(e),
+                };
+                let p = tmp.join(d);
+                fs::DirBuilder::new().mode(mode).create(&p)?;
+                // The mode again: mkdir applies the umask.
+                fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
+                }
+            }
+            for f in INIT_FILES {
+                if under_skipped(f, &skipped) {
+                    continue;
+                }
+                match fs::symlink_metadata(merged.join(f)) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(tmp.join(f))?;
+            }
+            Ok(())
+        };
+        let res = build().and_then(|()| {
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&tmp, dest)
+        });
+        drop(work);
+        match res {
+            // Another launch made it first.
+            Err(e) if dest.is_dir() => {
+                tracing::debug!("init layer made concurrently: {e}");
+                Ok(())
+            }
+            r => r.ctx(|| format!("making the init layer {}", dest.display())),
+        }
     }
 
     /// Image ids used by containers (from `rootfs/<id>/image-id`, written by
@@ -527,7 +628,9 @@ impl Store {
     fn collect_garbage(&self) -> Result<Vec<String>> {
         let mut live_layers = BTreeSet::new();
         let mut live_blobs = BTreeSet::new();
+        let mut live_ids = BTreeSet::new();
         for (rec, _) in self.images()? {
+            live_ids.insert(rec.id[7..].to_string());
             live_blobs.insert(rec.id[7..].to_string());
             live_blobs.insert(rec.manifest_digest[7..].to_string());
             for l in &rec.layers {
@@ -546,6 +649,14 @@ impl Store {
                 fs::rename(e.path(), &grave).ctx(|| format!("removing layer {hex}"))?;
                 drop(work);
                 deleted.push(format!("sha256:{hex}"));
+            }
+        }
+        // Init layers of images that are gone.
+        if let Ok(rd) = fs::read_dir(self.root.join(INIT_LAYERS)) {
+            for e in rd.flatten() {
+                if !live_ids.contains(&*e.file_name().to_string_lossy()) {
+                    let _ = remove_tree(&e.path());
+                }
             }
         }
         // Blobs of indexes are not in records; keep any blob an index we keep might need? We

@@ -674,27 +674,7 @@ fn fork_supervisor(
 /// gave the launcher must not wait for the task. Everything this process opened itself is
 /// close-on-exec and stays (the engine maps compiled code from files it keeps open).
 fn close_inherited() {
-    let Ok(rd) = fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<i32> = rd
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
-        .collect();
-    for fd in fds {
-        // fdinfo's `flags:` (octal) include O_CLOEXEC; no descriptor needs borrowing for it.
-        let cloexec = fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-            .ok()
-            .and_then(|info| {
-                let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
-                i64::from_str_radix(flags.trim(), 8).ok()
-            })
-            .map(|flags| flags & i64::from(libc::O_CLOEXEC) != 0);
-        if cloexec == Some(false) {
-            let _ = nix::unistd::close(fd);
-        }
-    }
+    sys::close_inheritable_from(3);
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, super::LaunchError> {

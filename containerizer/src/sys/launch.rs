@@ -328,6 +328,31 @@ pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Closes every descriptor from `first` up that is not close-on-exec: what a forked process
+/// inherited from its launcher's parent, while what the launcher opened itself (all
+/// close-on-exec, e.g. files a Wasm engine keeps mapped) stays. One `F_GETFD` per descriptor.
+pub fn close_inheritable_from(first: RawFd) {
+    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= first)
+        .collect();
+    for fd in fds {
+        // SAFETY: called by a freshly forked single-threaded process before it hands any
+        // inherited descriptor to Rust code that owns it; closing one that is not
+        // close-on-exec invalidates no owner in this process (the directory listing's own
+        // descriptor is close-on-exec, so it is kept; an fd closed meanwhile yields EBADF).
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 /// Closes every descriptor from `first` up (`close_range`, Linux 5.9; best effort).
 pub fn close_from(first: RawFd) {
     close_from_keeping(first, None)

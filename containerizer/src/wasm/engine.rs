@@ -33,7 +33,8 @@ pub struct EngineConfig {
     /// microseconds never waits for a thread to start.
     pub epoch_ticker: bool,
     /// Instances (core instances, memories, tables, component instances) the pooling allocator
-    /// holds at once: the number of tasks that can run concurrently in this process.
+    /// holds at once: the number of tasks that can run concurrently in this process. With 1
+    /// there is no pool (instances are allocated on demand).
     pub max_instances: u32,
     /// Largest size one linear memory may ever reach in this engine (the per-task limit is
     /// [`super::Limits`]); at most 4 GiB for 32-bit memories.
@@ -217,9 +218,17 @@ impl Engine {
             // a few pages, and re-faulting them costs more than clearing them.
             .linear_memory_keep_resident(config.memory_keep_resident)
             .table_keep_resident(1 << 16);
+        // One instance at a time (a one-shot launcher): nothing to pool, and building the pool
+        // (its slots' reservations and per-CPU index sizing) is a fifth of such an engine's
+        // start; instances are then mapped on demand, copy-on-write all the same.
+        let strategy = if n == 1 {
+            InstanceAllocationStrategy::OnDemand
+        } else {
+            InstanceAllocationStrategy::Pooling(pool)
+        };
         let mut cfg = Config::new();
         cfg.strategy(wasmtime::Strategy::Cranelift)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .allocation_strategy(strategy)
             .memory_init_cow(true)
             .epoch_interruption(true)
             .parallel_compilation(true);
