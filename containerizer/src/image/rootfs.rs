@@ -872,6 +872,7 @@ mod tests {
             let opts = CreateOptions {
                 force_legacy_mount,
                 volatile: !force_legacy_mount,
+                ..Default::default()
             };
             let rootfs = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap();
             let want = if force_legacy_mount {
@@ -942,6 +943,7 @@ mod tests {
             let opts = CreateOptions {
                 force_legacy_mount,
                 volatile: !force_legacy_mount,
+                ..Default::default()
             };
             let rootfs = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap();
             for i in 0..120 {
@@ -969,6 +971,7 @@ mod tests {
         let opts = CreateOptions {
             force_legacy_mount: true,
             volatile: true,
+            ..Default::default()
         };
         let err = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap_err();
         assert!(
@@ -1001,6 +1004,7 @@ mod tests {
             let opts = CreateOptions {
                 force_legacy_mount,
                 volatile: !force_legacy_mount,
+                ..Default::default()
             };
             let rootfs =
                 create_with(std::slice::from_ref(&lower), &cdir, Backend::Overlay, &opts).unwrap();
