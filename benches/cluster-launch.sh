@@ -15,6 +15,8 @@ if [ -z "${BIN:-}" ]; then
   BIN="${CARGO_TARGET_DIR:-$PWD/target}/release"
 fi
 W=$(mktemp -d "${RUNDIR:-/tmp}/caisson-cluster.XXXXXX")
+# Installed copies (see install-bins.sh), for an A/B too.
+BIN=$(benches/install-bins.sh "$W/bin" "$BIN")
 # A random port that nothing listens on (a fixed one, or a random one unchecked, sometimes
 # collided with a listener from an earlier run).
 while :; do

@@ -15,7 +15,6 @@ PULL_RUNS=$(( RUNS / 10 > 5 ? RUNS / 10 : 5 ))
 out=$(mktemp -d /tmp/caisson-compare.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 export CAISSON_BENCH_OUT=$out
-T="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
 echo "### pull + unpack"; benches/pull-compare.sh "$PULL_RUNS"
 echo "### native launch"; benches/launch-compare.sh "$RUNS"
@@ -23,6 +22,7 @@ echo "### CNI"; QUICK=${QUICK:-} benches/cni-compare.sh "$RUNS"
 
 echo "### Wasm"
 if command -v wasmtime >/dev/null; then
+  T=$(benches/install-bins.sh "$out/bin")
   cache=$(mktemp -d /tmp/caisson-wasm-cache.XXXXXX)
   hyperfine -N --warmup 20 --runs "$RUNS" --export-json "$out/wasm.json" \
     -n "caisson-wasm run hello.wat" "$T/caisson-wasm run --cache $cache tests/guests/hello.wat" \

@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-100}
 scripts/install-deps.sh
 cargo build --release -p caisson --bins
-CAISSON="${CARGO_TARGET_DIR:-$PWD/target}/release/caisson"
 work=$(mktemp -d /tmp/caisson-launch.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+# Installed copies, as the peers' binaries are (see install-bins.sh).
+CAISSON="$(benches/install-bins.sh "$work/bin")/caisson"
 
 # A busybox image in caisson's store, and an OCI bundle with the same root filesystem.
 umoci init --layout "$work/oci" >/dev/null
@@ -35,6 +36,7 @@ mv "$bundle/c.json" "$bundle/config.json"
 # CAISSON_BASE=/path/to/old/caisson adds a before/after row (its caisson-shim next to it).
 BASE_CMD=""
 if [ -n "${CAISSON_BASE:-}" ]; then
+  CAISSON_BASE="$(benches/install-bins.sh "$work/base" "$(dirname "$CAISSON_BASE")")/caisson"
   BASE_CMD="-n 'caisson (base) run --rm IMAGE /bin/true' '$CAISSON_BASE --root $root run --rm $IMAGE /bin/true'"
 fi
 cat > "$work/inner.sh" <<INNER

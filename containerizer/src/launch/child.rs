@@ -159,23 +159,32 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
             .ctx(|| format!("joining netns {}", ns.display()))?;
     }
 
-    let root = spec.rootfs.as_path();
+    let abs_root = spec.rootfs.as_path();
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .ctx(|| "making / private".into())?;
-    mount(
-        Some(root),
-        root,
-        none,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        none,
-    )
-    .ctx(|| format!("bind mounting the root filesystem {}", root.display()))?;
+    // pivot_root needs the root to be a mount: an image's overlay is one already; a directory
+    // root is bound onto itself.
+    if crate::sys::mount::is_mount_root(abs_root).ok().flatten() != Some(true) {
+        mount(
+            Some(abs_root),
+            abs_root,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .ctx(|| format!("bind mounting the root filesystem {}", abs_root.display()))?;
+    }
+    // From here on paths in the root are walked from inside it (one component instead of the
+    // store's whole path each time); nothing below changes the working directory before
+    // pivot_root.
+    unistd::chdir(abs_root).ctx(|| "chdir to the root filesystem".into())?;
+    let root = Path::new(".");
     // Device nodes an image carries stay inert: a task reaches devices only through its own
     // /dev (a task without devices has no device cgroup and no CAP_MKNOD). Overlay roots are
     // mounted so; another root (a directory, the copy backend) is made so here.
     let flags = nix::sys::statvfs::statvfs(root)
-        .ctx(|| format!("statvfs {}", root.display()))?
+        .ctx(|| format!("statvfs {}", abs_root.display()))?
         .flags();
     if !flags.contains(nix::sys::statvfs::FsFlags::ST_NODEV) {
         let keep = [
@@ -193,7 +202,12 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NODEV | keep,
             none,
         )
-        .ctx(|| format!("remounting the root filesystem {} nodev", root.display()))?;
+        .ctx(|| {
+            format!(
+                "remounting the root filesystem {} nodev",
+                abs_root.display()
+            )
+        })?;
     }
 
     mount_proc_dev_sys(root, spec.network)?;
@@ -246,7 +260,7 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
             "createContainer",
             &spec.hooks.create_container,
             &state,
-            Some(root),
+            Some(abs_root),
         )
         .map_err(|e| fail(125, e))?;
     }
@@ -255,7 +269,6 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         let _ = fs::create_dir_all(&cwd_host);
     }
 
-    unistd::chdir(root).ctx(|| "chdir to the root filesystem".into())?;
     unistd::pivot_root(".", ".").ctx(|| "pivot_root".into())?;
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
     unistd::chdir("/").ctx(|| "chdir /".into())?;
