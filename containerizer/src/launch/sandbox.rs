@@ -648,6 +648,7 @@ pub fn main(dir: &Path) -> i32 {
         pid,
         cg,
         held_ns,
+        netns: None,
         error: lines.error,
         console: None,
     })

@@ -256,7 +256,6 @@ pub(super) fn main_with(
     let console_log = console_side
         .as_ref()
         .and_then(|_| stdout_fd.try_clone().ok());
-    drop(premade_netns);
     drop((stdout_fd, stderr_fd, devnull));
     // Hold the task's mount namespace: when the init exits, the kernel then does not tear its
     // mounts down (an RCU grace period) before we learn of the exit; we drop it after reporting.
@@ -374,6 +373,9 @@ pub(super) fn main_with(
         pid,
         cg,
         held_ns: mount_ns.into_iter().collect(),
+        // Given back for a later task when it ends, unless a hook (with every privilege) may
+        // have changed it.
+        netns: premade_netns.filter(|_| spec.hooks.is_empty()),
         error,
         console: console_side.zip(console_log).map(|(s, l)| (s, l, console)),
     })
@@ -387,6 +389,9 @@ pub(super) struct Supervised<'a> {
     pub timings: Timings,
     pub pid: i32,
     pub cg: TaskCgroup,
+    /// The task's own network namespace, made ahead by a standby: offered back to the fork
+    /// server for a later task once this one has ended ([`super::standby::give_back_netns`]).
+    pub netns: Option<OwnedFd>,
     /// The task's namespaces (at least its mount namespace), held until the exit is reported:
     /// when the init exits the kernel then does not tear them down (RCU grace periods, the
     /// mounts) before we learn of the exit.
@@ -412,6 +417,7 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
         pid,
         cg,
         held_ns,
+        netns,
         error,
         console,
     } = s;
@@ -449,6 +455,10 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
     td.prepare_state_write();
     // Supervise.
     let status = reap(pid, &spec.id);
+    // The init has been reaped: its namespace's last process is gone.
+    if let Some(ns) = netns {
+        super::standby::give_back_netns(ns);
+    }
     // The task's networks (CNI DEL, then the netns) are released by this process rather than
     // a second program, on a thread of their own so that this overlaps the accounting and
     // cleanup below and the launcher's draining of the logs. Threads are fine from here on:

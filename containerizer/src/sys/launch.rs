@@ -360,9 +360,14 @@ pub fn close_from(first: RawFd) {
 
 /// As [`close_from`], except `keep` (a descriptor handed to us on purpose).
 pub fn close_from_keeping(first: RawFd, keep: Option<RawFd>) {
+    close_from_keeping_all(first, keep.as_slice())
+}
+
+/// As [`close_from`], except the descriptors in `keep`.
+pub fn close_from_keeping_all(first: RawFd, keep: &[RawFd]) {
     let close_range = |lo: RawFd, hi: libc::c_uint| {
         // SAFETY: called at process start, before any descriptor >= first is owned by Rust
-        // code (`keep` is left alone for its one owner).
+        // code (those in `keep` are left alone for their owners).
         unsafe {
             libc::syscall(
                 libc::SYS_close_range,
@@ -372,17 +377,17 @@ pub fn close_from_keeping(first: RawFd, keep: Option<RawFd>) {
             )
         }
     };
-    let ret = match keep {
-        Some(k) if k >= first => {
-            let below = if k > first {
-                close_range(first, (k - 1) as libc::c_uint)
-            } else {
-                0
-            };
-            below | close_range(k + 1, libc::c_uint::MAX)
+    let mut kept: Vec<RawFd> = keep.iter().copied().filter(|k| *k >= first).collect();
+    kept.sort_unstable();
+    let mut ret = 0;
+    let mut lo = first;
+    for k in kept {
+        if k > lo {
+            ret |= close_range(lo, (k - 1) as libc::c_uint);
         }
-        _ => close_range(first, libc::c_uint::MAX),
-    };
+        lo = lo.max(k + 1);
+    }
+    ret |= close_range(lo, libc::c_uint::MAX);
     if ret != 0 {
         let _ = cloexec_from(first);
     }
