@@ -80,6 +80,15 @@ pub fn run_and_exit(
     let kill = KillSwitch::new();
     task.kill = Some(kill.clone());
     on_stop_signal(engine.clone(), stop_signals, report.clone(), kill);
+    // WASI's host calls run on a Tokio runtime. Without one entered, wasmtime-wasi starts its
+    // own with a worker per CPU, and counting the CPUs reads the cgroup's quota and the mount
+    // table (a quarter of a `caisson-wasm run hello.wat`, measured); one worker drives timers
+    // and I/O for this process's single guest.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build();
+    let _entered = rt.as_ref().ok().map(|rt| rt.enter());
     let status = match engine.run(program, task) {
         Ok(s) => s,
         Err(e) => {
