@@ -54,8 +54,13 @@ busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 A0=$(cpu "$AP"); M0=$(cpu "$MP"); B0=$(busy)
 # The agent's shared Wasm host (started with the agent), if any.
 HP=$(pgrep -f "caisson-wasm host --socket $W/" | head -1 || true); H0=$([ -n "$HP" ] && cpu "$HP" || echo 0)
-# PERF=FILE also records the whole machine's profile (perf record -a -g) during the run.
-if [ -n "${PERF:-}" ]; then perf record -q -a -g -o "$PERF" & PP=$!; sleep 0.5; fi
+# PERF=FILE also records the whole machine's profile (perf record -a -g) during the run;
+# PERF_WHO=agent records the agent process alone, with DWARF call graphs (user-space stacks).
+if [ -n "${PERF:-}" ]; then
+  if [ "${PERF_WHO:-}" = agent ]; then perf record -q -p "$AP" --call-graph dwarf,16384 -F 2000 -o "$PERF" & PP=$!
+  else perf record -q -a -g -o "$PERF" & PP=$!; fi
+  sleep 0.5
+fi
 # STRACE=FILE counts the agent's system calls (strace -c -f) during the run; STRACE_WHO=host or
 # master counts those of the shared Wasm host or of the master instead.
 case "${STRACE_WHO:-agent}" in host) SPID=$HP ;; master) SPID=$MP ;; *) SPID=$AP ;; esac
