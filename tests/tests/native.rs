@@ -1269,15 +1269,12 @@ fn root_run_sets_cgroup_favordynmods() {
 /// dropping the runtime ends the unused standby.
 #[test]
 fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
-    use containerizer::launch::{Process, Runtime, TaskSpec};
+    use containerizer::launch::{Process, TaskSpec};
     if !root_or_skip("root_warm_supervisor_takes_the_next_task_with_its_own_netns") {
         return;
     }
     let env = Env::new();
-    let shim = caisson_bin().with_file_name("caisson-shim");
-    let rt = Runtime::new(env.state_root())
-        .with_shim(&shim)
-        .with_warm_supervisor();
+    let rt = warm_runtime(&env);
     let spec = |name: &str| {
         TaskSpec {
         name: name.into(),
@@ -1348,15 +1345,12 @@ fn root_warm_supervisor_takes_the_next_task_with_its_own_netns() {
 /// leaves a socket in TIME_WAIT keeps its namespace out of the pool.
 #[test]
 fn root_netns_is_recycled_only_when_nothing_is_left_in_it() {
-    use containerizer::launch::{Process, Runtime, TaskSpec};
+    use containerizer::launch::{Process, TaskSpec};
     if !root_or_skip("root_netns_is_recycled_only_when_nothing_is_left_in_it") {
         return;
     }
     let env = Env::new();
-    let shim = caisson_bin().with_file_name("caisson-shim");
-    let rt = Runtime::new(env.state_root())
-        .with_shim(&shim)
-        .with_warm_supervisor();
+    let rt = warm_runtime(&env);
     // Each task prints its namespace and loopback's received packets, then makes traffic on
     // loopback: a refused connection (nothing stays), or one that ends in TIME_WAIT on the
     // side that closed first (the listener, which runs `true` on the connection).
@@ -1436,6 +1430,13 @@ fn root_netns_is_recycled_only_when_nothing_is_left_in_it() {
     }
 }
 
+/// A runtime over `env`'s state that keeps a warm supervisor (forked by its fork server).
+fn warm_runtime(env: &Env) -> containerizer::launch::Runtime {
+    containerizer::launch::Runtime::new(env.state_root())
+        .with_shim(caisson_bin().with_file_name("caisson-shim"))
+        .with_warm_supervisor()
+}
+
 /// The pid of the standby supervisor `rt` keeps ready (started now if none is).
 fn standby_ready(rt: &containerizer::launch::Runtime) -> u32 {
     rt.prewarm();
@@ -1473,15 +1474,12 @@ fn wait_gone(pid: u32) -> bool {
 /// answering is killed and replaced.
 #[test]
 fn root_launches_go_on_after_the_fork_server_is_killed() {
-    use containerizer::launch::{Process, Runtime, TaskSpec};
+    use containerizer::launch::{Process, TaskSpec};
     if !root_or_skip("root_launches_go_on_after_the_fork_server_is_killed") {
         return;
     }
     let env = Env::new();
-    let shim = caisson_bin().with_file_name("caisson-shim");
-    let rt = Runtime::new(env.state_root())
-        .with_shim(&shim)
-        .with_warm_supervisor();
+    let rt = warm_runtime(&env);
     let spec = |name: &str| TaskSpec {
         name: name.into(),
         image: "busybox".into(),

@@ -312,11 +312,7 @@ pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     if ret == 0 {
         return Ok(());
     }
-    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd >= first)
-        .collect();
-    for fd in fds {
+    for fd in open_fds_from(first)? {
         // SAFETY: fcntl on a descriptor number; an fd closed meanwhile only yields EBADF.
         unsafe {
             let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -328,22 +324,28 @@ pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// This process's open descriptors from `first` up (from `/proc/self/fd`; the listing's own
+/// descriptor is closed again when this returns).
+fn open_fds_from(first: RawFd) -> io::Result<Vec<RawFd>> {
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= first)
+        .collect())
+}
+
 /// Closes every descriptor from `first` up that is not close-on-exec: what a forked process
 /// inherited from its launcher's parent, while what the launcher opened itself (all
 /// close-on-exec, e.g. files a Wasm engine keeps mapped) stays. One `F_GETFD` per descriptor.
 pub fn close_inheritable_from(first: RawFd) {
-    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
+    let Ok(fds) = open_fds_from(first) else {
         return;
     };
-    let fds: Vec<RawFd> = rd
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd >= first)
-        .collect();
     for fd in fds {
         // SAFETY: called by a freshly forked single-threaded process before it hands any
         // inherited descriptor to Rust code that owns it; closing one that is not
         // close-on-exec invalidates no owner in this process (the directory listing's own
-        // descriptor is close-on-exec, so it is kept; an fd closed meanwhile yields EBADF).
+        // descriptor, in the list, is closed by now and yields EBADF, as any fd closed
+        // meanwhile).
         unsafe {
             let flags = libc::fcntl(fd, libc::F_GETFD);
             if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
