@@ -414,11 +414,7 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
         Err(e) => return Err(io_err("inspecting", &dir)(e)),
     }
     if unmount_root(&dir) {
-        return match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("deleting", &dir)(e)),
-        };
+        return remove_ended_dir(&dir).map_err(io_err("deleting", &dir));
     }
     // Several rounds: mounts can be stacked on the same mount point. The round that finds
     // nothing is the check that nothing is left.
@@ -457,10 +453,65 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
             return Err(RootfsError::StillMounted { path: m });
         }
     }
-    match fs::remove_dir_all(&dir) {
-        Ok(()) => Ok(()),
+    remove_ended_dir(&dir).map_err(io_err("deleting", &dir))
+}
+
+/// What an ended task's directories hold, deepest first: an overlay root's (`rootfs/<id>`,
+/// with overlay's own `work/` entries) and a task record's (`containers/<id>`).
+const ENDED_FILES: &[&str] = &[
+    "image-id",
+    "work/incompat/volatile/dirty",
+    "config.json",
+    "state.json",
+    "stdout.log",
+    "stderr.log",
+    "shim.log",
+    "etc/hostname",
+    "etc/hosts",
+    "etc/resolv.conf",
+];
+const ENDED_DIRS: &[&str] = &[
+    "merged",
+    "upper",
+    "work/work",
+    "work/incompat/volatile",
+    "work/incompat",
+    "work",
+    "etc",
+    "sandbox",
+];
+
+/// Deletes `dir` (nothing mounted in it), a task's root or record directory: the entries such
+/// a directory usually holds go by name, one `unlinkat` each from the directory's descriptor
+/// (none of the listing of every directory `remove_dir_all` does: ~10 system calls instead of
+/// ~40 for a task that wrote nothing); anything else (a task's writes in `upper/` or
+/// `sandbox/`) then goes the general way. Symlinks are never followed; none of these entries
+/// is the task's to replace. A missing `dir` is not an error.
+pub fn remove_ended_dir(dir: &Path) -> io::Result<()> {
+    use nix::fcntl::{open, OFlag};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    match open(dir, flags, nix::sys::stat::Mode::empty()) {
+        Ok(fd) => {
+            for f in ENDED_FILES {
+                let _ = unlinkat(&fd, *f, UnlinkatFlags::NoRemoveDir);
+            }
+            for d in ENDED_DIRS {
+                let _ = unlinkat(&fd, *d, UnlinkatFlags::RemoveDir);
+            }
+        }
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        // A symlink or something else: the general way decides.
+        Err(_) => {}
+    }
+    let rest = match fs::remove_dir(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => fs::remove_dir_all(dir),
+    };
+    match rest {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("deleting", &dir)(e)),
+        r => r,
     }
 }
 
@@ -1094,6 +1145,42 @@ mod tests {
         assert!(!is_mounted_under(&cdir));
         assert!(!cdir.exists());
         assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
+    }
+
+    #[test]
+    fn ended_dirs_go_by_name_and_what_else_is_there_the_general_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), "k").unwrap();
+        // A root as an overlay leaves it, and a record directory; the second with a task's
+        // writes in its sandbox, a symlink among them.
+        let root = tmp.path().join("root");
+        for d in ["merged", "upper", "work/work", "work/incompat/volatile"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        fs::write(root.join("image-id"), "sha256:x").unwrap();
+        fs::write(root.join("work/incompat/volatile/dirty"), "").unwrap();
+        let rec = tmp.path().join("rec");
+        fs::create_dir_all(rec.join("etc")).unwrap();
+        fs::create_dir_all(rec.join("sandbox/deep")).unwrap();
+        for f in ["config.json", "state.json", "stdout.log", "etc/hosts"] {
+            fs::write(rec.join(f), "x").unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, rec.join("sandbox/deep/link")).unwrap();
+        fs::write(rec.join("unexpected"), "u").unwrap();
+        for d in [&root, &rec] {
+            remove_ended_dir(d).unwrap();
+            assert!(!d.exists(), "{}", d.display());
+        }
+        assert_eq!(fs::read_to_string(outside.join("keep")).unwrap(), "k");
+        // Gone already: fine. A symlink in its place: only the link goes.
+        remove_ended_dir(&root).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        remove_ended_dir(&link).unwrap();
+        assert!(fs::symlink_metadata(&link).is_err());
+        assert!(outside.join("keep").exists());
     }
 
     #[test]

@@ -1001,11 +1001,8 @@ impl Runtime {
         state::cleanup_owned(&info.spec.cleanup);
         let td = self.task_dir(id);
         td.release_name(&info.name, id);
-        match fs::remove_dir_all(&td.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(format!("removing {}", td.dir.display()))(e)),
-        }
+        crate::image::rootfs::remove_ended_dir(&td.dir)
+            .map_err(io_err(format!("removing {}", td.dir.display())))
     }
 
     /// Deletes what supervisors left in `<root>/trash` (a `--rm` task's files are renamed there,

@@ -776,7 +776,7 @@ pub(super) fn remove_task(
     before_report();
     wait_exit_command(spec, exit_command);
     if dir_left {
-        if let Err(e) = fs::remove_dir_all(&td.dir) {
+        if let Err(e) = crate::image::rootfs::remove_ended_dir(&td.dir) {
             tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());
         }
     }
