@@ -118,7 +118,8 @@ pub(super) fn give_back_netns(ns: OwnedFd) {
 
 /// True if no TCP (TIME_WAIT included), UDP or raw socket is left in `ns`, from its
 /// `/proc/net/sockstat` and `sockstat6`, read from inside it (the calling thread joins it for
-/// the read and comes back; it must be the process's only thread).
+/// the read and comes back: it must be the main thread, whose namespace `/proc/self/net`
+/// shows; other threads are not affected).
 fn netns_is_empty(ns: &OwnedFd) -> bool {
     let Ok(own) = crate::sys::netns::current_netns() else {
         return false;
