@@ -134,9 +134,13 @@ fn netns_is_empty(ns: &OwnedFd) -> bool {
         // namespace is not given away either.
         return false;
     }
-    stats
-        .iter()
-        .all(|s| s.as_deref().is_ok_and(sockstat_is_empty))
+    let [v4, v6] = stats;
+    // No sockstat6: a kernel without IPv6, so no IPv6 socket either.
+    let v6_empty = match v6 {
+        Ok(text) => sockstat_is_empty(&text),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    };
+    v4.is_ok_and(|text| sockstat_is_empty(&text)) && v6_empty
 }
 
 /// True if a `/proc/net/sockstat(6)` text counts no socket in use (nor in TIME_WAIT).
