@@ -448,6 +448,12 @@ mod tests {
     }
 
     #[test]
+    fn the_init_layer_holds_the_sandbox_mount_point() {
+        let sandbox = SANDBOX_TARGET.trim_start_matches('/');
+        assert!(crate::image::store::INIT_DIRS.contains(&sandbox));
+    }
+
+    #[test]
     fn image_defaults() {
         let p = process_from_image(Some(&cfg()), &ProcessOverrides::default()).unwrap();
         assert_eq!(p.args, ["/entry", "a", "b"]);

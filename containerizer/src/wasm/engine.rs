@@ -202,28 +202,29 @@ fn engine_err(context: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl Engine {
-    /// Builds the engine: Cranelift, pooling allocator with copy-on-write memory images, epoch
-    /// interruption with a ticker thread, WASI p1 and p2 linkers.
+    /// Builds the engine: Cranelift, pooling allocator (on demand for one instance) with
+    /// copy-on-write memory images, epoch interruption with a ticker thread, WASI p1 and p2
+    /// linkers.
     pub fn new(config: EngineConfig) -> Result<Self> {
-        let mut pool = PoolingAllocationConfig::default();
         let n = config.max_instances.max(1);
-        pool.total_core_instances(n)
-            .total_component_instances(n)
-            .total_memories(n)
-            .total_tables(n)
-            // Async is off: guests run on the caller's stack, no fiber stacks are needed.
-            .total_stacks(1)
-            .max_memory_size(config.max_memory_size)
-            // Reset small memories with memset instead of madvise: a hello-world instance is
-            // a few pages, and re-faulting them costs more than clearing them.
-            .linear_memory_keep_resident(config.memory_keep_resident)
-            .table_keep_resident(1 << 16);
         // One instance at a time (a one-shot launcher): nothing to pool, and building the pool
         // (its slots' reservations and per-CPU index sizing) is a fifth of such an engine's
         // start; instances are then mapped on demand, copy-on-write all the same.
         let strategy = if n == 1 {
             InstanceAllocationStrategy::OnDemand
         } else {
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_core_instances(n)
+                .total_component_instances(n)
+                .total_memories(n)
+                .total_tables(n)
+                // Async is off: guests run on the caller's stack, no fiber stacks are needed.
+                .total_stacks(1)
+                .max_memory_size(config.max_memory_size)
+                // Reset small memories with memset instead of madvise: a hello-world instance
+                // is a few pages, and re-faulting them costs more than clearing them.
+                .linear_memory_keep_resident(config.memory_keep_resident)
+                .table_keep_resident(1 << 16);
             InstanceAllocationStrategy::Pooling(pool)
         };
         let mut cfg = Config::new();
