@@ -8,6 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIND=${1:?native or wasm}; N=${2:-1000}; C=${3:-256}; PAR=${4:-8}
+# AGENT_ARGS adds flags to the agent's command line, e.g.
+# AGENT_ARGS="--warm-sandboxes localhost/oci:latest=4" (warm sandboxes of the benchmark's image).
+# PAUSE_MS=MS: each submitter waits MS after its task's end before the next (latency of an
+# agent that is not saturated; see `bench launch --pause-ms`).
 # BIN=DIR runs prebuilt binaries (an A/B against an older build) instead of building.
 if [ -z "${BIN:-}" ]; then
   scripts/install-deps.sh >/dev/null
@@ -43,7 +47,7 @@ umoci repack --image "$W/oci:latest" "$W/b" >/dev/null; rm -rf "$W/b"
 MP=$!
 sleep 0.5
 "$BIN/caisson" --root "$W/agent" agent --master "$URL" --token j --resources cpus=64,mem=64g \
-  --parallelism "$PAR" >/dev/null 2>"$W/agent.err" &
+  --parallelism "$PAR" ${AGENT_ARGS:-} >/dev/null 2>"$W/agent.err" &
 AP=$!
 sleep 1
 if [ "$KIND" = wasm ]; then ARGS=(--kind wasm --module tests/guests/hello.wat)
@@ -66,7 +70,8 @@ fi
 case "${STRACE_WHO:-agent}" in host) SPID=$HP ;; master) SPID=$MP ;; *) SPID=$AP ;; esac
 if [ -n "${STRACE:-}" ]; then strace -c -f -o "$STRACE" -p "$SPID" & SP=$!; sleep 0.5; fi
 /usr/bin/time -f "bench client cpu %U+%S s" \
-  "$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 "${ARGS[@]}"
+  "$BIN/caisson" bench launch --master "$URL" --token a -n "$N" -c "$C" --warmup 20 \
+  ${PAUSE_MS:+--pause-ms "$PAUSE_MS"} "${ARGS[@]}"
 # perf stops on SIGTERM (SIGINT is ignored by a background job of a script); strace on SIGINT.
 if [ -n "${PP:-}" ]; then kill -TERM "$PP"; wait "$PP" || true; fi
 if [ -n "${SP:-}" ]; then kill -INT "$SP"; wait "$SP" || true; fi

@@ -81,6 +81,11 @@ pub struct LaunchArgs {
     /// TLS directory for an https:// master (ca.pem, user.pem), as `caisson submit --tls-dir`.
     #[arg(long = "tls-dir", requires = "master")]
     tls_dir: Option<PathBuf>,
+    /// With --master: each of the C submitters waits this long after its task has ended
+    /// before it submits the next (an agent that is not saturated, with time between launches
+    /// for its background work, e.g. refilling `caisson agent --warm-sandboxes`).
+    #[arg(long, value_name = "MS", requires = "master", default_value_t = 0)]
+    pub(crate) pause_ms: u64,
     /// Native: keep N warm sandboxes of the image (overlay, cgroup, namespaces, mounts and
     /// pivot_root done ahead; `Runtime::with_warm_sandboxes`) and launch each task in one.
     /// Each worker refills the pool after its task, outside the timed phases.

@@ -549,3 +549,105 @@ fn root_bench_launch_through_the_master() {
     assert!(tasks.iter().all(|t| t["state"] == "FINISHED"), "{tasks:?}");
     c.assert_no_containers("b1");
 }
+
+fn dir_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Supervisors (sandboxes' included) whose command line names `root`.
+fn shims_of(root: &Path) -> Vec<String> {
+    let root_s = root.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("caisson-shim") && c.contains(root_s))
+        .collect()
+}
+
+#[test]
+fn root_agent_warm_sandboxes_take_tasks_of_their_image() {
+    if !require_root() || !require_tool("umoci") {
+        return;
+    }
+    let c = Cluster::new(&[]);
+    let img = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(img.path(), "latest").unwrap();
+    c.load_image("a1", &layout);
+    let image = "localhost/oci:latest";
+    let root = c.agent_root("a1");
+
+    // A bad count is refused before the agent does anything.
+    let out = std::process::Command::new(caisson_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["agent", "--master", &c.url(), "--token", JOIN])
+        .args(["--warm-sandboxes", &format!("{image}=0")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the count must be 1 to 64"), "{err}");
+
+    let _m = c.master();
+    let mut a = c.agent_with(
+        "a1",
+        JOIN,
+        &[],
+        &["--warm-sandboxes", &format!("{image}=1")],
+        &[],
+    );
+    c.wait_agents(1);
+    eventually("a sandbox is made", || {
+        dir_entries(&root.join("sandboxes")).len() == 1
+    });
+    // A task of the image takes the sandbox once it is ready (one is made again after each):
+    // its command, environment and exit code are its own.
+    let mut warm = None;
+    for _ in 0..40 {
+        let id = c.submit(&[
+            "-e",
+            "CODE=3",
+            image,
+            "/bin/sh",
+            "-c",
+            "test \"$(hostname)\" != '' && exit $CODE",
+        ]);
+        let t = c.wait_task(&id, "ended", Duration::from_secs(30), terminal);
+        assert_eq!(state(&t), "FAILED", "{t}");
+        assert_eq!(t["exit_code"], 3, "{t}");
+        if t["warm_sandbox"] == true {
+            // Only the handover is timed: no namespaces made, no root prepared.
+            assert_eq!(t["timings_us"]["namespaces"], 0, "{t}");
+            assert_eq!(t["timings_us"]["rootfs"], 0, "{t}");
+            warm = Some(t);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(warm.is_some(), "no task took the warm sandbox");
+    // A task that does not fit one (a CPU limit) launches cold.
+    let cold = c.submit(&["--cpus", "0.5", image, "/bin/true"]);
+    let t = c.wait_task(&cold, "ended", Duration::from_secs(30), terminal);
+    assert_eq!(state(&t), "FINISHED", "{t}");
+    assert_eq!(t["warm_sandbox"], false, "{t}");
+    assert!(t["timings_us"]["namespaces"].as_u64().unwrap() > 0, "{t}");
+    c.assert_no_containers("a1");
+
+    // The agent killed: its sandboxes go (their supervisors see EOF), nothing is left.
+    a.kill9();
+    eventually("the sandboxes are torn down", || {
+        dir_entries(&root.join("sandboxes")).is_empty()
+            && dir_entries(&root.join("rootfs")).is_empty()
+            && shims_of(&root).is_empty()
+    });
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(root.to_str().unwrap()), "{mounts}");
+}

@@ -89,10 +89,11 @@ pub(super) fn launch_bench(a: LaunchArgs) -> Result<std::process::ExitCode> {
     };
     let started_unix_ms = containerizer::launch::state::now_ms();
     let rt = crate::cluster::cli::runtime()?;
+    let pause = Duration::from_millis(a.pause_ms);
     let (samples, wall) = rt.block_on(async {
         let hidden = indicatif::ProgressBar::hidden();
         if a.warmup > 0 {
-            run(&client, &spec, a.warmup, a.concurrency, &hidden).await?;
+            run(&client, &spec, a.warmup, a.concurrency, pause, &hidden).await?;
         }
         let progress = indicatif::ProgressBar::new(a.count as u64);
         progress.set_style(
@@ -102,7 +103,7 @@ pub(super) fn launch_bench(a: LaunchArgs) -> Result<std::process::ExitCode> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
-        let r = run(&client, &spec, a.count, a.concurrency, &progress).await;
+        let r = run(&client, &spec, a.count, a.concurrency, pause, &progress).await;
         progress.finish_and_clear();
         r
     })?;
@@ -110,12 +111,14 @@ pub(super) fn launch_bench(a: LaunchArgs) -> Result<std::process::ExitCode> {
     emit(&a, &report)
 }
 
-/// Submits `n` copies of `spec`, at most `c` in flight; one sample per task.
+/// Submits `n` copies of `spec`, at most `c` in flight (each slot free again `pause` after
+/// its task's end); one sample per task.
 async fn run(
     client: &ClientArgs,
     spec: &TaskSpec,
     n: usize,
     c: usize,
+    pause: Duration,
     progress: &indicatif::ProgressBar,
 ) -> Result<(Vec<Sample>, Duration)> {
     let conn = connect(client).await?;
@@ -182,6 +185,9 @@ async fn run(
                 Some(e) => Ok(e),
                 None => rx.await,
             };
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
             drop(permit);
             progress.inc(1);
             let Ok((t, at)) = end else {

@@ -52,6 +52,8 @@ pub struct AgentConfig {
     /// Run Wasm command tasks in the agent's shared Wasm host (see `wasmhost`), not under a
     /// supervisor and a host process each.
     pub shared_wasm: bool,
+    /// Warm sandboxes of one image (`--warm-sandboxes`), resolved in the store.
+    pub warm_sandboxes: Option<super::launcher::WarmImage>,
 }
 
 struct Pending {
@@ -195,6 +197,7 @@ fn timings_of(t: &launch::Timings, agent_us: u64) -> LaunchTimings {
         exec_us: t.exec_us,
         total_us: t.total_us,
         agent_us,
+        warm_sandbox: t.warm_sandbox,
     }
 }
 
@@ -312,7 +315,7 @@ impl Agent {
             wasm_host: SharedHost::new(&cfg.root, on_event),
             received: Mutex::new(HashMap::new()),
             rt: Runtime::new(&cfg.root),
-            launcher: Launcher::new(&cfg.root, cfg.cni.clone()),
+            launcher: Launcher::new(&cfg.root, cfg.cni.clone(), cfg.warm_sandboxes.clone()),
             cfg,
             dir,
             boot_id: boot,

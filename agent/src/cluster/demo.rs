@@ -189,6 +189,7 @@ impl LocalCluster {
             keep_finished,
             shared_wasm: true,
             cni: cni.clone(),
+            warm_sandboxes: None,
         })?;
         let agent_task = tokio::spawn(agent.run(durable));
         let mut client = super::cli::connect(&ClientArgs {

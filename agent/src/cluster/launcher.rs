@@ -60,17 +60,74 @@ pub struct Launcher {
     pub cni: CniArgs,
     pub rt: Runtime,
     engine: std::sync::OnceLock<Result<wasm::Engine, String>>,
+    warm: Option<WarmImage>,
+}
+
+/// The image whose warm sandboxes the agent keeps (`caisson agent --warm-sandboxes`).
+#[derive(Debug, Clone)]
+pub struct WarmImage {
+    /// The reference as tasks name it (matched as written).
+    pub image: String,
+    /// How many sandboxes to keep ready.
+    pub count: usize,
+    /// The image's config, resolved once: a warm launch reads nothing from the store.
+    pub config: Option<oci_spec::image::Config>,
+}
+
+impl WarmImage {
+    /// Parses `IMAGE[=N]` (N: 1-64, default 2) and resolves IMAGE in the store under `root`,
+    /// pulling it if missing (as a launch would).
+    pub fn resolve(root: &Path, arg: &str) -> anyhow::Result<WarmImage> {
+        use anyhow::Context;
+        let (image, count) = match arg.rsplit_once('=') {
+            Some((i, n)) => {
+                let n: usize = n
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .with_context(|| {
+                        format!("--warm-sandboxes {arg:?}: the count must be 1 to 64")
+                    })?;
+                (i, n)
+            }
+            None => (arg, 2),
+        };
+        anyhow::ensure!(
+            !image.is_empty(),
+            "--warm-sandboxes {arg:?}: expected IMAGE[=N]"
+        );
+        let store = containerizer::image::Store::open(root)?;
+        let record = match store.resolve(image) {
+            Ok(r) => r,
+            Err(containerizer::image::Error::ImageNotKnown(_)) => {
+                crate::images::pull_for_run(&store, image)
+                    .with_context(|| format!("--warm-sandboxes: pulling {image}"))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("--warm-sandboxes: {image}")),
+        };
+        let config = store.config(&record)?.config().clone();
+        Ok(WarmImage {
+            image: image.to_string(),
+            count,
+            config,
+        })
+    }
 }
 
 impl Launcher {
-    pub fn new(root: &Path, cni: CniArgs) -> Launcher {
+    pub fn new(root: &Path, cni: CniArgs, warm: Option<WarmImage>) -> Launcher {
+        // A supervisor waits ahead of each launch (with the task's loopback-only netns made),
+        // and supervisors are forked by one server rather than each exec'd.
+        let mut rt = Runtime::new(root).with_warm_supervisor();
+        if let Some(w) = &warm {
+            rt = rt.with_warm_sandboxes(w.image.clone(), w.count);
+        }
         Launcher {
             root: root.to_path_buf(),
             cni,
-            // A supervisor waits ahead of each launch (with the task's loopback-only netns
-            // made), and supervisors are forked by one server rather than each exec'd.
-            rt: Runtime::new(root).with_warm_supervisor(),
+            rt,
             engine: std::sync::OnceLock::new(),
+            warm,
         }
     }
 
@@ -205,6 +262,11 @@ impl Launcher {
     fn start_native(&self, id: &str, spec: &TaskSpec) -> Result<Launched, Failure> {
         let ports: Vec<String> = spec.ports.iter().map(port_arg).collect();
         let plan = tasknet::plan(&spec.networks, &ports).map_err(|e| failed(format!("{e:#}")))?;
+        if matches!(plan, tasknet::Plan::None) {
+            if let Some(res) = self.start_warm(id, spec) {
+                return res;
+            }
+        }
         let cni = self.cni.cni(&self.root);
         // As `caisson run --network`: the namespace is made and the ADD started on a thread
         // of their own while the root is prepared and the task set up; only the task's exec
@@ -328,6 +390,43 @@ impl Launcher {
             undo(gpus);
         }
         res
+    }
+
+    /// Launches a task of the warm image in a ready sandbox; `None` when the task does not
+    /// fit one (another image, volumes, GPUs, a CPU limit, ...: see `sandbox::fits`) or none
+    /// is ready: the cold path then launches it.
+    fn start_warm(&self, id: &str, spec: &TaskSpec) -> Option<Result<Launched, Failure>> {
+        let warm = self.warm.as_ref().filter(|w| w.image == spec.image)?;
+        let r = spec.resources.clone().unwrap_or_default();
+        if r.gpu_count > 0 || r.cpus > 0.0 || !spec.volumes.is_empty() {
+            return None;
+        }
+        let process = match launch::process_from_image(
+            warm.config.as_ref(),
+            &launch::ProcessOverrides {
+                cmd: spec.command.clone(),
+                env: spec.env.clone(),
+                workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
+                ..Default::default()
+            },
+        ) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(failed(e))),
+        };
+        let ts = launch::TaskSpec {
+            id: id.to_string(),
+            image: spec.image.clone(),
+            process,
+            limits: launch::Limits {
+                memory: (r.memory_bytes > 0).then_some(r.memory_bytes),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match self.rt.launch_in_sandbox(ts) {
+            launch::WarmLaunch::Cold(_) => None,
+            launch::WarmLaunch::Launched(res) => Some(res.map_err(failed)),
+        }
     }
 
     /// Releases what an ended task holds outside its directory: its GPUs and its networks

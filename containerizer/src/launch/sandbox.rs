@@ -639,6 +639,7 @@ pub fn main(dir: &Path) -> i32 {
         exec_us: t_exec.saturating_sub(t_mounts) / 1000,
         total_us: t_exec.saturating_sub(task_cfg.launch_started_ns) / 1000,
         clone_into_cgroup: false,
+        warm_sandbox: true,
     };
     supervise(Supervised {
         td: &td,

@@ -68,6 +68,10 @@ pub struct Timings {
     /// joining it before its setup (v1).
     #[serde(default)]
     pub clone_into_cgroup: bool,
+    /// The task took a warm sandbox ([`super::sandbox`]): its root, namespaces and mounts were
+    /// made before the launch, which then only handed the task over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm_sandbox: bool,
 }
 
 /// The mutable state of a task, written by the supervisor.
