@@ -61,6 +61,8 @@ pub struct Launcher {
     pub rt: Runtime,
     engine: std::sync::OnceLock<Result<wasm::Engine, String>>,
     warm: Option<WarmImage>,
+    /// The image store, opened once (opening makes its directories and sweeps its `tmp/`).
+    store: std::sync::OnceLock<containerizer::image::Store>,
 }
 
 /// The image whose warm sandboxes the agent keeps (`caisson agent --warm-sandboxes`).
@@ -128,7 +130,17 @@ impl Launcher {
             rt,
             engine: std::sync::OnceLock::new(),
             warm,
+            store: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The image store, opened at the first launch that needs it (a failure is retried).
+    fn store(&self) -> anyhow::Result<&containerizer::image::Store> {
+        if let Some(s) = self.store.get() {
+            return Ok(s);
+        }
+        let s = containerizer::image::Store::open(&self.root)?;
+        Ok(self.store.get_or_init(|| s))
     }
 
     fn engine(&self) -> Result<&wasm::Engine, Failure> {
@@ -279,7 +291,10 @@ impl Launcher {
             }
             _ => None,
         };
-        let prepared = crate::containers::prepare_image_root(&self.root, &spec.image, id)
+        let t0 = Instant::now();
+        let prepared = self
+            .store()
+            .and_then(|store| crate::containers::prepare_image_root_in(store, &spec.image, id, t0))
             .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")));
         let gated = starting.map(tasknet::Starting::ready).transpose();
         let release_network = || {

@@ -373,6 +373,12 @@ fn mount_legacy(
 
 /// Is overlayfs usable here (kernel support and the privilege to mount it)?
 pub fn overlay_supported() -> bool {
+    // Asked at every launch; the answer does not change while we run.
+    static KNOWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOWN.get_or_init(probe_overlay)
+}
+
+fn probe_overlay() -> bool {
     // fsopen loads the module on demand and checks CAP_SYS_ADMIN, like a real mount would.
     match FsContext::open("overlay") {
         Ok(_) => true,
