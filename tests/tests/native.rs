@@ -597,6 +597,37 @@ fn root_signals_and_stop_grace() {
     assert_eq!(env.caisson(&["rm", &id]).status.code(), Some(125));
     stdout_ok(&env.caisson(&["rm", "-f", &id]));
     assert_eq!(env.caisson(&["inspect", &id]).status.code(), Some(125));
+
+    // A task that keeps forking (orphans reparented to its init, one new every 10 ms) cannot
+    // outrun a kill: once stopped, none of its processes is left anywhere on the host.
+    let marker = "1007.5";
+    let id = detached(
+        &env,
+        &[],
+        &format!("while :; do (sleep {marker} &); sleep 0.01; done"),
+    );
+    env.wait_status(&id, "running", Duration::from_secs(5));
+    let sleepers = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains(marker))
+            .count()
+    };
+    let t0 = Instant::now();
+    while sleepers() < 10 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the forker did not fork"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stdout_ok(&env.caisson(&["stop", "-t", "0", &id]));
+    let v = env.inspect(&id);
+    assert_eq!(v["state"]["signal"], 9, "{v}");
+    assert_eq!(sleepers(), 0, "processes of the stopped task are left");
+    stdout_ok(&env.caisson(&["rm", &id]));
 }
 
 #[test]

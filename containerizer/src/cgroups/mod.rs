@@ -203,15 +203,16 @@ fn wanted_controllers(v2: bool, limits: Option<(&Limits, bool)>) -> Vec<String> 
 
 /// The v1 hierarchies a task joins. Each hierarchy costs a directory, a `cgroup.procs` write
 /// and an rmdir per launch, so a task joins only what it needs: `cpuacct` and `memory` for the
-/// usage recorded at exit (and the OOM report), `freezer` for a kill no process escapes;
-/// `devices` only for a task given devices beyond the minimal /dev (`devices`: GPUs, CDI,
+/// usage recorded at exit (and the OOM report); no `freezer`: every task has a pid namespace of
+/// its own, so a SIGKILL of its init makes the kernel kill every process in it, and a namespace
+/// whose init is dying forks no more (no process escapes a kill by forking); `devices` only for a task given devices beyond the minimal /dev (`devices`: GPUs, CDI,
 /// `--device`), `cpu` only with `--cpus`/`--cpu-shares` and `pids` only with `--pids-limit`
 /// (they hold limits and nothing else we read). A task without a device cgroup gets no
 /// CAP_MKNOD (the init drops it), as on v2: it can neither make a device node nor find one
 /// beyond its own /dev, so the allow-list (a deny and eleven allow writes per launch) would
 /// add nothing.
 pub fn v1_controllers_for(limits: &Limits, devices: bool) -> Vec<String> {
-    let mut out = vec!["cpuacct", "memory", "freezer"];
+    let mut out = vec!["cpuacct", "memory"];
     if devices {
         out.push("devices");
     }
@@ -240,15 +241,15 @@ pub fn prime_migration() {
     let Ok(own) = fs::read_to_string("/proc/thread-self/cgroup") else {
         return;
     };
-    // A v1 line: `ID:controllers:/path`; use the freezer hierarchy (one every task joins).
+    // A v1 line: `ID:controllers:/path`; use the memory hierarchy (one every task joins).
     let Some(path) = own.lines().find_map(|line| {
         let mut it = line.splitn(3, ':');
         let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
-        ctrls.split(',').any(|c| c == "freezer").then_some(path)
+        ctrls.split(',').any(|c| c == "memory").then_some(path)
     }) else {
         return;
     };
-    let tasks = Path::new("/sys/fs/cgroup/freezer")
+    let tasks = Path::new("/sys/fs/cgroup/memory")
         .join(path.trim_start_matches('/'))
         .join("tasks");
     let _ = fs::write(tasks, nix::unistd::gettid().as_raw().to_string());
@@ -598,8 +599,10 @@ impl TaskCgroup {
         u
     }
 
-    /// Sends `signal` to every process of the cgroup; for SIGKILL freezes it first (v1) or uses
-    /// `cgroup.kill` (v2), so that no process escapes by forking.
+    /// Sends `signal` to every process of the cgroup; for SIGKILL uses `cgroup.kill` (v2), or
+    /// freezes it first where it has a v1 freezer (cgroups made by earlier versions). A native
+    /// task's processes share its pid namespace, whose init's death kills the rest: no process
+    /// escapes a SIGKILL by forking either way.
     pub fn signal_all(&self, signal: nix::sys::signal::Signal) -> Result<()> {
         use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
