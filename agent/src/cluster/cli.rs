@@ -79,7 +79,8 @@ pub struct AgentArgs {
     /// (launch-to-exit ~1 ms instead of ~3). Tasks of IMAGE (the reference as written) with
     /// the default network and no volumes, GPUs or CPU limit take one; others, or any when
     /// none is ready, launch cold. Each sandbox serves one task; they are refilled in the
-    /// background. IMAGE is pulled at start if missing.
+    /// background. IMAGE is resolved (pulled if missing) at the agent's start: the sandboxes are
+    /// made of that image until the agent restarts.
     #[arg(long, value_name = "IMAGE[=N]")]
     warm_sandboxes: Option<String>,
     #[command(flatten)]

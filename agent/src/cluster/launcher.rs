@@ -70,6 +70,9 @@ pub struct Launcher {
 pub struct WarmImage {
     /// The reference as tasks name it (matched as written).
     pub image: String,
+    /// The image it named at the agent's start (`sha256:...`): the sandboxes are made of it,
+    /// whatever the reference names later (a re-pull takes effect at the agent's restart).
+    pub id: String,
     /// How many sandboxes to keep ready.
     pub count: usize,
     /// The image's config, resolved once: a warm launch reads nothing from the store.
@@ -110,6 +113,7 @@ impl WarmImage {
         let config = store.config(&record)?.config().clone();
         Ok(WarmImage {
             image: image.to_string(),
+            id: record.id.clone(),
             count,
             config,
         })
@@ -122,7 +126,7 @@ impl Launcher {
         // and supervisors are forked by one server rather than each exec'd.
         let mut rt = Runtime::new(root).with_warm_supervisor();
         if let Some(w) = &warm {
-            rt = rt.with_warm_sandboxes(w.image.clone(), w.count);
+            rt = rt.with_warm_sandboxes(w.id.clone(), w.count);
         }
         Launcher {
             root: root.to_path_buf(),
@@ -430,7 +434,8 @@ impl Launcher {
         };
         let ts = launch::TaskSpec {
             id: id.to_string(),
-            image: spec.image.clone(),
+            // The sandboxes' image: the one whose config made `process`.
+            image: warm.id.clone(),
             process,
             limits: launch::Limits {
                 memory: (r.memory_bytes > 0).then_some(r.memory_bytes),
