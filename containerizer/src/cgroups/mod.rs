@@ -205,9 +205,10 @@ fn wanted_controllers(v2: bool, limits: Option<(&Limits, bool)>) -> Vec<String> 
 /// and an rmdir per launch, so a task joins only what it needs: `cpuacct` and `memory` for the
 /// usage recorded at exit (and the OOM report); no `freezer`: every task has a pid namespace of
 /// its own, so a SIGKILL of its init makes the kernel kill every process in it, and a namespace
-/// whose init is dying forks no more (no process escapes a kill by forking); `devices` only for a task given devices beyond the minimal /dev (`devices`: GPUs, CDI,
-/// `--device`), `cpu` only with `--cpus`/`--cpu-shares` and `pids` only with `--pids-limit`
-/// (they hold limits and nothing else we read). A task without a device cgroup gets no
+/// whose init is dying forks no more (no process escapes a kill by forking); `devices` only for
+/// a task given devices beyond the minimal /dev (GPUs, CDI, `--device`), `cpu` only with
+/// `--cpus`/`--cpu-shares` and `pids` only with `--pids-limit` (they hold limits and nothing
+/// else we read). A task without a device cgroup gets no
 /// CAP_MKNOD (the init drops it), as on v2: it can neither make a device node nor find one
 /// beyond its own /dev, so the allow-list (a deny and eleven allow writes per launch) would
 /// add nothing.
