@@ -550,16 +550,6 @@ fn root_bench_launch_through_the_master() {
     c.assert_no_containers("b1");
 }
 
-fn dir_entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Supervisors (sandboxes' included) whose command line names `root`.
 fn shims_of(root: &Path) -> Vec<String> {
     let root_s = root.to_str().unwrap();

@@ -53,13 +53,7 @@ fn sh(script: &str) -> ProcessOverrides {
 }
 
 fn entries(dir: PathBuf) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    dir_entries(&dir)
 }
 
 /// Every trace of sandbox `sid` (or task): cgroup directories, mounts, directories, processes.

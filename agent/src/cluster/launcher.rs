@@ -24,6 +24,23 @@ fn failed(e: impl std::fmt::Display) -> Failure {
 }
 
 /// `HOST:CONTAINER[/PROTO]`, the form tasknet (and `run -p`) parses.
+/// A native task's process: the image's config with the task's command, env and workdir.
+fn task_process(
+    config: Option<&oci_spec::image::Config>,
+    spec: &TaskSpec,
+) -> Result<launch::Process, Failure> {
+    launch::process_from_image(
+        config,
+        &launch::ProcessOverrides {
+            cmd: spec.command.clone(),
+            env: spec.env.clone(),
+            workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
+            ..Default::default()
+        },
+    )
+    .map_err(failed)
+}
+
 pub fn port_arg(p: &PortMapping) -> String {
     if p.protocol.is_empty() {
         format!("{}:{}", p.host_port, p.container_port)
@@ -343,16 +360,7 @@ impl Launcher {
             }
         };
         let res = (|| -> Result<launch::TaskSpec, Failure> {
-            let process = launch::process_from_image(
-                prepared.config.as_ref(),
-                &launch::ProcessOverrides {
-                    cmd: spec.command.clone(),
-                    env: spec.env.clone(),
-                    workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
-                    ..Default::default()
-                },
-            )
-            .map_err(failed)?;
+            let process = task_process(prepared.config.as_ref(), spec)?;
             let r = spec.resources.clone().unwrap_or_default();
             let mut ts = launch::TaskSpec {
                 id: id.to_string(),
@@ -420,17 +428,9 @@ impl Launcher {
         if r.gpu_count > 0 || r.cpus > 0.0 || !spec.volumes.is_empty() {
             return None;
         }
-        let process = match launch::process_from_image(
-            warm.config.as_ref(),
-            &launch::ProcessOverrides {
-                cmd: spec.command.clone(),
-                env: spec.env.clone(),
-                workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
-                ..Default::default()
-            },
-        ) {
+        let process = match task_process(warm.config.as_ref(), spec) {
             Ok(p) => p,
-            Err(e) => return Some(Err(failed(e))),
+            Err(e) => return Some(Err(e)),
         };
         let ts = launch::TaskSpec {
             id: id.to_string(),
