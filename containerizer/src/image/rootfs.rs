@@ -463,29 +463,32 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
 }
 
 /// What an ended task's directories hold, deepest first: an overlay root's (`rootfs/<id>`,
-/// with overlay's own `work/` entries) and a task record's (`containers/<id>`).
-const ENDED_FILES: &[&str] = &[
-    "image-id",
-    "work/incompat/volatile/dirty",
-    "config.json",
-    "state.json",
-    "stdout.log",
-    "stderr.log",
-    "shim.log",
-    "etc/hostname",
-    "etc/hosts",
-    "etc/resolv.conf",
-];
-const ENDED_DIRS: &[&str] = &[
-    "merged",
-    "upper",
-    "work/work",
-    "work/incompat/volatile",
-    "work/incompat",
-    "work",
-    "etc",
-    "sandbox",
-];
+/// with overlay's own `work/` entries; its first file names the kind) and a task record's
+/// (`containers/<id>`), as (files, directories).
+const ENDED_ROOT: (&[&str], &[&str]) = (
+    &["image-id", "work/incompat/volatile/dirty"],
+    &[
+        "merged",
+        "upper",
+        "work/work",
+        "work/incompat/volatile",
+        "work/incompat",
+        "work",
+    ],
+);
+const ENDED_RECORD: (&[&str], &[&str]) = (
+    &[
+        "config.json",
+        "state.json",
+        "stdout.log",
+        "stderr.log",
+        "shim.log",
+        "etc/hostname",
+        "etc/hosts",
+        "etc/resolv.conf",
+    ],
+    &["etc", "sandbox"],
+);
 
 /// Deletes `dir` (nothing mounted in it), a task's root or record directory: the entries such
 /// a directory usually holds go by name, one `unlinkat` each from the directory's descriptor
@@ -499,11 +502,22 @@ pub fn remove_ended_dir(dir: &Path) -> io::Result<()> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     match open(dir, flags, nix::sys::stat::Mode::empty()) {
         Ok(fd) => {
-            for f in ENDED_FILES {
-                let _ = unlinkat(&fd, *f, UnlinkatFlags::NoRemoveDir);
-            }
-            for d in ENDED_DIRS {
-                let _ = unlinkat(&fd, *d, UnlinkatFlags::RemoveDir);
+            // The first file of a kind tells which kind this is (a directory of neither kind
+            // gets both lists), so that the other kind's entries cost no failed lookups.
+            let mut kinds = [ENDED_ROOT, ENDED_RECORD]
+                .into_iter()
+                .filter(|(files, _)| unlinkat(&fd, files[0], UnlinkatFlags::NoRemoveDir).is_ok());
+            let lists: Vec<_> = match kinds.next() {
+                Some(kind) => vec![kind],
+                None => vec![ENDED_ROOT, ENDED_RECORD],
+            };
+            for (files, dirs) in lists {
+                for f in &files[1..] {
+                    let _ = unlinkat(&fd, *f, UnlinkatFlags::NoRemoveDir);
+                }
+                for d in dirs {
+                    let _ = unlinkat(&fd, *d, UnlinkatFlags::RemoveDir);
+                }
             }
         }
         Err(nix::errno::Errno::ENOENT) => return Ok(()),
@@ -1175,7 +1189,12 @@ mod tests {
         }
         std::os::unix::fs::symlink(&outside, rec.join("sandbox/deep/link")).unwrap();
         fs::write(rec.join("unexpected"), "u").unwrap();
-        for d in [&root, &rec] {
+        // Neither kind's first file (a launch that failed early): both lists, then the rest.
+        let odd = tmp.path().join("odd");
+        fs::create_dir_all(odd.join("etc")).unwrap();
+        fs::create_dir_all(odd.join("upper/x")).unwrap();
+        fs::write(odd.join("etc/hosts"), "x").unwrap();
+        for d in [&root, &rec, &odd] {
             remove_ended_dir(d).unwrap();
             assert!(!d.exists(), "{}", d.display());
         }
