@@ -195,15 +195,21 @@ pub fn create_with(
         .map_err(io_err("resolving container dir", container_dir))?;
     let mut layers = Vec::with_capacity(lowers.len());
     for lower in lowers {
-        let resolved = fs::canonicalize(lower).map_err(|source| RootfsError::Layer {
+        let layer_err = |source| RootfsError::Layer {
             path: lower.clone(),
             source,
-        })?;
-        if !resolved.is_dir() {
-            return Err(RootfsError::Layer {
-                path: lower.clone(),
-                source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-            });
+        };
+        // An absolute path is used as it is (the kernel resolves it at the mount; the store's
+        // layers are absolute): no walk of every component for nothing at each launch.
+        let resolved = match lower.is_absolute() {
+            true => lower.clone(),
+            false => fs::canonicalize(lower).map_err(layer_err)?,
+        };
+        if !fs::metadata(&resolved).map_err(layer_err)?.is_dir() {
+            return Err(layer_err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "not a directory",
+            )));
         }
         layers.push(resolved);
     }

@@ -109,6 +109,14 @@ impl Store {
     /// processes.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
+        // Once per process and root: a command may open its store several times (`run` looks
+        // for a Wasm image, then prepares a native root), and the directories and the sweep of
+        // `tmp/` are what the first open is for.
+        static OPENED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+        if opened.contains(&root) {
+            return Ok(Store { root });
+        }
         for d in [
             "blobs/sha256",
             "layers/sha256",
@@ -122,6 +130,7 @@ impl Store {
         }
         let store = Store { root };
         store.clean_tmp()?;
+        opened.push(store.root.clone());
         Ok(store)
     }
 
