@@ -652,7 +652,7 @@ impl Agent {
                 return;
             }
         };
-        let timings = self.launcher.running_timings(&id);
+        let timings = self.launcher.running_timings(&launched);
         let mut message = String::new();
         if TaskKind::try_from(spec.kind) == Ok(TaskKind::WasmHttp) {
             // RUNNING means serving: the port accepts connections.

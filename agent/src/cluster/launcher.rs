@@ -458,13 +458,16 @@ impl Launcher {
         }
     }
 
-    /// The task's launch timings, once the supervisor has recorded it as running: `launch`
-    /// returns on the supervisor's `started` line, which it prints just before writing
-    /// `state.json` (reading it at once sometimes found no timings yet).
-    pub fn running_timings(&self, id: &str) -> launch::Timings {
+    /// The task's launch timings: those its supervisor sent with `started`, else (a supervisor
+    /// that sent none) those it records in `state.json` just after (reading it at once
+    /// sometimes found no timings yet).
+    pub fn running_timings(&self, launched: &Launched) -> launch::Timings {
+        if let Some(t) = &launched.timings {
+            return (**t).clone();
+        }
         // Milliseconds normally; seconds only on a host under heavy load.
         self.rt
-            .wait_recorded(id, Duration::from_secs(10))
+            .wait_recorded(&launched.id, Duration::from_secs(10))
             .map(|st| st.timings)
             .unwrap_or_default()
     }

@@ -143,11 +143,24 @@ pub struct Launched {
     pub name: String,
     /// The task's init pid on the host.
     pub pid: i32,
+    /// The launch's phases, as the supervisor reported them with `started` (also in
+    /// `state.json`, written just after).
+    pub timings: Option<Box<Timings>>,
     pub dir: PathBuf,
     shim: Option<Child>,
     stdin: Option<ChildStdin>,
     events: BufReader<ChildStdout>,
     console: Option<console::Console>,
+}
+
+/// A supervisor's `started PID [TIMINGS-JSON]` line: the pid and the timings, if any.
+pub(crate) fn parse_started(line: &str) -> Option<(i32, Option<Timings>)> {
+    let rest = line.strip_prefix("started ")?;
+    let (pid, timings) = match rest.split_once(' ') {
+        Some((pid, json)) => (pid, serde_json::from_str(json).ok()),
+        None => (rest, None),
+    };
+    Some((pid.parse().ok()?, timings))
 }
 
 impl Launched {
@@ -593,18 +606,18 @@ impl Runtime {
                 .write_all(&msg)
                 .map_err(io_err("handing the task to its sandbox"))?;
             let reply = sandbox::first_reply(&mut events);
-            if let Some(pid) = reply.strip_prefix("started ") {
-                return pid
-                    .parse()
-                    .map_err(|_| LaunchError::Shim(format!("bad reply {reply:?}")));
+            if reply.starts_with("started ") {
+                return parse_started(&reply)
+                    .ok_or_else(|| LaunchError::Shim(format!("bad reply {reply:?}")));
             }
             Err(start_failure(&reply, &td))
         })();
         match res {
-            Ok(pid) => Ok(Launched {
+            Ok((pid, timings)) => Ok(Launched {
                 id,
                 name,
                 pid,
+                timings: timings.map(Box::new),
                 dir: td.dir.clone(),
                 shim: Some(child),
                 stdin,
@@ -815,14 +828,14 @@ impl Runtime {
         let line = line.trim_end();
         // The next launch's supervisor starts while this task runs (or fails).
         self.prewarm();
-        if let Some(pid) = line.strip_prefix("started ") {
-            let pid = pid
-                .parse()
-                .map_err(|_| LaunchError::Shim(format!("bad reply {line:?}")))?;
+        if line.starts_with("started ") {
+            let (pid, timings) = parse_started(line)
+                .ok_or_else(|| LaunchError::Shim(format!("bad reply {line:?}")))?;
             return Ok(Launched {
                 id,
                 name,
                 pid,
+                timings: timings.map(Box::new),
                 dir: td.dir.clone(),
                 shim,
                 stdin,

@@ -593,14 +593,24 @@ pub(super) fn report_started(
     state.status = Status::Running;
     state.pid = Some(pid);
     state.started_ms = Some(now_ms());
+    let _ = out.write_all(started_line(pid, &timings).as_bytes());
     state.timings = timings;
-    let _ = writeln!(out, "started {pid}");
     let _ = out.flush();
     let replaced: Vec<File> = File::open(td.state()).ok().into_iter().collect();
     if let Err(e) = td.write_state(state) {
         tracing::error!(id, "writing state: {e}");
     }
     replaced
+}
+
+/// `started PID TIMINGS-JSON\n` ([`super::parse_started`]): the timings come with the line,
+/// so that a launcher reporting them (the agent's RUNNING) need not wait for `state.json`,
+/// written right after.
+pub(super) fn started_line(pid: i32, timings: &super::state::Timings) -> String {
+    format!(
+        "started {pid} {}\n",
+        serde_json::to_string(timings).unwrap_or_default()
+    )
 }
 
 /// Waits for the task's init to end: its exit code (128 + signal when killed) and the signal.
@@ -787,6 +797,27 @@ pub(super) fn remove_task(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_started_line_carries_the_timings() {
+        let t = super::super::state::Timings {
+            namespaces_us: 7,
+            mounts_us: 9,
+            warm_sandbox: true,
+            ..Default::default()
+        };
+        let line = started_line(42, &t);
+        assert!(
+            line.ends_with('\n') && line.matches('\n').count() == 1,
+            "{line:?}"
+        );
+        let (pid, got) = super::super::parse_started(line.trim_end()).unwrap();
+        assert_eq!((pid, got), (42, Some(t)));
+        // A supervisor that sends no timings, and lines that are not `started`.
+        assert_eq!(super::super::parse_started("started 7"), Some((7, None)));
+        assert_eq!(super::super::parse_started("started x {}"), None);
+        assert_eq!(super::super::parse_started("failed 125 no"), None);
+    }
 
     #[test]
     fn the_exited_line_carries_the_final_state() {

@@ -647,14 +647,14 @@ fn fork_supervisor(
             let mut line = String::new();
             let _ = events.read_line(&mut line);
             let line = line.trim_end();
-            if let Some(task_pid) = line.strip_prefix("started ") {
-                let task_pid = task_pid
-                    .parse()
-                    .map_err(|_| LaunchError::Shim(format!("bad reply {line:?}")))?;
+            if line.starts_with("started ") {
+                let (task_pid, timings) = super::parse_started(line)
+                    .ok_or_else(|| LaunchError::Shim(format!("bad reply {line:?}")))?;
                 return Ok(super::Launched {
                     id,
                     name,
                     pid: task_pid,
+                    timings: timings.map(Box::new),
                     dir: td.dir.clone(),
                     shim: None,
                     stdin: Some(std::process::ChildStdin::from(done_w)),
