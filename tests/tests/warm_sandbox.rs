@@ -319,6 +319,12 @@ fn root_unused_sandboxes_leave_nothing_behind() {
     }
     let sids = entries(root.join("sandboxes"));
     let task = entries(root.join("containers")).pop().unwrap();
+    // Its directory is renamed into `containers/` just before the handover: the kill comes
+    // once the task runs (a launcher killed in between leaves a task that never starts).
+    while !c.run(&["inspect", &task]).1.contains("\"running\"") {
+        assert!(Instant::now() < deadline, "the task never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     bench.kill().unwrap();
     bench.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
