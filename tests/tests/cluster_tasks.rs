@@ -574,17 +574,70 @@ fn root_agent_warm_sandboxes_take_tasks_of_their_image() {
     let image = "localhost/oci:latest";
     let root = c.agent_root("a1");
 
-    // A bad count is refused before the agent does anything.
-    let out = std::process::Command::new(caisson_bin())
-        .arg("--root")
-        .arg(&root)
-        .args(["agent", "--master", &c.url(), "--token", JOIN])
-        .args(["--warm-sandboxes", &format!("{image}=0")])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("the count must be 1 to 64"), "{err}");
+    // A `wasi/wasm` image (its tasks are Wasm tasks) in the same store.
+    let w = LayoutWriter::new(&img.path().join("wasmimg")).unwrap();
+    let tar = RawTar::new()
+        .dir("app")
+        .file("app/hello.wasm", b"\0asm\x01\0\0\0")
+        .finish();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let (ld, ls) = w.blob(&gz.finish().unwrap()).unwrap();
+    let config = serde_json::json!({"architecture": "wasm", "os": "wasi",
+        "config": {"Entrypoint": ["/app/hello.wasm"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&tar)]}});
+    let (cd, cs) = w.blob(&serde_json::to_vec(&config).unwrap()).unwrap();
+    let manifest = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": ls}]});
+    let (md, ms) = w.blob(&serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(
+        w.dir.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    c.load_image("a1", &w.dir);
+
+    // Refused before the agent does anything: a bad count, a Wasm image.
+    for (arg, why) in [
+        (format!("{image}=0"), "the count must be 1 to 64"),
+        ("localhost/wasmimg:latest".to_string(), "a Wasm image"),
+    ] {
+        let mut agent = std::process::Command::new(caisson_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["agent", "--master", &c.url(), "--token", JOIN])
+            .args(["--warm-sandboxes", &arg])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // An agent that accepted the flag would run on: give up on it after a while.
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = agent.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let _ = agent.kill();
+                let _ = agent.wait();
+                panic!("the agent started with --warm-sandboxes {arg}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        agent
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!status.success(), "{arg}: {err}");
+        assert!(err.contains(why), "{arg}: {err}");
+    }
 
     let _m = c.master();
     let mut a = c.agent_with(

@@ -127,6 +127,14 @@ impl WarmImage {
             }
             Err(e) => return Err(e).with_context(|| format!("--warm-sandboxes: {image}")),
         };
+        // Its tasks are Wasm tasks, which never take a native sandbox.
+        let wasm = containerizer::image::wasm::artifact_module(&store, &record)?.is_some()
+            || wasm::is_wasm_platform(&record.platform.os, &record.platform.architecture);
+        anyhow::ensure!(
+            !wasm,
+            "--warm-sandboxes {image}: a Wasm image; warm sandboxes are for native images (Wasm \
+             tasks start in microseconds without one)"
+        );
         let config = store.config(&record)?.config().clone();
         Ok(WarmImage {
             image: image.to_string(),
