@@ -421,6 +421,34 @@ impl LayoutWriter {
 
     /// Writes `index.json` listing `manifests` under `tag`, or under an image index blob when
     /// `nested` (what `skopeo copy --all` needs to push a multi-platform image).
+    /// A `wasi/wasm` image (podman's and crun's convention): one gzip layer holding `module` at
+    /// `path` (e.g. `/app/hello.wasm`, the entrypoint), `env` in its config. Returns the
+    /// manifest's descriptor (for [`LayoutWriter::index`]).
+    pub fn wasi_image(&self, path: &str, module: &[u8], env: &[&str]) -> Result<serde_json::Value> {
+        let rel = path.trim_start_matches('/');
+        let mut tar = RawTar::new();
+        if let Some((dir, _)) = rel.rsplit_once('/') {
+            tar = tar.dir(dir);
+        }
+        let tar = tar.file(rel, module).finish();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar)?;
+        let (ld, ls) = self.blob(&gz.finish()?)?;
+        let config = serde_json::json!({"architecture": "wasm", "os": "wasi",
+            "config": {"Entrypoint": [path], "Env": env},
+            "rootfs": {"type": "layers", "diff_ids": [sha256(&tar)]}});
+        let (cd, cs) = self.blob(&serde_json::to_vec(&config)?)?;
+        let manifest = serde_json::json!({"schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": ls}]});
+        let (md, ms) = self.blob(&serde_json::to_vec(&manifest)?)?;
+        Ok(
+            serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": md, "size": ms, "platform": {"os": "wasi", "architecture": "wasm"}}),
+        )
+    }
+
     pub fn index(&self, manifests: Vec<serde_json::Value>, tag: &str, nested: bool) -> Result<()> {
         let top = if nested {
             let inner = serde_json::json!({

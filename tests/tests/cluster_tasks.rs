@@ -576,30 +576,10 @@ fn root_agent_warm_sandboxes_take_tasks_of_their_image() {
 
     // A `wasi/wasm` image (its tasks are Wasm tasks) in the same store.
     let w = LayoutWriter::new(&img.path().join("wasmimg")).unwrap();
-    let tar = RawTar::new()
-        .dir("app")
-        .file("app/hello.wasm", b"\0asm\x01\0\0\0")
-        .finish();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &tar).unwrap();
-    let (ld, ls) = w.blob(&gz.finish().unwrap()).unwrap();
-    let config = serde_json::json!({"architecture": "wasm", "os": "wasi",
-        "config": {"Entrypoint": ["/app/hello.wasm"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha256(&tar)]}});
-    let (cd, cs) = w.blob(&serde_json::to_vec(&config).unwrap()).unwrap();
-    let manifest = serde_json::json!({"schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": ls}]});
-    let (md, ms) = w.blob(&serde_json::to_vec(&manifest).unwrap()).unwrap();
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
-        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
-    std::fs::write(
-        w.dir.join("index.json"),
-        serde_json::to_vec(&index).unwrap(),
-    )
-    .unwrap();
+    let desc = w
+        .wasi_image("/app/hello.wasm", b"\0asm\x01\0\0\0", &[])
+        .unwrap();
+    w.index(vec![desc], "latest", false).unwrap();
     c.load_image("a1", &w.dir);
 
     // Refused before the agent does anything: a bad count, a Wasm image.

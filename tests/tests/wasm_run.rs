@@ -542,32 +542,11 @@ fn wasm_images_from_a_registry() {
 
     // podman/crun: a `wasi/wasm` image of tar layers whose entrypoint names the module.
     let w = LayoutWriter::new(&d.path().join("platform")).unwrap();
-    let tar = caisson_tests::RawTar::new()
-        .dir("app")
-        .file("app/hello.wasm", &module)
-        .finish();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &tar).unwrap();
-    let (ld, ls) = w.blob(&gz.finish().unwrap()).unwrap();
-    let config = serde_json::json!({"architecture": "wasm", "os": "wasi",
-        "config": {"Entrypoint": ["/app/hello.wasm"], "Env": ["FROM_IMAGE=1"]},
-        "rootfs": {"type": "layers", "diff_ids": [caisson_tests::sha256(&tar)]}});
-    let (cd, cs) = w.blob(&serde_json::to_vec(&config).unwrap()).unwrap();
-    let manifest = serde_json::json!({"schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": ls}]});
-    let (md, ms) = w.blob(&serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let desc = w
+        .wasi_image("/app/hello.wasm", &module, &["FROM_IMAGE=1"])
+        .unwrap();
     // Behind an index that offers only wasi/wasm: caisson picks it without --platform.
-    w.index(
-        vec![
-            serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": md, "size": ms, "platform": {"os": "wasi", "architecture": "wasm"}}),
-        ],
-        "v1",
-        true,
-    )
-    .unwrap();
+    w.index(vec![desc], "v1", true).unwrap();
     let out = Command::new("skopeo")
         .args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
         .arg(format!("oci:{}:v1", w.dir.display()))
