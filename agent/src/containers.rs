@@ -253,25 +253,13 @@ pub(crate) fn prepare_image_root(
     image: &str,
     id: &str,
 ) -> anyhow::Result<PreparedRoot> {
+    use containerizer::image::{rootfs, Store};
     let t0 = std::time::Instant::now();
-    let store = containerizer::image::Store::open(root)?;
-    prepare_image_root_in(&store, image, id, t0)
-}
-
-/// [`prepare_image_root`] in an open store (a long-running launcher opens it once); `t0` is
-/// when the preparation started.
-pub(crate) fn prepare_image_root_in(
-    store: &containerizer::image::Store,
-    image: &str,
-    id: &str,
-    t0: std::time::Instant,
-) -> anyhow::Result<PreparedRoot> {
-    use containerizer::image::rootfs;
-    let root = store.root();
+    let store = Store::open(root)?;
     let record = match store.resolve(image) {
         Ok(r) => r,
         Err(containerizer::image::Error::ImageNotKnown(_)) => {
-            crate::images::pull_for_run(store, image)?
+            crate::images::pull_for_run(&store, image)?
         }
         Err(e) => return Err(e.into()),
     };

@@ -23,7 +23,6 @@ fn failed(e: impl std::fmt::Display) -> Failure {
     (Reason::LaunchFailed, e.to_string())
 }
 
-/// `HOST:CONTAINER[/PROTO]`, the form tasknet (and `run -p`) parses.
 /// A native task's process: the image's config with the task's command, env and workdir.
 fn task_process(
     config: Option<&oci_spec::image::Config>,
@@ -41,6 +40,7 @@ fn task_process(
     .map_err(failed)
 }
 
+/// `HOST:CONTAINER[/PROTO]`, the form tasknet (and `run -p`) parses.
 pub fn port_arg(p: &PortMapping) -> String {
     if p.protocol.is_empty() {
         format!("{}:{}", p.host_port, p.container_port)
@@ -78,8 +78,6 @@ pub struct Launcher {
     pub rt: Runtime,
     engine: std::sync::OnceLock<Result<wasm::Engine, String>>,
     warm: Option<WarmImage>,
-    /// The image store, opened once (opening makes its directories and sweeps its `tmp/`).
-    store: std::sync::OnceLock<containerizer::image::Store>,
 }
 
 /// The image whose warm sandboxes the agent keeps (`caisson agent --warm-sandboxes`).
@@ -159,17 +157,7 @@ impl Launcher {
             rt,
             engine: std::sync::OnceLock::new(),
             warm,
-            store: std::sync::OnceLock::new(),
         }
-    }
-
-    /// The image store, opened at the first launch that needs it (a failure is retried).
-    fn store(&self) -> anyhow::Result<&containerizer::image::Store> {
-        if let Some(s) = self.store.get() {
-            return Ok(s);
-        }
-        let s = containerizer::image::Store::open(&self.root)?;
-        Ok(self.store.get_or_init(|| s))
     }
 
     fn engine(&self) -> Result<&wasm::Engine, Failure> {
@@ -320,10 +308,8 @@ impl Launcher {
             }
             _ => None,
         };
-        let t0 = Instant::now();
-        let prepared = self
-            .store()
-            .and_then(|store| crate::containers::prepare_image_root_in(store, &spec.image, id, t0))
+        // (The store's directories and `tmp/` sweep are done once per process: `Store::open`.)
+        let prepared = crate::containers::prepare_image_root(&self.root, &spec.image, id)
             .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")));
         let gated = starting.map(tasknet::Starting::ready).transpose();
         let release_network = || {

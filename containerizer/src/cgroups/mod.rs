@@ -208,10 +208,9 @@ fn wanted_controllers(v2: bool, limits: Option<(&Limits, bool)>) -> Vec<String> 
 /// whose init is dying forks no more (no process escapes a kill by forking); `devices` only for
 /// a task given devices beyond the minimal /dev (GPUs, CDI, `--device`), `cpu` only with
 /// `--cpus`/`--cpu-shares` and `pids` only with `--pids-limit` (they hold limits and nothing
-/// else we read). A task without a device cgroup gets no
-/// CAP_MKNOD (the init drops it), as on v2: it can neither make a device node nor find one
-/// beyond its own /dev, so the allow-list (a deny and eleven allow writes per launch) would
-/// add nothing.
+/// else we read). A task without a device cgroup gets no CAP_MKNOD (the init drops it), as on
+/// v2: it can neither make a device node nor find one beyond its own /dev, so the allow-list
+/// (a deny and eleven allow writes per launch) would add nothing.
 pub fn v1_controllers_for(limits: &Limits, devices: bool) -> Vec<String> {
     let mut out = vec!["cpuacct", "memory"];
     if devices {
