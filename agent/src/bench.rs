@@ -394,7 +394,7 @@ fn native_task(
         let files = tasknet::network_files(id[..12].to_string());
         tasknet::start_gated(cni, root, &id, reqs, files)
     });
-    let prepared = crate::containers::prepare_image_root(root, image, &id);
+    let prepared = crate::containers::prepare_image_root(root, image, &id, None);
     let remove_root = |owned: &Option<PathBuf>| {
         if let Some(dir) = owned {
             let _ = containerizer::image::rootfs::remove(dir);

@@ -93,6 +93,16 @@ pub struct RunArgs {
     /// Mount the root filesystem read-only.
     #[arg(long = "read-only")]
     read_only: bool,
+    /// User namespace: host (the default), or auto[:size=N] for a free range of host ids (the
+    /// task's root is then an unprivileged host id; /etc/subuid's `containers` entry, if any).
+    #[arg(long, value_name = "host|auto[:size=N]")]
+    userns: Option<String>,
+    /// Map container uids to host uids in a user namespace (repeatable).
+    #[arg(long = "uidmap", value_name = "CTR:HOST:SIZE")]
+    uidmap: Vec<String>,
+    /// Map container gids to host gids (repeatable; default: as --uidmap).
+    #[arg(long = "gidmap", value_name = "CTR:HOST:SIZE")]
+    gidmap: Vec<String>,
     /// Security options: `seccomp=unconfined` disables the default seccomp filter.
     #[arg(long = "security-opt")]
     security_opt: Vec<String>,
@@ -252,6 +262,7 @@ pub(crate) fn prepare_image_root(
     root: &Path,
     image: &str,
     id: &str,
+    userns: Option<&launch::UserNamespace>,
 ) -> anyhow::Result<PreparedRoot> {
     use containerizer::image::{rootfs, Store};
     let t0 = std::time::Instant::now();
@@ -267,7 +278,21 @@ pub(crate) fn prepare_image_root(
     let dir = root.join("rootfs").join(id);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let backend = rootfs::Backend::preferred();
-    let opts = rootfs::CreateOptions::task_root();
+    let mut opts = rootfs::CreateOptions::task_root();
+    if let Some(u) = userns {
+        let ns = containerizer::sys::launch::user_namespace(&u.uid_map_text(), &u.gid_map_text())
+            .context("making a user namespace for the idmapped layers");
+        opts.idmap = match ns {
+            Ok(fd) => Some(rootfs::IdMap {
+                userns: std::sync::Arc::new(fd),
+                root: u.host_root(),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e);
+            }
+        };
+    }
     let made = match store.create_rootfs(&record, &dir, backend, &opts) {
         Ok(r) => r,
         Err(e) => {
@@ -304,7 +329,14 @@ fn build_spec(
     if let Some(spec) = wasm_run::task_spec(root, a, &env, &id)? {
         return Ok((spec, None));
     }
+    let userns = user_namespace(root, a, &id)?;
     let prepared = if a.rootfs {
+        if userns.is_some() {
+            return Err(LaunchError::Invalid(
+                "--userns and --uidmap need an image (its layers are mapped), not --rootfs".into(),
+            )
+            .into());
+        }
         let rootfs = std::fs::canonicalize(&a.image)
             .map_err(|e| LaunchError::Invalid(format!("rootfs {}: {e}", a.image)))?;
         PreparedRoot {
@@ -314,16 +346,70 @@ fn build_spec(
             prepare_us: None,
         }
     } else {
-        prepare_image_root(root, &a.image, &id)?
+        prepare_image_root(root, &a.image, &id, userns.as_ref())?
     };
     let owned = prepared.owned.clone();
-    let spec = build_spec_on(a, env, id, prepared, mode);
+    let spec = build_spec_on(a, env, id, prepared, mode).map(|mut s| {
+        s.userns = userns;
+        s
+    });
     if spec.is_err() {
         if let Some(dir) = &owned {
             let _ = containerizer::image::rootfs::remove(dir);
         }
     }
     Ok((spec?, owned))
+}
+
+/// The user namespace `--userns`, `--uidmap` and `--gidmap` ask for (an auto one is claimed
+/// here for task `id`; [`launch::userns::release`] gives it back if the launch fails).
+fn user_namespace(
+    root: &Path,
+    a: &RunArgs,
+    id: &str,
+) -> anyhow::Result<Option<launch::UserNamespace>> {
+    let invalid = |m: String| anyhow::Error::from(LaunchError::Invalid(m));
+    let mode: launch::UsernsMode = a
+        .userns
+        .as_deref()
+        .unwrap_or("host")
+        .parse()
+        .map_err(invalid)?;
+    let maps = |v: &[String]| {
+        v.iter()
+            .map(|m| m.parse::<launch::IdMapping>())
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let uid_map = maps(&a.uidmap).map_err(invalid)?;
+    let gid_map = maps(&a.gidmap).map_err(invalid)?;
+    match mode {
+        launch::UsernsMode::Auto { .. } if !uid_map.is_empty() || !gid_map.is_empty() => Err(
+            invalid("--userns=auto picks its own maps: drop --uidmap/--gidmap".into()),
+        ),
+        launch::UsernsMode::Auto { size } => Ok(Some(launch::userns::allocate(root, id, size)?)),
+        launch::UsernsMode::Host
+            if a.userns.is_some() && !(uid_map.is_empty() && gid_map.is_empty()) =>
+        {
+            Err(invalid(
+                "--userns=host and --uidmap/--gidmap contradict each other".into(),
+            ))
+        }
+        launch::UsernsMode::Host if uid_map.is_empty() && !gid_map.is_empty() => {
+            Err(invalid("--gidmap needs --uidmap".into()))
+        }
+        launch::UsernsMode::Host if uid_map.is_empty() => Ok(None),
+        launch::UsernsMode::Host => {
+            let gid_map = if gid_map.is_empty() {
+                uid_map.clone()
+            } else {
+                gid_map
+            };
+            let ns = launch::UserNamespace { uid_map, gid_map };
+            ns.validate()
+                .map_err(|e| invalid(format!("user namespace: {e}")))?;
+            Ok(Some(ns))
+        }
+    }
 }
 
 fn build_spec_on(
@@ -532,6 +618,17 @@ impl NameFlags {
 fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
     let plan = tasknet::plan(&a.network, &a.publish)?;
     let names = NameFlags::parse(&a)?;
+    let wants_userns = a.userns.as_deref().is_some_and(|m| m != "host")
+        || !a.uidmap.is_empty()
+        || !a.gidmap.is_empty();
+    if wants_userns && matches!(plan, tasknet::Plan::Cni(_)) {
+        return Err(LaunchError::Invalid(
+            "--userns/--uidmap with a CNI network (--network NAME, -p) is not supported yet: \
+             use --network none or host"
+                .into(),
+        )
+        .into());
+    }
     // The task's supervisor (and its network namespace) start now, while the root filesystem
     // and the records are prepared; not for an attached -i/-t task, whose supervisor is
     // spawned with the console.
@@ -542,8 +639,9 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         Runtime::new(root)
     } else {
         // A task on CNI networks joins the namespace made for it: none made ahead.
+        // Nor for a task with a user namespace: its own is made at the clone, owned by it.
         let cni_netns = matches!(plan, tasknet::Plan::Cni(_));
-        Runtime::new(root).with_supervisor_started_early(!cni_netns)
+        Runtime::new(root).with_supervisor_started_early(!cni_netns && !wants_userns)
     };
     let mode = match plan {
         tasknet::Plan::Host => NetworkMode::Host,
@@ -582,6 +680,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         Ok(b) => b,
         Err(e) => {
             undo_network(gated.take());
+            launch::userns::release(root, &id);
             return Err(e);
         }
     };
@@ -597,6 +696,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         if let Some(dir) = &owned_root {
             let _ = containerizer::image::rootfs::remove(dir);
         }
+        launch::userns::release(root, &id);
     };
     if let Some(e) = early_err {
         remove_root();

@@ -231,6 +231,12 @@ pub fn task_spec(
         ("--hostname", a.hostname.is_some()),
         ("--gpus", a.gpus.is_some()),
         ("--device", !a.device.is_empty()),
+        (
+            "--userns/--uidmap/--gidmap",
+            a.userns.as_deref().is_some_and(|m| m != "host")
+                || !a.uidmap.is_empty()
+                || !a.gidmap.is_empty(),
+        ),
     ] {
         if set {
             return Err(

@@ -309,7 +309,7 @@ impl Launcher {
             _ => None,
         };
         // (The store's directories and `tmp/` sweep are done once per process: `Store::open`.)
-        let prepared = crate::containers::prepare_image_root(&self.root, &spec.image, id)
+        let prepared = crate::containers::prepare_image_root(&self.root, &spec.image, id, None)
             .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")));
         let gated = starting.map(tasknet::Starting::ready).transpose();
         let release_network = || {

@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use filetime::FileTime;
 use nix::sys::stat::{Mode, SFlag};
@@ -71,7 +72,29 @@ pub struct CreateOptions {
     /// Put the image's init layer on top ([`super::store::Store::create_rootfs`], overlay
     /// only): the mount points every task root needs exist already.
     pub init_layer: bool,
+    /// Mount the layers idmapped (a task with a user namespace; overlay with the new mount API
+    /// only).
+    pub idmap: Option<IdMap>,
 }
+
+/// Layers seen through a user namespace's maps ([`crate::launch::userns`]): a layer file owned
+/// by N shows as owned by the host id N maps to; the store itself is never changed.
+#[derive(Debug, Clone)]
+pub struct IdMap {
+    /// The user namespace ([`crate::sys::launch::user_namespace`]).
+    pub userns: Arc<OwnedFd>,
+    /// The host uid and gid of the namespace's root: owner of the upper dir, the task's root
+    /// directory and what it writes.
+    pub root: (u32, u32),
+}
+
+impl PartialEq for IdMap {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.userns, &other.userns) && self.root == other.root
+    }
+}
+
+impl Eq for IdMap {}
 
 impl CreateOptions {
     /// Defaults, with [`FORCE_LEGACY_MOUNT_ENV`] applied.
@@ -155,6 +178,8 @@ pub enum RootfsError {
     },
     #[error("{path} is still mounted after unmounting; refusing to delete through a mount")]
     StillMounted { path: PathBuf },
+    #[error("idmapped layers (a user namespace) {0}")]
+    Idmap(String),
 }
 
 fn kernel_detail(detail: &str) -> String {
@@ -215,6 +240,9 @@ pub fn create_with(
     }
     match backend {
         Backend::Overlay => create_overlay(&layers, &container_dir, opts),
+        Backend::Copy if opts.idmap.is_some() => Err(RootfsError::Idmap(
+            "need overlayfs, which is not available here".into(),
+        )),
         Backend::Copy => create_copy(&layers, &container_dir),
     }
 }
@@ -240,11 +268,19 @@ fn create_overlay(
     mkdir(&upper, 0o755)?;
     mkdir(&work, 0o700)?;
     mkdir(&merged, 0o755)?;
+    if let Some(m) = &opts.idmap {
+        std::os::unix::fs::chown(&upper, Some(m.root.0), Some(m.root.1))
+            .map_err(io_err("chown", &upper))?;
+    }
 
     let mut api = MountApi::Legacy;
-    if !opts.force_legacy_mount {
-        if mount_new_api(layers, &upper, &work, &merged, opts.volatile)? {
+    if !opts.force_legacy_mount || opts.idmap.is_some() {
+        if mount_new_api(layers, &upper, &work, &merged, opts)? {
             api = MountApi::NewApi;
+        } else if opts.idmap.is_some() {
+            return Err(RootfsError::Idmap(
+                "need overlay layers given as descriptors (`lowerdir+`, Linux >= 6.8)".into(),
+            ));
         } else {
             tracing::debug!("new mount API lacks lowerdir+; falling back to mount(2)");
         }
@@ -274,8 +310,9 @@ fn mount_new_api(
     upper: &Path,
     work: &Path,
     merged: &Path,
-    volatile: bool,
+    opts: &CreateOptions,
 ) -> Result<bool, RootfsError> {
+    let volatile = opts.volatile;
     let fail = |ctx: Option<&FsContext>, source: io::Error| RootfsError::Mount {
         target: merged.to_path_buf(),
         layers: layers.len(),
@@ -288,9 +325,27 @@ fn mount_new_api(
         Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Ok(false),
         Err(e) => return Err(fail(None, e)),
     };
+    // Idmapped layers stay open until the overlay is made (it keeps its own references).
+    let mut idmapped = Vec::new();
     // overlay's lower order is TOP first; ours is bottom first.
     for (i, layer) in layers.iter().rev().enumerate() {
-        if let Err(e) = ctx.set_string("lowerdir+", layer.as_os_str()) {
+        let set = match &opts.idmap {
+            None => ctx.set_string("lowerdir+", layer.as_os_str()),
+            Some(m) => match sysmount::idmapped_dir(layer, m.userns.as_fd()) {
+                Ok((tree, dir)) => {
+                    let r = ctx.set_fd("lowerdir+", dir.as_fd());
+                    idmapped.push((tree, dir));
+                    r
+                }
+                Err(e) => {
+                    return Err(RootfsError::Idmap(format!(
+                        "of layer {}: {e} (idmapped mounts need Linux >= 5.12, on tmpfs >= 6.3)",
+                        layer.display()
+                    )))
+                }
+            },
+        };
+        if let Err(e) = set {
             // Before 6.8 the key is unknown ("Unknown parameter 'lowerdir+'"). Any EINVAL on
             // the first layer falls back; mount(2) then reports a real problem on its own.
             if i == 0 && e.raw_os_error() == Some(libc::EINVAL) {
@@ -318,6 +373,7 @@ fn mount_new_api(
         }
     }
     ctx.create().map_err(|e| fail(Some(&ctx), e))?;
+    drop(idmapped);
     let mnt = ctx.mount().map_err(|e| fail(Some(&ctx), e))?;
     sysmount::move_mount_to(&mnt, merged).map_err(|e| fail(Some(&ctx), e))?;
     Ok(true)

@@ -463,8 +463,9 @@ impl Store {
         let rootfs = super::rootfs::create_with(&lowers, container_dir, backend, opts)?;
         fs::write(container_dir.join("image-id"), &record.id)
             .ctx(|| format!("writing image-id in {}", container_dir.display()))?;
-        if let (Some(dir), false) = (&init, init_ready) {
-            // Made from this first root, for the next ones; this one goes without.
+        if let (Some(dir), false, None) = (&init, init_ready, &opts.idmap) {
+            // Made from this first root, for the next ones; this one goes without. (Not from
+            // an idmapped root: it shows shifted owners.)
             if let Err(e) = self.make_init_layer(&rootfs.path, dir) {
                 tracing::debug!(image = %record.id, "no init layer: {e:#}");
             }

@@ -102,6 +102,9 @@ pub struct ChildArgs<'a> {
     pub device_cgroup: bool,
     /// A new network namespace made for the task ahead of the launch, to join.
     pub netns: Option<&'a OwnedFd>,
+    /// The task has a user namespace (cloned into it): wait for this byte, which says its
+    /// maps are written, before anything else.
+    pub userns_ready: Option<OwnedFd>,
     pub stdout: &'a OwnedFd,
     pub stderr: &'a OwnedFd,
     /// /dev/null, or the console's pipe or terminal (`-i`, `-t`).
@@ -147,6 +150,14 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     sys::dup2(a.stderr.as_raw_fd(), 2).ctx(|| "dup2 stderr".into())?;
     unistd::setsid().ok();
     umask(Mode::empty());
+    if let Some(fd) = &a.userns_ready {
+        let mut b = [0u8; 1];
+        let mut f = fs::File::from(fd.try_clone().ctx(|| "dup".into())?);
+        if !matches!(std::io::Read::read(&mut f, &mut b), Ok(1)) {
+            return Err(fail(125, "the supervisor could not map the user namespace"));
+        }
+    }
+    let in_userns = spec.userns.is_some();
     if let Some(fd) = a.netns {
         nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
             .ctx(|| "joining the task's network namespace".into())?;
@@ -164,8 +175,9 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .ctx(|| "making / private".into())?;
     // pivot_root needs the root to be a mount: an image's overlay is one already; a directory
-    // root is bound onto itself.
-    if crate::sys::mount::is_mount_root(abs_root).ok().flatten() != Some(true) {
+    // root is bound onto itself. So is any root in a user namespace: the mounts we got from
+    // the host's namespace are locked together there, and pivot_root refuses a locked one.
+    if in_userns || crate::sys::mount::is_mount_root(abs_root).ok().flatten() != Some(true) {
         mount(
             Some(abs_root),
             abs_root,
@@ -180,6 +192,20 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     // pivot_root.
     unistd::chdir(abs_root).ctx(|| "chdir to the root filesystem".into())?;
     let root = Path::new(".");
+    // In a user namespace: what the host's root may reach is opened now, then the init
+    // becomes the namespace's root, so that what it makes (/dev, mount points) is the task
+    // root's.
+    let sources = match in_userns {
+        true => Sources::open(a.dir, spec)?,
+        false => Sources::default(),
+    };
+    if in_userns {
+        unistd::setgroups(&[]).ctx(|| "setgroups in the user namespace".into())?;
+        unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+            .ctx(|| "becoming gid 0 of the user namespace".into())?;
+        unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+            .ctx(|| "becoming uid 0 of the user namespace".into())?;
+    }
     // Device nodes an image carries stay inert: a task reaches devices only through its own
     // /dev (a task without devices has no device cgroup and no CAP_MKNOD). Overlay roots are
     // mounted so; another root (a directory, the copy backend) is made so here.
@@ -210,8 +236,8 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         })?;
     }
 
-    mount_proc_dev_sys(root, spec.network)?;
-    make_device_nodes(root, &spec.devices.nodes)?;
+    mount_proc_dev_sys(root, in_userns)?;
+    make_device_nodes(root, &spec.devices.nodes, in_userns)?;
     if a.cgroup_ns {
         let cg = root.join("sys/fs/cgroup");
         if cg.is_dir() {
@@ -225,14 +251,14 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
             .ctx(|| "mounting /sys/fs/cgroup".into())?;
         }
     }
-    mount_etc_files(root, a.dir, spec.readonly_rootfs)?;
+    mount_etc_files(root, a.dir, spec.readonly_rootfs, &sources)?;
     let sandbox = resolve_in_root(root, SANDBOX_TARGET);
     fs::create_dir_all(&sandbox).ctx(|| format!("creating {SANDBOX_TARGET}"))?;
-    bind(&a.dir.sandbox(), &sandbox, false)?;
+    bind(&sources.get(&a.dir.sandbox()), &sandbox, false)?;
     for v in &spec.volumes {
         let target = resolve_in_root(root, &v.target);
-        let meta =
-            fs::metadata(&v.source).ctx(|| format!("volume source {}", v.source.display()))?;
+        let source = sources.get(&v.source);
+        let meta = fs::metadata(&source).ctx(|| format!("volume source {}", v.source.display()))?;
         if meta.is_dir() {
             fs::create_dir_all(&target).ctx(|| format!("creating volume target {}", v.target))?;
         } else if !target.exists() {
@@ -241,10 +267,10 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
             }
             fs::File::create(&target).ctx(|| format!("creating volume target {}", v.target))?;
         }
-        bind(&v.source, &target, v.readonly)?;
+        bind(&source, &target, v.readonly)?;
     }
     for m in &spec.mounts {
-        mount_one(root, m)?;
+        mount_one(root, m, &sources)?;
     }
     // The host pid of the task (what hooks' state says): /proc is still the host's here.
     let host_pid: Option<i32> = fs::read_link("/proc/self")
@@ -289,14 +315,8 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         }
     }
     if spec.readonly_rootfs {
-        mount(
-            none,
-            "/",
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            none,
-        )
-        .ctx(|| "remounting / read-only".into())?;
+        remount_readonly(Path::new("/"), MsFlags::empty())
+            .ctx(|| "remounting / read-only".into())?;
     }
     unistd::sethostname(&spec.hostname).ctx(|| "sethostname".into())?;
     // In a joined (CNI) namespace too: not every network's chain has the loopback plugin.
@@ -411,6 +431,48 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     status_line(status, &format!("M {}", sys::monotonic_ns()));
     let err = unistd::execve(&cexe, &cargs, &cenv).unwrap_err();
     Err(exec_error(&spec.process.args[0], err))
+}
+
+/// Host paths a task in a user namespace binds from, opened (`O_PATH`) while the init still
+/// has the host root's view: its root may not be allowed to walk to them. [`Sources::get`]
+/// gives a path through the descriptor; without a user namespace, the path itself.
+#[derive(Default)]
+struct Sources(Vec<(PathBuf, OwnedFd)>);
+
+impl Sources {
+    fn open(dir: &TaskDir, spec: &TaskSpec) -> Result<Sources, ChildError> {
+        let mut paths: Vec<PathBuf> = ["hostname", "hosts", "resolv.conf"]
+            .iter()
+            .map(|f| dir.etc().join(f))
+            .collect();
+        paths.push(dir.sandbox());
+        paths.extend(spec.volumes.iter().map(|v| v.source.clone()));
+        paths.extend(
+            spec.mounts
+                .iter()
+                .filter(|m| m.flags().is_ok_and(|f| f.bind))
+                .map(|m| m.source.clone()),
+        );
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths {
+            let fd = nix::fcntl::open(
+                &p,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx(|| format!("opening {}", p.display()))?;
+            out.push((p, fd));
+        }
+        Ok(Sources(out))
+    }
+
+    fn get(&self, p: &Path) -> PathBuf {
+        match self.0.iter().find(|(q, _)| q == p) {
+            // The host's /proc until pivot_root; the task's is mounted inside the root.
+            Some((_, fd)) => PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            None => p.to_path_buf(),
+        }
+    }
 }
 
 /// One status line in one write (`writeln!` on a file makes a write per piece).
@@ -539,16 +601,38 @@ fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), ChildError> {
     )
     .ctx(|| format!("bind mounting {} on {}", src.display(), dst.display()))?;
     if readonly {
-        mount(
-            none,
-            dst,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
-            none,
-        )
-        .ctx(|| format!("remounting {} read-only", dst.display()))?;
+        remount_readonly(dst, MsFlags::MS_NOSUID)
+            .ctx(|| format!("remounting {} read-only", dst.display()))?;
     }
     Ok(())
+}
+
+/// Remounts the bind mount at `path` read-only with `flags`. In a user namespace a mount that
+/// came from the host's namespace (or a bind of one) has its nodev, nosuid, noexec and atime
+/// flags locked, and a remount that would drop one fails with EPERM: then again with the
+/// mount's own flags kept.
+fn remount_readonly(path: &Path, flags: MsFlags) -> nix::Result<()> {
+    use nix::sys::statvfs::FsFlags;
+    let none: Option<&str> = None;
+    let base = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    match mount(none, path, none, base | flags, none) {
+        Err(nix::errno::Errno::EPERM) => {
+            let have = nix::sys::statvfs::statvfs(path)?.flags();
+            let kept = [
+                (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+                (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+                (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+                (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+                (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+                (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+            ]
+            .into_iter()
+            .filter(|(f, _)| have.contains(*f))
+            .fold(flags, |m, (_, ms)| m | ms);
+            mount(none, path, none, base | kept, none)
+        }
+        r => r,
+    }
 }
 
 fn mask(p: &str) -> Result<(), ChildError> {
@@ -571,7 +655,7 @@ fn mask(p: &str) -> Result<(), ChildError> {
     }
 }
 
-fn mount_proc_dev_sys(root: &Path, _network: NetworkMode) -> Result<(), ChildError> {
+fn mount_proc_dev_sys(root: &Path, in_userns: bool) -> Result<(), ChildError> {
     let none: Option<&str> = None;
     let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     let proc_ = root.join("proc");
@@ -604,6 +688,12 @@ fn mount_proc_dev_sys(root: &Path, _network: NetworkMode) -> Result<(), ChildErr
         ("tty", 5, 0),
     ] {
         let p = dev.join(name);
+        if in_userns {
+            // No mknod in a user namespace: the host's node, bound onto an empty file.
+            fs::File::create(&p).ctx(|| format!("creating /dev/{name}"))?;
+            bind(&Path::new("/dev").join(name), &p, false)?;
+            continue;
+        }
         mknod(
             &p,
             SFlag::S_IFCHR,
@@ -671,7 +761,11 @@ fn mount_proc_dev_sys(root: &Path, _network: NetworkMode) -> Result<(), ChildErr
 
 /// Creates the task's extra device nodes (e.g. allocated GPUs) in its fresh /dev tmpfs; the
 /// device cgroup decides whether they can be opened.
-fn make_device_nodes(root: &Path, nodes: &[super::spec::DeviceNode]) -> Result<(), ChildError> {
+fn make_device_nodes(
+    root: &Path,
+    nodes: &[super::spec::DeviceNode],
+    in_userns: bool,
+) -> Result<(), ChildError> {
     use super::spec::DeviceType;
     for n in nodes {
         let rel = n
@@ -682,6 +776,12 @@ fn make_device_nodes(root: &Path, nodes: &[super::spec::DeviceNode]) -> Result<(
         let p = root.join("dev").join(rel);
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent).ctx(|| format!("creating the parent of {}", n.path))?;
+        }
+        if in_userns {
+            // No mknod in a user namespace: the host's node of that path, bound.
+            fs::File::create(&p).ctx(|| format!("creating {}", n.path))?;
+            bind(Path::new(&n.path), &p, false)?;
+            continue;
         }
         let kind = match n.kind {
             DeviceType::Block => SFlag::S_IFBLK,
@@ -704,12 +804,16 @@ fn make_device_nodes(root: &Path, nodes: &[super::spec::DeviceNode]) -> Result<(
 
 /// One [`super::spec::Mount`]: a bind mount (then a remount for its flags) or a new mount of
 /// its type; the target is created like a volume's.
-fn mount_one(root: &Path, m: &super::spec::Mount) -> Result<(), ChildError> {
+fn mount_one(root: &Path, m: &super::spec::Mount, sources: &Sources) -> Result<(), ChildError> {
     let f = m
         .flags()
         .map_err(|e| fail(125, format!("mount on {}: {e}", m.target)))?;
     let target = resolve_in_root(root, &m.target);
-    let src_is_dir = !f.bind || fs::metadata(&m.source).map(|m| m.is_dir()).unwrap_or(true);
+    let source = match f.bind {
+        true => sources.get(&m.source),
+        false => m.source.clone(),
+    };
+    let src_is_dir = !f.bind || fs::metadata(&source).map(|m| m.is_dir()).unwrap_or(true);
     if src_is_dir {
         fs::create_dir_all(&target).ctx(|| format!("creating mount target {}", m.target))?;
     } else if !target.exists() {
@@ -726,7 +830,7 @@ fn mount_one(root: &Path, m: &super::spec::Mount) -> Result<(), ChildError> {
         } else {
             MsFlags::empty()
         };
-        mount(Some(&m.source), &target, none, MsFlags::MS_BIND | rec, none)
+        mount(Some(&source), &target, none, MsFlags::MS_BIND | rec, none)
             .ctx(|| format!("bind mounting {} on {}", m.source.display(), m.target))?;
         if !flags.is_empty() {
             mount(
@@ -769,7 +873,12 @@ fn mount_one(root: &Path, m: &super::spec::Mount) -> Result<(), ChildError> {
     Ok(())
 }
 
-fn mount_etc_files(root: &Path, dir: &TaskDir, readonly: bool) -> Result<(), ChildError> {
+fn mount_etc_files(
+    root: &Path,
+    dir: &TaskDir,
+    readonly: bool,
+    sources: &Sources,
+) -> Result<(), ChildError> {
     let etc = resolve_in_root(root, "/etc");
     if !etc.exists() && !readonly {
         let _ = fs::create_dir_all(&etc);
@@ -781,7 +890,7 @@ fn mount_etc_files(root: &Path, dir: &TaskDir, readonly: bool) -> Result<(), Chi
         {
             continue;
         }
-        bind(&dir.etc().join(f), &target, false)?;
+        bind(&sources.get(&dir.etc().join(f)), &target, false)?;
     }
     Ok(())
 }

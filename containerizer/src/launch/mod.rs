@@ -54,6 +54,7 @@ pub mod shim;
 pub mod spec;
 pub mod standby;
 pub mod state;
+pub mod userns;
 pub mod wasm;
 
 use std::fs;
@@ -73,6 +74,7 @@ pub use spec::{
     TaskSpec, Volume,
 };
 pub use state::{Status, TaskConfig, TaskDir, TaskState, Timings};
+pub use userns::{IdMapping, UserNamespace, UsernsMode};
 
 use crate::cgroups::{CgroupError, TaskCgroup};
 
@@ -1014,6 +1016,9 @@ impl Runtime {
         state::cleanup_owned(&info.spec.cleanup);
         let td = self.task_dir(id);
         td.release_name(&info.name, id);
+        if info.spec.userns.is_some() {
+            userns::release(&self.root, &info.spec.id);
+        }
         crate::image::rootfs::remove_ended_dir(&td.dir)
             .map_err(io_err(format!("removing {}", td.dir.display())))
     }
@@ -1082,6 +1087,18 @@ pub(crate) fn write_task_files(td: &TaskDir, spec: &TaskSpec) -> Result<(), Laun
     }
     if !spec.hooks.is_empty() {
         hooks::write_bundle(td, spec).map_err(io_err("writing the hooks' bundle"))?;
+    }
+    if let Some(u) = &spec.userns {
+        // The task's root owns its sandbox and /etc files, as root does without a namespace.
+        let (uid, gid) = u.host_root();
+        let own = |p: PathBuf| {
+            std::os::unix::fs::chown(&p, Some(uid), Some(gid))
+                .map_err(io_err(format!("chown {}", p.display())))
+        };
+        own(td.sandbox())?;
+        for f in ["hostname", "hosts", "resolv.conf"] {
+            own(td.etc().join(f))?;
+        }
     }
     Ok(())
 }
@@ -1152,6 +1169,21 @@ fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
             "rootfs {} must be an absolute path to a directory",
             spec.rootfs.display()
         )));
+    }
+    if let Some(u) = &spec.userns {
+        u.validate()
+            .map_err(|e| LaunchError::Invalid(format!("user namespace: {e}")))?;
+        if spec.netns.is_some() {
+            return Err(LaunchError::Invalid(
+                "a user namespace with a CNI network is not supported yet (use --network none or host)"
+                    .into(),
+            ));
+        }
+        if !spec.hooks.is_empty() {
+            return Err(LaunchError::Invalid(
+                "a user namespace with OCI hooks is not supported".into(),
+            ));
+        }
     }
     if let Some(ns) = &spec.netns {
         if spec.network != NetworkMode::None {

@@ -511,6 +511,7 @@ pub fn main(dir: &Path) -> i32 {
         Ok(CloneResult::Child) => {
             drop((status_r, go_w));
             child::run(ChildArgs {
+                userns_ready: None,
                 spec,
                 dir: &td,
                 // The go comes right after the clone; waiting for it before the (absent)

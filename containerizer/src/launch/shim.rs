@@ -184,10 +184,36 @@ pub(super) fn main_with(
         (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
     // A task joining a prepared namespace (CNI) setns's into it in the init instead, and so
     // does one whose own namespace a standby supervisor made ahead.
-    let premade_netns = netns.filter(|_| spec.network == NetworkMode::None && spec.netns.is_none());
+    // A task with a user namespace gets a network namespace that it owns, made at the clone:
+    // one made ahead belongs to the host's user namespace (its root could not bind a low port,
+    // mount sysfs or bring up lo there).
+    let premade_netns = netns.filter(|_| {
+        spec.network == NetworkMode::None && spec.netns.is_none() && spec.userns.is_none()
+    });
     if spec.network == NetworkMode::None && spec.netns.is_none() && premade_netns.is_none() {
         flags |= libc::CLONE_NEWNET as u64;
     }
+    // The init waits for its maps (written below) on this pipe.
+    let userns_pipe = match spec
+        .userns
+        .as_ref()
+        .map(|_| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))
+        .transpose()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            destroy_early(&early_cg);
+            report_failure(&mut state, &mut out, 125, format!("pipe: {e}"));
+            return 1;
+        }
+    };
+    if spec.userns.is_some() {
+        flags |= libc::CLONE_NEWUSER as u64;
+    }
+    let (userns_r, userns_w) = match userns_pipe {
+        Some((r, w)) => (Some(r), Some(w)),
+        None => (None, None),
+    };
     let v2fd = early_cg.as_ref().and_then(|cg| cg.open_v2_dir());
     // Without CLONE_INTO_CGROUP (v1, hybrid), we create the cgroups and move the init into them
     // while it does its mounts, and it waits for our go before exec: the cgroup migration (an
@@ -225,7 +251,9 @@ pub(super) fn main_with(
         Ok(CloneResult::Child) => {
             drop(status_r);
             drop(go_w_fd);
+            drop(userns_w);
             child::run(ChildArgs {
+                userns_ready: userns_r,
                 spec,
                 dir: &td,
                 wait_for_cgroup: (!joined_at_birth || early_go || gated).then_some(go_r),
@@ -251,6 +279,25 @@ pub(super) fn main_with(
     };
     drop(status_w);
     drop(go_r);
+    drop(userns_r);
+    if let (Some(u), Some(w)) = (&spec.userns, userns_w) {
+        let mapped = fs::write(format!("/proc/{pid}/uid_map"), u.uid_map_text())
+            .and_then(|()| fs::write(format!("/proc/{pid}/gid_map"), u.gid_map_text()))
+            .and_then(|()| File::from(w).write_all(b"1"));
+        if let Err(e) = mapped {
+            // Without its byte the init gives up; make sure it is gone before cleaning up.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            destroy_early(&early_cg);
+            report_failure(
+                &mut state,
+                &mut out,
+                125,
+                format!("writing the user namespace's maps: {e}"),
+            );
+            return 1;
+        }
+    }
     // The console's log descriptor; the pumps start once the init has exec'd (with `-t`, its
     // terminal's master arrives just before).
     let console_log = console_side
@@ -782,6 +829,11 @@ pub(super) fn remove_task(
         None => true,
     };
     td.release_name(&spec.name, &spec.id);
+    if spec.userns.is_some() {
+        if let Some(root) = td.dir.parent().and_then(Path::parent) {
+            super::userns::release(root, &spec.id);
+        }
+    }
     // What they release (addresses, ports) must be free once the launcher hears "removed".
     before_report();
     wait_exit_command(spec, exit_command);

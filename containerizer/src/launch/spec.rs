@@ -200,6 +200,10 @@ pub struct TaskSpec {
     /// Supplementary groups added to the user's (0 is ignored, as CDI says).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub additional_gids: Vec<u32>,
+    /// A user namespace of its own ([`super::userns`]); its root filesystem must be mounted
+    /// with the same maps (`rootfs::CreateOptions::idmap`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userns: Option<super::userns::UserNamespace>,
 }
 
 /// A mount into the task, OCI style: a bind mount when `fstype` is empty, `bind` or `none`

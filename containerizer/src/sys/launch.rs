@@ -94,6 +94,48 @@ pub fn clone_fork(flags: u64, cgroup_fd: Option<RawFd>) -> io::Result<CloneResul
     }
 }
 
+/// A user namespace with the given `uid_map` and `gid_map` (the text of
+/// `/proc/PID/{uid,gid}_map`), as a descriptor (for idmapped mounts: see
+/// [`crate::sys::mount::idmapped_dir`]). A child made into a new user namespace waits
+/// (`pause`) while we write its maps and open its namespace, then is killed and reaped.
+///
+/// Safe to call from a multithreaded process: the child runs no Rust code, only `pause(2)`
+/// in a loop (async-signal-safe), until the SIGKILL.
+pub fn user_namespace(uid_map: &str, gid_map: &str) -> io::Result<OwnedFd> {
+    // SAFETY: fork-like clone(2) (NULL stack) into a new user namespace. The child touches no
+    // lock, allocator or Rust state: it only loops on pause(2) until the parent kills it, so
+    // the copy of one thread of a multithreaded parent is never observed in an inconsistent
+    // state. The parent continues with a normal return value.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if ret == 0 {
+        loop {
+            // SAFETY: pause(2) takes no arguments and is async-signal-safe.
+            unsafe { libc::pause() };
+        }
+    }
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let pid = ret as i32;
+    let res = (|| {
+        std::fs::write(format!("/proc/{pid}/uid_map"), uid_map)?;
+        std::fs::write(format!("/proc/{pid}/gid_map"), gid_map)?;
+        std::fs::File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from)
+    })();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    res
+}
+
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
