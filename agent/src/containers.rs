@@ -210,6 +210,36 @@ pub struct WaitArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Keep stdin open and pass ours to the process (else it reads /dev/null).
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// A terminal for the process (not supported yet).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Set an environment variable (KEY=VALUE, or KEY to take it from the host).
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE per line).
+    #[arg(long = "env-file")]
+    env_file: Vec<PathBuf>,
+    /// User (name|uid[:group|gid]); default the task's.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Working directory; default the task's.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// The container (id, unique id prefix or name), then the command and its arguments.
+    #[arg(
+        required = true,
+        num_args = 2..,
+        trailing_var_arg = true,
+        value_names = ["CONTAINER", "CMD"]
+    )]
+    container_and_cmd: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct InspectArgs {
     #[arg(required = true)]
     containers: Vec<String>,
@@ -237,6 +267,23 @@ pub fn run(root: &Path, cni: &CniArgs, a: RunArgs) -> i32 {
 /// same parser serves Wasm tasks' `--memory`.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     Ok(containerizer::wasm::parse_memory(s)?)
+}
+
+/// `--env-file` files' entries, then `-e`'s (KEY alone: the host's value, if any).
+fn env_list(files: &[PathBuf], flags: &[String]) -> Result<Vec<String>, LaunchError> {
+    let mut env = vec![];
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| LaunchError::Invalid(format!("env file {}: {e}", f.display())))?;
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            env.extend(env_entry(line));
+        }
+    }
+    env.extend(flags.iter().filter_map(|e| env_entry(e)));
+    Ok(env)
 }
 
 fn env_entry(e: &str) -> Option<String> {
@@ -314,18 +361,7 @@ fn build_spec(
     mode: NetworkMode,
     id: String,
 ) -> anyhow::Result<(TaskSpec, Option<PathBuf>)> {
-    let mut env = vec![];
-    for f in &a.env_file {
-        let text = std::fs::read_to_string(f)
-            .map_err(|e| LaunchError::Invalid(format!("env file {}: {e}", f.display())))?;
-        for line in text.lines().map(str::trim) {
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            env.extend(env_entry(line));
-        }
-    }
-    env.extend(a.env.iter().filter_map(|e| env_entry(e)));
+    let env = env_list(&a.env_file, &a.env)?;
     if let Some(spec) = wasm_run::task_spec(root, a, &env, &id)? {
         return Ok((spec, None));
     }
@@ -1105,6 +1141,42 @@ fn sweep_orphan_roots(root: &Path) -> Vec<String> {
 }
 
 /// Blocks until each container has ended and prints its exit code (podman wait).
+/// `caisson exec`: checks the task, then becomes `caisson-shim --exec` (see
+/// `containerizer::launch::exec`), which runs the command in it and exits with its code.
+pub fn exec(root: &Path, a: ExecArgs) -> i32 {
+    report((|| {
+        use std::os::unix::process::CommandExt;
+        if a.tty {
+            return Err(LaunchError::Invalid("exec -t is not supported yet".into()).into());
+        }
+        let rt = Runtime::new(root);
+        let (container, cmd) = a
+            .container_and_cmd
+            .split_first()
+            .expect("clap requires both");
+        let info = rt.info(&rt.resolve(container)?)?;
+        if info.state.status != Status::Running {
+            return Err(LaunchError::NotRunning(info.id).into());
+        }
+        let env = env_list(&a.env_file, &a.env)?;
+        let spec = launch::exec::ExecSpec {
+            args: cmd.to_vec(),
+            env,
+            user: a.user.clone(),
+            cwd: a.workdir.clone(),
+        };
+        let mut shim = std::process::Command::new(rt.shim());
+        shim.arg(launch::exec::EXEC_ARG)
+            .arg(&info.dir)
+            .arg(serde_json::to_string(&spec)?);
+        if !a.interactive {
+            shim.stdin(std::process::Stdio::null());
+        }
+        let err = shim.exec();
+        Err(anyhow!("running {}: {err}", rt.shim().display()))
+    })())
+}
+
 pub fn wait(root: &Path, a: WaitArgs) -> i32 {
     report((|| {
         let rt = Runtime::new(root);

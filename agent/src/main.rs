@@ -75,6 +75,8 @@ enum Command {
     Stop(containers::StopArgs),
     /// Remove containers.
     Rm(containers::RmArgs),
+    /// Run a command in a running container.
+    Exec(containers::ExecArgs),
     /// Wait for containers to end and print their exit codes.
     Wait(containers::WaitArgs),
     /// Show a container's record as JSON.
@@ -168,6 +170,7 @@ fn main() -> ExitCode {
         Command::Kill(a) => Ok(code(containers::kill(&cli.globals.root, a))),
         Command::Stop(a) => Ok(code(containers::stop(&cli.globals.root, a))),
         Command::Rm(a) => Ok(code(containers::rm(&cli.globals.root, &cli.globals.cni, a))),
+        Command::Exec(a) => Ok(code(containers::exec(&cli.globals.root, a))),
         Command::Wait(a) => Ok(code(containers::wait(&cli.globals.root, a))),
         Command::Inspect(a) => Ok(code(containers::inspect(
             &cli.globals.root,

@@ -1,7 +1,8 @@
 //! `caisson-shim DIR [SPAWNED_NS]` (or `caisson-shim --standby`, started ahead of its task:
 //! `containerizer::launch::standby`, or `caisson-shim --fork-server`, which forks such standbys
 //! for a long-running launcher, or `caisson-shim --sandbox DIR`, a warm sandbox:
-//! `containerizer::launch::sandbox`): the per-task supervisor. Single-threaded on purpose: it
+//! `containerizer::launch::sandbox`, or `caisson-shim --exec DIR SPEC`, a process started in a
+//! running task: `containerizer::launch::exec`): the per-task supervisor. Single-threaded on purpose: it
 //! forks the task's init, so it must never start a thread (see `containerizer::launch::shim`).
 fn main() {
     let Some(dir) = std::env::args_os().nth(1) else {
@@ -17,6 +18,17 @@ fn main() {
     }
     if dir == containerizer::launch::standby::STANDBY_ARG {
         std::process::exit(containerizer::launch::standby::main());
+    }
+    if dir == containerizer::launch::exec::EXEC_ARG {
+        let mut rest = std::env::args_os().skip(2);
+        let (Some(task), Some(spec)) =
+            (rest.next(), rest.next().and_then(|s| s.into_string().ok()))
+        else {
+            eprintln!("usage: caisson-shim --exec TASK_DIR SPEC_JSON");
+            std::process::exit(2);
+        };
+        let code = containerizer::launch::exec::main(std::path::Path::new(&task), &spec);
+        std::process::exit(code);
     }
     if dir == containerizer::launch::sandbox::SANDBOX_ARG {
         let Some(sandbox) = std::env::args_os().nth(2) else {

@@ -36,7 +36,7 @@ pub const DEFAULT_CAPS: &[u32] = &[
     29, // AUDIT_WRITE
     31, // SETFCAP
 ];
-const CAP_MKNOD: u32 = 27;
+pub(super) const CAP_MKNOD: u32 = 27;
 
 /// Paths masked like docker does (files get /dev/null, directories an empty read-only tmpfs).
 pub const MASKED_PATHS: &[&str] = &[
@@ -139,7 +139,7 @@ pub fn run(args: ChildArgs<'_>) -> ! {
     sys::exit_now(res.unwrap_or(125))
 }
 
-enum Never {}
+pub(super) enum Never {}
 
 fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, ChildError> {
     status_line(status, &format!("S {}", sys::monotonic_ns()));
@@ -364,17 +364,42 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         .map_err(|e| fail(125, e))?;
     }
 
-    // Identity, environment, executable (resolved inside the task's root).
-    let mut ids = resolve_user(&spec.process.user)?;
-    for g in spec.additional_gids.iter().filter(|g| **g != 0) {
+    let x = prepare_exec(&spec.process, &spec.hostname, &spec.additional_gids)?;
+    let seccomp = (!spec.seccomp_unconfined)
+        .then(|| seccomp_prog.unwrap_or_else(crate::sys::seccomp::cached_default_filter));
+    become_and_exec(x, &spec.process, caps, !ahead, seccomp, || {
+        if let Some(fd) = a.wait_for_cgroup.as_ref().filter(|_| !a.wait_early) {
+            wait_for_go(fd)?;
+        }
+        status_line(status, &format!("M {}", sys::monotonic_ns()));
+        Ok(())
+    })
+}
+
+/// Who a task's process runs as, its environment and its executable.
+pub(super) struct Prepared {
+    ids: Ids,
+    env: Vec<String>,
+    exe: PathBuf,
+}
+
+/// Identity, environment and executable of `process`, resolved inside the task's root (the
+/// current root): its user and groups plus `additional_gids`, HOSTNAME and HOME unless set.
+pub(super) fn prepare_exec(
+    process: &super::spec::Process,
+    hostname: &str,
+    additional_gids: &[u32],
+) -> Result<Prepared, ChildError> {
+    let mut ids = resolve_user(&process.user)?;
+    for g in additional_gids.iter().filter(|g| **g != 0) {
         if !ids.groups.contains(g) {
             ids.groups.push(*g);
         }
     }
-    let mut env = spec.process.env.clone();
+    let mut env = process.env.clone();
     let has = |env: &[String], k: &str| env.iter().any(|e| e.split('=').next() == Some(k));
     if !has(&env, "HOSTNAME") {
-        env.push(format!("HOSTNAME={}", spec.hostname));
+        env.push(format!("HOSTNAME={hostname}"));
     }
     if !has(&env, "HOME") {
         env.push(format!("HOME={}", ids.home));
@@ -384,10 +409,24 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         .find_map(|e| e.strip_prefix("PATH="))
         .unwrap_or(super::spec::DEFAULT_PATH)
         .to_string();
-    let exe = find_executable(&spec.process.args[0], &path_var)?;
+    let exe = find_executable(&process.args[0], &path_var)?;
+    Ok(Prepared { ids, env, exe })
+}
 
-    // Capabilities and credentials.
-    if !ahead {
+/// Becomes the task's process and execs it: the bounding set down to `caps` and the rest of
+/// [`task_independent_credentials`] (when `independent`: else done ahead), the user, the
+/// capabilities, the `seccomp` program, the working directory, umask 022, every descriptor
+/// above stdio close-on-exec, then `before_exec` and the exec. Returns only on failure.
+pub(super) fn become_and_exec(
+    x: Prepared,
+    process: &super::spec::Process,
+    caps: u64,
+    independent: bool,
+    seccomp: Option<&[libc::sock_filter]>,
+    before_exec: impl FnOnce() -> Result<(), ChildError>,
+) -> Result<Never, ChildError> {
+    let Prepared { ids, env, exe } = x;
+    if independent {
         task_independent_credentials(caps)?;
     }
     let groups: Vec<Gid> = ids.groups.iter().map(|g| Gid::from_raw(*g)).collect();
@@ -395,25 +434,25 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     let gid = Gid::from_raw(ids.gid);
     unistd::setresgid(gid, gid, gid).ctx(|| format!("setgid {}", ids.gid))?;
     if ids.uid == 0 {
+        // Joined a user namespace as the host's root (an exec): become its root first.
+        if !unistd::geteuid().is_root() {
+            let root = Uid::from_raw(0);
+            unistd::setresuid(root, root, root).ctx(|| "setuid 0".into())?;
+        }
         sys::set_capabilities(caps).ctx(|| "capset".into())?;
     } else {
         let uid = Uid::from_raw(ids.uid);
         unistd::setresuid(uid, uid, uid).ctx(|| format!("setuid {}", ids.uid))?;
     }
-    if !spec.seccomp_unconfined {
-        match &seccomp_prog {
-            Some(prog) => crate::sys::seccomp::install_filter(prog),
-            None => crate::sys::seccomp::install_default_filter(),
-        }
-        .ctx(|| "installing the seccomp filter".into())?;
+    if let Some(prog) = seccomp {
+        crate::sys::seccomp::install_filter(prog).ctx(|| "installing the seccomp filter".into())?;
     }
-    unistd::chdir(spec.process.cwd.as_str())
-        .map_err(|e| fail(126, format!("chdir to cwd {:?}: {e}", spec.process.cwd)))?;
+    unistd::chdir(process.cwd.as_str())
+        .map_err(|e| fail(126, format!("chdir to cwd {:?}: {e}", process.cwd)))?;
     umask(Mode::from_bits_truncate(0o022));
     sys::cloexec_from(3).ctx(|| "marking descriptors close-on-exec".into())?;
 
-    let cargs: Vec<CString> = spec
-        .process
+    let cargs: Vec<CString> = process
         .args
         .iter()
         .map(|s| CString::new(s.as_str()))
@@ -425,12 +464,9 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         .collect::<Result<_, _>>()
         .ctx(|| "environment with a NUL byte".into())?;
     let cexe = CString::new(exe.as_os_str().as_encoded_bytes()).ctx(|| "path".into())?;
-    if let Some(fd) = a.wait_for_cgroup.as_ref().filter(|_| !a.wait_early) {
-        wait_for_go(fd)?;
-    }
-    status_line(status, &format!("M {}", sys::monotonic_ns()));
+    before_exec()?;
     let err = unistd::execve(&cexe, &cargs, &cenv).unwrap_err();
-    Err(exec_error(&spec.process.args[0], err))
+    Err(exec_error(&process.args[0], err))
 }
 
 /// Host paths a task in a user namespace binds from, opened (`O_PATH`) while the init still
@@ -488,7 +524,7 @@ pub(super) const UNUSED: &str = "the sandbox was not used";
 
 /// What does not depend on the task: the bounding set down to `caps`, no ambient
 /// capabilities, `no_new_privs`, default signal dispositions and no blocked signal.
-fn task_independent_credentials(caps: u64) -> Result<(), ChildError> {
+pub(super) fn task_independent_credentials(caps: u64) -> Result<(), ChildError> {
     sys::drop_bounding_set(caps).ctx(|| "dropping capabilities".into())?;
     sys::clear_ambient().ok();
     sys::set_no_new_privs().ctx(|| "no_new_privs".into())?;

@@ -48,6 +48,7 @@
 //! the log files. The shim reaps it and writes `state.json` (exit code, signal, OOM, usage).
 pub mod child;
 pub mod console;
+pub mod exec;
 pub mod hooks;
 pub mod sandbox;
 pub mod shim;
@@ -440,6 +441,11 @@ impl Runtime {
     /// The state root.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The supervisor binary (`caisson-shim`) this runtime starts.
+    pub fn shim(&self) -> &Path {
+        &self.shim
     }
 
     /// Uses `shim` as the supervisor binary.

@@ -1,0 +1,167 @@
+//! `caisson exec`: a command in a running task, as podman's exec: its namespaces (pid, mount,
+//! uts, ipc, net, user, cgroup), cgroups and security context, its environment, user and
+//! working directory unless overridden; exit codes, stdin only with -i, signals passed on.
+//! Real containers, as root.
+use std::io::Write;
+use std::process::Stdio;
+
+use caisson_tests::*;
+
+const IMAGE: &str = "localhost/oci:latest";
+
+/// A state root with the busybox image loaded as `localhost/oci:latest`.
+fn store() -> Option<(Caisson, tempfile::TempDir)> {
+    if !require_root() || !require_tool("umoci") {
+        return None;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), "latest").unwrap();
+    let c = Caisson::new();
+    let (code, out, err) = c.run(&["load", "-q", "-i", &format!("{}:latest", layout.display())]);
+    assert_eq!(code, 0, "load: {out}{err}");
+    Some((c, work))
+}
+
+/// A detached task that wrote /ready, sleeping.
+fn sleeper(c: &Caisson, opts: &[&str]) -> String {
+    let mut args = vec!["run", "-d", "-e", "FOO=bar", "-w", "/bin"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[IMAGE, "sh", "-c", "echo data > /ready; exec sleep 300"]);
+    let id = c.ok(&args).trim().to_string();
+    eventually("the task to be ready", || {
+        c.run(&["exec", &id, "cat", "/ready"]).0 == 0
+    });
+    id
+}
+
+/// Namespaces of the exec'd process that differ from the task's init's (`/proc/1` inside).
+const SAME_NS: &str = "for n in mnt net uts ipc pid user cgroup; do \
+    [ \"$(readlink /proc/self/ns/$n)\" = \"$(readlink /proc/1/ns/$n)\" ] || echo differs $n; done";
+
+#[test]
+fn root_exec_runs_in_the_task_with_its_context() {
+    let Some((c, _work)) = store() else { return };
+    let id = sleeper(&c, &["--name", "target", "--hostname", "box"]);
+    // By name; its namespaces, filesystem, hostname, environment, cwd, user, security.
+    let script = format!(
+        "echo pid=$$; cat /ready; hostname; echo FOO=$FOO; pwd; id -u; {SAME_NS}; \
+         grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; \
+         grep -E '^CapBnd:' /proc/1/status; cat /proc/self/cgroup"
+    );
+    let out = c.ok(&["exec", "target", "sh", "-c", &script]);
+    let lines: Vec<&str> = out.lines().collect();
+    let pid: u32 = lines[0].strip_prefix("pid=").unwrap().parse().unwrap();
+    assert!(pid > 1, "in the task's pid namespace, not its init: {out}");
+    assert_eq!(
+        &lines[1..6],
+        ["data", "box", "FOO=bar", "/bin", "0"],
+        "{out}"
+    );
+    assert!(!out.contains("differs"), "{out}");
+    let bnd: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("CapBnd:"))
+        .copied()
+        .collect();
+    assert_eq!(bnd.len(), 2, "{out}");
+    assert_eq!(bnd[0], bnd[1], "the init's bounding set: {out}");
+    assert!(
+        out.contains("NoNewPrivs:\t1") && out.contains("Seccomp:\t2"),
+        "{out}"
+    );
+    // Its cgroups are the task's (v1: each controller's line names it; v2: the one line).
+    let cg: Vec<&str> = lines.iter().filter(|l| l.contains(":/")).copied().collect();
+    assert!(cg.iter().any(|l| l.contains(&id)), "{out}");
+
+    // Overrides, exit codes.
+    let (code, out, err) = c.run(&[
+        "exec",
+        "-e",
+        "FOO=baz",
+        "-u",
+        "1000:1000",
+        "-w",
+        "/etc",
+        &id,
+        "sh",
+        "-c",
+        "echo $FOO; id -u; id -g; pwd; exit 3",
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (3, "baz\n1000\n1000\n/etc\n"),
+        "{err}"
+    );
+    let (code, _, err) = c.run(&["exec", &id, "nosuch"]);
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("nosuch"), "{err}");
+    let (code, _, err) = c.run(&["exec", &id, "/etc/motd"]);
+    assert_eq!(code, 126, "{err}");
+
+    // stdin: ours with -i, /dev/null without.
+    for (flag, want) in [(Some("-i"), "hello\n"), (None, "")] {
+        let mut cmd = c.cmd();
+        cmd.arg("exec");
+        cmd.args(flag);
+        let mut child = cmd
+            .args([&id, "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"hello\n");
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{flag:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{flag:?}");
+    }
+
+    // A signal to exec is passed on to the process: SIGTERM ends `sleep` (143).
+    let mut child = c.cmd().args(["exec", &id, "sleep", "60"]).spawn().unwrap();
+    eventually("the exec'd sleep", || {
+        c.run(&["exec", &id, "sh", "-c", "ps | grep -c 'sleep 60$'"])
+            .1
+            .trim()
+            == "1"
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    // Nothing of the execs is left in the task; the task runs on.
+    let out = c.ok(&["exec", &id, "sh", "-c", "exec ps -o pid,args"]);
+    let procs: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(procs.len(), 2, "the init and this ps: {out}");
+    assert!(procs[0].contains("sleep 300"), "{out}");
+
+    // Not running, not there: 125 and a message.
+    c.ok(&["stop", "-t", "0", &id]);
+    let (code, _, err) = c.run(&["exec", &id, "true"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("is not running"), "{err}");
+    let (code, _, err) = c.run(&["exec", "nosuchtask", "true"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("no container"), "{err}");
+    c.ok(&["rm", &id]);
+}
+
+#[test]
+fn root_exec_joins_the_tasks_user_namespace() {
+    let Some((c, _work)) = store() else { return };
+    let id = sleeper(&c, &["--userns=auto"]);
+    let script = format!(
+        "id -u; cat /proc/self/uid_map; cat /proc/1/uid_map; touch /new; ls -ln /new; {SAME_NS}"
+    );
+    let out = c.ok(&["exec", &id, "sh", "-c", &script]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0", "{out}");
+    assert_eq!(lines[1], lines[2], "the task's maps: {out}");
+    assert_ne!(lines[1].split_whitespace().nth(1), Some("0"), "{out}");
+    let f: Vec<&str> = lines[3].split_whitespace().collect();
+    assert_eq!((f[2], f[3]), ("0", "0"), "{out}");
+    assert!(!out.contains("differs"), "{out}");
+    c.ok(&["rm", "-f", &id]);
+}
