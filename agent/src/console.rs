@@ -106,3 +106,56 @@ impl Attached {
         let _ = std::io::stdout().flush();
     }
 }
+
+/// `exec -t`: the process's terminal master relayed directly (no supervisor in between): its
+/// output to our stdout, with `interactive` our stdin to it (our terminal raw meanwhile).
+pub struct PtyAttached {
+    output: JoinHandle<()>,
+    master: Arc<std::fs::File>,
+    _raw: Option<RawMode>,
+}
+
+impl PtyAttached {
+    pub fn start(master: std::os::fd::OwnedFd, interactive: bool) -> std::io::Result<Self> {
+        let master = Arc::new(std::fs::File::from(master));
+        let output = {
+            let master = master.clone();
+            std::thread::spawn(move || {
+                let mut out = std::io::stdout().lock();
+                // EIO once every holder of the terminal is gone.
+                let _ = std::io::copy(&mut &*master, &mut out);
+                let _ = out.flush();
+            })
+        };
+        let raw = (interactive && window_size().is_some())
+            .then(RawMode::enter)
+            .flatten();
+        if interactive {
+            let master = master.clone();
+            // At our EOF the terminal stays: the process ends it (a shell at its own ^D).
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut &*master);
+            });
+        }
+        Ok(PtyAttached {
+            output,
+            master,
+            _raw: raw,
+        })
+    }
+
+    /// What passes our terminal's new size on (call it on SIGWINCH).
+    pub fn resizer(&self) -> impl Fn() + Send + 'static {
+        let master = self.master.clone();
+        move || {
+            if let Some(size) = window_size() {
+                let _ = term::set_window_size(master.as_fd(), size);
+            }
+        }
+    }
+
+    /// Waits for the last of the terminal's output, then restores our terminal.
+    pub fn finish(self) {
+        let _ = self.output.join();
+    }
+}

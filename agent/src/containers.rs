@@ -214,7 +214,7 @@ pub struct ExecArgs {
     /// Keep stdin open and pass ours to the process (else it reads /dev/null).
     #[arg(short = 'i', long)]
     interactive: bool,
-    /// A terminal for the process (not supported yet).
+    /// Give the process a terminal (with -i in the foreground: ours, in raw mode).
     #[arg(short = 't', long)]
     tty: bool,
     /// Set an environment variable (KEY=VALUE, or KEY to take it from the host).
@@ -1146,9 +1146,6 @@ fn sweep_orphan_roots(root: &Path) -> Vec<String> {
 pub fn exec(root: &Path, a: ExecArgs) -> i32 {
     report((|| {
         use std::os::unix::process::CommandExt;
-        if a.tty {
-            return Err(LaunchError::Invalid("exec -t is not supported yet".into()).into());
-        }
         let rt = Runtime::new(root);
         let (container, cmd) = a
             .container_and_cmd
@@ -1164,7 +1161,16 @@ pub fn exec(root: &Path, a: ExecArgs) -> i32 {
             env,
             user: a.user.clone(),
             cwd: a.workdir.clone(),
+            tty: a.tty,
+            tty_size: a
+                .tty
+                .then(crate::console::window_size)
+                .flatten()
+                .map(|s| (s.rows, s.cols)),
         };
+        if a.tty {
+            return exec_with_terminal(&rt, &info.dir, &spec, a.interactive);
+        }
         let mut shim = std::process::Command::new(rt.shim());
         shim.arg(launch::exec::EXEC_ARG)
             .arg(&info.dir)
@@ -1175,6 +1181,52 @@ pub fn exec(root: &Path, a: ExecArgs) -> i32 {
         let err = shim.exec();
         Err(anyhow!("running {}: {err}", rt.shim().display()))
     })())
+}
+
+/// `exec -t`: the helper is our child, its terminal relayed through its console socket (our
+/// terminal raw with -i, window size changes passed on), the termination signals passed to it.
+fn exec_with_terminal(
+    rt: &Runtime,
+    dir: &Path,
+    spec: &launch::exec::ExecSpec,
+    interactive: bool,
+) -> anyhow::Result<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let code =
+        |s: std::process::ExitStatus| s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+    let (mut child, master) = launch::exec::spawn_with_terminal(rt.shim(), dir, spec)
+        .with_context(|| format!("starting {}", rt.shim().display()))?;
+    let Ok(master) = master else {
+        // The helper said why (on our stderr).
+        return Ok(code(child.wait()?));
+    };
+    let at = crate::console::PtyAttached::start(master, interactive)?;
+    let resize = at.resizer();
+    let mut proxied = SigSet::empty();
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGWINCH,
+    ] {
+        proxied.add(sig);
+    }
+    proxied.thread_block()?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    std::thread::spawn(move || {
+        while let Ok(sig) = proxied.wait() {
+            match sig {
+                Signal::SIGWINCH => resize(),
+                _ => {
+                    let _ = nix::sys::signal::kill(pid, sig);
+                }
+            }
+        }
+    });
+    let status = child.wait()?;
+    at.finish();
+    Ok(code(status))
 }
 
 pub fn wait(root: &Path, a: WaitArgs) -> i32 {

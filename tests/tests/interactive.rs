@@ -88,12 +88,19 @@ fn read_until(master: &mut std::fs::File, got: &mut Vec<u8>, until: &str, secs: 
     String::from_utf8_lossy(got).contains(until)
 }
 
-#[test]
-fn a_tty_task_gets_a_terminal_of_our_size_and_ours_is_restored() {
-    let Some(c) = setup() else { return };
+/// Runs caisson with `args` on a terminal of `rows` x `cols` (a pty of ours), types `input`
+/// and reads until `until`; returns what the terminal showed and the exit code, and checks
+/// that our terminal's modes are as before (raw mode was ours only while attached).
+fn on_terminal(
+    c: &Caisson,
+    args: &[&str],
+    (rows, cols): (u16, u16),
+    input: &[u8],
+    until: &str,
+) -> (String, Option<i32>) {
     let ws = nix::pty::Winsize {
-        ws_row: 33,
-        ws_col: 101,
+        ws_row: rows,
+        ws_col: cols,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
@@ -102,7 +109,7 @@ fn a_tty_task_gets_a_terminal_of_our_size_and_ours_is_restored() {
     let slave = || Stdio::from(pty.slave.try_clone().unwrap());
     let mut child = c
         .cmd()
-        .args(["run", "--rm", "-it", IMAGE, "/bin/sh"])
+        .args(args)
         .stdin(slave())
         .stdout(slave())
         .stderr(slave())
@@ -115,22 +122,55 @@ fn a_tty_task_gets_a_terminal_of_our_size_and_ours_is_restored() {
     )
     .unwrap();
     let mut got = vec![];
-    // The shell's answers are computed inside (so the typed echo cannot match them).
-    master
-        .write_all(b"busybox tty; busybox stty size; echo $((6*7))x; exit 3\r")
-        .unwrap();
-    let ended = read_until(&mut master, &mut got, "42x", 30);
+    master.write_all(input).unwrap();
+    let ended = read_until(&mut master, &mut got, until, 30);
     let status = wait_timeout(&mut child, Duration::from_secs(30));
     read_until(&mut master, &mut got, "\u{0}never", 1);
     let text = String::from_utf8_lossy(&got).into_owned();
-    assert!(ended, "no answer from the task's shell: {text:?}");
+    assert!(ended, "no {until:?} from {args:?}: {text:?}");
+    let after = nix::sys::termios::tcgetattr(pty.slave.as_fd()).unwrap();
+    assert_eq!(after.local_flags, before.local_flags, "{args:?}");
+    assert_eq!(after.input_flags, before.input_flags, "{args:?}");
+    (text, status)
+}
+
+/// What the shells below type: answers computed inside (the typed echo cannot match them).
+const TYPED: &[u8] = b"busybox tty; busybox stty size; echo $((6*7))x; exit 3\r";
+
+#[test]
+fn a_tty_task_gets_a_terminal_of_our_size_and_ours_is_restored() {
+    let Some(c) = setup() else { return };
+    let (text, status) = on_terminal(
+        &c,
+        &["run", "--rm", "-it", IMAGE, "/bin/sh"],
+        (33, 101),
+        TYPED,
+        "42x",
+    );
     assert!(text.contains("/dev/pts/0"), "not a terminal: {text:?}");
     assert!(text.contains("33 101"), "not our size: {text:?}");
     assert_eq!(status, Some(3), "{text:?}");
-    // Raw mode was ours only while attached.
-    let after = nix::sys::termios::tcgetattr(pty.slave.as_fd()).unwrap();
-    assert_eq!(after.local_flags, before.local_flags);
-    assert_eq!(after.input_flags, before.input_flags);
+}
+
+#[test]
+fn exec_it_gives_the_process_a_terminal_in_the_task() {
+    let Some(c) = setup() else { return };
+    let id = c.ok(&["run", "-d", IMAGE, "/bin/sh", "-c", "exec sleep 300"]);
+    let id = id.trim();
+    let (text, status) = on_terminal(&c, &["exec", "-it", id, "/bin/sh"], (40, 120), TYPED, "42x");
+    // The task's own devpts (a task without -t has made none: the first).
+    assert!(text.contains("/dev/pts/0"), "not a terminal: {text:?}");
+    assert!(text.contains("40 120"), "not our size: {text:?}");
+    assert_eq!(status, Some(3), "{text:?}");
+    // -t alone: output through the terminal, our stdin not read; the code passed on.
+    let out = c
+        .cmd()
+        .args(["exec", "-t", id, "/bin/sh", "-c", "busybox tty; exit 6"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/dev/pts/0\r\n");
+    c.ok(&["rm", "-f", id]);
 }
 
 fn wait_timeout(child: &mut std::process::Child, t: Duration) -> Option<i32> {

@@ -38,6 +38,41 @@ pub struct ExecSpec {
     pub user: Option<String>,
     #[serde(default)]
     pub cwd: Option<String>,
+    /// A terminal for the process (`-t`), made in the task's devpts with this initial size; its
+    /// master goes to the launcher over the socket of [`spawn_with_terminal`].
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty_size: Option<(u16, u16)>,
+}
+
+/// Starts `shim --exec DIR SPEC` for an `-t` exec: returns it and the master of the process's
+/// terminal, to relay (the helper cannot: having joined the task's pid namespace, it may start
+/// no thread). No master: the helper failed before the terminal (it said why on stderr).
+#[allow(clippy::type_complexity)]
+pub fn spawn_with_terminal(
+    shim: &Path,
+    dir: &Path,
+    spec: &ExecSpec,
+) -> std::io::Result<(std::process::Child, std::io::Result<OwnedFd>)> {
+    use std::os::fd::AsRawFd;
+    let json = serde_json::to_string(spec)?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    // Inherited (not close-on-exec) by this one spawn.
+    nix::fcntl::fcntl(
+        &theirs,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
+    let child = std::process::Command::new(shim)
+        .arg(EXEC_ARG)
+        .arg(dir)
+        .arg(json)
+        .env(super::console::FD_ENV, theirs.as_raw_fd().to_string())
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    drop(theirs);
+    let master = crate::sys::term::recv_fd(ours.as_fd());
+    Ok((child, master))
 }
 
 /// Runs `spec` in the task whose records are in `dir`; returns the exit code.
@@ -79,6 +114,18 @@ pub fn process_for(task: &TaskSpec, x: &ExecSpec) -> Process {
 fn run(dir: &Path, spec: &str) -> Result<i32, ChildError> {
     let x: ExecSpec =
         serde_json::from_str(spec).map_err(|e| fail(125, format!("the exec spec: {e}")))?;
+    // `-t`: where the child that makes the terminal sends its master.
+    let launcher = match std::env::var(super::console::FD_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(fd) if x.tty => Some(std::os::unix::net::UnixStream::from(
+            crate::sys::term::take_inherited_fd(fd)
+                .map_err(|e| fail(125, format!("the console descriptor {fd}: {e}")))?,
+        )),
+        _ if x.tty => return Err(fail(125, "-t without a console")),
+        _ => None,
+    };
     if x.args.is_empty() {
         return Err(fail(125, "no command given"));
     }
@@ -162,7 +209,8 @@ fn run(dir: &Path, spec: &str) -> Result<i32, ChildError> {
         .map_err(|e| fail(125, format!("blocking signals: {e}")))?;
     let child = match sys::clone_fork(0, None) {
         Ok(CloneResult::Child) => {
-            let code = match become_process(task, &process) {
+            let terminal = launcher.map(OwnedFd::from);
+            let code = match become_process(task, &process, terminal.as_ref(), x.tty_size) {
                 Ok(never) => match never {},
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "Error: {}", e.message);
@@ -174,6 +222,7 @@ fn run(dir: &Path, spec: &str) -> Result<i32, ChildError> {
         Ok(CloneResult::Parent(pid)) => Pid::from_raw(pid),
         Err(e) => return Err(fail(125, format!("fork: {e}"))),
     };
+    drop(launcher);
     loop {
         match relayed.wait() {
             Ok(Signal::SIGCHLD) => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
@@ -211,8 +260,20 @@ fn running_init(state: &TaskState) -> Option<i32> {
 
 /// In the fork, inside the task's namespaces: becomes the task's process as its init did
 /// (capabilities, `no_new_privs`, seccomp, user) and execs `process`.
-fn become_process(task: &TaskSpec, process: &Process) -> Result<child::Never, ChildError> {
+fn become_process(
+    task: &TaskSpec,
+    process: &Process,
+    terminal: Option<&OwnedFd>,
+    size: Option<(u16, u16)>,
+) -> Result<child::Never, ChildError> {
     nix::unistd::chdir("/").map_err(|e| fail(125, format!("chdir /: {e}")))?;
+    if let Some(sock) = terminal {
+        // A session of its own, whose controlling terminal is made in the task's devpts.
+        nix::unistd::setsid().map_err(|e| fail(125, format!("setsid: {e}")))?;
+        let size = size.map(|(rows, cols)| crate::sys::term::WinSize { rows, cols });
+        super::console::make_task_terminal(sock, size)
+            .map_err(|e| fail(125, format!("making the terminal: {e}")))?;
+    }
     let mut caps: u64 = child::DEFAULT_CAPS.iter().fold(0, |m, c| m | (1u64 << c));
     if task.devices.allow.is_empty() {
         caps &= !(1u64 << child::CAP_MKNOD);
@@ -254,6 +315,7 @@ mod tests {
                 env: vec!["A=3".into(), "C=4".into()],
                 user: Some("0".into()),
                 cwd: Some("/".into()),
+                ..Default::default()
             },
         );
         assert_eq!(p.env, vec!["PATH=/bin", "B=2", "A=3", "C=4"]);
