@@ -1171,7 +1171,7 @@ pub fn exec(root: &Path, a: ExecArgs) -> i32 {
         if a.tty {
             return exec_with_terminal(&rt, &info.dir, &spec, a.interactive);
         }
-        let mut shim = std::process::Command::new(rt.shim());
+        let mut shim = launch::guard::shim_command(rt.shim());
         shim.arg(launch::exec::EXEC_ARG)
             .arg(&info.dir)
             .arg(serde_json::to_string(&spec)?);

@@ -165,3 +165,44 @@ fn root_exec_joins_the_tasks_user_namespace() {
     assert!(!out.contains("differs"), "{out}");
     c.ok(&["rm", "-f", &id]);
 }
+
+/// Whether the executable of process `pid` is on a read-only mount, and where it is.
+fn exe_of(pid: u32) -> (bool, std::path::PathBuf) {
+    let exe = format!("/proc/{pid}/exe");
+    let ro = nix::sys::statvfs::statvfs(exe.as_str())
+        .unwrap()
+        .flags()
+        .contains(nix::sys::statvfs::FsFlags::ST_RDONLY);
+    (ro, std::fs::read_link(&exe).unwrap())
+}
+
+#[test]
+fn root_supervisors_and_exec_helpers_run_from_a_read_only_mount() {
+    // A task's init and an exec'd process are forks of caisson-shim until their exec: a task
+    // that gets one to run its own binary (`#!/proc/self/exe`) must not be able to write it
+    // through /proc/PID/exe (runc's CVE-2019-5736).
+    let Some((c, _work)) = store() else { return };
+    let id = sleeper(&c, &[]);
+    let v: serde_json::Value = serde_json::from_str(&c.ok(&["inspect", &id])).unwrap();
+    let shim_pid = v[0]["state"]["shim_pid"].as_u64().unwrap() as u32;
+    let (ro, path) = exe_of(shim_pid);
+    assert!(ro, "the supervisor runs from {}", path.display());
+    assert!(path.starts_with("/run/caisson/bin"), "{}", path.display());
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (
+        std::fs::metadata(&path).unwrap(),
+        std::fs::metadata(caisson_bin().with_file_name("caisson-shim")).unwrap(),
+    );
+    assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()), "the same binary");
+
+    // The exec helper (the CLI becomes it) too.
+    let mut child = c.cmd().args(["exec", &id, "sleep", "30"]).spawn().unwrap();
+    let pid = child.id();
+    eventually("the exec helper", || {
+        exe_of(pid).1.starts_with("/run/caisson/bin")
+    });
+    assert!(exe_of(pid).0);
+    child.kill().unwrap();
+    let _ = child.wait();
+    c.ok(&["rm", "-f", &id]);
+}

@@ -63,7 +63,7 @@ pub fn spawn_with_terminal(
         &theirs,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
     )?;
-    let child = std::process::Command::new(shim)
+    let child = super::guard::shim_command(shim)
         .arg(EXEC_ARG)
         .arg(dir)
         .arg(json)

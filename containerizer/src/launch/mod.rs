@@ -49,6 +49,7 @@
 pub mod child;
 pub mod console;
 pub mod exec;
+pub mod guard;
 pub mod hooks;
 pub mod sandbox;
 pub mod shim;
@@ -62,7 +63,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -797,7 +798,7 @@ impl Runtime {
         let (shim, stdin, stdout) = match warm {
             Some(mut c) => (c.child.take(), c.stdin.take(), c.stdout.take()),
             None => {
-                let mut cmd = Command::new(&self.shim);
+                let mut cmd = guard::shim_command(&self.shim);
                 cmd.arg(&td.dir)
                     .arg(crate::sys::launch::monotonic_ns().to_string())
                     .stdin(Stdio::piped())

@@ -33,7 +33,7 @@ use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -315,7 +315,7 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
         .map_err(io_err("writing the config"))?;
         TaskCgroup::create(&sid, &Limits::default())?;
         let log = File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;
-        let mut child = Command::new(shim)
+        let mut child = super::guard::shim_command(shim)
             .arg(SANDBOX_ARG)
             .arg(&dir)
             .stdin(Stdio::piped())

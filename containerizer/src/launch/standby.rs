@@ -32,7 +32,7 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 
 use nix::sched::CloneFlags;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -50,7 +50,7 @@ pub const NO_NETNS_ARG: &str = "--no-netns";
 
 /// Starts a standby supervisor (`shim --standby`), stdin and stdout piped as for a fresh one.
 pub(super) fn spawn(shim: &Path, netns_ahead: bool) -> std::io::Result<Child> {
-    let mut cmd = Command::new(shim);
+    let mut cmd = super::guard::shim_command(shim);
     cmd.arg(STANDBY_ARG);
     if !netns_ahead {
         cmd.arg(NO_NETNS_ARG);
@@ -407,7 +407,7 @@ impl ForkServer {
             nix::sys::socket::sockopt::ReceiveTimeout,
             &nix::sys::time::TimeVal::new(2, 0),
         )?;
-        let server = Command::new(shim)
+        let server = super::guard::shim_command(shim)
             .arg(FORK_SERVER_ARG)
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())

@@ -113,9 +113,12 @@ pub(super) fn validate(run: &RunSpec) -> Result<(), super::LaunchError> {
     Ok(())
 }
 
+/// Where the Wasm runner binary is, if not next to this executable.
+pub const RUNNER_ENV: &str = "CAISSON_WASM";
+
 /// The host process binary: `$CAISSON_WASM`, else next to this executable.
 pub fn runner() -> PathBuf {
-    std::env::var_os("CAISSON_WASM")
+    std::env::var_os(RUNNER_ENV)
         .map(PathBuf::from)
         .or_else(|| {
             std::env::current_exe()
