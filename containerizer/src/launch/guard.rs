@@ -7,7 +7,8 @@
 //! processes may then open it through `/proc/PID/exe` and, once it is no longer running, write
 //! it (the task's root has CAP_DAC_OVERRIDE): the next supervisor would run its code as the
 //! host's root. Launchers exec the supervisor through a read-only bind mount of it in
-//! [`GUARD_DIR`] instead, so every such open for writing fails with EROFS. One mount per
+//! [`GUARD_DIR`] (`<dev>-<ino>/caisson-shim`) instead, so every such open for writing fails
+//! with EROFS. One mount per
 //! distinct binary (device and inode), made by the first launch after a boot or an install,
 //! reused by all later ones; they go with the boot.
 use std::fs::{self, OpenOptions};
@@ -63,11 +64,14 @@ pub fn guard(bin: &Path, dir: &Path) -> io::Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "bin".into());
-    let target = dir.join(format!("{name}-{:x}-{:x}", meta.dev(), meta.ino()));
+    // Under its own name (what `ps` shows), in a directory per binary.
+    let target = dir
+        .join(format!("{:x}-{:x}", meta.dev(), meta.ino()))
+        .join(name);
     if is_guard(&target, &meta) {
         return Ok(target);
     }
-    fs::create_dir_all(dir)?;
+    fs::create_dir_all(target.parent().unwrap_or(dir))?;
     // One maker at a time: two would stack two mounts.
     let lock = OpenOptions::new()
         .create(true)
@@ -149,6 +153,7 @@ mod tests {
         fs::write(&bin2, b"x").unwrap();
         let g2 = guard(&bin2, &dir).unwrap();
         assert_ne!(g2, g);
+        assert_eq!(g2.file_name(), bin2.file_name(), "named as the binary");
         for p in [&g, &g2] {
             nix::mount::umount2(p.as_path(), nix::mount::MntFlags::MNT_DETACH).unwrap();
         }
