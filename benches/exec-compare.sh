@@ -24,20 +24,10 @@ cleanup() {
 trap cleanup EXIT
 
 # A busybox image in caisson's store, and an OCI bundle with the same root filesystem.
-umoci init --layout "$work/oci" >/dev/null
-umoci new --image "$work/oci:latest" >/dev/null
-umoci unpack --image "$work/oci:latest" "$work/b" >/dev/null
-mkdir -p "$work/b/rootfs/bin"; cp /bin/busybox "$work/b/rootfs/bin/"
-for a in sh true sleep; do ln -s busybox "$work/b/rootfs/bin/$a"; done
-umoci repack --image "$work/oci:latest" "$work/b" >/dev/null; rm -rf "$work/b"
-"$CAISSON" --root "$root" load -q -i "$work/oci:latest" >/dev/null
+. benches/busybox-image.sh
 IMAGE=localhost/oci:latest
-bundle="$work/bundle"; mkdir -p "$bundle/rootfs"
-umoci unpack --image "$work/oci:latest" "$work/unpacked" >/dev/null
-cp -a "$work/unpacked/rootfs/." "$bundle/rootfs/"
-(cd "$bundle" && runc spec)
-jq '.process.terminal=false | .process.args=["/bin/sleep","600"]' "$bundle/config.json" > "$bundle/c.json"
-mv "$bundle/c.json" "$bundle/config.json"
+bundle="$work/bundle"
+busybox_image_and_bundle "$work" "$CAISSON" "$root" "sh true sleep" '["/bin/sleep","600"]'
 
 cat > "$work/inner.sh" <<INNER
 set -e

@@ -17,21 +17,11 @@ trap 'rm -rf "$work"' EXIT
 CAISSON="$(benches/install-bins.sh "$work/bin")/caisson"
 
 # A busybox image in caisson's store, and an OCI bundle with the same root filesystem.
-umoci init --layout "$work/oci" >/dev/null
-umoci new --image "$work/oci:latest" >/dev/null
-umoci unpack --image "$work/oci:latest" "$work/b" >/dev/null
-mkdir -p "$work/b/rootfs/bin"; cp /bin/busybox "$work/b/rootfs/bin/"
-for a in sh true; do ln -s busybox "$work/b/rootfs/bin/$a"; done
-umoci repack --image "$work/oci:latest" "$work/b" >/dev/null; rm -rf "$work/b"
+. benches/busybox-image.sh
 root="$work/root"
-"$CAISSON" --root "$root" load -q -i "$work/oci:latest" >/dev/null
 IMAGE=localhost/oci:latest
-bundle="$work/bundle"; mkdir -p "$bundle/rootfs"
-umoci unpack --image "$work/oci:latest" "$work/unpacked" >/dev/null
-cp -a "$work/unpacked/rootfs/." "$bundle/rootfs/"
-(cd "$bundle" && runc spec)
-jq '.process.terminal=false | .process.args=["/bin/true"]' "$bundle/config.json" > "$bundle/c.json"
-mv "$bundle/c.json" "$bundle/config.json"
+bundle="$work/bundle"
+busybox_image_and_bundle "$work" "$CAISSON" "$root" "sh true" '["/bin/true"]'
 
 # CAISSON_BASE=/path/to/old/caisson adds a before/after row (its caisson-shim next to it).
 BASE_CMD=""

@@ -14,6 +14,11 @@ pub fn window_size() -> Option<WinSize> {
     term::window_size(std::io::stdin().as_fd())
 }
 
+/// With `tty`, the size (rows, columns) to give the task's terminal: our terminal's, if any.
+pub fn tty_size(tty: bool) -> Option<(u16, u16)> {
+    tty.then(window_size).flatten().map(|s| (s.rows, s.cols))
+}
+
 /// Puts our terminal into raw mode until dropped (keys, ^C included, go to the task).
 struct RawMode(Termios);
 

@@ -508,11 +508,7 @@ fn build_spec_on(
         seccomp_unconfined,
         interactive: a.interactive,
         tty: a.tty,
-        tty_size: a
-            .tty
-            .then(crate::console::window_size)
-            .flatten()
-            .map(|s| (s.rows, s.cols)),
+        tty_size: crate::console::tty_size(a.tty),
         ..Default::default()
     })
 }
@@ -825,14 +821,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     }
     // Forward the usual termination signals to the task (podman's --sig-proxy).
     let mut proxied = SigSet::empty();
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-    ] {
+    for sig in launch::exec::RELAYED_SIGNALS {
         proxied.add(sig);
     }
     // With -i/-t the task's streams are ours (the terminal's output comes from there, not
@@ -1162,11 +1151,7 @@ pub fn exec(root: &Path, a: ExecArgs) -> i32 {
             user: a.user.clone(),
             cwd: a.workdir.clone(),
             tty: a.tty,
-            tty_size: a
-                .tty
-                .then(crate::console::window_size)
-                .flatten()
-                .map(|s| (s.rows, s.cols)),
+            tty_size: crate::console::tty_size(a.tty),
         };
         if a.tty {
             return exec_with_terminal(&rt, &info.dir, &spec, a.interactive);
@@ -1203,13 +1188,10 @@ fn exec_with_terminal(
     let at = crate::console::PtyAttached::start(master, interactive)?;
     let resize = at.resizer();
     let mut proxied = SigSet::empty();
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGWINCH,
-    ] {
+    for sig in launch::exec::RELAYED_SIGNALS
+        .into_iter()
+        .chain([Signal::SIGWINCH])
+    {
         proxied.add(sig);
     }
     proxied.thread_block()?;

@@ -310,6 +310,20 @@ pub fn busybox_layout(parent: &Path, tag: &str) -> Result<PathBuf> {
     Ok(layout)
 }
 
+/// A state root with [`busybox_layout`]'s image loaded as `localhost/oci:latest`, and the
+/// work dir holding its layout; `None` where a root-only test may skip (see [`require_root`]).
+pub fn busybox_store() -> Option<(Caisson, tempfile::TempDir)> {
+    if !require_root() || !require_tool("umoci") {
+        return None;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), "latest").unwrap();
+    let c = Caisson::new();
+    let (code, out, err) = c.run(&["load", "-q", "-i", &format!("{}:latest", layout.display())]);
+    assert_eq!(code, 0, "load: {out}{err}");
+    Some((c, work))
+}
+
 /// Adds a layer to `layout:tag` with umoci: runs `change` on the unpacked rootfs, then repacks.
 pub fn umoci_layer(
     layout: &Path,

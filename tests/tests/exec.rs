@@ -9,19 +9,6 @@ use caisson_tests::*;
 
 const IMAGE: &str = "localhost/oci:latest";
 
-/// A state root with the busybox image loaded as `localhost/oci:latest`.
-fn store() -> Option<(Caisson, tempfile::TempDir)> {
-    if !require_root() || !require_tool("umoci") {
-        return None;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(work.path(), "latest").unwrap();
-    let c = Caisson::new();
-    let (code, out, err) = c.run(&["load", "-q", "-i", &format!("{}:latest", layout.display())]);
-    assert_eq!(code, 0, "load: {out}{err}");
-    Some((c, work))
-}
-
 /// A detached task that wrote /ready, sleeping.
 fn sleeper(c: &Caisson, opts: &[&str]) -> String {
     let mut args = vec!["run", "-d", "-e", "FOO=bar", "-w", "/bin"];
@@ -40,7 +27,9 @@ const SAME_NS: &str = "for n in mnt net uts ipc pid user cgroup; do \
 
 #[test]
 fn root_exec_runs_in_the_task_with_its_context() {
-    let Some((c, _work)) = store() else { return };
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
     let id = sleeper(&c, &["--name", "target", "--hostname", "box"]);
     // By name; its namespaces, filesystem, hostname, environment, cwd, user, security.
     let script = format!(
@@ -150,7 +139,9 @@ fn root_exec_runs_in_the_task_with_its_context() {
 
 #[test]
 fn root_exec_joins_the_tasks_user_namespace() {
-    let Some((c, _work)) = store() else { return };
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
     let id = sleeper(&c, &["--userns=auto"]);
     let script = format!(
         "id -u; cat /proc/self/uid_map; cat /proc/1/uid_map; touch /new; ls -ln /new; {SAME_NS}"
@@ -181,7 +172,9 @@ fn root_supervisors_and_exec_helpers_run_from_a_read_only_mount() {
     // A task's init and an exec'd process are forks of caisson-shim until their exec: a task
     // that gets one to run its own binary (`#!/proc/self/exe`) must not be able to write it
     // through /proc/PID/exe (runc's CVE-2019-5736).
-    let Some((c, _work)) = store() else { return };
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
     let id = sleeper(&c, &[]);
     let v: serde_json::Value = serde_json::from_str(&c.ok(&["inspect", &id])).unwrap();
     let shim_pid = v[0]["state"]["shim_pid"].as_u64().unwrap() as u32;

@@ -8,19 +8,6 @@ use caisson_tests::*;
 
 const IMAGE: &str = "localhost/oci:latest";
 
-/// A state root with the busybox image loaded as `localhost/oci:latest`.
-fn store() -> Option<(Caisson, tempfile::TempDir)> {
-    if !require_root() || !require_tool("umoci") {
-        return None;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(work.path(), "latest").unwrap();
-    let c = Caisson::new();
-    let (code, out, err) = c.run(&["load", "-q", "-i", &format!("{}:latest", layout.display())]);
-    assert_eq!(code, 0, "load: {out}{err}");
-    Some((c, work))
-}
-
 /// The first line of a map (`/proc/PID/uid_map` text) as (inside, outside, count).
 fn map_line(text: &str) -> (u64, u64, u64) {
     let v: Vec<u64> = text
@@ -83,7 +70,9 @@ fn auto_start() -> u64 {
 
 #[test]
 fn root_userns_auto_is_root_inside_and_unprivileged_outside() {
-    let Some((c, _work)) = store() else { return };
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
     let root = c.root.path();
     // Inside: root, owning its root filesystem, sandbox and /etc files; what it writes is its.
     let out = c.ok(&[
@@ -181,7 +170,9 @@ fn root_userns_auto_is_root_inside_and_unprivileged_outside() {
 
 #[test]
 fn root_uidmap_and_gidmap_shift_the_task_and_its_writes_not_the_image() {
-    let Some((c, _work)) = store() else { return };
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
     let root = c.root.path();
     // --gidmap defaults to --uidmap; a size limits the map.
     let out = c.ok(&[
@@ -247,7 +238,9 @@ fn root_uidmap_and_gidmap_shift_the_task_and_its_writes_not_the_image() {
 
 #[test]
 fn root_userns_bad_input_is_refused_and_leaves_nothing() {
-    let Some((c, work)) = store() else { return };
+    let Some((c, work)) = busybox_store() else {
+        return;
+    };
     let root = c.root.path();
     let wat = work.path().join("m.wat");
     std::fs::write(&wat, r#"(module (func (export "_start")))"#).unwrap();

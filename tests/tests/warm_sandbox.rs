@@ -11,19 +11,6 @@ use containerizer::launch::{
 
 const IMAGE: &str = "localhost/oci:latest";
 
-/// A state root with the busybox image loaded as `localhost/oci:latest`.
-fn store() -> Option<(Caisson, tempfile::TempDir)> {
-    if !require_root() || !require_tool("umoci") {
-        return None;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(work.path(), "latest").unwrap();
-    let c = Caisson::new();
-    let (code, out, err) = c.run(&["load", "-q", "-i", &format!("{}:latest", layout.display())]);
-    assert_eq!(code, 0, "load: {out}{err}");
-    Some((c, work))
-}
-
 fn runtime(root: &Path, n: usize) -> Runtime {
     let shim = caisson_bin().with_file_name("caisson-shim");
     let rt = Runtime::new(root)
@@ -114,7 +101,9 @@ fn eventually_clean(root: &Path, ids: &[String]) {
 
 #[test]
 fn root_warm_sandbox_task_is_like_a_cold_one() {
-    let Some((c, _work)) = store() else { return };
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
     let root = c.root.path();
     let rt = runtime(root, 1);
     let sid = entries(root.join("sandboxes")).pop().expect("a sandbox");
@@ -189,7 +178,9 @@ fn root_warm_sandbox_task_is_like_a_cold_one() {
 
 #[test]
 fn root_options_that_do_not_fit_take_the_cold_path() {
-    let Some((c, work)) = store() else { return };
+    let Some((c, work)) = busybox_store() else {
+        return;
+    };
     let root = c.root.path();
     let rt = runtime(root, 1);
     type Change<'a> = Box<dyn Fn(&mut TaskSpec) + 'a>;
@@ -269,7 +260,9 @@ fn root_options_that_do_not_fit_take_the_cold_path() {
 
 #[test]
 fn root_unused_sandboxes_leave_nothing_behind() {
-    let Some((c, _work)) = store() else { return };
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
     let root = c.root.path();
     // Dropped runtime.
     let rt = runtime(root, 2);

@@ -24,6 +24,17 @@ use super::spec::{Process, TaskSpec};
 use super::state::{Status, TaskDir, TaskState};
 use crate::sys::launch::{self as sys, CloneResult};
 
+/// The termination signals a foreground `run` or `exec` passes on to its task or process
+/// (podman's --sig-proxy).
+pub const RELAYED_SIGNALS: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
 /// The argument that makes `caisson-shim` run an exec: `--exec TASK_DIR SPEC_JSON`.
 pub const EXEC_ARG: &str = "--exec";
 
@@ -193,15 +204,7 @@ fn run(dir: &Path, spec: &str) -> Result<i32, ChildError> {
 
     // The signals we pass on, and the child's end, arrive here one at a time.
     let mut relayed = SigSet::empty();
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGCHLD,
-    ] {
+    for s in RELAYED_SIGNALS.into_iter().chain([Signal::SIGCHLD]) {
         relayed.add(s);
     }
     relayed
