@@ -10,12 +10,12 @@
 //! [`GUARD_DIR`] (`<dev>-<ino>/caisson-shim`) instead, so every such open for writing fails
 //! with EROFS. One mount per
 //! distinct binary (device and inode), made by the first launch after a boot or an install,
-//! reused by all later ones; they go with the boot.
+//! reused by all later ones; a binary's mount goes when the binary has been deleted (a new
+//! build or install replaced it) and the next new one is made, or with the boot.
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use nix::mount::MsFlags;
 
@@ -23,23 +23,20 @@ use nix::mount::MsFlags;
 pub const GUARD_DIR: &str = "/run/caisson/bin";
 
 /// `bin` as a launcher should exec it: its read-only bind mount in [`GUARD_DIR`] (made if
-/// missing), or `bin` itself if that cannot be made (with a warning). Cached per process.
+/// missing), or `bin` itself if that cannot be made (with a warning). Looked up at each spawn
+/// (three `stat`s): a new install of `bin` gets its own mount, and a swept one is not used.
 pub fn read_only(bin: &Path) -> PathBuf {
-    static MADE: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
-    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, g)) = made.iter().find(|(b, _)| b == bin) {
-        return g.clone();
-    }
     match guard(bin, Path::new(GUARD_DIR)) {
-        Ok(g) => {
-            made.push((bin.to_path_buf(), g.clone()));
-            g
-        }
+        Ok(g) => g,
         Err(e) => {
-            tracing::warn!(
-                "no read-only mount of {} in {GUARD_DIR} ({e}): running it from where it is",
-                bin.display()
-            );
+            // Once per process: an agent would say it at every launch.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "no read-only mount of {} in {GUARD_DIR} ({e}): running it from where it is",
+                    bin.display()
+                );
+            }
             bin.to_path_buf()
         }
     }
@@ -107,7 +104,32 @@ pub fn guard(bin: &Path, dir: &Path) -> io::Result<PathBuf> {
             target.display()
         )));
     }
+    sweep_deleted(dir);
     Ok(target)
+}
+
+/// Detaches the mounts in `dir` whose binary has been deleted (replaced by a new build or
+/// install): no launch can ask for them again. Supervisors still running from one keep it.
+fn sweep_deleted(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in info.lines() {
+        let mut f = line.split(' ').skip(3);
+        let (Some(root), Some(point)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let point = Path::new(point);
+        if !root.ends_with("//deleted") || point.parent().and_then(Path::parent) != Some(dir) {
+            continue;
+        }
+        if nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH).is_ok() {
+            let _ = fs::remove_file(point);
+            if let Some(d) = point.parent() {
+                let _ = fs::remove_dir(d);
+            }
+        }
+    }
 }
 
 /// `target` is `bin`'s file (same device and inode) on a read-only mount.
@@ -154,7 +176,15 @@ mod tests {
         let g2 = guard(&bin2, &dir).unwrap();
         assert_ne!(g2, g);
         assert_eq!(g2.file_name(), bin2.file_name(), "named as the binary");
-        for p in [&g, &g2] {
+        // A binary replaced by a new build: the next new mount detaches the deleted one's.
+        fs::remove_file(&bin).unwrap();
+        let bin3 = tmp.path().join("tool3");
+        fs::write(&bin3, b"y").unwrap();
+        let g3 = guard(&bin3, &dir).unwrap();
+        assert_eq!(mounted(&g), 0, "the deleted binary's mount is gone");
+        assert!(!g.exists() && !g.parent().unwrap().exists());
+        assert_eq!((mounted(&g2), mounted(&g3)), (1, 1));
+        for p in [&g2, &g3] {
             nix::mount::umount2(p.as_path(), nix::mount::MntFlags::MNT_DETACH).unwrap();
         }
     }
