@@ -434,11 +434,6 @@ pub(super) fn become_and_exec(
     let gid = Gid::from_raw(ids.gid);
     unistd::setresgid(gid, gid, gid).ctx(|| format!("setgid {}", ids.gid))?;
     if ids.uid == 0 {
-        // Joined a user namespace as the host's root (an exec): become its root first.
-        if !unistd::geteuid().is_root() {
-            let root = Uid::from_raw(0);
-            unistd::setresuid(root, root, root).ctx(|| "setuid 0".into())?;
-        }
         sys::set_capabilities(caps).ctx(|| "capset".into())?;
     } else {
         let uid = Uid::from_raw(ids.uid);
@@ -502,11 +497,11 @@ impl Sources {
         Ok(Sources(out))
     }
 
-    fn get(&self, p: &Path) -> PathBuf {
+    fn get<'a>(&self, p: &'a Path) -> std::borrow::Cow<'a, Path> {
         match self.0.iter().find(|(q, _)| q == p) {
             // The host's /proc until pivot_root; the task's is mounted inside the root.
-            Some((_, fd)) => PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
-            None => p.to_path_buf(),
+            Some((_, fd)) => PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())).into(),
+            None => p.into(),
         }
     }
 }
@@ -847,7 +842,7 @@ fn mount_one(root: &Path, m: &super::spec::Mount, sources: &Sources) -> Result<(
     let target = resolve_in_root(root, &m.target);
     let source = match f.bind {
         true => sources.get(&m.source),
-        false => m.source.clone(),
+        false => m.source.as_path().into(),
     };
     let src_is_dir = !f.bind || fs::metadata(&source).map(|m| m.is_dir()).unwrap_or(true);
     if src_is_dir {
@@ -866,8 +861,14 @@ fn mount_one(root: &Path, m: &super::spec::Mount, sources: &Sources) -> Result<(
         } else {
             MsFlags::empty()
         };
-        mount(Some(&source), &target, none, MsFlags::MS_BIND | rec, none)
-            .ctx(|| format!("bind mounting {} on {}", m.source.display(), m.target))?;
+        mount(
+            Some(source.as_ref()),
+            &target,
+            none,
+            MsFlags::MS_BIND | rec,
+            none,
+        )
+        .ctx(|| format!("bind mounting {} on {}", m.source.display(), m.target))?;
         if !flags.is_empty() {
             mount(
                 none,

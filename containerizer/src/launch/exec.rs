@@ -281,6 +281,13 @@ fn become_process(
     if task.devices.allow.is_empty() {
         caps &= !(1u64 << child::CAP_MKNOD);
     }
+    if task.userns.is_some() {
+        // Joined as the host's root, unmapped there: become the namespace's root (keeping the
+        // capabilities), as the task's init did.
+        let root = nix::unistd::Uid::from_raw(0);
+        nix::unistd::setresuid(root, root, root)
+            .map_err(|e| fail(125, format!("becoming uid 0 of the user namespace: {e}")))?;
+    }
     let x = child::prepare_exec(process, &task.hostname, &task.additional_gids)?;
     let seccomp = (!task.seccomp_unconfined).then(crate::sys::seccomp::cached_default_filter);
     child::become_and_exec(x, process, caps, true, seccomp, || Ok(()))
