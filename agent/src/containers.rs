@@ -217,6 +217,9 @@ pub struct ExecArgs {
     /// Give the process a terminal (with -i in the foreground: ours, in raw mode).
     #[arg(short = 't', long)]
     tty: bool,
+    /// Start the process in the background and return at once (its output is discarded).
+    #[arg(short = 'd', long)]
+    detach: bool,
     /// Set an environment variable (KEY=VALUE, or KEY to take it from the host).
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
@@ -1151,6 +1154,9 @@ pub fn exec(root: &Path, a: ExecArgs) -> i32 {
             tty: a.tty,
             tty_size: crate::console::tty_size(a.tty),
         };
+        if a.detach && (a.tty || a.interactive) {
+            return Err(LaunchError::Invalid("exec -d takes neither -i nor -t".into()).into());
+        }
         if a.tty {
             return exec_with_terminal(&rt, &dir, &spec, a.interactive);
         }
@@ -1158,6 +1164,18 @@ pub fn exec(root: &Path, a: ExecArgs) -> i32 {
         shim.arg(launch::exec::EXEC_ARG)
             .arg(&dir)
             .arg(serde_json::to_string(&spec)?);
+        if a.detach {
+            // The helper on its own (a process group of its own: our terminal's signals are
+            // not its), left to run when we exit; it still refuses a task that is not running.
+            use std::process::Stdio;
+            shim.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {}", rt.shim().display()))?;
+            return Ok(0);
+        }
         if !a.interactive {
             shim.stdin(std::process::Stdio::null());
         }

@@ -126,6 +126,23 @@ fn root_exec_runs_in_the_task_with_its_context() {
     assert_eq!(procs.len(), 2, "the init and this ps: {out}");
     assert!(procs[0].contains("sleep 300"), "{out}");
 
+    // -d: back at once, the process goes on in the task.
+    c.ok(&[
+        "exec",
+        "-d",
+        &id,
+        "sh",
+        "-c",
+        "touch /detached; exec sleep 30",
+    ]);
+    eventually("the detached process", || {
+        let out = c.ok(&["exec", &id, "sh", "-c", "ls /detached && ps -o args"]);
+        out.contains("/detached") && out.contains("sleep 30")
+    });
+    let (code, _, err) = c.run(&["exec", "-d", "-t", &id, "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("neither -i nor -t"), "{err}");
+
     // Not running, not there: 125 and a message.
     c.ok(&["stop", "-t", "0", &id]);
     let (code, _, err) = c.run(&["exec", &id, "true"]);
