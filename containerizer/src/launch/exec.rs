@@ -105,7 +105,7 @@ fn fail(code: i32, message: impl Into<String>) -> ChildError {
 }
 
 /// The task's process with `x` applied.
-pub fn process_for(task: &TaskSpec, x: &ExecSpec) -> Process {
+fn process_for(task: &TaskSpec, x: &ExecSpec) -> Process {
     let mut p = task.process.clone();
     p.args = x.args.clone();
     for e in &x.env {
