@@ -308,3 +308,98 @@ fn root_userns_bad_input_is_refused_and_leaves_nothing() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(root.to_str().unwrap()), "{mounts}");
 }
+
+/// Through a master and an agent (`caisson submit --userns`): the task's root is root inside
+/// and the agent's slot's first id outside; the slot is the agent's until the task is removed;
+/// the master refuses what the agent could not run before anything is placed.
+#[test]
+fn root_userns_tasks_through_the_master() {
+    use caisson_tests::cluster::*;
+    use std::time::Duration;
+    if !require_root() || !require_tool("umoci") {
+        return;
+    }
+    let c = Cluster::new(&[]);
+    let img = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(img.path(), "latest").unwrap();
+    c.load_image("a1", &layout);
+    let root = c.agent_root("a1");
+    let _m = c.master();
+    let _a = c.agent("a1", JOIN);
+    c.wait_agents(1);
+
+    // Refused with InvalidArgument, nothing placed.
+    for (args, want) in [
+        (vec!["--userns", "bogus", IMAGE], "expected host, auto"),
+        (vec!["--userns", "auto:size=0", IMAGE], "size must be 1 to"),
+        (
+            vec!["--userns", "auto", "-p", "8080:80", IMAGE],
+            "CNI network",
+        ),
+        (
+            vec!["--userns", "auto", "--network", "mynet", IMAGE],
+            "CNI network",
+        ),
+        (vec!["--userns", "auto", "/x/m.wasm"], "for native tasks"),
+    ] {
+        let mut all = vec!["submit"];
+        all.extend(&args);
+        let (code, out, err) = c.cli(&all);
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(
+            err.contains("InvalidArgument") && err.contains(want),
+            "{args:?}: want {want:?} in {err}"
+        );
+    }
+    assert!(c.tasks().is_empty(), "{:?}", c.tasks());
+
+    // Inside: uid and gid 0, mapped from a range that is not the host's root.
+    let check = "read a b n < /proc/self/uid_map; [ \"$a $n\" = '0 65536' ] || exit 2; \
+                 [ \"$b\" -ge 65536 ] || exit 3; [ \"$(id -u):$(id -g)\" = 0:0 ] || exit 4; \
+                 touch /mnt/sandbox/up && exit 42";
+    let id = c.submit(&["--userns", "auto", IMAGE, "sh", "-c", check]);
+    let t = c.wait_task(&id, "ended", Duration::from_secs(60), terminal);
+    assert_eq!(
+        (t["state"].as_str(), t["exit_code"].as_i64()),
+        (Some("FAILED"), Some(42)),
+        "{t}"
+    );
+    assert_eq!(t["userns"], "auto", "{t}");
+    // The agent removes the ended task, and its slot with it.
+    c.assert_no_containers("a1");
+    assert!(claims(&root).is_empty(), "{:?}", claims(&root));
+
+    // Outside: the running init's host ids are its slot's first; `cancel` ends it and frees it.
+    let id = c.submit(&[
+        "--userns",
+        "auto:size=1000",
+        IMAGE,
+        "sh",
+        "-c",
+        "touch /mnt/sandbox/up; sleep 60",
+    ]);
+    let up = root.join("containers").join(&id).join("sandbox/up");
+    eventually("the task to start", || up.exists());
+    assert_eq!(claims(&root).len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(
+        &run(std::process::Command::new(caisson_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["inspect", &id]))
+        .unwrap()
+        .stdout,
+    )
+    .unwrap();
+    let pid = v[0]["state"]["pid"].as_u64().unwrap();
+    let map = map_line(&std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap());
+    assert_eq!((map.0, map.2), (0, 1000), "{map:?}");
+    assert!(map.1 >= auto_start(), "{map:?}");
+    assert_eq!(host_ids(pid, "Uid:"), vec![map.1; 4]);
+    let (code, _, err) = c.cli(&["cancel", &id]);
+    assert_eq!(code, 0, "{err}");
+    let t = c.wait_task(&id, "killed", Duration::from_secs(30), terminal);
+    assert_eq!(t["state"], "KILLED", "{t}");
+    c.assert_no_containers("a1");
+    assert!(claims(&root).is_empty(), "{:?}", claims(&root));
+    assert!(dir_entries(&root.join("rootfs")).is_empty());
+}

@@ -135,6 +135,10 @@ pub struct SubmitArgs {
     /// Wasm commands: stop the task past this many seconds (fractions allowed; exit 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
+    /// Native tasks: `auto[:size=N]` runs the task's root as an unprivileged host id range
+    /// the agent picks (as `caisson run --userns`); `host` (default): no user namespace.
+    #[arg(long, value_name = "MODE")]
+    userns: Option<String>,
     /// IMAGE (or WASM module path), then the command.
     #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true,
           value_name = "IMAGE|WASM [CMD]...")]
@@ -430,6 +434,7 @@ pub fn spec_from(a: &SubmitArgs) -> Result<TaskSpec> {
             Some(t) => std::time::Duration::from_secs_f64(t).as_millis().max(1) as u64,
             None => 0,
         },
+        userns: a.userns.clone().unwrap_or_default(),
         ..Default::default()
     })
 }
@@ -480,6 +485,7 @@ pub fn task_json(t: &Task) -> serde_json::Value {
         "gpus": res.gpu_count,
         "networks": spec.networks,
         "ports": spec.ports.iter().map(super::launcher::port_arg).collect::<Vec<_>>(),
+        "userns": if spec.userns.is_empty() { "host" } else { spec.userns.as_str() },
         "state": state_name(t.state),
         "reason": reason_name(t.reason),
         "message": t.message,

@@ -296,6 +296,13 @@ impl Launcher {
                 return res;
             }
         }
+        // (The master refuses these; an older master may not.)
+        let userns_mode = spec.userns.parse::<launch::UsernsMode>().map_err(failed)?;
+        if userns_mode != launch::UsernsMode::Host && matches!(plan, tasknet::Plan::Cni(_)) {
+            return Err(failed(
+                "a user namespace with a CNI network is not supported yet",
+            ));
+        }
         let cni = self.cni.cni(&self.root);
         // As `caisson run --network`: the namespace is made and the ADD started on a thread
         // of their own while the root is prepared and the task set up; only the task's exec
@@ -308,9 +315,23 @@ impl Launcher {
             }
             _ => None,
         };
+        // An auto user namespace is claimed for the task here (a claim made by this long-lived
+        // process holds until released: `undo` on failure, the task's removal otherwise).
+        let userns = match userns_mode {
+            launch::UsernsMode::Host => None,
+            launch::UsernsMode::Auto { size } => {
+                Some(launch::userns::allocate(&self.root, id, size).map_err(failed)?)
+            }
+        };
+        let release_userns = || {
+            if userns.is_some() {
+                launch::userns::release(&self.root, id);
+            }
+        };
         // (The store's directories and `tmp/` sweep are done once per process: `Store::open`.)
-        let prepared = crate::containers::prepare_image_root(&self.root, &spec.image, id, None)
-            .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")));
+        let prepared =
+            crate::containers::prepare_image_root(&self.root, &spec.image, id, userns.as_ref())
+                .map_err(|e| (Reason::ImagePullFailed, format!("{e:#}")));
         let gated = starting.map(tasknet::Starting::ready).transpose();
         let release_network = || {
             if let Err(e) = tasknet::detach(&cni, &self.root, id) {
@@ -328,6 +349,7 @@ impl Launcher {
                     Ok(None) => None,
                     Err(e) => Some(failed(format!("{e:#}"))),
                 };
+                release_userns();
                 return Err(match p {
                     Ok(p) => {
                         if let Some(dir) = &p.owned {
@@ -352,6 +374,7 @@ impl Launcher {
             if let Some(dir) = &owned {
                 let _ = containerizer::image::rootfs::remove(dir);
             }
+            release_userns();
         };
         let res = (|| -> Result<launch::TaskSpec, Failure> {
             let process = task_process(prepared.config.as_ref(), spec)?;
@@ -381,6 +404,7 @@ impl Launcher {
                     memory: (r.memory_bytes > 0).then_some(r.memory_bytes),
                     ..Default::default()
                 },
+                userns: userns.clone(),
                 ..Default::default()
             };
             if r.gpu_count > 0 {
@@ -419,7 +443,8 @@ impl Launcher {
     fn start_warm(&self, id: &str, spec: &TaskSpec) -> Option<Result<Launched, Failure>> {
         let warm = self.warm.as_ref().filter(|w| w.image == spec.image)?;
         let r = spec.resources.clone().unwrap_or_default();
-        if r.gpu_count > 0 || r.cpus > 0.0 || !spec.volumes.is_empty() {
+        let userns = !matches!(spec.userns.as_str(), "" | "host");
+        if r.gpu_count > 0 || r.cpus > 0.0 || !spec.volumes.is_empty() || userns {
             return None;
         }
         let process = match task_process(warm.config.as_ref(), spec) {

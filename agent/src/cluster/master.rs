@@ -263,12 +263,25 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), String> {
             return Err(format!("host port {} mapped twice", p.host_port));
         }
     }
+    let userns: containerizer::launch::UsernsMode = spec.userns.parse()?;
     if kind == TaskKind::NativeImage {
         // The same rules as `caisson run --network/-p` (names are checked by the agent,
         // which has the CNI configurations).
         let ports: Vec<String> = spec.ports.iter().map(super::launcher::port_arg).collect();
-        crate::tasknet::plan(&spec.networks, &ports).map_err(|e| format!("{e:#}"))?;
+        let plan = crate::tasknet::plan(&spec.networks, &ports).map_err(|e| format!("{e:#}"))?;
+        if userns != containerizer::launch::UsernsMode::Host
+            && matches!(plan, crate::tasknet::Plan::Cni(_))
+        {
+            return Err(
+                "a user namespace with a CNI network (a network name, a port mapping) is not \
+                 supported yet"
+                    .into(),
+            );
+        }
     } else {
+        if userns != containerizer::launch::UsernsMode::Host {
+            return Err("user namespaces are for native tasks; a Wasm task has none".into());
+        }
         if r.gpu_count > 0 {
             return Err("GPUs are for native tasks; a Wasm task cannot use them".into());
         }
