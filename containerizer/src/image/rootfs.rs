@@ -481,8 +481,12 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err("inspecting", &dir)(e)),
     }
-    if unmount_root(&dir) {
-        return remove_ended_dir(&dir).map_err(io_err("deleting", &dir));
+    unmount_root(&dir);
+    // Nearly always nothing else is mounted there: deleted without reading the mount table.
+    match remove_ended_dir(&dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EBUSY)) => {}
+        Err(e) => return Err(io_err("deleting", &dir)(e)),
     }
     // Several rounds: mounts can be stacked on the same mount point. The round that finds
     // nothing is the check that nothing is left.
@@ -525,16 +529,17 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
 }
 
 /// What an ended task's directories hold, deepest first: an overlay root's (`rootfs/<id>`,
-/// with overlay's own `work/` entries; its first file names the kind) and a task record's
+/// with what overlay makes in its work dir: `work/work`, and with `volatile`
+/// `work/work/incompat/volatile/dirty`; its first file names the kind) and a task record's
 /// (`containers/<id>`), as (files, directories).
 const ENDED_ROOT: (&[&str], &[&str]) = (
-    &["image-id", "work/incompat/volatile/dirty"],
+    &["image-id", "work/work/incompat/volatile/dirty"],
     &[
         "merged",
         "upper",
+        "work/work/incompat/volatile",
+        "work/work/incompat",
         "work/work",
-        "work/incompat/volatile",
-        "work/incompat",
         "work",
     ],
 );
@@ -552,60 +557,166 @@ const ENDED_RECORD: (&[&str], &[&str]) = (
     &["etc", "sandbox"],
 );
 
-/// Deletes `dir` (nothing mounted in it), a task's root or record directory: the entries such
-/// a directory usually holds go by name, one `unlinkat` each from the directory's descriptor
-/// (none of the listing of every directory `remove_dir_all` does: ~10 system calls instead of
-/// ~40 for a task that wrote nothing); anything else (a task's writes in `upper/` or
-/// `sandbox/`) then goes the general way. Symlinks are never followed; none of these entries
-/// is the task's to replace. A missing `dir` is not an error.
+/// Deletes `dir`, a task's root (its overlay unmounted) or record directory, without ever
+/// deleting through a mount: the entries such a directory usually holds go by name, one
+/// `unlinkat` each from the directory's descriptor (no listing: ~10 system calls for a task
+/// that wrote nothing); anything else (a task's writes in `upper/` or `sandbox/`) is then
+/// walked, each subdirectory opened with `RESOLVE_NO_XDEV`. Symlinks are never followed.
+/// A missing `dir` is not an error; a mount at or below it is `EXDEV` (or `EBUSY`), with
+/// nothing below that mount touched: [`remove`] then unmounts and tries again.
 pub fn remove_ended_dir(dir: &Path) -> io::Result<()> {
+    match remove_by_name(dir)? {
+        Removal::Gone => Ok(()),
+        Removal::Left(fd) => {
+            remove_contents(&fd)?;
+            match fs::remove_dir(dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+enum Removal {
+    Gone,
+    /// Entries are left in the directory (open here).
+    Left(std::os::fd::OwnedFd),
+}
+
+/// Opens `path` below `dir` as a directory, refusing to cross a mount or follow a symlink
+/// (`EXDEV`, `ELOOP`).
+fn open_beneath<P: ?Sized + nix::NixPath>(
+    dir: &impl std::os::fd::AsFd,
+    path: &P,
+) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    openat2(
+        dir,
+        path,
+        OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_XDEV
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS,
+            ),
+    )
+}
+
+/// The by-name part of [`remove_ended_dir`].
+fn remove_by_name(dir: &Path) -> io::Result<Removal> {
     use nix::fcntl::{open, OFlag};
     use nix::unistd::{unlinkat, UnlinkatFlags};
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    match open(dir, flags, nix::sys::stat::Mode::empty()) {
-        Ok(fd) => {
-            // The first file of a kind tells which kind this is (a directory of neither kind
-            // gets both lists), so that the other kind's entries cost no failed lookups.
-            let mut kinds = [ENDED_ROOT, ENDED_RECORD]
-                .into_iter()
-                .filter(|(files, _)| unlinkat(&fd, files[0], UnlinkatFlags::NoRemoveDir).is_ok());
-            let lists: Vec<_> = match kinds.next() {
-                Some(kind) => vec![kind],
-                None => vec![ENDED_ROOT, ENDED_RECORD],
-            };
-            for (files, dirs) in lists {
-                for f in &files[1..] {
-                    let _ = unlinkat(&fd, *f, UnlinkatFlags::NoRemoveDir);
-                }
-                for d in dirs {
-                    let _ = unlinkat(&fd, *d, UnlinkatFlags::RemoveDir);
-                }
+    let fd = match open(dir, flags, nix::sys::stat::Mode::empty()) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(Removal::Gone),
+        // A symlink: only the link goes.
+        Err(nix::errno::Errno::ELOOP) | Err(nix::errno::Errno::ENOTDIR) => {
+            return match fs::remove_file(dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(Removal::Gone),
             }
         }
-        Err(nix::errno::Errno::ENOENT) => return Ok(()),
-        // A symlink or something else: the general way decides.
-        Err(_) => {}
-    }
-    let rest = match fs::remove_dir(dir) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(_) => fs::remove_dir_all(dir),
+        Err(e) => return Err(e.into()),
     };
-    match rest {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        r => r,
+    // Something mounted on the directory itself: what it shows is not ours to delete.
+    if sysmount::is_mount_root(dir).ok().flatten() == Some(true) {
+        return Err(io::Error::from_raw_os_error(libc::EBUSY));
     }
+    // The first file of a kind tells which kind this is (a directory of neither kind gets
+    // both lists), so that the other kind's entries cost no failed lookups.
+    let mut kinds = [ENDED_ROOT, ENDED_RECORD]
+        .into_iter()
+        .filter(|(files, _)| unlinkat(&fd, files[0], UnlinkatFlags::NoRemoveDir).is_ok());
+    let lists: Vec<_> = match kinds.next() {
+        Some(kind) => vec![kind],
+        None => vec![ENDED_ROOT, ENDED_RECORD],
+    };
+    // A nested entry is removed only once its parent was reached without crossing a mount
+    // (one `openat2` for the deepest parent vouches for the ones above it).
+    let mut checked: Vec<&str> = vec![];
+    let mut reachable = |path: &'static str| -> bool {
+        let Some((parent, _)) = path.rsplit_once('/') else {
+            return true;
+        };
+        let covered = |c: &&str| {
+            c.strip_prefix(parent)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        if checked.iter().any(covered) {
+            return true;
+        }
+        let ok = open_beneath(&fd, parent).is_ok();
+        if ok {
+            checked.push(parent);
+        }
+        ok
+    };
+    for (files, dirs) in lists {
+        for f in &files[1..] {
+            if reachable(f) {
+                let _ = unlinkat(&fd, *f, UnlinkatFlags::NoRemoveDir);
+            }
+        }
+        for d in dirs {
+            if reachable(d) {
+                let _ = unlinkat(&fd, *d, UnlinkatFlags::RemoveDir);
+            }
+        }
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(Removal::Gone),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Removal::Gone),
+        Err(_) => Ok(Removal::Left(fd)),
+    }
+}
+
+/// Deletes everything in the directory `fd`, depth first, never through a mount: a
+/// subdirectory that is a mount is `EXDEV`, a file that is one `EBUSY`.
+fn remove_contents(fd: &std::os::fd::OwnedFd) -> io::Result<()> {
+    use nix::dir::{Dir, Type};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    use std::os::fd::AsFd;
+    let dup = fd.as_fd().try_clone_to_owned()?;
+    let mut d = Dir::from_fd(dup)?;
+    let mut entries = vec![];
+    for e in d.iter() {
+        let e = e?;
+        let name = e.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        entries.push((name.to_owned(), e.file_type()));
+    }
+    drop(d);
+    for (name, ty) in entries {
+        let is_dir = match ty {
+            Some(t) => t == Type::Directory,
+            None => nix::sys::stat::fstatat(
+                fd,
+                name.as_c_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)?,
+        };
+        if is_dir {
+            let sub = open_beneath(fd, name.as_c_str())?;
+            remove_contents(&sub)?;
+            unlinkat(fd, name.as_c_str(), UnlinkatFlags::RemoveDir)?;
+        } else {
+            unlinkat(fd, name.as_c_str(), UnlinkatFlags::NoRemoveDir)?;
+        }
+    }
+    Ok(())
 }
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 
-/// True if no directory at or below `dir` is a mount root (symlinks are not followed). False
-/// when one is, or when it cannot tell (a kernel without `STATX_ATTR_MOUNT_ROOT`, an error):
-/// then the mount table decides.
 /// Unmounts the overlay root of `container_dir` (its `merged/`, if mounted) without a look at
 /// the mount table (reading it costs more the more tasks are running: a mounted `merged/` is
-/// on another device); true when nothing else is mounted below `container_dir` (the usual
-/// case, asked of each directory, not of the mount table).
+/// on another device). False if that failed. Other mounts below `container_dir` (rare) are
+/// found by [`remove_ended_dir`], which does not delete through them.
 pub fn unmount_root(container_dir: &Path) -> bool {
     let merged = container_dir.join(MERGED);
     if let (Ok(d), Ok(m)) = (
@@ -613,26 +724,7 @@ pub fn unmount_root(container_dir: &Path) -> bool {
         fs::symlink_metadata(&merged),
     ) {
         if m.is_dir() && m.dev() != d.dev() && sysmount::unmount(&merged, false).is_err() {
-            let _ = sysmount::unmount(&merged, true);
-        }
-    }
-    no_mount_below(container_dir)
-}
-
-fn no_mount_below(dir: &Path) -> bool {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        if sysmount::is_mount_root(&d).ok().flatten() != Some(false) {
-            return false;
-        }
-        let Ok(entries) = fs::read_dir(&d) else {
-            return false;
-        };
-        for e in entries {
-            let Ok(e) = e else { return false };
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(e.path());
-            }
+            return sysmount::unmount(&merged, true).is_ok();
         }
     }
     true
@@ -1197,7 +1289,8 @@ mod tests {
     }
 
     /// The fast path (no mount table read) must see a mount anywhere below, not only at
-    /// `merged`: a bind mount deeper down is unmounted, and what it shows is not deleted.
+    /// `merged`: a bind mount deeper down stops the deletion there (EXDEV, what it shows
+    /// untouched); `remove` then unmounts it and deletes the rest.
     #[test]
     fn root_remove_sees_mounts_below_without_the_mount_table() {
         if !require_root("root_remove_sees_mounts_below_without_the_mount_table") {
@@ -1208,25 +1301,63 @@ mod tests {
         fs::create_dir(&outside).unwrap();
         fs::write(outside.join("precious"), b"p").unwrap();
         let cdir = tmp.path().join("c");
-        let deep = cdir.join("upper/deep");
+        let deep = cdir.join("upper/a/deep");
         fs::create_dir_all(&deep).unwrap();
-        assert!(no_mount_below(&cdir), "nothing mounted yet");
-        nix::mount::mount(
-            Some(&outside),
-            &deep,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .unwrap();
-        assert!(
-            !no_mount_below(&cdir),
-            "a bind mount of the same filesystem"
-        );
+        fs::write(cdir.join("upper/a/file"), b"f").unwrap();
+        let bind = |src: &Path, dst: &Path| {
+            nix::mount::mount(
+                Some(src),
+                dst,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .unwrap()
+        };
+        // A bind mount of the same filesystem (same st_dev) on a directory, and one on a file.
+        bind(&outside, &deep);
+        let err = remove_ended_dir(&cdir).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{err}");
+        assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
+        assert!(is_mounted_under(&cdir));
         remove(&cdir).unwrap();
         assert!(!is_mounted_under(&cdir));
         assert!(!cdir.exists());
         assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
+
+        fs::create_dir_all(cdir.join("upper")).unwrap();
+        fs::write(cdir.join("upper/f"), b"").unwrap();
+        bind(&outside.join("precious"), &cdir.join("upper/f"));
+        let err = remove_ended_dir(&cdir).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+        remove(&cdir).unwrap();
+        assert!(!cdir.exists());
+        assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
+    }
+
+    /// A task root as overlay leaves it (volatile, unmounted, nothing written) goes by name
+    /// alone: no directory is listed.
+    #[test]
+    fn root_an_unused_overlay_root_goes_by_name() {
+        if !require_root("root_an_unused_overlay_root_goes_by_name") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let lowers = three_layers(tmp.path());
+        let cdir = tmp.path().join("c");
+        fs::create_dir(&cdir).unwrap();
+        let opts = CreateOptions {
+            volatile: true,
+            ..Default::default()
+        };
+        let rootfs = create_with(&lowers, &cdir, Backend::Overlay, &opts).unwrap();
+        fs::write(cdir.join("image-id"), "sha256:x").unwrap();
+        // What overlay made in its work dir (volatile: work/work/incompat/volatile/dirty).
+        assert!(cdir.join("work/work").is_dir());
+        assert!(unmount_root(&cdir));
+        assert!(!rootfs.path.join("a").exists(), "unmounted");
+        assert!(matches!(remove_by_name(&cdir).unwrap(), Removal::Gone));
+        assert!(!cdir.exists());
     }
 
     #[test]
@@ -1238,11 +1369,13 @@ mod tests {
         // A root as an overlay leaves it, and a record directory; the second with a task's
         // writes in its sandbox, a symlink among them.
         let root = tmp.path().join("root");
-        for d in ["merged", "upper", "work/work", "work/incompat/volatile"] {
+        for d in ["merged", "upper/written", "work/work/incompat/volatile"] {
             fs::create_dir_all(root.join(d)).unwrap();
         }
         fs::write(root.join("image-id"), "sha256:x").unwrap();
-        fs::write(root.join("work/incompat/volatile/dirty"), "").unwrap();
+        fs::write(root.join("work/work/incompat/volatile/dirty"), "").unwrap();
+        fs::write(root.join("upper/written/f"), "").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("upper/written/link")).unwrap();
         let rec = tmp.path().join("rec");
         fs::create_dir_all(rec.join("etc")).unwrap();
         fs::create_dir_all(rec.join("sandbox/deep")).unwrap();
