@@ -656,14 +656,6 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     let wants_userns = a.userns.as_deref().is_some_and(|m| m != "host")
         || !a.uidmap.is_empty()
         || !a.gidmap.is_empty();
-    if wants_userns && matches!(plan, tasknet::Plan::Cni(_)) {
-        return Err(LaunchError::Invalid(
-            "--userns/--uidmap with a CNI network (--network NAME, -p) is not supported yet: \
-             use --network none or host"
-                .into(),
-        )
-        .into());
-    }
     // The task's supervisor (and its network namespace) start now, while the root filesystem
     // and the records are prepared; not for an attached -i/-t task, whose supervisor is
     // spawned with the console.

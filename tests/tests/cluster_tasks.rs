@@ -202,8 +202,11 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
     assert_eq!(agents[0]["used_ports"], serde_json::json!([port]));
 
     // The same host port again: it waits in STAGING, saying why (as a Nomad job waits on a
-    // port collision), and runs once the port is free.
-    let second = c.submit(&args);
+    // port collision), and runs once the port is free. This one with a user namespace: its
+    // unprivileged root serves on the network too.
+    let mut userns_args = vec!["--userns", "auto"];
+    userns_args.extend(&args);
+    let second = c.submit(&userns_args);
     let t = c.wait_task(&second, "waiting", Duration::from_secs(10), |t| {
         t["reason"] == "no_resources"
     });
@@ -232,12 +235,27 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
     eventually("the second one answers on the same port", || {
         http_get(port, "/motd").is_some_and(|b| b.contains("hello from caisson tests"))
     });
+    let root = c.agent_root("a1");
+    let second_pid: u64 = {
+        let out = run(std::process::Command::new(caisson_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["inspect", &second]))
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["state"]["pid"].as_u64().unwrap()
+    };
+    let uid_map = std::fs::read_to_string(format!("/proc/{second_pid}/uid_map")).unwrap();
+    assert!(
+        uid_map.split_whitespace().nth(1).is_some_and(|h| h != "0"),
+        "not in a user namespace: {uid_map}"
+    );
     c.cli(&["cancel", "-t", "1", &second]);
     c.wait_task(&second, "killed", Duration::from_secs(30), terminal);
     c.assert_no_containers("a1");
+    assert_eq!(dir_entries(&root.join("userns")), Vec::<String>::new());
 
     // Nothing left: no pinned netns, no CNI cache, no veth on the bridge, no address held.
-    let root = c.agent_root("a1");
     eventually("no netns left", || {
         std::fs::read_dir(volatile_dir(&root).join("netns")).map_or(true, |d| d.count() == 0)
     });

@@ -667,3 +667,71 @@ fn bench_launch_on_a_network_gates_each_task_and_leaves_nothing() {
     drop(env);
     del_bridge(bridge);
 }
+
+/// A task with a user namespace on a CNI network (`--userns=auto --network NET -p`): born in
+/// the prepared namespace, its root (unprivileged on the host) serves port 80 through the
+/// published port, sees its own interfaces in /sys, and nothing is left after it.
+#[test]
+fn userns_task_on_a_network_serves_its_published_port() {
+    let Some(env) = Env::new(&our_plugins()) else {
+        return;
+    };
+    let bridge = "cstu46";
+    del_bridge(bridge);
+    env.create("unet", "10.231.46.0/24", bridge);
+    let port = free_port();
+    let (code, out, err) = env.run(&[
+        "run",
+        "-d",
+        "--userns=auto",
+        "--network",
+        "unet",
+        "-p",
+        &format!("{port}:80"),
+        IMAGE,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map > /etc/motd; ls /sys/class/net >> /etc/motd; \
+         exec /bin/busybox httpd -f -p 80 -h /etc",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    let mut body = None;
+    eventually("httpd answers on the published port", || {
+        body = http_get(port, "/motd");
+        body.is_some()
+    });
+    let body = body.unwrap();
+    let map: Vec<u64> = body
+        .lines()
+        .find_map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            (v.len() == 3).then_some(v)
+        })
+        .unwrap_or_else(|| panic!("no uid map in {body}"));
+    assert_eq!((map[0], map[2]), (0, 65536), "{body}");
+    assert!(map[1] > 0, "root inside is not the host's root: {body}");
+    // Its own sysfs: its interfaces, none of the host's.
+    let ifaces: Vec<&str> = body
+        .lines()
+        .filter(|l| !l.contains(' ') && !l.is_empty())
+        .collect();
+    assert!(ifaces.contains(&"eth0") && ifaces.contains(&"lo"), "{body}");
+    assert!(
+        !ifaces.contains(&bridge),
+        "the host's interfaces show: {body}"
+    );
+    let (code, _, err) = env.run(&["rm", "-f", &id]);
+    assert_eq!(code, 0, "{err}");
+    env.assert_clean(&[bridge]);
+    let claims = std::fs::read_dir(env.c.root.path().join("userns"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(claims, 0, "user namespace slot still claimed");
+    drop(env);
+    del_bridge(bridge);
+}

@@ -279,7 +279,6 @@ fn root_userns_bad_input_is_refused_and_leaves_nothing() {
             vec!["--userns=host", "--uidmap", "0:300000:10", IMAGE],
             "contradict",
         ),
-        (vec!["--userns=auto", "-p", "8080:80", IMAGE], "CNI network"),
         (
             vec!["--userns=auto", "--rootfs", rootfs.to_str().unwrap()],
             "need an image",
@@ -332,14 +331,6 @@ fn root_userns_tasks_through_the_master() {
     for (args, want) in [
         (vec!["--userns", "bogus", IMAGE], "expected host, auto"),
         (vec!["--userns", "auto:size=0", IMAGE], "size must be 1 to"),
-        (
-            vec!["--userns", "auto", "-p", "8080:80", IMAGE],
-            "CNI network",
-        ),
-        (
-            vec!["--userns", "auto", "--network", "mynet", IMAGE],
-            "CNI network",
-        ),
         (vec!["--userns", "auto", "/x/m.wasm"], "for native tasks"),
     ] {
         let mut all = vec!["submit"];

@@ -296,13 +296,15 @@ impl Launcher {
                 return res;
             }
         }
-        // (The master refuses these; an older master may not.)
-        let userns_mode = spec.userns.parse::<launch::UsernsMode>().map_err(failed)?;
-        if userns_mode != launch::UsernsMode::Host && matches!(plan, tasknet::Plan::Cni(_)) {
-            return Err(failed(
-                "a user namespace with a CNI network is not supported yet",
-            ));
-        }
+        // An auto user namespace is claimed for the task here, before anything else is made
+        // (a claim made by this long-lived process holds until released: `undo` on failure,
+        // the task's removal otherwise).
+        let userns = match spec.userns.parse::<launch::UsernsMode>().map_err(failed)? {
+            launch::UsernsMode::Host => None,
+            launch::UsernsMode::Auto { size } => {
+                Some(launch::userns::allocate(&self.root, id, size).map_err(failed)?)
+            }
+        };
         let cni = self.cni.cni(&self.root);
         // As `caisson run --network`: the namespace is made and the ADD started on a thread
         // of their own while the root is prepared and the task set up; only the task's exec
@@ -314,14 +316,6 @@ impl Launcher {
                 Some(tasknet::start_gated(&cni, &self.root, id, reqs, files))
             }
             _ => None,
-        };
-        // An auto user namespace is claimed for the task here (a claim made by this long-lived
-        // process holds until released: `undo` on failure, the task's removal otherwise).
-        let userns = match userns_mode {
-            launch::UsernsMode::Host => None,
-            launch::UsernsMode::Auto { size } => {
-                Some(launch::userns::allocate(&self.root, id, size).map_err(failed)?)
-            }
         };
         let release_userns = || {
             if userns.is_some() {

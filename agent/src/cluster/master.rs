@@ -268,16 +268,7 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), String> {
         // The same rules as `caisson run --network/-p` (names are checked by the agent,
         // which has the CNI configurations).
         let ports: Vec<String> = spec.ports.iter().map(super::launcher::port_arg).collect();
-        let plan = crate::tasknet::plan(&spec.networks, &ports).map_err(|e| format!("{e:#}"))?;
-        if userns != containerizer::launch::UsernsMode::Host
-            && matches!(plan, crate::tasknet::Plan::Cni(_))
-        {
-            return Err(
-                "a user namespace with a CNI network (a network name, a port mapping) is not \
-                 supported yet"
-                    .into(),
-            );
-        }
+        crate::tasknet::plan(&spec.networks, &ports).map_err(|e| format!("{e:#}"))?;
     } else {
         if userns != containerizer::launch::UsernsMode::Host {
             return Err("user namespaces are for native tasks; a Wasm task has none".into());

@@ -102,6 +102,9 @@ pub struct ChildArgs<'a> {
     pub device_cgroup: bool,
     /// A new network namespace made for the task ahead of the launch, to join.
     pub netns: Option<&'a OwnedFd>,
+    /// A detached sysfs mount of the task's network namespace, made by the supervisor: a
+    /// task with a user namespace on a prepared (CNI) namespace may not mount one itself.
+    pub sysfs: Option<OwnedFd>,
     /// The task has a user namespace (cloned into it): wait for this byte, which says its
     /// maps are written, before anything else.
     pub userns_ready: Option<OwnedFd>,
@@ -162,7 +165,8 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
             .ctx(|| "joining the task's network namespace".into())?;
     }
-    if let Some(ns) = &spec.netns {
+    // (With a user namespace the supervisor made us in it already: we could not join it.)
+    if let Some(ns) = spec.netns.as_ref().filter(|_| !in_userns) {
         // Before the mounts: the new /sys must show this namespace's devices. We are the
         // single thread of a fresh process, so the switch affects only the task.
         let f = fs::File::open(ns).ctx(|| format!("opening netns {}", ns.display()))?;
@@ -236,7 +240,7 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         })?;
     }
 
-    mount_proc_dev_sys(root, in_userns)?;
+    mount_proc_dev_sys(root, in_userns, a.sysfs.as_ref())?;
     make_device_nodes(root, &spec.devices.nodes, in_userns)?;
     if a.cgroup_ns {
         let cg = root.join("sys/fs/cgroup");
@@ -320,7 +324,8 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
     }
     unistd::sethostname(&spec.hostname).ctx(|| "sethostname".into())?;
     // In a joined (CNI) namespace too: not every network's chain has the loopback plugin.
-    if spec.network == NetworkMode::None {
+    // (A prepared one with a user namespace: the supervisor did, we may not.)
+    if spec.network == NetworkMode::None && !(in_userns && spec.netns.is_some()) {
         sys::loopback_up().ctx(|| "bringing up lo".into())?;
     }
 
@@ -686,7 +691,11 @@ fn mask(p: &str) -> Result<(), ChildError> {
     }
 }
 
-fn mount_proc_dev_sys(root: &Path, in_userns: bool) -> Result<(), ChildError> {
+fn mount_proc_dev_sys(
+    root: &Path,
+    in_userns: bool,
+    sysfs: Option<&OwnedFd>,
+) -> Result<(), ChildError> {
     let none: Option<&str> = None;
     let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     let proc_ = root.join("proc");
@@ -776,6 +785,9 @@ fn mount_proc_dev_sys(root: &Path, in_userns: bool) -> Result<(), ChildError> {
 
     let sys_ = root.join("sys");
     fs::create_dir_all(&sys_).ctx(|| "creating /sys".into())?;
+    if let Some(fd) = sysfs {
+        return crate::sys::mount::move_mount_to(fd, &sys_).ctx(|| "mounting /sys".into());
+    }
     let sysfs = mount(
         Some("sysfs"),
         &sys_,

@@ -1180,12 +1180,6 @@ fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
     if let Some(u) = &spec.userns {
         u.validate()
             .map_err(|e| LaunchError::Invalid(format!("user namespace: {e}")))?;
-        if spec.netns.is_some() {
-            return Err(LaunchError::Invalid(
-                "a user namespace with a CNI network is not supported yet (use --network none or host)"
-                    .into(),
-            ));
-        }
         if !spec.hooks.is_empty() {
             return Err(LaunchError::Invalid(
                 "a user namespace with OCI hooks is not supported".into(),

@@ -520,6 +520,7 @@ pub fn main(dir: &Path) -> i32 {
                 wait_early: true,
                 cgroup_ns: false,
                 netns: None,
+                sysfs: None,
                 // No device cgroup for a sandbox's task (no devices beyond the minimal /dev):
                 // CAP_MKNOD goes instead.
                 device_cgroup: false,

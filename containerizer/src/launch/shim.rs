@@ -233,6 +233,28 @@ pub(super) fn main_with(
     // A CNI ADD still in flight (the network gate): the init sets up meanwhile and waits for
     // our go before exec.
     let gated = spec.network_gate.is_some();
+    // A task with a user namespace on CNI networks: its init cannot join the prepared
+    // namespace itself once in its user namespace (that needs privilege over the namespace's
+    // owner, the host's), so it is born in it: we enter it for the clone and come back.
+    let (host_netns, sysfs) = match (&spec.userns, &spec.netns) {
+        (Some(_), Some(ns)) => match enter_netns_for_userns_task(ns) {
+            Ok((host, sysfs)) => (Some(host), Some(sysfs)),
+            Err(e) => {
+                destroy_early(&early_cg);
+                report_failure(
+                    &mut state,
+                    &mut out,
+                    125,
+                    format!(
+                        "entering the task's network namespace {}: {e}",
+                        ns.display()
+                    ),
+                );
+                return 1;
+            }
+        },
+        _ => (None, None),
+    };
     let t_clone = sys::monotonic_ns();
     let mut joined_at_birth = v2fd.is_some();
     // Born in its v2 cgroup, the init also gets a cgroup namespace rooted there, so that it can
@@ -246,6 +268,12 @@ pub(super) fn main_with(
         res = sys::clone_fork(flags, None);
     }
     drop(v2fd);
+    // Back in our own namespace (the child, if any, stays in the task's).
+    if let Some(host) = host_netns {
+        if let Err(e) = nix::sched::setns(&host, nix::sched::CloneFlags::CLONE_NEWNET) {
+            tracing::error!("returning to the host's network namespace: {e}");
+        }
+    }
     let (go_r, go_w_fd) = go;
     let pid = match res {
         Ok(CloneResult::Child) => {
@@ -260,6 +288,7 @@ pub(super) fn main_with(
                 wait_early: early_go,
                 cgroup_ns: joined_at_birth,
                 netns: premade_netns.as_ref(),
+                sysfs,
                 // On v2 a device program is attached only for tasks with device rules.
                 device_cgroup: !spec.devices.allow.is_empty(),
                 stdout: &stdout_fd,
@@ -844,6 +873,42 @@ pub(super) fn remove_task(
     }
     report_removed();
     super::state::cleanup_owned(&doomed);
+}
+
+/// Enters the prepared network namespace `ns` of a task with a user namespace and does there
+/// what its root, unprivileged over this namespace, cannot: brings lo up (not every CNI chain
+/// has the loopback plugin) and lets it bind ports below 1024 and ping
+/// (`ip_unprivileged_port_start=0` and `ping_group_range` for every group, docker's defaults
+/// for a container's own namespace), and makes its /sys (a sysfs mount shows the devices of
+/// the mounter's network namespace, and only a process privileged over that namespace's owner
+/// may make one). Returns our namespace, to return to after the clone, and the detached
+/// sysfs mount for the init to attach.
+fn enter_netns_for_userns_task(ns: &Path) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use crate::sys::mount::{FsContext, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID};
+    let host = crate::sys::netns::current_netns()?;
+    let f = File::open(ns)?;
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    let inside = (|| {
+        sys::loopback_up()?;
+        // /proc/sys/net shows the opener's namespace: this one now.
+        fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0")?;
+        fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")?;
+        let ctx = FsContext::open("sysfs")?;
+        ctx.create()?;
+        ctx.mount_with(
+            crate::sys::mount::MOUNT_ATTR_RDONLY
+                | MOUNT_ATTR_NOSUID
+                | MOUNT_ATTR_NODEV
+                | MOUNT_ATTR_NOEXEC,
+        )
+    })();
+    match inside {
+        Ok(sysfs) => Ok((host, sysfs)),
+        Err(e) => {
+            let _ = nix::sched::setns(&host, nix::sched::CloneFlags::CLONE_NEWNET);
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]

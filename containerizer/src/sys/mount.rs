@@ -166,14 +166,18 @@ impl FsContext {
     /// (`MOUNT_ATTR_NODEV`): every mount made this way is a task's root, whose image may carry
     /// device nodes.
     pub fn mount(&self) -> io::Result<OwnedFd> {
-        const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+        self.mount_with(MOUNT_ATTR_NODEV)
+    }
+
+    /// `fsmount(2)` with the mount attributes `attrs` (`MOUNT_ATTR_*`).
+    pub fn mount_with(&self, attrs: libc::c_uint) -> io::Result<OwnedFd> {
         // SAFETY: the fd is owned by self and open; fsmount takes no pointers.
         let ret = check(unsafe {
             libc::syscall(
                 libc::SYS_fsmount,
                 self.fd.as_raw_fd(),
                 FSMOUNT_CLOEXEC,
-                MOUNT_ATTR_NODEV,
+                attrs,
             )
         })?;
         // SAFETY: on success fsmount returns a fresh file descriptor that nothing else owns.
@@ -195,6 +199,12 @@ impl FsContext {
         out.join("; ")
     }
 }
+
+/// `MOUNT_ATTR_*` of `fsmount(2)` and `mount_setattr(2)`.
+pub const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+pub const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+pub const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+pub const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
 
 /// Attach a detached mount (from [`FsContext::mount`]) at `target`.
 pub fn move_mount_to(mount: &OwnedFd, target: &Path) -> io::Result<()> {
