@@ -485,7 +485,12 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
     // Nearly always nothing else is mounted there: deleted without reading the mount table.
     match remove_ended_dir(&dir) {
         Ok(()) => return Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EBUSY)) => {}
+        // A mount below (or a kernel without openat2, < 5.6: then the mount table decides).
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EXDEV | libc::EBUSY | libc::ENOSYS)
+            ) => {}
         Err(e) => return Err(io_err("deleting", &dir)(e)),
     }
     // Several rounds: mounts can be stacked on the same mount point. The round that finds
@@ -525,7 +530,12 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
             return Err(RootfsError::StillMounted { path: m });
         }
     }
-    remove_ended_dir(&dir).map_err(io_err("deleting", &dir))
+    match remove_ended_dir(&dir) {
+        // Nothing is mounted below (the mount table says so): the general way.
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => fs::remove_dir_all(&dir),
+        r => r,
+    }
+    .map_err(io_err("deleting", &dir))
 }
 
 /// What an ended task's directories hold, deepest first: an overlay root's (`rootfs/<id>`,
