@@ -274,6 +274,15 @@ impl Cluster {
         (Proc(child), seen)
     }
 
+    /// Loads the tests' busybox image into `agent`'s store; returns its name.
+    pub fn load_busybox(&self, agent: &str) -> &'static str {
+        let dir = self.dir.path().join("busybox-image");
+        std::fs::create_dir_all(&dir).unwrap();
+        let layout = crate::busybox_layout(&dir, "latest").expect("building the busybox layout");
+        self.load_image(agent, &layout);
+        "localhost/oci:latest"
+    }
+
     pub fn load_image(&self, agent: &str, layout: &Path) {
         run(Command::new(caisson_bin())
             .arg("--root")

@@ -163,10 +163,7 @@ fn root_native_task_on_a_cni_network_with_a_host_port() {
             "network", "create", "--subnet", subnet, "--bridge", bridge, net,
         ]);
     run(&mut create).unwrap();
-    let img = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(img.path(), "latest").unwrap();
-    c.load_image("a1", &layout);
-    let image = "localhost/oci:latest";
+    let image = c.load_busybox("a1");
     let _m = c.master();
     let _a = c.agent_with("a1", JOIN, &cni, &[], &[]);
     c.wait_agents(1);
@@ -293,10 +290,7 @@ fn root_gpus_are_placed_by_free_count_and_released() {
         return;
     }
     let c = Cluster::new(&["--heartbeat-ms", "200"]);
-    let img = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(img.path(), "latest").unwrap();
-    c.load_image("g1", &layout);
-    let image = "localhost/oci:latest";
+    let image = c.load_busybox("g1");
     let _m = c.master();
     let fake = env!("FAKE_NVML_LIB");
     let _a = c.agent_with(
@@ -524,9 +518,7 @@ fn root_bench_launch_through_the_master() {
         return;
     }
     let c = Cluster::new(&[]);
-    let img = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(img.path(), "latest").unwrap();
-    c.load_image("b1", &layout);
+    c.load_busybox("b1");
     let _m = c.master();
     let _a = c.agent("b1", JOIN);
     c.wait_agents(1);

@@ -319,9 +319,7 @@ fn root_userns_tasks_through_the_master() {
         return;
     }
     let c = Cluster::new(&[]);
-    let img = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(img.path(), "latest").unwrap();
-    c.load_image("a1", &layout);
+    c.load_busybox("a1");
     let root = c.agent_root("a1");
     let _m = c.master();
     let _a = c.agent("a1", JOIN);
