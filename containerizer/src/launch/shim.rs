@@ -884,7 +884,9 @@ pub(super) fn remove_task(
 /// may make one). Returns our namespace, to return to after the clone, and the detached
 /// sysfs mount for the init to attach.
 fn enter_netns_for_userns_task(ns: &Path) -> std::io::Result<(OwnedFd, OwnedFd)> {
-    use crate::sys::mount::{FsContext, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID};
+    use crate::sys::mount::{
+        FsContext, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
+    };
     let host = crate::sys::netns::current_netns()?;
     let f = File::open(ns)?;
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
@@ -895,12 +897,7 @@ fn enter_netns_for_userns_task(ns: &Path) -> std::io::Result<(OwnedFd, OwnedFd)>
         fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")?;
         let ctx = FsContext::open("sysfs")?;
         ctx.create()?;
-        ctx.mount_with(
-            crate::sys::mount::MOUNT_ATTR_RDONLY
-                | MOUNT_ATTR_NOSUID
-                | MOUNT_ATTR_NODEV
-                | MOUNT_ATTR_NOEXEC,
-        )
+        ctx.mount_with(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC)
     })();
     match inside {
         Ok(sysfs) => Ok((host, sysfs)),
