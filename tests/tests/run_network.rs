@@ -678,7 +678,7 @@ fn userns_task_on_a_network_serves_its_published_port() {
     };
     let bridge = "cstu46";
     del_bridge(bridge);
-    env.create("unet", "10.231.46.0/24", bridge);
+    env.create("unet", "10.231.48.0/24", bridge);
     let port = free_port();
     let (code, out, err) = env.run(&[
         "run",
