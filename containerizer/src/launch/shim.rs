@@ -135,10 +135,13 @@ pub(super) fn main_with(
     } else {
         None
     };
-    let destroy_early = |cg: &Option<TaskCgroup>| {
-        if let Some(cg) = cg {
+    // A failure before the init runs: its early cgroup goes, the launch is reported failed.
+    let fail_early = |state: &mut TaskState, out: &mut std::io::Stdout, msg: String| {
+        if let Some(cg) = &early_cg {
             let _ = cg.destroy(Duration::from_secs(1));
         }
+        report_failure(state, out, 125, msg);
+        1
     };
 
     let fds = (|| -> std::io::Result<_> {
@@ -152,9 +155,7 @@ pub(super) fn main_with(
     let (stdout_fd, stderr_fd, devnull, (status_r, status_w)) = match fds {
         Ok(f) => f,
         Err(e) => {
-            destroy_early(&early_cg);
-            report_failure(&mut state, &mut out, 125, format!("opening log files: {e}"));
-            return 1;
+            return fail_early(&mut state, &mut out, format!("opening log files: {e}"));
         }
     };
     // `-i`: a pipe as stdin; `-t`: a terminal for all three streams (see `console`).
@@ -164,14 +165,7 @@ pub(super) fn main_with(
     {
         Ok(c) => c,
         Err(e) => {
-            destroy_early(&early_cg);
-            report_failure(
-                &mut state,
-                &mut out,
-                125,
-                format!("the task's console: {e}"),
-            );
-            return 1;
+            return fail_early(&mut state, &mut out, format!("the task's console: {e}"));
         }
     };
     let task_stdin = console_side
@@ -202,9 +196,7 @@ pub(super) fn main_with(
     {
         Ok(p) => p,
         Err(e) => {
-            destroy_early(&early_cg);
-            report_failure(&mut state, &mut out, 125, format!("pipe: {e}"));
-            return 1;
+            return fail_early(&mut state, &mut out, format!("pipe: {e}"));
         }
     };
     if spec.userns.is_some() {
@@ -222,9 +214,7 @@ pub(super) fn main_with(
     let go = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
-            destroy_early(&early_cg);
-            report_failure(&mut state, &mut out, 125, format!("pipe: {e}"));
-            return 1;
+            return fail_early(&mut state, &mut out, format!("pipe: {e}"));
         }
     };
     // createRuntime hooks run (here) between the clone and the init's createContainer hooks:
@@ -240,17 +230,14 @@ pub(super) fn main_with(
         (Some(_), Some(ns)) => match enter_netns_for_userns_task(ns) {
             Ok((host, sysfs)) => (Some(host), Some(sysfs)),
             Err(e) => {
-                destroy_early(&early_cg);
-                report_failure(
+                return fail_early(
                     &mut state,
                     &mut out,
-                    125,
                     format!(
                         "entering the task's network namespace {}: {e}",
                         ns.display()
                     ),
                 );
-                return 1;
             }
         },
         _ => (None, None),
@@ -301,9 +288,7 @@ pub(super) fn main_with(
         }
         Ok(CloneResult::Parent(pid)) => pid,
         Err(e) => {
-            destroy_early(&early_cg);
-            report_failure(&mut state, &mut out, 125, format!("clone: {e}"));
-            return 1;
+            return fail_early(&mut state, &mut out, format!("clone: {e}"));
         }
     };
     drop(status_w);
@@ -317,14 +302,11 @@ pub(super) fn main_with(
             // Without its byte the init gives up; make sure it is gone before cleaning up.
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
             let _ = waitpid(Pid::from_raw(pid), None);
-            destroy_early(&early_cg);
-            report_failure(
+            return fail_early(
                 &mut state,
                 &mut out,
-                125,
                 format!("writing the user namespace's maps: {e}"),
             );
-            return 1;
         }
     }
     // The console's log descriptor; the pumps start once the init has exec'd (with `-t`, its
