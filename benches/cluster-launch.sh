@@ -59,9 +59,11 @@ A0=$(cpu "$AP"); M0=$(cpu "$MP"); B0=$(busy)
 # The agent's shared Wasm host (started with the agent), if any.
 HP=$(pgrep -f "caisson-wasm host --socket $W/" | head -1 || true); H0=$([ -n "$HP" ] && cpu "$HP" || echo 0)
 # PERF=FILE also records the whole machine's profile (perf record -a -g) during the run;
-# PERF_WHO=agent records the agent process alone, with DWARF call graphs (user-space stacks).
+# PERF_WHO=agent (or host: the shared Wasm host) records that process alone, with DWARF call
+# graphs (user-space stacks).
 if [ -n "${PERF:-}" ]; then
-  if [ "${PERF_WHO:-}" = agent ]; then perf record -q -p "$AP" --call-graph dwarf,16384 -F 2000 -o "$PERF" & PP=$!
+  case "${PERF_WHO:-}" in agent) PPID_=$AP ;; host) PPID_=$HP ;; *) PPID_= ;; esac
+  if [ -n "$PPID_" ]; then perf record -q -p "$PPID_" --call-graph dwarf,16384 -F 2000 -o "$PERF" & PP=$!
   else perf record -q -a -g -o "$PERF" & PP=$!; fi
   sleep 0.5
 fi

@@ -250,6 +250,17 @@ fn root_shared_host_task_survives_agent_kill9() {
     let pid = host_pid(&c, "a1", &spin);
     a1.kill9();
     assert!(alive(pid), "the host outlives its agent");
+    // A running shared-host task has no state.json (written once, at its end): its config
+    // stands for the running record, with the host as its supervisor, for every reader.
+    assert!(!task_dir(&c, "a1", &spin).join("state.json").exists());
+    let out = run(std::process::Command::new(caisson_bin())
+        .arg("--root")
+        .arg(c.agent_root("a1"))
+        .args(["inspect", &spin]))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["state"]["status"], "running", "{v}");
+    assert_eq!(v[0]["state"]["shim_pid"], pid, "{v}");
     // `ends_away` ends while the agent is away; its record keeps how.
     std::thread::sleep(Duration::from_millis(2500));
     let _a1 = c.agent("a1", JOIN);

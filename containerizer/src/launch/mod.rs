@@ -588,6 +588,8 @@ impl Runtime {
                         spec: spec.clone(),
                         launch_started_ns: started_ns,
                         wasm_host_pid: None,
+                        wasm_host_start_ticks: None,
+                        wasm_host_since_ms: None,
                     },
                     &TaskState::created(state::now_ms()),
                 )
@@ -766,6 +768,8 @@ impl Runtime {
             spec,
             launch_started_ns: started_ns,
             wasm_host_pid: None,
+            wasm_host_start_ticks: None,
+            wasm_host_since_ms: None,
         })
         .map_err(io_err("writing the config"))?;
         let shim_log = fs::File::create(td.shim_log()).map_err(io_err("creating shim.log"))?;

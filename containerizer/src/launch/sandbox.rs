@@ -311,6 +311,8 @@ pub(super) fn make(root: &Path, shim: &Path, image: &str) -> Result<Sandbox, Lau
             spec,
             launch_started_ns: sys::monotonic_ns(),
             wasm_host_pid: None,
+            wasm_host_start_ticks: None,
+            wasm_host_since_ms: None,
         })
         .map_err(io_err("writing the config"))?;
         TaskCgroup::create(&sid, &Limits::default())?;

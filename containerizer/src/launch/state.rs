@@ -137,6 +137,13 @@ pub struct TaskConfig {
     /// (instead of a supervisor of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm_host_pid: Option<i32>,
+    /// With `wasm_host_pid`: the host's start (clock ticks after boot; a reused pid is not
+    /// taken for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_host_start_ticks: Option<u64>,
+    /// With `wasm_host_pid`: when the host took the task (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_host_since_ms: Option<u64>,
 }
 
 /// Paths of one task's directory.
@@ -195,8 +202,27 @@ impl TaskDir {
     pub fn write_config(&self, c: &TaskConfig) -> std::io::Result<()> {
         write_json_atomic(&self.config(), c)
     }
+    /// The task's state. A task of the shared Wasm host has no `state.json` until it ends
+    /// (one file written per task instead of two, on that host's hot path): until then its
+    /// config stands for "running in the host", as a supervised task's running record does.
     pub fn read_state(&self) -> std::io::Result<TaskState> {
-        read_json(&self.state())
+        match read_json(&self.state()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.running_in_shared_host().ok_or(e)
+            }
+            r => r,
+        }
+    }
+
+    fn running_in_shared_host(&self) -> Option<TaskState> {
+        let c = self.read_config().ok()?;
+        let since = c.wasm_host_since_ms?;
+        let mut st = TaskState::created(since);
+        st.status = Status::Running;
+        st.shim_pid = Some(c.wasm_host_pid?);
+        st.shim_start_ticks = c.wasm_host_start_ticks;
+        st.started_ms = Some(since);
+        Some(st)
     }
     pub fn write_state(&self, s: &TaskState) -> std::io::Result<()> {
         write_json_atomic(&self.state(), s)

@@ -597,6 +597,8 @@ fn fork_supervisor(
         spec,
         launch_started_ns: started_ns,
         wasm_host_pid: None,
+        wasm_host_start_ticks: None,
+        wasm_host_since_ms: None,
     };
     fs::write(td.config(), to_json(&cfg)?).map_err(io_err("writing the config"))?;
     fs::write(td.state(), to_json(&created)?).map_err(io_err("writing the state"))?;

@@ -9,9 +9,10 @@
 //!
 //! Each task keeps the records of a supervised task, under `<root>/containers/<id>/`:
 //! `config.json` (a [`crate::launch::wasm::wasm_task`] spec, with the host's pid as
-//! `wasm_host_pid`: how the agent tells which tasks live in the shared host), `state.json`
-//! (running, with the host as its "supervisor" pid, so a dead host shows as lost; then exited
-//! with its exit code, reason and CPU time), `stdout.log` and `stderr.log` (each created at the
+//! `wasm_host_pid`: how the agent tells which tasks live in the shared host; with the host's
+//! start time, it also stands for the running record, with the host as the task's
+//! "supervisor", so a dead host shows the task lost), `state.json` (written once, at the end:
+//! exit code, reason and CPU time), `stdout.log` and `stderr.log` (each created at the
 //! guest's first write to it) and the `sandbox/` the guest sees as `/`.
 //!
 //! What differs from a supervised task: the tasks share the host's cgroup, so a task's CPU time
@@ -144,6 +145,11 @@ impl TaskCtl {
 /// How long a killed guest may stay in a host call before its end is recorded anyway.
 const KILL_GRACE: Duration = Duration::from_millis(500);
 
+/// The stack of the threads that may record a task's end (`give_up`): reading and writing its
+/// records takes more than the 64 KiB the other helper threads have (a debug build overflowed
+/// it reading the config).
+const GIVE_UP_STACK: usize = 512 << 10;
+
 struct Host {
     engine: Engine,
     pool: Pool,
@@ -156,11 +162,17 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn send(st: &mut State, ev: &Event) {
+/// An event as sent: serialized before the state lock is taken (the task threads contend
+/// for it; `send` only writes under it).
+fn line(ev: &Event) -> Vec<u8> {
+    let mut line = serde_json::to_vec(ev).expect("events serialize");
+    line.push(b'\n');
+    line
+}
+
+fn send(st: &mut State, line: &[u8]) {
     if let Some(c) = &mut st.conn {
-        let mut line = serde_json::to_vec(ev).expect("events serialize");
-        line.push(b'\n');
-        if c.stream.write_all(&line).is_err() {
+        if c.stream.write_all(line).is_err() {
             // The agent is gone; its reader sees the end and clears the connection.
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
@@ -239,7 +251,7 @@ pub fn serve(cfg: HostConfig, stop_signals: nix::sys::signal::SigSet) -> Result<
             st.conn = Some(Conn { generation, stream });
             st.ever_connected = true;
             let running = st.running.keys().cloned().collect();
-            send(&mut st, &Event::Hello { pid, running });
+            send(&mut st, &line(&Event::Hello { pid, running }));
             generation
         };
         let h = host.clone();
@@ -340,7 +352,7 @@ impl Host {
         let id = id.to_string();
         let _ = std::thread::Builder::new()
             .name("kill-grace".into())
-            .stack_size(64 << 10)
+            .stack_size(GIVE_UP_STACK)
             .spawn(move || {
                 // A guest in Wasm code cannot ignore either stop: no later SIGKILL is needed.
                 std::thread::sleep(KILL_GRACE);
@@ -373,6 +385,9 @@ impl Host {
         }
         state.reason = Some(format!("{status} (in a host call)"));
         state.finished_ms = Some(now_ms());
+        // Ended as far as anyone is concerned (as `finish` records it).
+        state.shim_pid = None;
+        state.shim_start_ticks = None;
         let _ = append(
             &td.stderr_log(),
             &format!("caisson-wasm: {status} (in a host call)\n"),
@@ -427,26 +442,20 @@ impl Host {
         state.shim_start_ticks = self.ticks;
         state.started_ms = Some(now_ms());
         state.timings = timings.clone();
-        // The first state.json of a new directory: a plain write (the end replaces it
-        // atomically).
-        let first = serde_json::to_vec(&state).map_err(io::Error::other);
-        if let Err(e) = first.and_then(|j| fs::write(td.state(), j)) {
-            tracing::error!(task = %id, "writing state: {e}");
-        }
-        send(
-            &mut lock(&self.state),
-            &Event::Started {
-                id: id.clone(),
-                timings,
-            },
-        );
+        // No running record: the config written by `prepare` stands for it (see
+        // `TaskDir::read_state`); `state.json` is written once, at the end.
+        let started = line(&Event::Started {
+            id: id.clone(),
+            timings,
+        });
+        send(&mut lock(&self.state), &started);
 
         if let Some(ms) = spec.timeout_ms {
             // The epoch deadline stops a guest in Wasm code; this one, a guest in a host call.
             let (me, ctl, id) = (self.clone(), ctl.clone(), id.clone());
             let _ = std::thread::Builder::new()
                 .name("timeout".into())
-                .stack_size(64 << 10)
+                .stack_size(GIVE_UP_STACK)
                 .spawn(move || {
                     std::thread::sleep(Duration::from_millis(ms) + KILL_GRACE);
                     me.give_up(&id, &ctl, ExitStatus::Timeout { after_ms: ms });
@@ -542,6 +551,8 @@ impl Host {
             spec: ts,
             launch_started_ns: crate::sys::launch::monotonic_ns(),
             wasm_host_pid: Some(self.pid),
+            wasm_host_start_ticks: self.ticks,
+            wasm_host_since_ms: Some(state.created_ms),
         })
         .map_err(|e| io("writing the config", io::Error::other(e)))?;
         fs::write(td.config(), config).map_err(|e| io("writing the config", e))?;
@@ -604,6 +615,7 @@ impl Host {
         if let Err(e) = td.write_state(&state) {
             tracing::error!(task = %id, "writing state: {e}");
         }
+        let ev = line(&ev);
         let mut st = lock(&self.state);
         st.running.remove(id);
         send(&mut st, &ev);
