@@ -374,6 +374,50 @@ fn root_mounts_and_masked_paths() {
     }
     let tail: Vec<&str> = lines.iter().rev().take(3).copied().collect();
     assert_eq!(tail, ["1", "1", "4"], "urandom, one link (lo), up: {s}");
+    // Every masked path this kernel has is masked (each is one mount, no stat first), the
+    // read-only ones are read-only.
+    let s = stdout_ok(&env.sh(
+        &["--rm"],
+        "for f in /proc/keys /proc/timer_list; do [ -e $f ] && wc -c < $f; done; \
+         ls -A /proc/acpi 2>/dev/null | wc -l; \
+         touch /proc/acpi/x 2>/dev/null && echo acpi-writable; \
+         grep -E ' /proc/(bus|fs|irq|sys) ' /proc/mounts | grep -c ' ro,'",
+    ));
+    let (masked, ro) = s.trim_end().rsplit_once('\n').unwrap();
+    assert!(
+        masked.lines().all(|l| l.trim() == "0"),
+        "masked files read empty, /proc/acpi empty and read-only: {s}"
+    );
+    assert_eq!(ro.trim(), "4", "/proc/bus, fs, irq and sys read-only: {s}");
+    // /etc files the root has as symlinks (absolute and relative) are bound where the links
+    // lead inside the root, never outside it.
+    let etc = env.rootfs.join("etc");
+    let run_dir = env.rootfs.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let _ = std::fs::remove_file(etc.join("resolv.conf"));
+    let _ = std::fs::remove_file(etc.join("hosts"));
+    std::os::unix::fs::symlink("/run/caisson-test-resolv.conf", etc.join("resolv.conf")).unwrap();
+    std::os::unix::fs::symlink("../run/caisson-test-hosts", etc.join("hosts")).unwrap();
+    let s = stdout_ok(&env.sh(
+        &[
+            "--rm",
+            "--add-host",
+            "symlinked.example:10.1.2.3",
+            "--dns",
+            "10.9.9.9",
+        ],
+        "cat /run/caisson-test-hosts; cat /run/caisson-test-resolv.conf",
+    ));
+    std::fs::remove_file(etc.join("resolv.conf")).unwrap();
+    std::fs::remove_file(etc.join("hosts")).unwrap();
+    assert!(s.contains("10.1.2.3\tsymlinked.example"), "{s}");
+    assert!(s.contains("nameserver 10.9.9.9"), "{s}");
+    assert!(
+        !Path::new("/run/caisson-test-resolv.conf").exists(),
+        "the absolute link was followed outside the root"
+    );
+    assert!(run_dir.join("caisson-test-resolv.conf").exists());
+    assert!(run_dir.join("caisson-test-hosts").exists());
     // No host device node can be made (no CAP_MKNOD without a device cgroup) or used.
     let s = stdout_ok(&env.sh(
         &["--rm"],

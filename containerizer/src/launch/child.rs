@@ -38,19 +38,22 @@ pub const DEFAULT_CAPS: &[u32] = &[
 ];
 pub(super) const CAP_MKNOD: u32 = 27;
 
-/// Paths masked like docker does (files get /dev/null, directories an empty read-only tmpfs).
-pub const MASKED_PATHS: &[&str] = &[
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
+/// Paths masked like docker does (files get /dev/null, directories an empty read-only tmpfs),
+/// each with whether it is a directory on the kernels that have it (a fresh /proc or /sys is
+/// the kernel's, not the image's), so that masking is one mount, not a stat first; a path the
+/// kernel does not have fails that mount with ENOENT and is skipped.
+pub const MASKED_PATHS: &[(&str, bool)] = &[
+    ("/proc/acpi", true),
+    ("/proc/asound", true),
+    ("/proc/kcore", false),
+    ("/proc/keys", false),
+    ("/proc/latency_stats", false),
+    ("/proc/timer_list", false),
+    ("/proc/timer_stats", false),
+    ("/proc/sched_debug", false),
+    ("/proc/scsi", true),
+    ("/sys/firmware", true),
+    ("/sys/devices/virtual/powercap", true),
 ];
 
 /// Paths made read-only like docker does.
@@ -310,13 +313,23 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
             .ctx(|| "making the task's terminal".into())?;
     }
 
-    for p in MASKED_PATHS {
-        mask(p)?;
+    for (p, is_dir) in MASKED_PATHS {
+        mask(p, *is_dir)?;
     }
     for p in READONLY_PATHS {
-        if Path::new(p).exists() {
-            bind(Path::new(p), Path::new(p), true)?;
+        // One bind, no stat first: a path this kernel lacks fails it with ENOENT.
+        match mount(
+            Some(*p),
+            *p,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ) {
+            Err(nix::errno::Errno::ENOENT) => continue,
+            r => r.ctx(|| format!("bind mounting {p}"))?,
         }
+        remount_readonly(Path::new(p), MsFlags::MS_NOSUID)
+            .ctx(|| format!("remounting {p} read-only"))?;
     }
     if spec.readonly_rootfs {
         remount_readonly(Path::new("/"), MsFlags::empty())
@@ -671,23 +684,36 @@ fn remount_readonly(path: &Path, flags: MsFlags) -> nix::Result<()> {
     }
 }
 
-fn mask(p: &str) -> Result<(), ChildError> {
+/// Masks `p`, expected to be a directory if `is_dir`: one mount; none if the kernel does not
+/// have the path; a stat and the other kind of mount if it has it as the other kind.
+fn mask(p: &str, is_dir: bool) -> Result<(), ChildError> {
     let path = Path::new(p);
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return Ok(());
+    let try_mount = |dir: bool| {
+        if dir {
+            mount(
+                Some("tmpfs"),
+                path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0"),
+            )
+        } else {
+            mount(
+                Some("/dev/null"),
+                path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        }
     };
-    let none: Option<&str> = None;
-    if meta.is_dir() {
-        mount(
-            Some("tmpfs"),
-            path,
-            Some("tmpfs"),
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            Some("size=0"),
-        )
-        .ctx(|| format!("masking {p}"))
-    } else {
-        mount(Some("/dev/null"), path, none, MsFlags::MS_BIND, none).ctx(|| format!("masking {p}"))
+    match try_mount(is_dir) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(nix::errno::Errno::ENOTDIR | nix::errno::Errno::EISDIR) => {
+            let meta = fs::symlink_metadata(path).ctx(|| format!("masking {p}"))?;
+            try_mount(meta.is_dir()).ctx(|| format!("masking {p}"))
+        }
+        Err(e) => Err(e).ctx(|| format!("masking {p}")),
     }
 }
 
@@ -932,13 +958,29 @@ fn mount_etc_files(
     if !etc.exists() && !readonly {
         let _ = fs::create_dir_all(&etc);
     }
+    // `/etc` resolved once; each file then costs one readlink (a plain file: EINVAL, no stat
+    // needed) unless it is a symlink, which is resolved in the root as a whole path is.
+    let etc_in_root = etc.strip_prefix(root).unwrap_or(Path::new("etc"));
     for f in ["hostname", "hosts", "resolv.conf"] {
-        let target = resolve_in_root(root, &format!("/etc/{f}"));
-        if fs::symlink_metadata(&target).is_err()
-            && (readonly || fs::File::create(&target).is_err())
-        {
-            continue;
-        }
+        let direct = etc.join(f);
+        let target = match fs::read_link(&direct) {
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => direct,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if readonly || fs::File::create(&direct).is_err() {
+                    continue;
+                }
+                direct
+            }
+            _ => {
+                let target = resolve_in_root(root, &format!("/{}/{f}", etc_in_root.display()));
+                if fs::symlink_metadata(&target).is_err()
+                    && (readonly || fs::File::create(&target).is_err())
+                {
+                    continue;
+                }
+                target
+            }
+        };
         bind(&sources.get(&dir.etc().join(f)), &target, false)?;
     }
     Ok(())

@@ -261,9 +261,10 @@ pub fn fork_server_main() -> i32 {
         return 1;
     }
     // What every supervisor would otherwise work out again: the cgroup hierarchy (a parse of
-    // the mount table) and the seccomp program.
+    // the mount table), the seccomp program, the kernel's last capability.
     crate::cgroups::find_hierarchy();
     let _ = crate::sys::seccomp::cached_default_filter();
+    let _ = sys::last_cap();
     let sock = std::io::stdin().as_raw_fd();
     // Namespaces the supervisors give back (see the module's notes): a datagram socket whose
     // sending end every standby keeps.
