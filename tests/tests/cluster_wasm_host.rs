@@ -319,3 +319,46 @@ fn root_per_task_wasm_host_is_still_available() {
     assert!(dir.join("wasm-status.json").exists());
     assert_eq!(wasm_host_pid(&c, "a1", &id), None);
 }
+
+#[test]
+fn root_shared_host_blocked_tasks_do_not_hold_up_others() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(&["--heartbeat-ms", "200"]);
+    let _m = c.master();
+    let _a1 = c.agent("a1", JOIN);
+    c.wait_agents(1);
+    let sleeper = write(&c, "sleep60.wat", &sleeper_wat(60, 0));
+    // More guests blocked in a host call than the host starts threads for at once (two per
+    // CPU): its pool grows for what waits behind them.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let sleepers: Vec<String> = (0..cpus * 2 + 4).map(|_| c.submit(&[&sleeper])).collect();
+    for id in &sleepers {
+        wait_state(&c, id, "RUNNING");
+    }
+    let pid = host_pid(&c, "a1", &sleepers[0]);
+    let t0 = std::time::Instant::now();
+    let hello = c.submit(&[&guest("hello.wat")]);
+    let t = c.wait_task(&hello, "ended", Duration::from_secs(30), terminal);
+    assert_eq!(state(&t), "FINISHED", "{t}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "a task behind {} blocked ones took {:?}",
+        sleepers.len(),
+        t0.elapsed()
+    );
+    for id in &sleepers {
+        assert_eq!(state(&c.task(id)), "RUNNING", "{id}");
+        assert_eq!(host_pid(&c, "a1", id), pid);
+    }
+    for id in &sleepers {
+        let (code, _, err) = c.cli(&["cancel", id]);
+        assert_eq!(code, 0, "{err}");
+    }
+    for id in &sleepers {
+        let t = c.wait_task(id, "killed", Duration::from_secs(30), terminal);
+        assert_eq!(state(&t), "KILLED", "{t}");
+    }
+    c.assert_no_containers("a1");
+}

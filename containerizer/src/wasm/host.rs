@@ -625,9 +625,12 @@ impl Host {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Task threads, kept for reuse: a burst of short tasks runs on a few threads instead of a new
-/// thread each; a task that blocks (a sleep) holds its thread, so the pool grows when every
-/// thread is busy. Idle threads beyond `KEEP_IDLE` end after `IDLE_EXIT`.
+/// Task threads, kept for reuse: a burst of short tasks runs on a few threads (about two per
+/// CPU, started at once) instead of a thread each (a burst of 256 used to start over a hundred
+/// on two CPUs, which then mostly woke each other). A task that blocks (a sleep) holds its
+/// thread: when jobs wait and none has started for `GROW_AFTER`, a monitor adds threads
+/// (doubling), so blocked tasks never hold up the others for long. Idle threads beyond
+/// `KEEP_IDLE` end after `IDLE_EXIT`.
 #[derive(Default)]
 struct Pool {
     inner: Arc<(Mutex<PoolState>, std::sync::Condvar)>,
@@ -639,41 +642,102 @@ struct PoolState {
     /// Threads blocked waiting for a job.
     waiting: usize,
     threads: usize,
+    /// Jobs taken by a thread so far (the monitor's measure of progress).
+    started: u64,
+    /// A monitor thread is watching the queue.
+    monitor: bool,
 }
 
 const KEEP_IDLE: usize = 4;
 const IDLE_EXIT: Duration = Duration::from_secs(10);
+const GROW_AFTER: Duration = Duration::from_millis(1);
+
+fn pool_lock(m: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Threads started as soon as jobs wait (more only through the monitor).
+fn eager_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+}
 
 impl Pool {
     fn run(&self, job: Job) {
         let (m, cv) = &*self.inner;
-        let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = pool_lock(m);
         st.jobs.push_back(job);
-        if st.waiting >= st.jobs.len() {
+        if st.waiting > 0 {
             cv.notify_one();
             return;
         }
-        st.threads += 1;
-        drop(st);
-        let inner = self.inner.clone();
+        if st.threads < eager_threads() {
+            drop(st);
+            spawn_workers(&self.inner, 1);
+            return;
+        }
+        if !st.monitor {
+            st.monitor = true;
+            drop(st);
+            let inner = self.inner.clone();
+            let spawned = std::thread::Builder::new()
+                .name("wasm-pool".into())
+                .stack_size(64 << 10)
+                .spawn(move || monitor(inner));
+            if spawned.is_err() {
+                pool_lock(m).monitor = false;
+                spawn_workers(&self.inner, 1);
+            }
+        }
+    }
+}
+
+fn spawn_workers(inner: &Arc<(Mutex<PoolState>, std::sync::Condvar)>, n: usize) {
+    for _ in 0..n {
+        pool_lock(&inner.0).threads += 1;
+        let inner2 = inner.clone();
         let spawned = std::thread::Builder::new()
             .name("wasm-task".into())
-            .spawn(move || worker(inner));
+            .spawn(move || worker(inner2));
         if let Err(e) = spawned {
             tracing::error!("task thread: {e}");
-            m.lock().unwrap_or_else(|p| p.into_inner()).threads -= 1;
+            pool_lock(&inner.0).threads -= 1;
+            return;
+        }
+    }
+}
+
+/// Runs while jobs wait: if none started during a `GROW_AFTER`, every thread is held (blocked
+/// guests, or long ones): as many more threads as there are (at most one per waiting job).
+fn monitor(inner: Arc<(Mutex<PoolState>, std::sync::Condvar)>) {
+    let mut seen = pool_lock(&inner.0).started;
+    loop {
+        std::thread::sleep(GROW_AFTER);
+        let mut st = pool_lock(&inner.0);
+        if st.jobs.is_empty() {
+            st.monitor = false;
+            return;
+        }
+        let grow = (st.started == seen && st.waiting == 0)
+            .then(|| st.jobs.len().min(st.threads.max(1)))
+            .unwrap_or(0);
+        seen = st.started;
+        drop(st);
+        if grow > 0 {
+            tracing::debug!(grow, "every task thread is held: more threads");
+            spawn_workers(&inner, grow);
         }
     }
 }
 
 fn worker(inner: Arc<(Mutex<PoolState>, std::sync::Condvar)>) {
     let (m, cv) = &*inner;
-    let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+    let mut st = pool_lock(m);
     loop {
         if let Some(job) = st.jobs.pop_front() {
+            st.started += 1;
             drop(st);
             job();
-            st = m.lock().unwrap_or_else(|p| p.into_inner());
+            st = pool_lock(m);
             continue;
         }
         st.waiting += 1;
