@@ -717,9 +717,11 @@ fn monitor(inner: Arc<(Mutex<PoolState>, std::sync::Condvar)>) {
             st.monitor = false;
             return;
         }
-        let grow = (st.started == seen && st.waiting == 0)
-            .then(|| st.jobs.len().min(st.threads.max(1)))
-            .unwrap_or(0);
+        let grow = if st.started == seen && st.waiting == 0 {
+            st.jobs.len().min(st.threads.max(1))
+        } else {
+            0
+        };
         seen = st.started;
         drop(st);
         if grow > 0 {
