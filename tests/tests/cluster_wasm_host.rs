@@ -72,6 +72,16 @@ fn write(c: &Cluster, name: &str, text: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// A master and one agent, `a1`, registered with it (the processes live as long as the two
+/// handles).
+fn one_agent() -> (Cluster, Proc, Proc) {
+    let c = Cluster::new(&["--heartbeat-ms", "200"]);
+    let m = c.master();
+    let a1 = c.agent("a1", JOIN);
+    c.wait_agents(1);
+    (c, m, a1)
+}
+
 fn wait_state(c: &Cluster, id: &str, want: &str) -> serde_json::Value {
     let t = c.wait_task(id, want, Duration::from_secs(30), |t| {
         state(t) == want || terminal(t)
@@ -173,10 +183,7 @@ fn root_shared_host_kills_tasks_and_reports_its_own_death() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(&["--heartbeat-ms", "200"]);
-    let _m = c.master();
-    let _a1 = c.agent("a1", JOIN);
-    c.wait_agents(1);
+    let (c, _m, _a1) = one_agent();
     let sleeper = write(&c, "sleep60.wat", &sleeper_wat(60, 0));
 
     // A guest spinning in Wasm code stops at its next epoch check.
@@ -325,10 +332,7 @@ fn root_shared_host_blocked_tasks_do_not_hold_up_others() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(&["--heartbeat-ms", "200"]);
-    let _m = c.master();
-    let _a1 = c.agent("a1", JOIN);
-    c.wait_agents(1);
+    let (c, _m, _a1) = one_agent();
     let sleeper = write(&c, "sleep60.wat", &sleeper_wat(60, 0));
     // More guests blocked in a host call than the host starts threads for at once (two per
     // CPU): its pool grows for what waits behind them.
