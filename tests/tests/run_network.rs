@@ -24,6 +24,9 @@ struct Env {
     conf: tempfile::TempDir,
     plugins: String,
     networks: std::cell::RefCell<Vec<String>>,
+    /// The bridges of `networks`: a stale one (a crashed earlier run) is deleted before its
+    /// network is created, and each is deleted again when the Env goes.
+    bridges: std::cell::RefCell<Vec<String>>,
     _tmp: tempfile::TempDir,
 }
 
@@ -42,6 +45,7 @@ impl Env {
             conf: tempfile::tempdir().unwrap(),
             plugins: plugins.to_str().unwrap().to_string(),
             networks: Default::default(),
+            bridges: Default::default(),
             _tmp: tmp,
         })
     }
@@ -67,6 +71,8 @@ impl Env {
     }
 
     fn create(&self, name: &str, subnet: &str, bridge: &str) {
+        del_bridge(bridge);
+        self.bridges.borrow_mut().push(bridge.to_string());
         let (code, _, err) = self.run(&[
             "network", "create", "--subnet", subnet, "--bridge", bridge, name,
         ]);
@@ -118,6 +124,9 @@ impl Drop for Env {
         for name in self.networks.borrow().iter() {
             let _ = self.run(&["network", "rm", "-f", name]);
         }
+        for bridge in self.bridges.borrow().iter() {
+            del_bridge(bridge);
+        }
     }
 }
 
@@ -131,7 +140,6 @@ fn named_network(plugins: &Path, tag: &str, octet: u8) {
     let Some(env) = Env::new(plugins) else { return };
     let bridge = format!("cst{tag}{octet}");
     let net = format!("runnet{tag}");
-    del_bridge(&bridge);
     // host-local's data dir for the networks caisson creates.
     let ipam = Path::new(IPAM_DATA_DIR);
     let _ = std::fs::remove_dir_all(ipam.join(&net));
@@ -175,8 +183,6 @@ fn named_network(plugins: &Path, tag: &str, octet: u8) {
             .unwrap_or_default();
         assert!(held.is_empty(), "addresses still allocated: {held:?}");
     }
-    drop(env);
-    del_bridge(&bridge);
 }
 
 #[test]
@@ -198,8 +204,6 @@ fn published_port_reaches_the_task_and_two_networks_show_in_inspect() {
         return;
     };
     let (b1, b2) = ("cstp43", "cstp44");
-    del_bridge(b1);
-    del_bridge(b2);
     env.create("front", "10.231.43.0/24", b1);
     env.create("back", "10.231.44.0/24", b2);
     let port = free_port();
@@ -267,9 +271,6 @@ fn published_port_reaches_the_task_and_two_networks_show_in_inspect() {
     assert_eq!(code, 0, "{err}");
     env.assert_clean(&[b1, b2]);
     assert!(http_get(port, "/motd").is_none(), "port still forwarded");
-    drop(env);
-    del_bridge(b1);
-    del_bridge(b2);
 }
 
 #[test]
@@ -278,7 +279,6 @@ fn the_supervisor_releases_the_network_after_the_launcher_is_killed() {
         return;
     };
     let bridge = "cstk45";
-    del_bridge(bridge);
     env.create("killnet", "10.231.45.0/24", bridge);
     let mut launcher = env
         .cmd()
@@ -310,8 +310,6 @@ fn the_supervisor_releases_the_network_after_the_launcher_is_killed() {
         out.trim().is_empty() && std::fs::read_dir(&netns).map_or(true, |mut d| d.next().is_none())
     });
     env.assert_clean(&[bridge]);
-    drop(env);
-    del_bridge(bridge);
 }
 
 #[test]
@@ -486,7 +484,6 @@ fn the_supervisor_releases_the_network_itself_when_the_task_exits() {
         return;
     };
     let (bridge, net) = ("csts46", "selfnet");
-    del_bridge(bridge);
     let _ = std::fs::remove_dir_all(Path::new(IPAM_DATA_DIR).join(net));
     env.create(net, "10.231.46.0/24", bridge);
     // A caisson (and its supervisor) of its own, next to the real one, that we can remove.
@@ -526,8 +523,6 @@ fn the_supervisor_releases_the_network_itself_when_the_task_exits() {
     let (code, _, err) = env.run(&["rm", &id]);
     assert_eq!(code, 0, "{err}");
     env.assert_clean(&[bridge]);
-    drop(env);
-    del_bridge(bridge);
 }
 
 /// A supervisor killed -9 never gets to release its task's network: `rm` does it, from the
@@ -538,7 +533,6 @@ fn rm_releases_the_network_of_a_task_whose_supervisor_was_killed() {
         return;
     };
     let (bridge, net) = ("cstk47", "killsup");
-    del_bridge(bridge);
     let _ = std::fs::remove_dir_all(Path::new(IPAM_DATA_DIR).join(net));
     env.create(net, "10.231.47.0/24", bridge);
     // A run that fails after its network was attached (which overlaps the root filesystem's
@@ -583,8 +577,6 @@ fn rm_releases_the_network_of_a_task_whose_supervisor_was_killed() {
         held_ips(net)
     );
     env.assert_clean(&[bridge]);
-    drop(env);
-    del_bridge(bridge);
 }
 
 /// `bench launch --network`: every task is attached while it is set up (the network gate, as
@@ -596,7 +588,6 @@ fn bench_launch_on_a_network_gates_each_task_and_leaves_nothing() {
         return;
     };
     let (bridge, net) = ("cstbench60", "benchnet");
-    del_bridge(bridge);
     let _ = std::fs::remove_dir_all(Path::new(IPAM_DATA_DIR).join(net));
     env.create(net, "10.231.60.0/24", bridge);
     let bench = |network: &str| -> serde_json::Value {
@@ -664,8 +655,6 @@ fn bench_launch_on_a_network_gates_each_task_and_leaves_nothing() {
         "{r}"
     );
     env.assert_clean(&[bridge]);
-    drop(env);
-    del_bridge(bridge);
 }
 
 /// A task with a user namespace on a CNI network (`--userns=auto --network NET -p`): born in
@@ -677,7 +666,6 @@ fn userns_task_on_a_network_serves_its_published_port() {
         return;
     };
     let bridge = "cstu46";
-    del_bridge(bridge);
     env.create("unet", "10.231.48.0/24", bridge);
     let port = free_port();
     let (code, out, err) = env.run(&[
@@ -732,6 +720,4 @@ fn userns_task_on_a_network_serves_its_published_port() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(claims, 0, "user namespace slot still claimed");
-    drop(env);
-    del_bridge(bridge);
 }

@@ -317,19 +317,11 @@ fn setup_and_exec(a: &ChildArgs<'_>, status: &mut fs::File) -> Result<Never, Chi
         mask(p, *is_dir)?;
     }
     for p in READONLY_PATHS {
-        // One bind, no stat first: a path this kernel lacks fails it with ENOENT.
-        match mount(
-            Some(*p),
-            *p,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        ) {
+        // No stat first: a path this kernel lacks fails the bind with ENOENT.
+        match try_bind(Path::new(p), Path::new(p), true) {
             Err(nix::errno::Errno::ENOENT) => continue,
-            r => r.ctx(|| format!("bind mounting {p}"))?,
+            r => r.ctx(|| format!("making {p} read-only"))?,
         }
-        remount_readonly(Path::new(p), MsFlags::MS_NOSUID)
-            .ctx(|| format!("remounting {p} read-only"))?;
     }
     if spec.readonly_rootfs {
         remount_readonly(Path::new("/"), MsFlags::empty())
@@ -640,6 +632,15 @@ fn find_executable(arg0: &str, path_var: &str) -> Result<PathBuf, ChildError> {
 }
 
 fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), ChildError> {
+    try_bind(src, dst, readonly).ctx(|| {
+        let ro = if readonly { " read-only" } else { "" };
+        format!("bind mounting {} on {}{ro}", src.display(), dst.display())
+    })
+}
+
+/// A bind mount (recursive), remounted read-only if asked; the bare error, for callers that
+/// tell a missing path apart.
+fn try_bind(src: &Path, dst: &Path, readonly: bool) -> nix::Result<()> {
     let none: Option<&str> = None;
     mount(
         Some(src),
@@ -647,11 +648,9 @@ fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), ChildError> {
         none,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         none,
-    )
-    .ctx(|| format!("bind mounting {} on {}", src.display(), dst.display()))?;
+    )?;
     if readonly {
-        remount_readonly(dst, MsFlags::MS_NOSUID)
-            .ctx(|| format!("remounting {} read-only", dst.display()))?;
+        remount_readonly(dst, MsFlags::MS_NOSUID)?;
     }
     Ok(())
 }

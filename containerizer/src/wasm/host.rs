@@ -656,9 +656,11 @@ fn pool_lock(m: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Threads started as soon as jobs wait (more only through the monitor).
+/// Threads started as soon as jobs wait (more only through the monitor). Worked out once:
+/// `available_parallelism` reads the cgroup's CPU quota files, not for every task.
 fn eager_threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+    static EAGER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *EAGER.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
 }
 
 impl Pool {
