@@ -117,17 +117,12 @@ impl Store {
         if opened.contains(&root) {
             return Ok(Store { root });
         }
-        for d in [
-            "blobs/sha256",
-            "layers/sha256",
-            "images",
-            "tmp",
-            "locks",
-            "containers",
-        ] {
+        for d in ["blobs/sha256", "layers/sha256", "images", "tmp", "locks"] {
             let p = root.join(d);
             fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
         }
+        crate::launch::state::prepare_state_dirs(&root)
+            .ctx(|| format!("creating {}", root.join("containers").display()))?;
         let store = Store { root };
         store.clean_tmp()?;
         opened.push(store.root.clone());

@@ -677,7 +677,7 @@ impl Runtime {
             spec.hostname = short;
         }
         if name_ahead.is_none() {
-            fs::create_dir_all(self.containers()).map_err(io_err("creating the state root"))?;
+            state::prepare_state_dirs(&self.root).map_err(io_err("creating the state root"))?;
         }
         let td = self.task_dir(&spec.id);
         if td.dir.exists() {
@@ -693,7 +693,7 @@ impl Runtime {
                 }
                 // (The index's directory gone, say: as without.)
                 Err(_) => {
-                    fs::create_dir_all(self.containers())
+                    state::prepare_state_dirs(&self.root)
                         .map_err(io_err("creating the state root"))?;
                 }
             }

@@ -1,5 +1,6 @@
 //! Raw syscalls: the only module where `unsafe` is allowed. Each block carries a `// SAFETY:` note.
 pub mod bpf;
+pub mod fsflags;
 pub mod launch;
 pub mod mount;
 pub mod netns;
