@@ -135,9 +135,10 @@ fn root_exec_runs_in_the_task_with_its_context() {
         "-c",
         "touch /detached; exec sleep 30",
     ]);
+    // (`exec -d` returns before the process has run: until it has, `ls` fails.)
     eventually("the detached process", || {
-        let out = c.ok(&["exec", &id, "sh", "-c", "ls /detached && ps -o args"]);
-        out.contains("/detached") && out.contains("sleep 30")
+        let (code, out, _) = c.run(&["exec", &id, "sh", "-c", "ls /detached && ps -o args"]);
+        code == 0 && out.contains("/detached") && out.contains("sleep 30")
     });
     let (code, _, err) = c.run(&["exec", "-d", "-t", &id, "true"]);
     assert_eq!(code, 125, "{err}");
