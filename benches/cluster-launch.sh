@@ -3,8 +3,10 @@
 # at most 3 s, 1,000 Wasm tasks in at most 0.3 s). Run as root:
 #   benches/cluster-launch.sh native|wasm [N] [C] [AGENT_PARALLELISM]
 # The state (master, agent root, tasks) goes under $RUNDIR (default: a temp dir in /tmp). On
-# these VMs the root ext4 has no journal and reuses freed inodes slowly, so a run on /dev/shm
-# measures caisson while one on /tmp also measures that file system.
+# these VMs the root ext4 has no journal: each new inode skips the group's recently freed ones
+# (caisson spreads task directories over the groups against it) and every fsync of the master's
+# log and the agent's outbox is real I/O, so a run on /dev/shm measures caisson while one on
+# /tmp also measures that file system (printed with the load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIND=${1:?native or wasm}; N=${2:-1000}; C=${3:-256}; PAR=${4:-8}
@@ -52,7 +54,13 @@ AP=$!
 sleep 1
 if [ "$KIND" = wasm ]; then ARGS=(--kind wasm --module tests/guests/hello.wat)
 else ARGS=(--kind native --image localhost/oci:latest -- /bin/true); fi
-echo "load: $(cut -d' ' -f1-3 /proc/loadavg); state under $W"
+# The state's file system: type, and for ext4 whether it has a journal.
+FS=$(stat -f -c %T "$W")
+DEV=$(findmnt -n -o SOURCE --target "$W" 2>/dev/null || true)
+if [ "$FS" = ext2/ext3 ] && [ -b "$DEV" ] && command -v dumpe2fs >/dev/null; then
+  if dumpe2fs -h "$DEV" 2>/dev/null | grep -q has_journal; then FS="ext4 (journal)"; else FS="ext4 (no journal)"; fi
+fi
+echo "load: $(cut -d' ' -f1-3 /proc/loadavg); state under $W ($FS)"
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 A0=$(cpu "$AP"); M0=$(cpu "$MP"); B0=$(busy)
