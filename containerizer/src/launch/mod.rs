@@ -678,6 +678,8 @@ impl Runtime {
         }
         if name_ahead.is_none() {
             state::prepare_state_dirs(&self.root).map_err(io_err("creating the state root"))?;
+            // (Again each time, cheaply: one made once may have been removed since.)
+            fs::create_dir_all(self.containers()).map_err(io_err("creating the state root"))?;
         }
         let td = self.task_dir(&spec.id);
         if td.dir.exists() {
@@ -694,6 +696,7 @@ impl Runtime {
                 // (The index's directory gone, say: as without.)
                 Err(_) => {
                     state::prepare_state_dirs(&self.root)
+                        .and_then(|()| fs::create_dir_all(self.containers()))
                         .map_err(io_err("creating the state root"))?;
                 }
             }

@@ -264,8 +264,6 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Writes `value` as JSON to `path` atomically: a temporary file in the same directory, then
-/// rename over the target.
 /// Creates `<root>/containers` and `<root>/rootfs` (once per process and root) and marks them
 /// so that the task directories made in them spread over the file system's block groups
 /// ([`crate::sys::fsflags`]: on an ext4 without a journal, thousands of tasks made and removed
@@ -288,6 +286,8 @@ pub fn prepare_state_dirs(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes `value` as JSON to `path` atomically: a temporary file in the same directory, then
+/// rename over the target.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let data = pretty(value)?;
     let tmp = tmp_path(path);
