@@ -294,7 +294,11 @@ pub fn task_spec(
         let (id, limits) = (id.to_string(), limits.clone());
         std::thread::Builder::new()
             .stack_size(64 << 10)
-            .spawn(move || launch::wasm::prepare_cgroup(&id, &limits))
+            .spawn(move || {
+                let cg = launch::wasm::prepare_cgroup(&id, &limits);
+                wasm::probe_cpu_features();
+                cg
+            })
     });
     let loaded = precompile(root, &run);
     let cgroup = cgroup.map(|t| match t {

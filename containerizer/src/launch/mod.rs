@@ -1269,7 +1269,13 @@ fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
 
 /// A new random 64-hex-digit task id.
 pub fn new_id() -> String {
-    let bytes: [u8; 32] = rand::random();
+    // Straight from the kernel (one getrandom): a thread-local generator's first use costs a
+    // CLI its seeding and its CPU probes.
+    use rand::TryRngCore;
+    let mut bytes = [0u8; 32];
+    if rand::rngs::OsRng.try_fill_bytes(&mut bytes).is_err() {
+        bytes = rand::random();
+    }
     hex::encode(bytes)
 }
 

@@ -123,3 +123,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests;
+
+/// Runs the CPU-feature probes a task's first host calls would make (std's detection, which
+/// wasmtime consults, and the random generators' under a WASI context), so that a process
+/// forked from this one after it inherits the answers. On a VM every `cpuid` traps to the
+/// hypervisor: the launcher calls this on a thread that runs alongside its module load.
+pub fn probe_cpu_features() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let _ = std::arch::is_x86_feature_detected!("avx2");
+    }
+    let _ = wasmtime_wasi::WasiCtxBuilder::new();
+}

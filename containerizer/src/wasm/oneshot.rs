@@ -79,7 +79,6 @@ pub fn run_and_exit(
     }
     let kill = KillSwitch::new();
     task.kill = Some(kill.clone());
-    on_stop_signal(engine.clone(), stop_signals, report.clone(), kill);
     // WASI's host calls run on a Tokio runtime. Without one entered, wasmtime-wasi starts its
     // own with a worker per CPU, and counting the CPUs reads the cgroup's quota and the mount
     // table (a quarter of a `caisson-wasm run hello.wat`, measured); one worker drives timers
@@ -89,6 +88,12 @@ pub fn run_and_exit(
         .enable_all()
         .build();
     let _entered = rt.as_ref().ok().map(|rt| rt.enter());
+    let handled = rt.as_ref().is_ok_and(|rt| {
+        on_stop_signal_in(rt, engine, stop_signals, report.clone(), kill.clone())
+    });
+    if !handled {
+        on_stop_signal(engine.clone(), stop_signals, report.clone(), kill);
+    }
     let status = match engine.run(program, task) {
         Ok(s) => s,
         Err(e) => {
@@ -116,6 +121,58 @@ fn finish(report: &Report, status: &ExitStatus) -> ! {
     let _once = FINISHING.lock().unwrap_or_else(|e| e.into_inner());
     report.send(status);
     std::process::exit(status.exit_code())
+}
+
+/// Stops the guest through `kill` on a signal of `set`, from a task on `rt`'s worker: Tokio's
+/// handlers take the signals, so no thread of its own waits for them (every thread more in this
+/// short-lived process costs its start and makes each copy-on-write fault after the fork an
+/// inter-processor TLB flush). Past [`GRACE`] (a guest in a host call) the process ends itself.
+/// The handlers are in place before `set` is unblocked in this thread (the other threads keep
+/// it blocked), so no stop signal takes the default action. False if a handler could not be
+/// installed: the caller falls back to [`on_stop_signal`], the set still blocked.
+fn on_stop_signal_in(
+    rt: &tokio::runtime::Runtime,
+    engine: &Engine,
+    set: SigSet,
+    report: std::sync::Arc<Report>,
+    kill: KillSwitch,
+) -> bool {
+    use std::task::Poll;
+    use tokio::signal::unix::{signal, SignalKind};
+    let _entered = rt.enter();
+    let mut streams = vec![];
+    for sig in set.iter() {
+        match signal(SignalKind::from_raw(sig as i32)) {
+            Ok(stream) => streams.push((sig, stream)),
+            Err(_) => return false,
+        }
+    }
+    let engine = engine.clone();
+    rt.spawn(async move {
+        let sig = std::future::poll_fn(|cx| {
+            for (sig, stream) in streams.iter_mut() {
+                if stream.poll_recv(cx).is_ready() {
+                    return Poll::Ready(*sig);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        kill.terminate(sig as i32);
+        let end = tokio::time::Instant::now() + GRACE;
+        loop {
+            engine.increment_epoch();
+            let now = tokio::time::Instant::now();
+            if now >= end {
+                break;
+            }
+            tokio::time::sleep(engine.epoch_tick().min(end - now)).await;
+        }
+        let status = ExitStatus::Terminated { signal: sig as i32 };
+        eprintln!("caisson-wasm: {status} (in a host call)");
+        finish(&report, &status);
+    });
+    set.thread_unblock().is_ok()
 }
 
 /// Waits for a signal of `set` on a thread of its own and stops the guest through `kill` at its
