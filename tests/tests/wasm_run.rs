@@ -261,7 +261,27 @@ fn kill_stop_and_wait_stop_an_infinite_loop() {
     assert_eq!(c.ok(&["wait", "spin"]).trim(), "137");
 
     c.ok(&["run", "-d", "--name", "spin2", &guest("loop.wat")]);
-    wait_status(&c, "spin2", "running");
+    let v = wait_status(&c, "spin2", "running");
+    // The task process starts with its threads on one CPU (copy-on-write faults after the fork
+    // then need no TLB-flush interrupts) and lets go of it 20 ms later: a long guest runs on
+    // any CPU it was allowed, as this test's process may.
+    let pid = v["state"]["pid"].as_i64().unwrap();
+    let allowed = |status: &Path| {
+        std::fs::read_to_string(status)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("Cpus_allowed_list:"))
+            .map(str::to_string)
+    };
+    let ours = allowed(Path::new("/proc/self/status")).unwrap();
+    caisson_tests::eventually("the task's threads on all the CPUs they may use", || {
+        let threads: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|t| allowed(&t.path().join("status")))
+            .collect();
+        !threads.is_empty() && threads.iter().all(|a| a.as_deref() == Some(ours.as_str()))
+    });
     c.ok(&["stop", "-t", "1", "spin2"]);
     let v = inspect(&c, "spin2");
     assert_eq!(v["state"]["status"], "exited");

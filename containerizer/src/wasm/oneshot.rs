@@ -83,14 +83,23 @@ pub fn run_and_exit(
     // own with a worker per CPU, and counting the CPUs reads the cgroup's quota and the mount
     // table (a quarter of a `caisson-wasm run hello.wat`, measured); one worker drives timers
     // and I/O for this process's single guest.
+    let pinned = pin_to_this_cpu();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build();
     let _entered = rt.as_ref().ok().map(|rt| rt.enter());
-    let handled = rt.as_ref().is_ok_and(|rt| {
-        on_stop_signal_in(rt, engine, stop_signals, report.clone(), kill.clone())
-    });
+    if let (Some(all), Ok(rt)) = (pinned, rt.as_ref()) {
+        let main = nix::unistd::Pid::this();
+        rt.spawn(async move {
+            tokio::time::sleep(UNPIN_AFTER).await;
+            let _ = nix::sched::sched_setaffinity(main, &all);
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all);
+        });
+    }
+    let handled = rt
+        .as_ref()
+        .is_ok_and(|rt| on_stop_signal_in(rt, engine, stop_signals, report.clone(), kill.clone()));
     if !handled {
         on_stop_signal(engine.clone(), stop_signals, report.clone(), kill);
     }
@@ -112,6 +121,26 @@ pub fn run_and_exit(
         other => eprintln!("caisson-wasm: {}: {other}", module.display()),
     }
     finish(&report, &status)
+}
+
+/// How long a one-shot task's threads stay on the CPU it started on ([`pin_to_this_cpu`]).
+const UNPIN_AFTER: Duration = Duration::from_millis(20);
+
+/// Keeps this process's threads (this one and those it starts) on the CPU it runs on, and
+/// returns the CPUs it was allowed before. A process forked from a large one writes to pages
+/// it shares copy-on-write with its parent all through its start; once it has a second thread
+/// on another CPU, every such fault flushes that CPU's TLB by an inter-processor interrupt (on
+/// a VM, an exit to the hypervisor each). Lifted after [`UNPIN_AFTER`]: a long guest runs where
+/// the scheduler likes.
+fn pin_to_this_cpu() -> Option<nix::sched::CpuSet> {
+    use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
+    let me = nix::unistd::Pid::from_raw(0);
+    let all = sched_getaffinity(me).ok()?;
+    let cpu = sched_getcpu().ok()?;
+    let mut one = CpuSet::new();
+    one.set(cpu).ok()?;
+    sched_setaffinity(me, &one).ok()?;
+    Some(all)
 }
 
 /// Writes the report and exits: once per process, whichever thread (the task's, the watchdog,
