@@ -89,13 +89,20 @@ pub fn run_and_exit(
         .enable_all()
         .build();
     let _entered = rt.as_ref().ok().map(|rt| rt.enter());
-    if let (Some(all), Ok(rt)) = (pinned, rt.as_ref()) {
-        let main = nix::unistd::Pid::this();
-        rt.spawn(async move {
-            tokio::time::sleep(UNPIN_AFTER).await;
-            let _ = nix::sched::sched_setaffinity(main, &all);
-            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all);
-        });
+    let this_thread = nix::unistd::Pid::from_raw(0);
+    match (pinned, rt.as_ref()) {
+        (Some(all), Ok(rt)) => {
+            let main = nix::unistd::Pid::this();
+            rt.spawn(async move {
+                tokio::time::sleep(UNPIN_AFTER).await;
+                let _ = nix::sched::sched_setaffinity(main, &all);
+                let _ = nix::sched::sched_setaffinity(this_thread, &all);
+            });
+        }
+        (Some(all), Err(_)) => {
+            let _ = nix::sched::sched_setaffinity(this_thread, &all);
+        }
+        (None, _) => {}
     }
     let handled = rt
         .as_ref()
@@ -144,7 +151,7 @@ fn pin_to_this_cpu() -> Option<nix::sched::CpuSet> {
 }
 
 /// Writes the report and exits: once per process, whichever thread (the task's, the watchdog,
-/// the signal thread) gets here first. Any other caller waits for the exit.
+/// the one handling a stop signal) gets here first. Any other caller waits for the exit.
 fn finish(report: &Report, status: &ExitStatus) -> ! {
     static FINISHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _once = FINISHING.lock().unwrap_or_else(|e| e.into_inner());
