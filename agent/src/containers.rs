@@ -650,6 +650,9 @@ impl NameFlags {
     }
 }
 
+/// How long a foreground `run` waits for its task before it starts its log and signal threads.
+const QUICK_WAIT: Duration = Duration::from_millis(10);
+
 fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32> {
     let plan = tasknet::plan(&a.network, &a.publish)?;
     let names = NameFlags::parse(&a)?;
@@ -830,51 +833,72 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         proxied.add(Signal::SIGWINCH);
     }
     proxied.thread_block()?;
-    {
-        let rt = rt.clone();
-        let id = launched.id.clone();
-        std::thread::spawn(move || {
-            while let Ok(sig) = proxied.wait() {
-                match (&resize, sig) {
-                    (Some(r), Signal::SIGWINCH) => r(),
-                    _ => {
-                        let _ = rt.kill(&id, sig);
-                    }
-                }
-            }
-        });
-    }
-    // Stream the logs while the task runs.
     let dir = rt.dir(&launched.id);
-    let done = Arc::new(AtomicBool::new(false));
+    let (out_path, err_path) = (dir.stdout_log(), dir.stderr_log());
     let tail_logs = !a.tty;
-    let tail = {
-        let done = done.clone();
-        let (out_path, err_path) = (dir.stdout_log(), dir.stderr_log());
-        std::thread::spawn(move || {
-            if !tail_logs {
-                return;
-            }
-            let (mut o, mut e) = (0u64, 0u64);
-            let mut stdout = std::io::stdout();
-            let mut stderr = std::io::stderr();
-            loop {
-                let finished = done.load(Ordering::Acquire);
-                let n = launch::copy_new(&out_path, &mut o, &mut stdout).unwrap_or(0)
-                    + launch::copy_new(&err_path, &mut e, &mut stderr).unwrap_or(0);
-                if finished {
-                    break;
-                }
-                if n == 0 {
-                    std::thread::park_timeout(Duration::from_millis(10));
-                }
-            }
-        })
+    // A task that ends within QUICK_WAIT is waited for before any thread of ours starts: after
+    // the launch's forks, a second thread makes each copy-on-write fault of this process an
+    // inter-processor TLB flush. Its output is copied at its end; a signal that came meanwhile
+    // (blocked) is relayed once the relay thread starts, or dies with us if the task ended.
+    let quick = match attached {
+        None => launched.wait_timeout(QUICK_WAIT),
+        Some(_) => None,
     };
-    let st = launched.wait();
-    done.store(true, Ordering::Release);
-    tail.thread().unpark();
-    let _ = tail.join();
+    let st = match quick {
+        Some(st) => {
+            if tail_logs {
+                let (mut o, mut e) = (0u64, 0u64);
+                let _ = launch::copy_new(&out_path, &mut o, &mut std::io::stdout());
+                let _ = launch::copy_new(&err_path, &mut e, &mut std::io::stderr());
+            }
+            st
+        }
+        None => {
+            {
+                let rt = rt.clone();
+                let id = launched.id.clone();
+                std::thread::spawn(move || {
+                    while let Ok(sig) = proxied.wait() {
+                        match (&resize, sig) {
+                            (Some(r), Signal::SIGWINCH) => r(),
+                            _ => {
+                                let _ = rt.kill(&id, sig);
+                            }
+                        }
+                    }
+                });
+            }
+            // Stream the logs while the task runs.
+            let done = Arc::new(AtomicBool::new(false));
+            let tail = {
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    if !tail_logs {
+                        return;
+                    }
+                    let (mut o, mut e) = (0u64, 0u64);
+                    let mut stdout = std::io::stdout();
+                    let mut stderr = std::io::stderr();
+                    loop {
+                        let finished = done.load(Ordering::Acquire);
+                        let n = launch::copy_new(&out_path, &mut o, &mut stdout).unwrap_or(0)
+                            + launch::copy_new(&err_path, &mut e, &mut stderr).unwrap_or(0);
+                        if finished {
+                            break;
+                        }
+                        if n == 0 {
+                            std::thread::park_timeout(Duration::from_millis(10));
+                        }
+                    }
+                })
+            };
+            let st = launched.wait();
+            done.store(true, Ordering::Release);
+            tail.thread().unpark();
+            let _ = tail.join();
+            st
+        }
+    };
     if let Some(at) = attached {
         at.finish();
     }

@@ -176,8 +176,34 @@ impl Launched {
     /// Blocks until the task exits; returns its exit code (128+signal when killed). Survives
     /// the supervisor dying (then the recorded state decides).
     pub fn wait(&mut self) -> Result<TaskState, LaunchError> {
+        self.wait_until(None)
+            .expect("a wait without a deadline ends with the task")
+    }
+
+    /// [`Launched::wait`], giving up after `timeout` (None: the task still runs).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<TaskState, LaunchError>> {
+        self.wait_until(Some(Instant::now() + timeout))
+    }
+
+    fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<TaskState, LaunchError>> {
+        use std::os::fd::AsFd;
         let mut line = String::new();
         loop {
+            // Lines come whole (one write each): once the pipe is readable, a line or EOF is.
+            if let (Some(d), true) = (deadline, self.events.buffer().is_empty()) {
+                let left = d.saturating_duration_since(Instant::now()).as_millis();
+                let ms = nix::poll::PollTimeout::try_from(left.min(i32::MAX as u128) as i32)
+                    .unwrap_or(nix::poll::PollTimeout::MAX);
+                let mut fds = [nix::poll::PollFd::new(
+                    self.events.get_ref().as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                match nix::poll::poll(&mut fds, ms) {
+                    Ok(0) => return None,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    _ => {}
+                }
+            }
             line.clear();
             match self.events.read_line(&mut line) {
                 Ok(0) | Err(_) => break,
@@ -185,9 +211,14 @@ impl Launched {
                 Ok(_) => continue,
             }
         }
+        Some(self.ended(&line))
+    }
+
+    /// The task's final state from its `exited` line, or from its record.
+    fn ended(&self, line: &str) -> Result<TaskState, LaunchError> {
         // `exited CODE STATE`: the final state is on the line (older supervisors: only the
         // code; the state is then read back from the record).
-        if let Some(st) = shim::parse_exited(&line) {
+        if let Some(st) = shim::parse_exited(line) {
             return Ok(st);
         }
         let td = TaskDir::new(self.dir.clone());
