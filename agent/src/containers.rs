@@ -650,6 +650,13 @@ impl NameFlags {
     }
 }
 
+/// Copies what the task appended to its stdout and stderr logs since `offsets` to ours;
+/// returns the bytes copied.
+fn copy_logs(out: &Path, err: &Path, offsets: &mut (u64, u64)) -> u64 {
+    launch::copy_new(out, &mut offsets.0, &mut std::io::stdout()).unwrap_or(0)
+        + launch::copy_new(err, &mut offsets.1, &mut std::io::stderr()).unwrap_or(0)
+}
+
 /// How long a foreground `run` waits for its task before it starts its log and signal threads.
 const QUICK_WAIT: Duration = Duration::from_millis(10);
 
@@ -847,9 +854,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     let st = match quick {
         Some(st) => {
             if tail_logs {
-                let (mut o, mut e) = (0u64, 0u64);
-                let _ = launch::copy_new(&out_path, &mut o, &mut std::io::stdout());
-                let _ = launch::copy_new(&err_path, &mut e, &mut std::io::stderr());
+                copy_logs(&out_path, &err_path, &mut (0, 0));
             }
             st
         }
@@ -876,13 +881,10 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
                     if !tail_logs {
                         return;
                     }
-                    let (mut o, mut e) = (0u64, 0u64);
-                    let mut stdout = std::io::stdout();
-                    let mut stderr = std::io::stderr();
+                    let mut offsets = (0, 0);
                     loop {
                         let finished = done.load(Ordering::Acquire);
-                        let n = launch::copy_new(&out_path, &mut o, &mut stdout).unwrap_or(0)
-                            + launch::copy_new(&err_path, &mut e, &mut stderr).unwrap_or(0);
+                        let n = copy_logs(&out_path, &err_path, &mut offsets);
                         if finished {
                             break;
                         }
