@@ -10,6 +10,11 @@ fn main() {
     if std::env::var_os("CAISSON_PIE").is_some_and(|v| v == "1") {
         return;
     }
+    // A static musl build is made non-PIE by `-C relocation-model=static` (.cargo/config.toml):
+    // `-no-pie` on its static-pie start files would leave it unrelocated.
+    if std::env::var("CARGO_CFG_TARGET_ENV").is_ok_and(|e| e == "musl") {
+        return;
+    }
     println!("cargo:rustc-link-arg-bin=caisson-wasm=-no-pie");
     // The CLI: a position-independent caisson applies ~67k relative relocations and dirties
     // their pages at every start (~2.5 ms of a `caisson run` of ~3-15 ms); at a fixed address

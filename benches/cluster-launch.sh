@@ -17,8 +17,7 @@ KIND=${1:?native or wasm}; N=${2:-1000}; C=${3:-256}; PAR=${4:-8}
 # BIN=DIR runs prebuilt binaries (an A/B against an older build) instead of building.
 if [ -z "${BIN:-}" ]; then
   scripts/install-deps.sh >/dev/null
-  cargo build --release -p caisson --bins
-  BIN="${CARGO_TARGET_DIR:-$PWD/target}/release"
+  BIN=$(scripts/build-dist.sh release)
 fi
 W=$(mktemp -d "${RUNDIR:-/tmp}/caisson-cluster.XXXXXX")
 # Installed copies (see install-bins.sh), for an A/B too.

@@ -11,7 +11,7 @@ RUNS=${1:-100}
 for t in hyperfine crun runc umoci jq; do
   command -v "$t" >/dev/null || { echo "missing $t (scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
-cargo build --release -p caisson --bins
+scripts/build-dist.sh release >/dev/null
 work=$(mktemp -d /tmp/caisson-exec.XXXXXX)
 CAISSON="$(benches/install-bins.sh "$work/bin")/caisson"
 root="$work/root"

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-100}
 scripts/install-deps.sh
-cargo build --release -p caisson --bins
+scripts/build-dist.sh release >/dev/null
 work=$(mktemp -d /tmp/caisson-launch.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 # Installed copies, as the peers' binaries are (see install-bins.sh).

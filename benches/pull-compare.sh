@@ -7,8 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-10}
 scripts/install-deps.sh
-cargo build --release -p caisson
-CAISSON="${CARGO_TARGET_DIR:-$PWD/target}/release/caisson"
+CAISSON="$(scripts/build-dist.sh release)/caisson"
 work=$(mktemp -d /tmp/caisson-bench.XXXXXX)
 reg_pid=""
 cleanup() { [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null; rm -rf "$work"; }
@@ -50,13 +49,20 @@ done
 
 for t in small large; do
   echo "== $t image"
+  # CAISSON_BASE=/path/to/other/caisson adds a row for it (an A/B of two builds in one run).
+  base=()
+  if [ -n "${CAISSON_BASE:-}" ]; then
+    base=(-n "caisson (base) pull" --prepare "rm -rf $work/root"
+          "$CAISSON_BASE --root $work/root pull -q $reg/bench/img:$t")
+  fi
   hyperfine --runs "$RUNS" --warmup 1 --export-json "$work/$t.json" \
     -n "caisson pull" \
     --prepare "rm -rf $work/root" \
     "$CAISSON --root $work/root pull -q $reg/bench/img:$t" \
     -n "skopeo copy + umoci unpack" \
     --prepare "rm -rf $work/p-oci $work/p-bundle" \
-    "skopeo copy --quiet --src-tls-verify=false docker://$reg/bench/img:$t oci:$work/p-oci:$t && umoci unpack --image $work/p-oci:$t $work/p-bundle >/dev/null"
+    "skopeo copy --quiet --src-tls-verify=false docker://$reg/bench/img:$t oci:$work/p-oci:$t && umoci unpack --image $work/p-oci:$t $work/p-bundle >/dev/null" \
+    "${base[@]}"
   jq -r '.results[] | "\(.command)\tmedian \(.median*1000|floor) ms"' "$work/$t.json"
   jq -r '"ratio caisson/peer (medians): \((.results[0].median / .results[1].median) * 100 | floor / 100)"' "$work/$t.json"
   if [ -n "${CAISSON_BENCH_OUT:-}" ]; then cp "$work/$t.json" "$CAISSON_BENCH_OUT/pull-$t.json"; fi

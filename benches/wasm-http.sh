@@ -6,7 +6,7 @@
 #
 #   benches/wasm-http.sh                     (run as root, release build)
 #
-# Environment: BIN (directory of caisson, caisson-shim, caisson-wasm; default target/release),
+# Environment: BIN (directory of caisson, caisson-shim, caisson-wasm; default target/dist),
 # BASE (a second such directory to compare with), WRK (wrk arguments; default -t2 -c32 -d10s),
 # ROUNDS (wrk runs per service; default 3), THREADS (CAISSON_WASM_HTTP_THREADS for the services;
 # default unset: the binaries' own default), PORT (default 18299; BASE's service gets PORT+1),
@@ -21,7 +21,7 @@ set -euo pipefail
 [ -n "${BIN:-}" ] && BIN=$(realpath "$BIN")
 [ -n "${BASE:-}" ] && BASE=$(realpath "$BASE")
 cd "$(dirname "$0")/.."
-BIN=${BIN:-$PWD/${CARGO_TARGET_DIR:-target}/release}
+BIN=${BIN:-$PWD/${CARGO_TARGET_DIR:-target}/dist}
 BASE=${BASE:-}
 WRK=${WRK:--t2 -c32 -d10s}
 ROUNDS=${ROUNDS:-3}
@@ -38,7 +38,7 @@ dirs=("$BIN")
 [ -n "$BASE" ] && sets+=(base) && dirs+=("$BASE")
 for d in "${dirs[@]}"; do
   for b in caisson caisson-shim caisson-wasm; do
-    [ -x "$d/$b" ] || { echo "missing $d/$b (cargo build --release -p caisson)" >&2; exit 1; }
+    [ -x "$d/$b" ] || { echo "missing $d/$b (scripts/build-dist.sh)" >&2; exit 1; }
   done
 done
 [ -n "${THREADS:-}" ] && export CAISSON_WASM_HTTP_THREADS=$THREADS

@@ -10,13 +10,13 @@
 # memory charge (cgroup v2 memory.current, v1 memory.usage_in_bytes), which holds the host
 # process only (the supervisor stays outside the task's cgroup).
 #
-# Environment: BIN (directory of caisson, caisson-shim, caisson-wasm; default target/release),
+# Environment: BIN (directory of caisson, caisson-shim, caisson-wasm; default target/dist),
 # GUEST (the component; default the tests' http guest, built if missing), BASE_PORT (default
 # 21000; ports BASE_PORT..BASE_PORT+N-1 on 127.0.0.1), KEEP=1 to leave the services running.
 set -euo pipefail
 N=${1:-100}
 cd "$(dirname "$0")/.."
-BIN=${BIN:-$PWD/${CARGO_TARGET_DIR:-target}/release}
+BIN=${BIN:-$PWD/${CARGO_TARGET_DIR:-target}/dist}
 GUEST=${GUEST:-$PWD/${CARGO_TARGET_DIR:-target}/wasm-guests/wasm32-wasip2/release/caisson_http_guest.wasm}
 BASE_PORT=${BASE_PORT:-21000}
 if [ ! -f "$GUEST" ]; then
@@ -25,7 +25,7 @@ if [ ! -f "$GUEST" ]; then
     --target-dir "${CARGO_TARGET_DIR:-target}/wasm-guests"
 fi
 for b in caisson caisson-shim caisson-wasm; do
-  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b (cargo build --release -p caisson)" >&2; exit 1; }
+  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b (scripts/build-dist.sh)" >&2; exit 1; }
 done
 W=$(mktemp -d /tmp/caisson-idle.XXXXXX)
 C="$BIN/caisson --root $W/root"

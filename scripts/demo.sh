@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release -p caisson
-CAISSON="$PWD/target/release/caisson"
+# The binaries an install is made of (static musl caisson and caisson-shim, glibc caisson-wasm).
+CAISSON="$(scripts/build-dist.sh release)/caisson"
 
 echo "== caisson demo: a master, an agent, a native task, a Wasm task and a Wasm HTTP microservice side by side"
 "$CAISSON" demo

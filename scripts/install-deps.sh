@@ -2,7 +2,7 @@
 # Installs what caisson's tests, demo and benchmarks need on Debian (idempotent).
 set -euo pipefail
 PKGS=(busybox-static umoci skopeo docker-registry apache2-utils containernetworking-plugins
-      runc crun hyperfine iproute2 jq iptables podman wrk gcc curl)
+      runc crun hyperfine iproute2 jq iptables podman wrk gcc curl musl-tools)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,7 +15,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "cargo (rustup) is required" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
-# Wasm test guests are built from source for both WASI targets.
-for t in wasm32-wasip1 wasm32-wasip2; do
+# Wasm test guests are built from source for both WASI targets; the installed binaries are static
+# musl programs (scripts/build-dist.sh).
+for t in wasm32-wasip1 wasm32-wasip2 x86_64-unknown-linux-musl; do
   rustup target list --installed 2>/dev/null | grep -qx "$t" || rustup target add "$t"
 done

@@ -8,3 +8,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace -- --test-threads=2
+# The end-to-end tests again, against the programs as installed: the static musl caisson,
+# caisson-shim and CNI plugins with the glibc caisson-wasm and caisson-nvml (build-dist.sh).
+dist=$(scripts/build-dist.sh debug)
+CAISSON_TEST_BIN_DIR="$dist" cargo test -p caisson-tests -- --test-threads=2

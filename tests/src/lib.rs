@@ -11,11 +11,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `caisson` binary next to the test executable (`target/<profile>/caisson`).
-pub fn caisson_bin() -> PathBuf {
+/// The directory of the programs under test: `CAISSON_TEST_BIN_DIR` (e.g. `target/dist-debug`,
+/// the static build of `scripts/build-dist.sh`, which `scripts/test.sh` runs the end-to-end
+/// tests against too), else the test executable's `target/<profile>`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CAISSON_TEST_BIN_DIR").filter(|d| !d.is_empty()) {
+        return std::path::absolute(d).expect("CAISSON_TEST_BIN_DIR");
+    }
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("caisson");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The `caisson` binary under test ([`bin_dir`]).
+pub fn caisson_bin() -> PathBuf {
+    let bin = bin_dir().join("caisson");
     assert!(
         bin.exists(),
         "{} not built: run `cargo build --workspace` first (scripts/test.sh does)",

@@ -15,14 +15,9 @@ use serde_json::{json, Value};
 
 const REFERENCE: &str = "/usr/lib/cni";
 
-/// Our plugin binaries (`target/<profile>/{bridge,host-local,loopback}`).
+/// Our plugin binaries (`{bridge,host-local,loopback}` in `caisson_tests::bin_dir`).
 fn our_plugins() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
+    let dir = caisson_tests::bin_dir();
     for p in ["bridge", "host-local", "loopback"] {
         assert!(
             dir.join(p).exists(),

@@ -163,6 +163,37 @@ fn gpus_lists_the_fake_gpus_and_selections() {
     assert_eq!(v[1]["minor"], 5);
 }
 
+/// `caisson-nvml` (what the static build of `scripts/build-dist.sh` lists GPUs with): the
+/// inventory as JSON, loaded through the real nvml-wrapper path; no library: none, and why.
+#[test]
+fn nvml_helper_prints_the_inventory() {
+    let helper = bin_dir().join("caisson-nvml");
+    let run = |lib: &str| {
+        let o = Command::new(&helper)
+            .arg(lib)
+            .env("FAKE_NVML_GPUS", "2")
+            .env_remove("FAKE_NVML_INIT_FAIL")
+            .output()
+            .unwrap();
+        let (code, out, err) = out3(o);
+        assert_eq!(code, 0, "{err}");
+        (serde_json::from_str::<Value>(&out).unwrap(), err)
+    };
+    let (v, err) = run(FAKE_NVML);
+    assert_eq!(v["unavailable"], Value::Null, "{v}");
+    let gpus = v["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), 2, "{v}");
+    assert_eq!(gpus[1]["uuid"], uuid(1));
+    assert_eq!(gpus[1]["minor"], 1);
+    assert!(err.is_empty(), "{err}");
+
+    let (v, err) = run("/nonexistent/libnvidia-ml.so.1");
+    assert_eq!(v["gpus"], Value::Array(vec![]));
+    let why = v["unavailable"].as_str().unwrap();
+    assert!(why.contains("/nonexistent/libnvidia-ml.so.1"), "{why}");
+    assert!(err.contains("NVML unavailable"), "{err}");
+}
+
 #[test]
 fn no_driver_means_zero_gpus_and_one_clear_line() {
     let h = Host::new(3);

@@ -9,18 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn caisson_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/native-HASH -> target/debug/caisson
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("caisson");
-    assert!(
-        bin.exists(),
-        "{} not found: run `cargo build -p caisson` first",
-        bin.display()
-    );
-    bin
-}
+use caisson_tests::caisson_bin;
 
 fn root_or_skip(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {

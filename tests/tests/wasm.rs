@@ -12,14 +12,9 @@ fn workspace() -> PathBuf {
         .into()
 }
 
-/// The `caisson-wasm` binary next to the test executable (`target/<profile>/caisson-wasm`).
+/// The `caisson-wasm` binary under test (`caisson_tests::bin_dir`).
 fn bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("caisson-wasm");
+    let bin = caisson_tests::bin_dir().join("caisson-wasm");
     assert!(
         bin.exists(),
         "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",

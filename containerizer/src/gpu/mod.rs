@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use alloc::{Allocation, Allocator};
-pub use nvml::discover;
+pub use nvml::{discover, discover_with};
 
 use crate::cgroups::devices::{DeviceNode, DeviceRule, DeviceType, Devices};
 use crate::launch::{TaskSpec, Volume};
@@ -102,7 +102,7 @@ impl MigDevice {
 }
 
 /// What NVML reported: the GPUs, or why there are none.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
     pub gpus: Vec<Gpu>,
     /// Why NVML could not be used (no library, no driver), when it could not.

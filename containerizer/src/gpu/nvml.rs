@@ -1,5 +1,6 @@
 //! Inventory through NVML (`nvml-wrapper`, which loads `libnvidia-ml.so.1` at run time).
 use std::path::Path;
+use std::process::{Command, Stdio};
 
 use nvml_wrapper::Nvml;
 
@@ -77,6 +78,32 @@ pub fn discover(lib: Option<&Path>) -> Inventory {
     }
 }
 
+/// [`discover`] in another process: runs `helper [LIB]` (the `caisson-nvml` program), which
+/// prints the inventory as JSON; its warnings go to our stderr. A static (musl) build cannot
+/// load NVML itself: the library is a glibc one, loaded at run time. Never fails either: a
+/// missing or failing helper means zero GPUs, with the reason.
+pub fn discover_with(helper: &Path, lib: Option<&Path>) -> Inventory {
+    let mut cmd = Command::new(helper);
+    if let Some(p) = lib {
+        cmd.arg(p);
+    }
+    let out = cmd.stdin(Stdio::null()).stderr(Stdio::inherit()).output();
+    let parsed = match out {
+        Ok(o) if o.status.success() => serde_json::from_slice::<Inventory>(&o.stdout)
+            .map_err(|e| format!("its output is not an inventory: {e}")),
+        Ok(o) => Err(format!("it failed ({})", o.status)),
+        Err(e) => Err(e.to_string()),
+    };
+    parsed.unwrap_or_else(|e| {
+        let reason = format!("NVML unavailable ({}: {e}): no GPUs", helper.display());
+        tracing::warn!("{reason}");
+        Inventory {
+            gpus: vec![],
+            unavailable: Some(reason),
+        }
+    })
+}
+
 /// The MIG devices of a GPU in MIG mode: NVML numbers them up to a maximum, with holes
 /// (`NotFound`) where no instance is configured.
 fn mig_devices(dev: &nvml_wrapper::Device<'_>, gpu: u32) -> Vec<MigDevice> {
@@ -108,4 +135,41 @@ fn mig_devices(dev: &nvml_wrapper::Device<'_>, gpu: u32) -> Vec<MigDevice> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_failing_helper_means_no_gpus_with_the_reason() {
+        let missing = discover_with(Path::new("/nonexistent/caisson-nvml"), None);
+        assert!(missing.gpus.is_empty());
+        let why = missing.unavailable.expect("a reason");
+        assert!(why.contains("/nonexistent/caisson-nvml"), "{why}");
+
+        let failed = discover_with(Path::new("/bin/false"), None);
+        let why = failed.unavailable.expect("a reason");
+        assert!(why.contains("failed"), "{why}");
+
+        // (echo prints its argument: not JSON.)
+        let garbage = discover_with(Path::new("/bin/echo"), Some(Path::new("x")));
+        let why = garbage.unavailable.expect("a reason");
+        assert!(why.contains("not an inventory"), "{why}");
+    }
+
+    #[test]
+    fn the_helper_s_inventory_is_taken_as_printed() {
+        let inv = Inventory {
+            gpus: vec![],
+            unavailable: Some("NVML unavailable (x): no GPUs".into()),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let helper = dir.path().join("helper");
+        let json = serde_json::to_string(&inv).unwrap();
+        std::fs::write(&helper, format!("#!/bin/sh\necho '{json}'\n")).unwrap();
+        std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        assert_eq!(discover_with(&helper, None), inv);
+    }
 }

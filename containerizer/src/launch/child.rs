@@ -655,6 +655,9 @@ fn try_bind(src: &Path, dst: &Path, readonly: bool) -> nix::Result<()> {
     Ok(())
 }
 
+/// statvfs's `ST_RELATIME` (Linux's value; musl's headers lack it).
+const ST_RELATIME: libc::c_ulong = 4096;
+
 /// Remounts the bind mount at `path` read-only with `flags`. In a user namespace a mount that
 /// came from the host's namespace (or a bind of one) has its nodev, nosuid, noexec and atime
 /// flags locked, and a remount that would drop one fails with EPERM: then again with the
@@ -672,7 +675,7 @@ fn remount_readonly(path: &Path, flags: MsFlags) -> nix::Result<()> {
                 (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
                 (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
                 (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-                (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+                (FsFlags::from_bits_retain(ST_RELATIME), MsFlags::MS_RELATIME),
             ]
             .into_iter()
             .filter(|(f, _)| have.contains(*f))

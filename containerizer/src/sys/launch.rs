@@ -278,10 +278,10 @@ pub fn loopback_up() -> io::Result<()> {
         for (i, b) in b"lo".iter().enumerate() {
             req.ifr_name[i] = *b as libc::c_char;
         }
-        let mut ret = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        let mut ret = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req);
         if ret == 0 {
             req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            ret = libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req);
+            ret = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &mut req);
         }
         let err = io::Error::last_os_error();
         libc::close(fd);
@@ -298,14 +298,18 @@ pub fn loopback_up() -> io::Result<()> {
 /// only when a CPU has nothing else to run; inherited by processes it starts) or back under
 /// the normal policy, `SCHED_OTHER` (from `SCHED_IDLE` that needs CAP_SYS_NICE).
 pub fn set_idle_scheduling(pid: i32, idle: bool) -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
+    // The kernel's sched_param is one int (libc's may be larger); the raw call because musl's
+    // wrapper does not reach the kernel (it answers ENOSYS).
+    let param: libc::c_int = 0;
     let policy = if idle {
         libc::SCHED_IDLE
     } else {
         libc::SCHED_OTHER
     };
-    // SAFETY: `param` is a valid sched_param that outlives the call; no other pointer is passed.
-    check(unsafe { libc::sched_setscheduler(pid, policy, &param) })
+    // SAFETY: `param` is a valid (one-int) sched_param that outlives the call; no other
+    // pointer is passed.
+    let ret = unsafe { libc::syscall(libc::SYS_sched_setscheduler, pid, policy, &param) };
+    check(ret as libc::c_int)
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: comparable between processes on the same boot.

@@ -32,6 +32,7 @@ pub fn deserialize_component_file(
 pub fn release_free_heap() {
     // SAFETY: malloc_trim only inspects and trims the allocator's own free lists; it is
     // thread-safe (it takes each arena's lock) and touches no memory the caller owns.
+    #[cfg(target_env = "gnu")]
     unsafe {
         libc::malloc_trim(0);
     }
