@@ -28,7 +28,8 @@ pub fn deserialize_component_file(
 
 /// Gives the heap's free pages back to the kernel (glibc `malloc_trim`): a long-lived Wasm
 /// service host calls it when it goes idle, so the garbage of loading the component or of a
-/// burst of requests does not stay resident in every idle service.
+/// burst of requests does not stay resident in every idle service. Nothing in a musl build (the
+/// installed Wasm hosts, `caisson-wasm`, are glibc programs: scripts/build-dist.sh).
 pub fn release_free_heap() {
     // SAFETY: malloc_trim only inspects and trims the allocator's own free lists; it is
     // thread-safe (it takes each arena's lock) and touches no memory the caller owns.
