@@ -10,7 +10,7 @@
 #   multi-threaded throughput).
 # - caisson-wasm and caisson-nvml: glibc programs. caisson-wasm is the long-running Wasm service
 #   and shared host process (glibc's allocator keeps an idle service near 0.75 MiB, mimalloc's
-#   took ~1.3); caisson-nvml lists the GPUs for the static caisson, which cannot load NVML (a
+#   took ~1.2); caisson-nvml lists the GPUs for the static caisson, which cannot load NVML (a
 #   glibc library loaded at run time).
 # Each finds the others next to itself. Needs musl-gcc (Debian musl-tools: the C code of ring,
 # zstd and mimalloc) and the Rust target: scripts/install-deps.sh installs both.
