@@ -357,7 +357,16 @@ pub fn launch(rt: &launch::Runtime, spec: TaskSpec) -> Result<launch::Launched, 
     if command && forked() {
         let loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some((engine, program, cgroup)) = loaded {
-            return launch::wasm::launch_in_process(rt, spec, &engine, &program, cgroup);
+            // A fork copies no thread but every lock, held ones too (the allocator's: mimalloc
+            // in the static build has no fork handlers). The first run of a module compiles it
+            // on a pool of threads that stay: that run goes through the supervisor program,
+            // which maps what the compile cached; the next ones fork.
+            if containerizer::sys::launch::thread_count().ok() == Some(1) {
+                return launch::wasm::launch_in_process(rt, spec, &engine, &program, cgroup);
+            }
+            if let Some(cg) = cgroup {
+                let _ = cg.destroy(std::time::Duration::from_secs(5));
+            }
         }
     }
     rt.launch(spec)

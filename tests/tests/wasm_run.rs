@@ -340,8 +340,16 @@ fn a_wasm_command_runs_in_forks_of_the_launcher_or_through_the_shim() {
     }
     let c = Caisson::new();
     let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
-    // Default: the supervisor and the task process are forks of `caisson` itself (no program
-    // started), the supervisor in a session of its own, the task in the task's cgroup.
+    // The first run of a module (a new root: nothing cached) compiles it on threads that stay
+    // in the launcher, which then does not fork: caisson-shim execs caisson-wasm.
+    c.ok(&["run", "-d", "--name", "first", &guest("loop.wat")]);
+    let v = wait_status(&c, "first", "running");
+    let (_, shim_exe) = session_and_exe(v["state"]["shim_pid"].as_i64().unwrap());
+    assert_eq!(name(&shim_exe), "caisson-shim");
+    c.ok(&["rm", "-f", "first"]);
+    // Then (compiled, cached): the supervisor and the task process are forks of `caisson`
+    // itself (no program started), the supervisor in a session of its own, the task in the
+    // task's cgroup.
     c.ok(&["run", "-d", "--name", "forked", &guest("loop.wat")]);
     let v = wait_status(&c, "forked", "running");
     let (pid, shim) = (

@@ -312,6 +312,16 @@ pub fn set_idle_scheduling(pid: i32, idle: bool) -> io::Result<()> {
     check(ret as libc::c_int)
 }
 
+/// How many threads this process has (`Threads:` of /proc/self/status).
+pub fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads: line in /proc/self/status"))
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: comparable between processes on the same boot.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -488,6 +498,16 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Owne
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_count_sees_a_new_thread() {
+        // (Other tests' threads come and go meanwhile: at least this one and ours.)
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        assert!(thread_count().unwrap() >= 2);
+        tx.send(()).unwrap();
+        t.join().unwrap().unwrap();
+    }
 
     fn cgroup2_mount() -> Option<std::path::PathBuf> {
         let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
