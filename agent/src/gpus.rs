@@ -38,18 +38,13 @@ pub(crate) fn managed() -> Result<Inventory> {
     let lib = cfg.nvml_lib.as_deref();
     // A static musl build cannot load NVML (a glibc library): its glibc helper does.
     let inventory = match cfg!(target_env = "musl") {
-        true => gpu::discover_with(&nvml_helper(), lib),
+        true => gpu::discover_with(
+            &containerizer::launch::companion_program(None, "caisson-nvml"),
+            lib,
+        ),
         false => gpu::discover(lib),
     };
     Ok(inventory.select(&selection)?)
-}
-
-/// `caisson-nvml`, next to this program.
-fn nvml_helper() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.join("caisson-nvml")))
-        .unwrap_or_else(|| PathBuf::from("caisson-nvml"))
 }
 
 #[derive(Args, Debug)]

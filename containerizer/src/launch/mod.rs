@@ -357,14 +357,7 @@ impl Runtime {
     /// A runtime keeping its records under `root`, with the supervisor binary from
     /// `$CAISSON_SHIM` or next to the current executable.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        let shim = std::env::var_os("CAISSON_SHIM")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::current_exe()
-                    .ok()
-                    .and_then(|e| e.parent().map(|d| d.join(SHIM_NAME)))
-            })
-            .unwrap_or_else(|| PathBuf::from(SHIM_NAME));
+        let shim = companion_program(Some("CAISSON_SHIM"), SHIM_NAME);
         Runtime {
             root: root.into(),
             shim,
@@ -1296,6 +1289,19 @@ fn validate(spec: &TaskSpec) -> Result<(), LaunchError> {
     }
     spec.limits.validate()?;
     Ok(())
+}
+
+/// One of caisson's programs: the path in `$ENV` (when `env` names one and it is set), else
+/// `name` next to the running executable, else `name` (looked up on PATH).
+pub fn companion_program(env: Option<&str>, name: &str) -> PathBuf {
+    env.and_then(std::env::var_os)
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join(name)))
+        })
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// A new random 64-hex-digit task id.

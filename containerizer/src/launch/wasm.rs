@@ -118,14 +118,7 @@ pub const RUNNER_ENV: &str = "CAISSON_WASM";
 
 /// The host process binary: `$CAISSON_WASM`, else next to this executable.
 pub fn runner() -> PathBuf {
-    std::env::var_os(RUNNER_ENV)
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(|d| d.join(RUNNER_NAME)))
-        })
-        .unwrap_or_else(|| PathBuf::from(RUNNER_NAME))
+    super::companion_program(Some(RUNNER_ENV), RUNNER_NAME)
 }
 
 /// How the supervisor starts the task's process.
