@@ -326,8 +326,13 @@ pub(crate) fn prepare_image_root(
     };
     let config = store.config(&record)?.config().clone();
     let dir = root.join("rootfs").join(id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let backend = rootfs::Backend::preferred();
+    // A spare (upper/, work/, merged/) made by an ended task's supervisor, else made here.
+    let claimed = backend == rootfs::Backend::Overlay
+        && launch::spare::claim(root, launch::spare::Kind::Rootfs, &dir);
+    if !claimed {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let mut opts = rootfs::CreateOptions::task_root();
     if let Some(u) = userns {
         let ns = containerizer::sys::launch::user_namespace(&u.uid_map_text(), &u.gid_map_text())

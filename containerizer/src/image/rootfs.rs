@@ -27,9 +27,9 @@ pub const FORCE_LEGACY_MOUNT_ENV: &str = "CAISSON_OVERLAY_LEGACY_MOUNT";
 /// `mount(2)` copies at most one page of option data, including the trailing NUL.
 const MOUNT_DATA_MAX: usize = 4095;
 
-const UPPER: &str = "upper";
-const WORK: &str = "work";
-const MERGED: &str = "merged";
+pub(crate) const UPPER: &str = "upper";
+pub(crate) const WORK: &str = "work";
+pub(crate) const MERGED: &str = "merged";
 const COPY_ROOT: &str = "rootfs";
 /// Short symlinks to the lowers, for the `mount(2)` fallback.
 const LINKS: &str = "l";
@@ -265,9 +265,15 @@ fn create_overlay(
     let upper = container_dir.join(UPPER);
     let work = container_dir.join(WORK);
     let merged = container_dir.join(MERGED);
-    mkdir(&upper, 0o755)?;
-    mkdir(&work, 0o700)?;
-    mkdir(&merged, 0o755)?;
+    // Made here, or already by a spare's maker (`launch::spare`): `container_dir` is this
+    // launch's own either way.
+    for (dir, mode) in [(&upper, 0o755), (&work, 0o700), (&merged, 0o755)] {
+        match mkdir(dir, mode) {
+            Err(RootfsError::Io { source, .. })
+                if source.kind() == io::ErrorKind::AlreadyExists => {}
+            r => r?,
+        }
+    }
     if let Some(m) = &opts.idmap {
         std::os::unix::fs::chown(&upper, Some(m.root.0), Some(m.root.1))
             .map_err(io_err("chown", &upper))?;

@@ -53,6 +53,7 @@ pub mod guard;
 pub mod hooks;
 pub mod sandbox;
 pub mod shim;
+pub mod spare;
 pub mod spec;
 pub mod standby;
 pub mod state;
@@ -749,7 +750,16 @@ impl Runtime {
         let favoring = crate::cgroups::favor_dynamic_modifications().is_on();
         let td = self.admit(&mut spec)?;
         let (id, name) = (spec.id.clone(), spec.name.clone());
-        let res = fs::create_dir(&td.dir)
+        // A spare made by an ended task's supervisor, else made here.
+        let kind = match spec.wasm {
+            Some(_) => spare::Kind::Wasm,
+            None => spare::Kind::Task,
+        };
+        let made = match spare::claim(&self.root, kind, &td.dir) {
+            true => Ok(()),
+            false => fs::create_dir(&td.dir),
+        };
+        let res = made
             .map_err(io_err(format!("creating {}", td.dir.display())))
             .and_then(|()| {
                 // On cgroup v1 the first cgroup.procs write of the launch waits for an RCU grace
@@ -1064,16 +1074,23 @@ impl Runtime {
     /// Deletes what supervisors left in `<root>/trash` (a `--rm` task's files are renamed there,
     /// then deleted after the launcher has gone on; a supervisor killed meanwhile leaves them).
     /// Only entries older than `min_age`, so that deletions in progress are left alone.
+    /// Spares a supervisor killed while making them left (`spare/.tmp-*`) go too.
     pub fn sweep_trash(&self, min_age: Duration) -> usize {
-        let Some(trash) = self.containers().parent().map(|r| r.join("trash")) else {
-            return 0;
-        };
-        let Ok(rd) = fs::read_dir(&trash) else {
-            return 0;
-        };
+        let trash = self.root.join("trash");
+        let spares = self.root.join(spare::DIR);
+        let half_made = fs::read_dir(&spares)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .as_encoded_bytes()
+                    .starts_with(spare::TMP_PREFIX.as_bytes())
+            });
+        let entries = fs::read_dir(&trash).into_iter().flatten().flatten();
         let now = std::time::SystemTime::now();
         let mut old = vec![];
-        for e in rd.flatten() {
+        for e in entries.chain(half_made) {
             let age = e
                 .metadata()
                 .and_then(|m| m.modified())

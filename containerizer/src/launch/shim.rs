@@ -605,6 +605,7 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
         remove_task(&td, spec, exit_command.take(), join_release);
     } else {
         join_release();
+        refill_spares(&td, spec);
     }
     wait_exit_command(spec, exit_command);
     // Only now, with nobody waiting on us: freeing the old state files' blocks can be slow.
@@ -854,7 +855,16 @@ pub(super) fn remove_task(
         }
     }
     report_removed();
+    refill_spares(td, spec);
     super::state::cleanup_owned(&doomed);
+}
+
+/// Makes the spare directories a later launch will claim ([`super::spare`]), with the task
+/// over and reported: nobody waits for it.
+pub(super) fn refill_spares(td: &TaskDir, spec: &super::spec::TaskSpec) {
+    if let Some(root) = td.dir.parent().and_then(Path::parent) {
+        super::spare::refill(root, &super::spare::kinds_of(root, spec));
+    }
 }
 
 /// Enters the prepared network namespace `ns` of a task with a user namespace and does there

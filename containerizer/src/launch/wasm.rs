@@ -429,6 +429,8 @@ pub(super) fn supervise(
         } else {
             super::shim::remove_task(td, spec, None, || {});
         }
+    } else {
+        super::shim::refill_spares(td, spec);
     }
     match destroying {
         Ok(t) => {
@@ -462,6 +464,7 @@ fn remove_wasm_task(td: &TaskDir, spec: &TaskSpec) {
         }
     }
     super::shim::report_removed();
+    super::shim::refill_spares(td, spec);
     if let Some(p) = moved {
         let _ = fs::remove_dir_all(p);
     }
@@ -579,9 +582,13 @@ fn fork_supervisor(
     cgroup: Option<TaskCgroup>,
 ) -> Result<super::Launched, super::LaunchError> {
     use super::{io_err, LaunchError};
-    fs::create_dir(&td.dir).map_err(io_err(format!("creating {}", td.dir.display())))?;
-    // The sandbox is the guest's `/` (no etc/: a Wasm task has no /etc).
-    fs::create_dir(td.sandbox()).map_err(io_err("creating the sandbox"))?;
+    // A spare made by an ended task's supervisor, else made here. The sandbox is the guest's
+    // `/` (no etc/: a Wasm task has no /etc).
+    let root = td.dir.parent().and_then(Path::parent);
+    if !root.is_some_and(|r| super::spare::claim(r, super::spare::Kind::Wasm, &td.dir)) {
+        fs::create_dir(&td.dir).map_err(io_err(format!("creating {}", td.dir.display())))?;
+        fs::create_dir(td.sandbox()).map_err(io_err("creating the sandbox"))?;
+    }
     // Plain writes into the new directory (nothing reads a task before its state.json exists);
     // state.json is replaced atomically from then on.
     let created = TaskState::created(now_ms());

@@ -1,0 +1,132 @@
+//! Spare task directories (`containerizer::launch::spare`): an ended task's supervisor makes
+//! the directories of later launches in `<root>/spare/`, and a launch renames one into place
+//! (the same inode) instead of making its own. Real containers and Wasm tasks, as root.
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use caisson_tests::*;
+
+const IMAGE: &str = "localhost/oci:latest";
+
+/// The inodes of the spares of `kind` in `root`, once every slot is full (the supervisor
+/// makes them after it has reported the task's end).
+fn full_slots(root: &Path, kind: &str) -> HashSet<u64> {
+    let slots: Vec<PathBuf> = (0..containerizer::launch::spare::SLOTS)
+        .map(|k| root.join("spare").join(format!("{kind}.{k}")))
+        .collect();
+    let t = Instant::now();
+    while !slots.iter().all(|p| p.is_dir()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "spare {kind} directories never made: {:?}",
+            dir_entries(&root.join("spare"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    slots
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().ino())
+        .collect()
+}
+
+fn ino(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().ino()
+}
+
+#[test]
+fn root_launches_claim_the_spare_directories_ended_tasks_made() {
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
+    let root = c.root.path();
+    // The first launch of a root finds none; its supervisor makes them once the task is over.
+    assert_eq!(c.ok(&["run", "--rm", IMAGE, "echo", "first"]), "first\n");
+    let tasks = full_slots(root, "task");
+    let roots = full_slots(root, "rootfs");
+    let spares: HashSet<String> = dir_entries(&root.join("spare")).into_iter().collect();
+    assert_eq!(
+        spares,
+        ["task.0", "task.1", "rootfs.0", "rootfs.1"]
+            .map(String::from)
+            .into()
+    );
+
+    // The next task's directories are two of them, and it runs as ever in them: a writable
+    // root, its sandbox and generated /etc.
+    let id = c
+        .ok(&["run", "-d", IMAGE, "sh", "-c", "echo made > /x; sleep 30"])
+        .trim()
+        .to_string();
+    let dir = root.join("containers").join(&id);
+    assert!(tasks.contains(&ino(&dir)), "task dir not a spare");
+    assert!(
+        roots.contains(&ino(&root.join("rootfs").join(&id))),
+        "root not a spare"
+    );
+    let (code, out, err) = c.run(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "cat /x /etc/hostname; ls -d /mnt/sandbox",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("made\n{}\n/mnt/sandbox\n", &id[..12]));
+    c.ok(&["rm", "-f", &id]);
+    // (Its supervisor made one of each again.)
+    full_slots(root, "task");
+    full_slots(root, "rootfs");
+
+    // Many launches later: never more than the slots, nothing half-made, nothing else left.
+    for _ in 0..5 {
+        c.ok(&["run", "--rm", IMAGE, "true"]);
+    }
+    full_slots(root, "task");
+    let t = Instant::now();
+    loop {
+        let left = dir_entries(&root.join("spare"));
+        if left.len() == 4 && left.iter().all(|n| !n.starts_with('.')) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dir_entries(&root.join("rootfs")).is_empty());
+    assert!(dir_entries(&root.join("containers")).is_empty());
+
+    // Turned off: a launch makes its own.
+    let tasks = full_slots(root, "task");
+    let id = c
+        .cmd()
+        .env("CAISSON_SPARE_DIRS", "0")
+        .args(["run", "-d", IMAGE, "sleep", "30"])
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&id.stdout).trim().to_string();
+    assert!(!tasks.contains(&ino(&root.join("containers").join(&id))));
+    assert_eq!(full_slots(root, "task"), tasks, "spares left alone");
+    c.ok(&["rm", "-f", &id]);
+}
+
+#[test]
+fn root_wasm_launches_claim_spares_without_etc() {
+    if !require_root() {
+        return;
+    }
+    let c = Caisson::new();
+    let root = c.root.path();
+    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/hello.wat");
+    let hello = hello.to_str().unwrap();
+    assert_eq!(c.ok(&["run", "--rm", hello]), "hello, world\n");
+    let spares = full_slots(root, "wasm");
+    let out = c.ok(&["run", "--name", "w", hello]);
+    assert_eq!(out, "hello, world\n");
+    let id = c.ok(&["ps", "-aq", "--no-trunc"]).trim().to_string();
+    let dir = root.join("containers").join(&id);
+    assert!(spares.contains(&ino(&dir)), "Wasm task dir not a spare");
+    assert!(dir.join("sandbox").is_dir());
+    assert!(!dir.join("etc").exists(), "a Wasm task has no etc/");
+    c.ok(&["rm", "w"]);
+}
