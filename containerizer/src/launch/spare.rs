@@ -201,7 +201,10 @@ mod tests {
         // One a killed supervisor left half-made goes with the trash; the spares stay.
         let half = r.join(DIR).join(format!("{TMP_PREFIX}task-4242"));
         fs::create_dir_all(half.join("etc")).unwrap();
-        assert_eq!(super::super::Runtime::new(r).sweep_trash(Default::default()), 1);
+        assert_eq!(
+            super::super::Runtime::new(r).sweep_trash(Default::default()),
+            1
+        );
         assert!(!half.exists());
         assert_eq!(fs::read_dir(r.join(DIR)).unwrap().count(), 2 * SLOTS);
     }
