@@ -5,7 +5,7 @@
 //!
 //! The task directory does not exist before the launch, so the watch starts on the directory
 //! of all task directories (before the launch: no race) and moves to the task's own directory
-//! when it appears, long before the supervisor has even opened the logs. Should the logs
+//! when it appears (made, or a spare renamed into place), long before the supervisor has even opened the logs. Should the logs
 //! already hold output by then, the sample is dropped rather than guessed.
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -36,7 +36,8 @@ impl Watch {
             .context("inotify_init")?;
         ino.add_watch(
             containers,
-            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ONLYDIR,
+            // Made there, or a spare renamed there (`launch::spare`).
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ONLYDIR,
         )
         .with_context(|| format!("watching {}", containers.display()))?;
         let (stop_r, stop) = nix::unistd::pipe().context("pipe")?;
@@ -80,7 +81,10 @@ fn watch(ino: &Inotify, stop: OwnedFd, dir: &PathBuf, id: &str) -> Option<Instan
         };
         for ev in events {
             let name = ev.name.as_deref().and_then(|n| n.to_str()).unwrap_or("");
-            if !in_task_dir && ev.mask.contains(AddWatchFlags::IN_CREATE) && name == id {
+            let appeared = ev
+                .mask
+                .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
+            if !in_task_dir && appeared && name == id {
                 ino.add_watch(dir, AddWatchFlags::IN_MODIFY).ok()?;
                 in_task_dir = true;
                 // Output written before the watch would go unseen: no sample then.
