@@ -209,6 +209,12 @@ fn run(netns_ahead: bool, recycled: Option<OwnedFd>) -> i32 {
             }
         },
     };
+    // What the supervisor would otherwise work out after the handover, done while the launcher
+    // still prepares the task (a fork server's standbys inherit it): the cgroup hierarchy (a
+    // parse of the mount table), the seccomp program, the kernel's last capability.
+    crate::cgroups::find_hierarchy();
+    let _ = crate::sys::seccomp::cached_default_filter();
+    let _ = sys::last_cap();
     let mut line = Vec::with_capacity(256);
     let mut buf = [0u8; 512];
     let stdin = std::io::stdin();
