@@ -450,9 +450,9 @@ pub(super) struct Supervised<'a> {
     /// The task's own network namespace, made ahead by a standby: offered back to the fork
     /// server for a later task once this one has ended ([`super::standby::give_back_netns`]).
     pub netns: Option<OwnedFd>,
-    /// The task's namespaces (at least its mount namespace), held until the exit is reported
-    /// (with `auto_remove`, until `removed` is): when the init exits the kernel then does not
-    /// tear them down (RCU grace periods, the mounts) before we learn of the exit.
+    /// The task's namespaces (at least its mount namespace), held until the exit is reported:
+    /// when the init exits the kernel then does not tear them down (RCU grace periods, the
+    /// mounts) before we learn of the exit.
     pub held_ns: Vec<File>,
     /// The init's launch error, if any.
     pub error: Option<(i32, String)>,
@@ -576,16 +576,7 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
     if !hooks_first {
         destroy(&cg);
     }
-    // A task removed with its exit keeps them until `removed` has been told: tearing down its
-    // mount namespace waits for an RCU grace period, and so does the overlay's unmount when
-    // that namespace no longer holds it (see `remove_task`).
-    let held_ns = match spec.auto_remove {
-        true => held_ns,
-        false => {
-            drop(held_ns);
-            vec![]
-        }
-    };
+    drop(held_ns);
     // Released before `removed` (and before we exit): the address and ports are free then.
     let join_release = || {
         let released = match net_release {
@@ -611,7 +602,7 @@ pub(super) fn supervise(s: Supervised<'_>) -> i32 {
         let mut buf = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
-        remove_task(&td, spec, exit_command.take(), join_release, held_ns);
+        remove_task(&td, spec, exit_command.take(), join_release);
     } else {
         join_release();
         refill_spares(&td, spec);
@@ -816,7 +807,6 @@ pub(super) fn remove_task(
     spec: &super::spec::TaskSpec,
     exit_command: Option<std::process::Child>,
     before_report: impl FnOnce(),
-    held_ns: Vec<File>,
 ) {
     let trash = td
         .dir
@@ -865,12 +855,6 @@ pub(super) fn remove_task(
         }
     }
     report_removed();
-    // The task's namespaces go only now: the unmount above was the overlay's last but one
-    // reference (the task's mount namespace holds the other), so neither the namespace's
-    // teardown nor the overlay's shutdown, each waiting for an RCU grace period, delayed
-    // `removed`. Before the deletion: the overlay's upper and work directories are its own
-    // until then.
-    drop(held_ns);
     refill_spares(td, spec);
     super::state::cleanup_owned(&doomed);
 }

@@ -427,7 +427,7 @@ pub(super) fn supervise(
         if spec.cleanup.is_empty() {
             remove_wasm_task(td, spec);
         } else {
-            super::shim::remove_task(td, spec, None, || {}, vec![]);
+            super::shim::remove_task(td, spec, None, || {});
         }
     } else {
         super::shim::refill_spares(td, spec);
