@@ -689,7 +689,10 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         tasknet::Plan::Host => NetworkMode::Host,
         _ => NetworkMode::None,
     };
-    let cni = cni_args.cni(root);
+    // Made only for a task on CNI networks (its state directory's name is a hash of the root:
+    // SHA-256's CPU-feature probes trap on a VM).
+    let cni_cell = std::cell::OnceCell::new();
+    let cni = || cni_cell.get_or_init(|| cni_args.cni(root));
     let id = launch::new_id();
     // With CNI networks the namespace is made and the ADD started on a thread of their own
     // while the root filesystem is prepared, and the ADD goes on while the task's supervisor
@@ -700,7 +703,13 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         _ => id[..12].to_string(),
     };
     let start_network = |reqs: &[containerizer::net::NetworkRequest]| {
-        tasknet::start_gated(&cni, root, &id, reqs, names.network_files(hostname.clone()))
+        tasknet::start_gated(
+            cni(),
+            root,
+            &id,
+            reqs,
+            names.network_files(hostname.clone()),
+        )
     };
     let early = match &plan {
         tasknet::Plan::Cni(reqs) if !a.network.is_empty() => Some(start_network(reqs)),
@@ -715,7 +724,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     // Releases what the network thread made, on the way out of a failed run.
     let undo_network = |g: Option<tasknet::Gated>| {
         if let Some(g) = g {
-            g.abandon(&cni, root, &id);
+            g.abandon(cni(), root, &id);
         }
     };
     let (mut spec, owned_root) = match built {
@@ -775,7 +784,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
         }
     }
     if let Some(g) = &gated {
-        gate_networks(&cni, g, &mut spec);
+        gate_networks(cni(), g, &mut spec);
     }
     names.apply(&mut spec);
     let id = spec.id.clone();
@@ -802,7 +811,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             }
             remove_root();
             if networked {
-                if let Err(de) = tasknet::detach(&cni, root, &id) {
+                if let Err(de) = tasknet::detach(cni(), root, &id) {
                     tracing::warn!("releasing the network after a failed launch: {de:#}");
                 }
             }
