@@ -23,10 +23,11 @@ echo "### CNI"; QUICK=${QUICK:-} benches/cni-compare.sh "$RUNS"
 echo "### Wasm"
 if command -v wasmtime >/dev/null; then
   T=$(benches/install-bins.sh "$out/bin")
+  P=$(benches/install-peers.sh "$out/peers")
   cache=$(mktemp -d /tmp/caisson-wasm-cache.XXXXXX)
   hyperfine -N --warmup 20 --runs "$RUNS" --export-json "$out/wasm.json" \
     -n "caisson-wasm run hello.wat" "$T/caisson-wasm run --cache $cache tests/guests/hello.wat" \
-    -n "wasmtime run hello.wat" "wasmtime run tests/guests/hello.wat"
+    -n "wasmtime run hello.wat" "$P/wasmtime run tests/guests/hello.wat"
   rm -rf "$cache"
 else
   echo "wasmtime CLI not installed: no Wasm peer row (building it takes ~20 min; see FACTS.md)"

@@ -14,6 +14,7 @@ done
 scripts/build-dist.sh release >/dev/null
 work=$(mktemp -d /tmp/caisson-exec.XXXXXX)
 CAISSON="$(benches/install-bins.sh "$work/bin")/caisson"
+P=$(benches/install-peers.sh "$work/peers")
 root="$work/root"
 cleanup() {
   "$CAISSON" --root "$root" rm -f -a >/dev/null 2>&1 || true
@@ -39,8 +40,8 @@ runc --root "$work/runc" run -d -b "$bundle" rexec </dev/null >/dev/null 2>&1
 hyperfine -N --runs $RUNS --warmup 5 --export-json "$work/exec.json" \\
   -n "caisson exec TASK /bin/true" "$CAISSON --root $root exec \$task /bin/true" \\
   -n "caisson exec TASK /bin/true (--userns=auto task)" "$CAISSON --root $root exec \$utask /bin/true" \\
-  -n "crun exec (same rootfs)" "crun --root $work/crun exec cexec /bin/true" \\
-  -n "runc exec (same rootfs)" "runc --root $work/runc exec rexec /bin/true"
+  -n "crun exec (same rootfs)" "$P/crun --root $work/crun exec cexec /bin/true" \\
+  -n "runc exec (same rootfs)" "$P/runc --root $work/runc exec rexec /bin/true"
 INNER
 unshare --mount --propagation private bash "$work/inner.sh"
 echo

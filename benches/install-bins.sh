@@ -2,8 +2,8 @@
 # Copies caisson's binaries from SRC (default: the release build) into DEST, as an install
 # would, and prints DEST. Benchmarks run the copies: a file the linker has just written sits in
 # the page cache in small pieces, and every start maps and faults it in more slowly (here a
-# `caisson-wasm run` took 3.3 ms from target/release and 2.8 ms from a copy of the same bytes),
-# while the peers (crun, runc, wasmtime) run from installed files.
+# `caisson-wasm run` took 3.3 ms from target/release and 2.8 ms from a copy of the same bytes).
+# The peers (crun, runc, wasmtime) get the same: install-peers.sh.
 #   benches/install-bins.sh DEST [SRC]     (SRC default: target/dist, scripts/build-dist.sh)
 set -euo pipefail
 DEST=${1:?destination directory}

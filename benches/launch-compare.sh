@@ -15,6 +15,7 @@ work=$(mktemp -d /tmp/caisson-launch.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 # Installed copies, as the peers' binaries are (see install-bins.sh).
 CAISSON="$(benches/install-bins.sh "$work/bin")/caisson"
+P=$(benches/install-peers.sh "$work/peers")
 
 # A busybox image in caisson's store, and an OCI bundle with the same root filesystem.
 . benches/busybox-image.sh
@@ -34,8 +35,8 @@ set -e
 if mountpoint -q /sys/fs/cgroup/unified; then umount /sys/fs/cgroup/unified; fi
 hyperfine -N --runs $RUNS --warmup 5 --export-json "$work/launch.json" \\
   -n "caisson run --rm IMAGE /bin/true" "$CAISSON --root $root run --rm $IMAGE /bin/true" \\
-  -n "crun run (same rootfs)" "crun --root $work/crun run -b $bundle cbench" \\
-  -n "runc run (same rootfs)" "runc --root $work/runc run -b $bundle rbench" \\
+  -n "crun run (same rootfs)" "$P/crun --root $work/crun run -b $bundle cbench" \\
+  -n "runc run (same rootfs)" "$P/runc --root $work/runc run -b $bundle rbench" \\
   -n "unshare -pfmuin /bin/true" "unshare --pid --fork --mount --uts --ipc --net /bin/true" \\
   -n "/bin/true" "/bin/true" \\
   -n "caisson --version (process start)" "$CAISSON --version" $BASE_CMD

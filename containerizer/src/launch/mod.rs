@@ -454,10 +454,6 @@ impl Runtime {
                             ),
                         }
                     }
-                    // What the launch asks first (each a parse of the mount table), found here
-                    // while the launcher resolves the image and mounts the root.
-                    let _ = crate::cgroups::favor_dynamic_modifications();
-                    crate::cgroups::find_hierarchy();
                     let _guard = pool.spare.lock();
                     pool.filling.store(false, Ordering::Release);
                     pool.filled.notify_all();
