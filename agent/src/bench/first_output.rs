@@ -5,8 +5,9 @@
 //!
 //! The task directory does not exist before the launch, so the watch starts on the directory
 //! of all task directories (before the launch: no race) and moves to the task's own directory
-//! when it appears (made, or a spare renamed into place), long before the supervisor has even opened the logs. Should the logs
-//! already hold output by then, the sample is dropped rather than guessed.
+//! when it appears (made, or a spare renamed into place), long before the supervisor has even
+//! opened the logs. Should the logs already hold output by then, the sample is dropped rather
+//! than guessed.
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
