@@ -808,11 +808,7 @@ pub(super) fn remove_task(
     exit_command: Option<std::process::Child>,
     before_report: impl FnOnce(),
 ) {
-    let trash = td
-        .dir
-        .parent()
-        .and_then(Path::parent)
-        .map(|root| root.join("trash"));
+    let trash = td.state_root().map(|root| root.join("trash"));
     let trash = trash.filter(|t| fs::create_dir_all(t).is_ok());
     let mut doomed = vec![];
     for (i, p) in spec.cleanup.iter().enumerate() {
@@ -842,7 +838,7 @@ pub(super) fn remove_task(
     };
     td.release_name(&spec.name, &spec.id);
     if spec.userns.is_some() {
-        if let Some(root) = td.dir.parent().and_then(Path::parent) {
+        if let Some(root) = td.state_root() {
             super::userns::release(root, &spec.id);
         }
     }
@@ -862,7 +858,7 @@ pub(super) fn remove_task(
 /// Makes the spare directories a later launch will claim ([`super::spare`]), with the task
 /// over and reported: nobody waits for it.
 pub(super) fn refill_spares(td: &TaskDir, spec: &super::spec::TaskSpec) {
-    if let Some(root) = td.dir.parent().and_then(Path::parent) {
+    if let Some(root) = td.state_root() {
         super::spare::refill(root, &super::spare::kinds_of(root, spec));
     }
 }

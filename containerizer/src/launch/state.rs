@@ -178,13 +178,14 @@ impl TaskDir {
         self.dir.join("sandbox")
     }
 
+    /// The state root this task's directory is in (`<root>/containers/<id>`).
+    pub fn state_root(&self) -> Option<&Path> {
+        self.dir.parent().and_then(Path::parent)
+    }
+
     /// `<root>/names/<name>`: the name index entry (holds the id) that makes names unique.
     pub fn name_file(&self, name: &str) -> PathBuf {
-        let root = self
-            .dir
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or(Path::new("/"));
+        let root = self.state_root().unwrap_or(Path::new("/"));
         root.join("names").join(name)
     }
 

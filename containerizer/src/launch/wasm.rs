@@ -169,11 +169,7 @@ pub(super) fn supervise(
     host_spec.stderr = None;
     let spec_path = td.dir.join(SPEC_FILE);
     let status_path = td.dir.join(STATUS_FILE);
-    let root = td
-        .dir
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf);
+    let root = td.state_root().map(Path::to_path_buf);
     let cache = root.as_deref().map(cache_dir);
     // The in-process task needs no spec file: it has the spec in memory.
     let wrote = match start {
@@ -448,9 +444,7 @@ pub(super) fn supervise(
 /// twice was a tenth of a Wasm `run --rm`'s CPU time on a host with many mounts.
 fn remove_wasm_task(td: &TaskDir, spec: &TaskSpec) {
     let trash = td
-        .dir
-        .parent()
-        .and_then(Path::parent)
+        .state_root()
         .map(|root| root.join("trash"))
         .filter(|t| fs::create_dir_all(t).is_ok());
     let moved = trash.and_then(|t| {
@@ -584,7 +578,7 @@ fn fork_supervisor(
     use super::{io_err, LaunchError};
     // A spare made by an ended task's supervisor, else made here. The sandbox is the guest's
     // `/` (no etc/: a Wasm task has no /etc).
-    let root = td.dir.parent().and_then(Path::parent);
+    let root = td.state_root();
     if !root.is_some_and(|r| super::spare::claim(r, super::spare::Kind::Wasm, &td.dir)) {
         fs::create_dir(&td.dir).map_err(io_err(format!("creating {}", td.dir.display())))?;
         fs::create_dir(td.sandbox()).map_err(io_err("creating the sandbox"))?;
