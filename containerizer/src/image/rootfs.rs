@@ -27,9 +27,12 @@ pub const FORCE_LEGACY_MOUNT_ENV: &str = "CAISSON_OVERLAY_LEGACY_MOUNT";
 /// `mount(2)` copies at most one page of option data, including the trailing NUL.
 const MOUNT_DATA_MAX: usize = 4095;
 
-pub(crate) const UPPER: &str = "upper";
-pub(crate) const WORK: &str = "work";
-pub(crate) const MERGED: &str = "merged";
+const UPPER: &str = "upper";
+const WORK: &str = "work";
+const MERGED: &str = "merged";
+/// An overlay root's directories and their modes, in the order they are made (also what a
+/// spare root holds: `launch::spare`).
+pub(crate) const OVERLAY_DIRS: [(&str, u32); 3] = [(UPPER, 0o755), (WORK, 0o700), (MERGED, 0o755)];
 const COPY_ROOT: &str = "rootfs";
 /// Short symlinks to the lowers, for the `mount(2)` fallback.
 const LINKS: &str = "l";
@@ -267,7 +270,7 @@ fn create_overlay(
     let merged = container_dir.join(MERGED);
     // Made here, or already by a spare's maker (`launch::spare`): `container_dir` is this
     // launch's own either way.
-    for (dir, mode) in [(&upper, 0o755), (&work, 0o700), (&merged, 0o755)] {
+    for (dir, (_, mode)) in [&upper, &work, &merged].into_iter().zip(OVERLAY_DIRS) {
         match mkdir(dir, mode) {
             Err(RootfsError::Io { source, .. })
                 if source.kind() == io::ErrorKind::AlreadyExists => {}

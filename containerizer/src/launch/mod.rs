@@ -751,11 +751,7 @@ impl Runtime {
         let td = self.admit(&mut spec)?;
         let (id, name) = (spec.id.clone(), spec.name.clone());
         // A spare made by an ended task's supervisor, else made here.
-        let kind = match spec.wasm {
-            Some(_) => spare::Kind::Wasm,
-            None => spare::Kind::Task,
-        };
-        let made = match spare::claim(&self.root, kind, &td.dir) {
+        let made = match spare::claim(&self.root, spare::Kind::of_task(&spec), &td.dir) {
             true => Ok(()),
             false => fs::create_dir(&td.dir),
         };

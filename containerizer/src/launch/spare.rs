@@ -37,6 +37,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind of `spec`'s task directory.
+    pub fn of_task(spec: &super::spec::TaskSpec) -> Kind {
+        match spec.wasm {
+            Some(_) => Kind::Wasm,
+            None => Kind::Task,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Task => "task",
@@ -50,11 +58,7 @@ impl Kind {
         match self {
             Kind::Task => &[("etc", 0o777), ("sandbox", 0o777)],
             Kind::Wasm => &[("sandbox", 0o777)],
-            Kind::Rootfs => &[
-                (crate::image::rootfs::UPPER, 0o755),
-                (crate::image::rootfs::WORK, 0o700),
-                (crate::image::rootfs::MERGED, 0o755),
-            ],
+            Kind::Rootfs => &crate::image::rootfs::OVERLAY_DIRS,
         }
     }
 }
@@ -144,10 +148,7 @@ fn make_into(dir: &Path, kind: Kind, to: &Path) -> std::io::Result<()> {
 /// The kinds a supervised task used: its task directory's, and an overlay root's when one of
 /// the paths it owns is `<root>/rootfs/<id>`.
 pub fn kinds_of(root: &Path, spec: &super::spec::TaskSpec) -> Vec<Kind> {
-    let mut kinds = vec![match spec.wasm {
-        Some(_) => Kind::Wasm,
-        None => Kind::Task,
-    }];
+    let mut kinds = vec![Kind::of_task(spec)];
     let rootfs = root.join("rootfs");
     if spec.cleanup.iter().any(|p| p.parent() == Some(&rootfs)) {
         kinds.push(Kind::Rootfs);
