@@ -10,14 +10,18 @@ use caisson_tests::*;
 
 const IMAGE: &str = "localhost/oci:latest";
 
-/// The inodes of the spares of `kind` in `root`, once every slot is full (the supervisor
-/// makes them after it has reported the task's end).
+/// The inodes of the spares of `kind` in `root`, once there are at least `SLOTS` (the
+/// supervisor makes them after it has reported the task's end; an ended task's own may make
+/// up to `MAX_SLOTS`).
 fn full_slots(root: &Path, kind: &str) -> HashSet<u64> {
-    let slots: Vec<PathBuf> = (0..containerizer::launch::spare::SLOTS)
-        .map(|k| root.join("spare").join(format!("{kind}.{k}")))
-        .collect();
+    let spares = || -> Vec<PathBuf> {
+        (0..containerizer::launch::spare::MAX_SLOTS)
+            .map(|k| root.join("spare").join(format!("{kind}.{k}")))
+            .filter(|p| p.is_dir())
+            .collect()
+    };
     let t = Instant::now();
-    while !slots.iter().all(|p| p.is_dir()) {
+    while spares().len() < containerizer::launch::spare::SLOTS {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "spare {kind} directories never made: {:?}",
@@ -25,7 +29,7 @@ fn full_slots(root: &Path, kind: &str) -> HashSet<u64> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    slots
+    spares()
         .iter()
         .map(|p| std::fs::metadata(p).unwrap().ino())
         .collect()
@@ -79,15 +83,20 @@ fn root_launches_claim_the_spare_directories_ended_tasks_made() {
     full_slots(root, "task");
     full_slots(root, "rootfs");
 
-    // Many launches later: never more than the slots, nothing half-made, nothing else left.
+    // Many launches later: never more than MAX_SLOTS, nothing half-made, nothing else left.
     for _ in 0..5 {
         c.ok(&["run", "--rm", IMAGE, "true"]);
     }
     full_slots(root, "task");
     let t = Instant::now();
+    let spare = containerizer::launch::spare::SLOTS..=containerizer::launch::spare::MAX_SLOTS;
     loop {
         let left = dir_entries(&root.join("spare"));
-        if left.len() == 4 && left.iter().all(|n| !n.starts_with('.')) {
+        let of = |kind: &str| left.iter().filter(|n| n.starts_with(kind)).count();
+        if spare.contains(&of("task."))
+            && spare.contains(&of("rootfs."))
+            && left.len() == of("task.") + of("rootfs.")
+        {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(10), "{left:?}");
@@ -108,6 +117,52 @@ fn root_launches_claim_the_spare_directories_ended_tasks_made() {
     assert!(!tasks.contains(&ino(&root.join("containers").join(&id))));
     assert_eq!(full_slots(root, "task"), tasks, "spares left alone");
     c.ok(&["rm", "-f", &id]);
+}
+
+#[test]
+fn root_a_removed_tasks_directories_become_spares_with_nothing_of_it_left() {
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
+    let root = c.root.path();
+    c.ok(&["run", "--rm", IMAGE, "true"]);
+    full_slots(root, "task");
+    full_slots(root, "rootfs");
+    // A task that writes into its root and sandbox and changes their modes.
+    let script = "echo secret > /x; echo s > /mnt/sandbox/y; busybox chmod 701 / /mnt/sandbox; \
+                  sleep 1";
+    let id = c.ok(&["run", "-d", "--rm", IMAGE, "sh", "-c", script]);
+    let id = id.trim();
+    let dir = ino(&root.join("containers").join(id));
+    let rootfs = ino(&root.join("rootfs").join(id));
+    let t = Instant::now();
+    while root.join("containers").join(id).exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "task never removed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its directories (not new ones) are the spares now...
+    assert!(
+        full_slots(root, "task").contains(&dir),
+        "task dir not reused"
+    );
+    assert!(
+        full_slots(root, "rootfs").contains(&rootfs),
+        "root not reused"
+    );
+    // ... and the tasks launched in them find nothing of it: no file, fresh modes.
+    let look = "ls -A /mnt/sandbox; cat /x 2>/dev/null; busybox stat -c %a / /mnt/sandbox";
+    for _ in 0..containerizer::launch::spare::SLOTS {
+        let out = c.ok(&["run", "--rm", IMAGE, "sh", "-c", look]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert!(lines.iter().all(|m| *m != "701"), "{out}");
+    }
+    assert!(
+        dir_entries(&root.join("trash")).is_empty() || {
+            std::thread::sleep(Duration::from_millis(500));
+            dir_entries(&root.join("trash")).is_empty()
+        }
+    );
 }
 
 #[test]

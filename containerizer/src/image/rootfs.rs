@@ -27,7 +27,7 @@ pub const FORCE_LEGACY_MOUNT_ENV: &str = "CAISSON_OVERLAY_LEGACY_MOUNT";
 /// `mount(2)` copies at most one page of option data, including the trailing NUL.
 const MOUNT_DATA_MAX: usize = 4095;
 
-const UPPER: &str = "upper";
+pub(crate) const UPPER: &str = "upper";
 const WORK: &str = "work";
 const MERGED: &str = "merged";
 /// An overlay root's directories and their modes, in the order they are made (also what a

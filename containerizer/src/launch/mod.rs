@@ -1115,7 +1115,8 @@ pub(crate) fn write_task_files(td: &TaskDir, spec: &TaskSpec) -> Result<(), Laun
     fs::create_dir_all(td.etc()).map_err(io_err("creating etc"))?;
     fs::create_dir_all(td.sandbox()).map_err(io_err("creating the sandbox"))?;
     let w = |name: &str, data: &[u8]| {
-        fs::write(td.etc().join(name), data).map_err(io_err(format!("writing etc/{name}")))
+        state::write_in_place(&td.etc().join(name), data)
+            .map_err(io_err(format!("writing etc/{name}")))
     };
     w("hostname", format!("{}\n", spec.hostname).as_bytes())?;
     match &spec.hosts_file {

@@ -11,7 +11,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -808,9 +808,14 @@ pub(super) fn remove_task(
     exit_command: Option<std::process::Child>,
     before_report: impl FnOnce(),
 ) {
-    let trash = td.state_root().map(|root| root.join("trash"));
+    use super::spare::Kind;
+    let root = td.state_root();
+    let trash = root.map(|root| root.join("trash"));
     let trash = trash.filter(|t| fs::create_dir_all(t).is_ok());
-    let mut doomed = vec![];
+    // What goes to the trash, and the kind of spare it can become instead.
+    let mut doomed: Vec<(PathBuf, Option<Kind>)> = vec![];
+    let reusable = spec.userns.is_none();
+    let rootfs = root.map(|r| r.join("rootfs"));
     for (i, p) in spec.cleanup.iter().enumerate() {
         // An overlay root alone, as nearly always: no mount table to read.
         if !crate::image::rootfs::unmount_root(p) {
@@ -820,8 +825,9 @@ pub(super) fn remove_task(
             let to = t.join(format!("{}.{i}", spec.id));
             fs::rename(p, &to).ok().map(|()| to)
         });
+        let kind = (reusable && p.parent() == rootfs.as_deref()).then_some(Kind::Rootfs);
         match renamed {
-            Some(to) => doomed.push(to),
+            Some(to) => doomed.push((to, kind)),
             None => super::state::cleanup_owned(std::slice::from_ref(p)),
         }
     }
@@ -831,7 +837,7 @@ pub(super) fn remove_task(
     });
     let dir_left = match renamed {
         Some(to) => {
-            doomed.push(to);
+            doomed.push((to, reusable.then(|| Kind::of_task(spec))));
             false
         }
         None => true,
@@ -851,8 +857,28 @@ pub(super) fn remove_task(
         }
     }
     report_removed();
-    refill_spares(td, spec);
+    let doomed = recycle_then_refill(td, spec, doomed);
     super::state::cleanup_owned(&doomed);
+}
+
+/// Of what a removed task left in the trash, makes spares of what it can
+/// ([`super::spare::recycle`]), then new ones up to the slots ([`refill_spares`]). Returns the
+/// rest, to delete.
+pub(super) fn recycle_then_refill(
+    td: &TaskDir,
+    spec: &super::spec::TaskSpec,
+    doomed: Vec<(PathBuf, Option<super::spare::Kind>)>,
+) -> Vec<PathBuf> {
+    let left = match td.state_root() {
+        Some(root) => doomed
+            .into_iter()
+            .filter(|(p, kind)| !kind.is_some_and(|k| super::spare::recycle(root, k, p)))
+            .map(|(p, _)| p)
+            .collect(),
+        None => doomed.into_iter().map(|(p, _)| p).collect(),
+    };
+    refill_spares(td, spec);
+    left
 }
 
 /// Makes the spare directories a later launch will claim ([`super::spare`]), with the task

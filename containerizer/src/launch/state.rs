@@ -244,8 +244,8 @@ impl TaskDir {
         c: &TaskConfig,
         s: &TaskState,
     ) -> std::io::Result<()> {
-        fs::write(self.config(), pretty(c)?)?;
-        fs::write(self.state(), pretty(s)?)
+        write_in_place(&self.config(), &pretty(c)?)?;
+        write_in_place(&self.state(), &pretty(s)?)
     }
 }
 
@@ -288,15 +288,43 @@ pub fn prepare_state_dirs(root: &Path) -> std::io::Result<()> {
 }
 
 /// Writes `value` as JSON to `path` atomically: a temporary file in the same directory, then
-/// rename over the target.
+/// put in the target's place ([`replace_with`]).
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let data = pretty(value)?;
     let tmp = tmp_path(path);
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&data)?;
+    write_in_place(&tmp, &data)?;
+    replace_with(&tmp, path)
+}
+
+/// Writes `data` to `path` (created if missing) without truncating it first, then cuts it to
+/// length. On ext4 a file truncated to zero is flushed to disk when closed (`auto_da_alloc`):
+/// its blocks are allocated at once, and on a file system mounted `discard` freeing them
+/// later is a synchronous discard. A record written and deleted within seconds then never
+/// touches the disk at all.
+pub(crate) fn write_in_place(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    f.write_all(data)?;
+    f.set_len(data.len() as u64)
+}
+
+/// Puts `tmp` in `path`'s place atomically. Exchanged, then the old one unlinked, rather than
+/// renamed over: ext4 flushes a file renamed over another to disk at once (`auto_da_alloc`,
+/// as [`write_in_place`] says). A plain rename when there is nothing to exchange with yet, or
+/// on a file system without `RENAME_EXCHANGE`.
+pub(crate) fn replace_with(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    use crate::sys::{rename2, Rename};
+    match rename2(tmp, path, Rename::Exchange) {
+        Ok(()) => {
+            // A reader holding the old one open keeps it until it closes it.
+            let _ = fs::remove_file(tmp);
+            Ok(())
+        }
+        Err(_) => fs::rename(tmp, path),
     }
-    fs::rename(&tmp, path)
 }
 
 /// Unmounts (lazily) and deletes the host paths a task owns; errors are logged, not returned,
@@ -392,6 +420,29 @@ pub fn process_alive(pid: i32, ticks: Option<u64>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_are_replaced_whole_and_leave_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        write_json_atomic(&path, &vec!["a long first record"; 8]).unwrap();
+        // A reader of the old record keeps reading it whole.
+        let held = fs::File::open(&path).unwrap();
+        write_json_atomic(&path, &vec!["b"]).unwrap();
+        assert_eq!(read_json::<Vec<String>>(&path).unwrap(), ["b"]);
+        let old: Vec<String> = serde_json::from_reader(held).unwrap();
+        assert_eq!(old.len(), 8);
+        // A leftover temporary file (a prepared one, or a killed writer's) is overwritten,
+        // not appended to.
+        fs::write(tmp_path(&path), "x".repeat(4096)).unwrap();
+        write_json_atomic(&path, &vec!["c"]).unwrap();
+        assert_eq!(read_json::<Vec<String>>(&path).unwrap(), ["c"]);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["r.json"]);
+    }
 
     #[test]
     fn mountinfo_unescape() {

@@ -458,8 +458,9 @@ fn remove_wasm_task(td: &TaskDir, spec: &TaskSpec) {
         }
     }
     super::shim::report_removed();
-    super::shim::refill_spares(td, spec);
-    if let Some(p) = moved {
+    let kind = super::spare::Kind::of_task(spec);
+    let doomed = moved.map(|p| (p, Some(kind))).into_iter().collect();
+    for p in super::shim::recycle_then_refill(td, spec, doomed) {
         let _ = fs::remove_dir_all(p);
     }
 }

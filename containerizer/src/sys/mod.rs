@@ -38,3 +38,44 @@ pub fn kill_child_with_parent(cmd: &mut tokio::process::Command) {
         });
     }
 }
+
+/// How [`rename2`] renames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rename {
+    /// Swap the two paths (both must exist): `RENAME_EXCHANGE`.
+    Exchange,
+    /// Fail with `EEXIST` rather than replace the target: `RENAME_NOREPLACE`.
+    NoReplace,
+}
+
+/// `renameat2(2)` on two paths (nix offers it only with glibc; the static build uses musl).
+/// `EINVAL` where the file system lacks the flag.
+pub fn rename2(from: &std::path::Path, to: &std::path::Path, how: Rename) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // <linux/fs.h>; libc does not define them for every target.
+    let flags: libc::c_uint = match how {
+        Rename::NoReplace => 1,
+        Rename::Exchange => 2,
+    };
+    // SAFETY: both paths are NUL-terminated C strings that live across the call; the kernel
+    // only reads them.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
