@@ -78,10 +78,17 @@ fn root_launches_claim_the_spare_directories_ended_tasks_made() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("made\n{}\n/mnt/sandbox\n", &id[..12]));
+    let (task_ino, root_ino) = (ino(&dir), ino(&root.join("rootfs").join(&id)));
     c.ok(&["rm", "-f", &id]);
-    // (Its supervisor made one of each again.)
-    full_slots(root, "task");
-    full_slots(root, "rootfs");
+    // Its supervisor made one of each again, and `rm` kept its directories as spares too.
+    assert!(
+        full_slots(root, "task").contains(&task_ino),
+        "rm: task dir not reused"
+    );
+    assert!(
+        full_slots(root, "rootfs").contains(&root_ino),
+        "rm: root not reused"
+    );
 
     // Many launches later: never more than MAX_SLOTS, nothing half-made, nothing else left.
     for _ in 0..5 {
@@ -93,7 +100,9 @@ fn root_launches_claim_the_spare_directories_ended_tasks_made() {
     loop {
         let left = dir_entries(&root.join("spare"));
         let of = |kind: &str| left.iter().filter(|n| n.starts_with(kind)).count();
-        if spare.contains(&of("task."))
+        // (An empty trash: every supervisor is done with its task's directories.)
+        if dir_entries(&root.join("trash")).is_empty()
+            && spare.contains(&of("task."))
             && spare.contains(&of("rootfs."))
             && left.len() == of("task.") + of("rootfs.")
         {

@@ -1057,14 +1057,20 @@ impl Runtime {
             }
         }
         TaskCgroup::load(id).destroy(Duration::from_secs(10))?;
-        state::cleanup_owned(&info.spec.cleanup);
         let td = self.task_dir(id);
+        let (doomed, dir_left) = shim::move_to_trash(&td, &info.spec);
         td.release_name(&info.name, id);
         if info.spec.userns.is_some() {
             userns::release(&self.root, &info.spec.id);
         }
-        crate::image::rootfs::remove_ended_dir(&td.dir)
-            .map_err(io_err(format!("removing {}", td.dir.display())))
+        // Its supervisor made the spares it could at the task's end: these are taken only
+        // where there is room.
+        state::cleanup_owned(&spare::recycle_all(Some(&self.root), doomed));
+        if dir_left {
+            crate::image::rootfs::remove_ended_dir(&td.dir)
+                .map_err(io_err(format!("removing {}", td.dir.display())))?;
+        }
+        Ok(())
     }
 
     /// Deletes what supervisors left in `<root>/trash` (a `--rm` task's files are renamed there,

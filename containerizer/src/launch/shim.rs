@@ -808,6 +808,35 @@ pub(super) fn remove_task(
     exit_command: Option<std::process::Child>,
     before_report: impl FnOnce(),
 ) {
+    let (doomed, dir_left) = move_to_trash(td, spec);
+    td.release_name(&spec.name, &spec.id);
+    if spec.userns.is_some() {
+        if let Some(root) = td.state_root() {
+            super::userns::release(root, &spec.id);
+        }
+    }
+    // What they release (addresses, ports) must be free once the launcher hears "removed".
+    before_report();
+    wait_exit_command(spec, exit_command);
+    if dir_left {
+        if let Err(e) = crate::image::rootfs::remove_ended_dir(&td.dir) {
+            tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());
+        }
+    }
+    report_removed();
+    let doomed = recycle_then_refill(td, spec, doomed);
+    super::state::cleanup_owned(&doomed);
+}
+
+/// Unmounts the paths an ended task owns and renames them and its directory into
+/// `<root>/trash/` (one rename each; a path that cannot be renamed, e.g. on another file system,
+/// is deleted in place), each with the kind of spare it can become
+/// ([`super::spare::recycle`]). True with the list when the task's directory could not be
+/// moved (the caller deletes it).
+pub(super) fn move_to_trash(
+    td: &TaskDir,
+    spec: &super::spec::TaskSpec,
+) -> (Vec<(PathBuf, Option<super::spare::Kind>)>, bool) {
     use super::spare::Kind;
     let root = td.state_root();
     let trash = root.map(|root| root.join("trash"));
@@ -842,23 +871,7 @@ pub(super) fn remove_task(
         }
         None => true,
     };
-    td.release_name(&spec.name, &spec.id);
-    if spec.userns.is_some() {
-        if let Some(root) = td.state_root() {
-            super::userns::release(root, &spec.id);
-        }
-    }
-    // What they release (addresses, ports) must be free once the launcher hears "removed".
-    before_report();
-    wait_exit_command(spec, exit_command);
-    if dir_left {
-        if let Err(e) = crate::image::rootfs::remove_ended_dir(&td.dir) {
-            tracing::error!(id = %spec.id, "removing {}: {e}", td.dir.display());
-        }
-    }
-    report_removed();
-    let doomed = recycle_then_refill(td, spec, doomed);
-    super::state::cleanup_owned(&doomed);
+    (doomed, dir_left)
 }
 
 /// Of what a removed task left in the trash, makes spares of what it can
@@ -869,14 +882,7 @@ pub(super) fn recycle_then_refill(
     spec: &super::spec::TaskSpec,
     doomed: Vec<(PathBuf, Option<super::spare::Kind>)>,
 ) -> Vec<PathBuf> {
-    let left = match td.state_root() {
-        Some(root) => doomed
-            .into_iter()
-            .filter(|(p, kind)| !kind.is_some_and(|k| super::spare::recycle(root, k, p)))
-            .map(|(p, _)| p)
-            .collect(),
-        None => doomed.into_iter().map(|(p, _)| p).collect(),
-    };
+    let left = super::spare::recycle_all(td.state_root(), doomed);
     refill_spares(td, spec);
     left
 }

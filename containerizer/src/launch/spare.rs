@@ -200,6 +200,16 @@ pub fn recycle(root: &Path, kind: Kind, dir: &Path) -> bool {
     }
 }
 
+/// [`recycle`] for each path with a kind (under `root`); returns those that did not become
+/// spares, to delete.
+pub fn recycle_all(root: Option<&Path>, paths: Vec<(PathBuf, Option<Kind>)>) -> Vec<PathBuf> {
+    paths
+        .into_iter()
+        .filter(|(p, kind)| !matches!((root, kind), (Some(r), Some(k)) if recycle(r, *k, p)))
+        .map(|(p, _)| p)
+        .collect()
+}
+
 /// Makes `dir` what [`make_into`] makes for `kind` (see [`recycle`]).
 fn scrub(kind: Kind, dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
