@@ -174,8 +174,8 @@ fn make_into(dir: &Path, kind: Kind, to: &Path) -> std::io::Result<()> {
 /// `upper/`, the `sandbox/`) are always made anew, so that nothing a task wrote, nor a copy
 /// of its mounts left in another mount namespace, can reach a later task; `work/` is emptied
 /// (overlay refuses a `volatile` work dir used before). False when spares are off, the slots
-/// ([`MAX_SLOTS`]) are full, or `dir` is not what a task of `kind` leaves (the caller deletes it as before).
-/// Not for a task with a user namespace (its directories belong to its ids).
+/// ([`MAX_SLOTS`]) are full, or `dir` is not what a task of `kind` leaves (the caller deletes
+/// it as before). Not for a task with a user namespace (its directories belong to its ids).
 pub fn recycle(root: &Path, kind: Kind, dir: &Path) -> bool {
     if !enabled() {
         return false;
