@@ -35,6 +35,18 @@ fn full_slots(root: &Path, kind: &str) -> HashSet<u64> {
         .collect()
 }
 
+/// Asserts that the directories with these inodes (a task's, then its root's) are spares.
+fn assert_spares(root: &Path, task: u64, rootfs: u64, what: &str) {
+    assert!(
+        full_slots(root, "task").contains(&task),
+        "{what}: task dir not reused"
+    );
+    assert!(
+        full_slots(root, "rootfs").contains(&rootfs),
+        "{what}: root not reused"
+    );
+}
+
 fn ino(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().ino()
 }
@@ -81,14 +93,7 @@ fn root_launches_claim_the_spare_directories_ended_tasks_made() {
     let (task_ino, root_ino) = (ino(&dir), ino(&root.join("rootfs").join(&id)));
     c.ok(&["rm", "-f", &id]);
     // Its supervisor made one of each again, and `rm` kept its directories as spares too.
-    assert!(
-        full_slots(root, "task").contains(&task_ino),
-        "rm: task dir not reused"
-    );
-    assert!(
-        full_slots(root, "rootfs").contains(&root_ino),
-        "rm: root not reused"
-    );
+    assert_spares(root, task_ino, root_ino, "rm");
 
     // Many launches later: never more than MAX_SLOTS, nothing half-made, nothing else left.
     for _ in 0..5 {
@@ -150,14 +155,7 @@ fn root_a_removed_tasks_directories_become_spares_with_nothing_of_it_left() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Its directories (not new ones) are the spares now...
-    assert!(
-        full_slots(root, "task").contains(&dir),
-        "task dir not reused"
-    );
-    assert!(
-        full_slots(root, "rootfs").contains(&rootfs),
-        "root not reused"
-    );
+    assert_spares(root, dir, rootfs, "--rm");
     // ... and the tasks launched in them find nothing of it: no file, fresh modes.
     let look = "ls -A /mnt/sandbox; cat /x 2>/dev/null; busybox stat -c %a / /mnt/sandbox";
     for _ in 0..containerizer::launch::spare::SLOTS {

@@ -353,25 +353,20 @@ mod tests {
         assert!(recycle(r, Kind::Task, &task));
         assert!(recycle(r, Kind::Rootfs, &rootfs));
         assert!(!task.exists() && !rootfs.exists());
-        let spare = r.join(DIR).join("task.0");
-        // The same directories, emptied; the sandbox made anew.
+        // The same directories, emptied; the sandbox and the upper dir made anew.
+        let (spare, root_spare) = (r.join(DIR).join("task.0"), r.join(DIR).join("rootfs.0"));
         assert_eq!((ino(&spare), ino(&spare.join("etc"))), (old_task, old_etc));
         assert_ne!(mode(&spare.join("sandbox")), 0o701);
+        assert_ne!(mode(&root_spare.join("upper")), 0o701);
         for (d, n) in [
-            (&spare, 2),
-            (&spare.join("etc"), 0),
-            (&spare.join("sandbox"), 0),
+            (spare.clone(), 2),
+            (spare.join("etc"), 0),
+            (spare.join("sandbox"), 0),
+            (root_spare.clone(), 3),
+            (root_spare.join("upper"), 0),
+            (root_spare.join("work"), 0),
         ] {
-            assert_eq!(fs::read_dir(d).unwrap().count(), n, "{}", d.display());
-        }
-        let spare = r.join(DIR).join("rootfs.0");
-        assert_ne!(mode(&spare.join("upper")), 0o701);
-        for (d, n) in [
-            (&spare, 3),
-            (&spare.join("upper"), 0),
-            (&spare.join("work"), 0),
-        ] {
-            assert_eq!(fs::read_dir(d).unwrap().count(), n, "{}", d.display());
+            assert_eq!(fs::read_dir(&d).unwrap().count(), n, "{}", d.display());
         }
         // Claimed like any spare.
         assert!(claim(r, Kind::Rootfs, &r.join("next")));
