@@ -311,12 +311,19 @@ pub(crate) fn write_in_place(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.set_len(data.len() as u64)
 }
 
-/// Puts `tmp` in `path`'s place atomically. Exchanged, then the old one unlinked, rather than
-/// renamed over: ext4 flushes a file renamed over another to disk at once (`auto_da_alloc`,
-/// as [`write_in_place`] says). A plain rename when there is nothing to exchange with yet, or
-/// on a file system without `RENAME_EXCHANGE`.
+/// Puts `tmp` in `path`'s place atomically. An existing one is exchanged, then unlinked, rather
+/// than renamed over: ext4 flushes a file renamed over another to disk at once
+/// (`auto_da_alloc`, as [`write_in_place`] says). A plain rename on a file system without
+/// these `renameat2` flags.
 pub(crate) fn replace_with(tmp: &Path, path: &Path) -> std::io::Result<()> {
     use crate::sys::{rename2, Rename};
+    // The first record of a task (a launch's, the shared Wasm host's) is the common case on
+    // the hot paths: one call then.
+    match rename2(tmp, path, Rename::NoReplace) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(_) => return fs::rename(tmp, path),
+    }
     match rename2(tmp, path, Rename::Exchange) {
         Ok(()) => {
             // A reader holding the old one open keeps it until it closes it.
