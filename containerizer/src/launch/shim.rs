@@ -831,8 +831,8 @@ pub(super) fn remove_task(
 /// Unmounts the paths an ended task owns and renames them and its directory into
 /// `<root>/trash/` (one rename each; a path that cannot be renamed, e.g. on another file system,
 /// is deleted in place), each with the kind of spare it can become
-/// ([`super::spare::recycle`]). True with the list when the task's directory could not be
-/// moved (the caller deletes it).
+/// ([`super::spare::recycle`]; none for a task with a user namespace). Also returns whether
+/// the task's directory could not be moved (the caller deletes it then).
 pub(super) fn move_to_trash(
     td: &TaskDir,
     spec: &super::spec::TaskSpec,
@@ -844,7 +844,6 @@ pub(super) fn move_to_trash(
     // What goes to the trash, and the kind of spare it can become instead.
     let mut doomed: Vec<(PathBuf, Option<Kind>)> = vec![];
     let reusable = spec.userns.is_none();
-    let rootfs = root.map(|r| r.join("rootfs"));
     for (i, p) in spec.cleanup.iter().enumerate() {
         // An overlay root alone, as nearly always: no mount table to read.
         if !crate::image::rootfs::unmount_root(p) {
@@ -854,7 +853,9 @@ pub(super) fn move_to_trash(
             let to = t.join(format!("{}.{i}", spec.id));
             fs::rename(p, &to).ok().map(|()| to)
         });
-        let kind = (reusable && p.parent() == rootfs.as_deref()).then_some(Kind::Rootfs);
+        let kind = root
+            .filter(|_| reusable)
+            .and_then(|r| super::spare::kind_of_owned(r, p));
         match renamed {
             Some(to) => doomed.push((to, kind)),
             None => super::state::cleanup_owned(std::slice::from_ref(p)),

@@ -96,8 +96,8 @@ pub fn claim(root: &Path, kind: Kind, dest: &Path) -> bool {
     (0..MAX_SLOTS).any(|k| fs::rename(slot(root, kind, k), dest).is_ok())
 }
 
-/// Makes spares of each of `kinds` until its slots are full (best effort: a failure is only
-/// logged). For supervisors, after their task's end has been reported.
+/// Makes spares of each of `kinds` until there are [`SLOTS`] of it (best effort: a failure is
+/// only logged). For supervisors, after their task's end has been reported.
 pub fn refill(root: &Path, kinds: &[Kind]) {
     if !enabled() || kinds.is_empty() {
         return;
@@ -258,11 +258,20 @@ fn scrub(kind: Kind, dir: &Path) -> std::io::Result<()> {
 /// the paths it owns is `<root>/rootfs/<id>`.
 pub fn kinds_of(root: &Path, spec: &super::spec::TaskSpec) -> Vec<Kind> {
     let mut kinds = vec![Kind::of_task(spec)];
-    let rootfs = root.join("rootfs");
-    if spec.cleanup.iter().any(|p| p.parent() == Some(&rootfs)) {
+    if spec
+        .cleanup
+        .iter()
+        .any(|p| kind_of_owned(root, p).is_some())
+    {
         kinds.push(Kind::Rootfs);
     }
     kinds
+}
+
+/// The kind of spare a path a task owns (`TaskSpec::cleanup`) is: an overlay root for
+/// `<root>/rootfs/<id>`, none for anything else.
+pub fn kind_of_owned(root: &Path, path: &Path) -> Option<Kind> {
+    (path.parent() == Some(&root.join("rootfs"))).then_some(Kind::Rootfs)
 }
 
 #[cfg(test)]
