@@ -378,6 +378,45 @@ fn root_gpus_are_placed_by_free_count_and_released() {
     assert_eq!(c.agents()[0]["used_gpus"], 0);
 }
 
+/// The master's answer to an agent-service `Session` call over TLS whose stream sends nothing,
+/// from a tonic client of the test's own (not the agent's code), with or without the agent's
+/// client certificate.
+fn agent_session_status(certs: &Path, port: u16, with_cert: bool) -> tonic::Status {
+    use caisson_proto::agent_service_client::AgentServiceClient;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .domain_name("127.0.0.1");
+    if with_cert {
+        tls = tls.identity(Identity::from_pem(read("agent.pem"), read("agent-key.pem")));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(20))
+            .connect()
+            .await
+            .unwrap();
+        let mut req = tonic::Request::new(tokio_stream::empty());
+        req.metadata_mut().insert(
+            caisson_proto::AUTH_HEADER,
+            format!("Bearer {JOIN}").parse().unwrap(),
+        );
+        AgentServiceClient::new(channel)
+            .session(req)
+            .await
+            .expect_err("a session without Register must fail")
+    })
+}
+
 #[test]
 fn mutual_tls_with_caisson_certs() {
     let mut c = Cluster::new(&[]);
@@ -423,40 +462,22 @@ fn mutual_tls_with_caisson_certs() {
         .unwrap();
     assert!(err.contains("client certificate"), "{err}");
     assert_eq!(c.agents().len(), 1);
-    // The master refuses it too, not only our agent: a plain gRPC call to the agent service
-    // over TLS (curl) without a client certificate gets UNAUTHENTICATED (16); with the agent
-    // certificate the same call passes that check and fails later (no Register message).
-    if require_tool("curl") {
-        let session = |cert: &[&str]| {
-            let out = std::process::Command::new("curl")
-                .args(["-sS", "--http2", "--max-time", "10", "--cacert"])
-                .arg(certs.join("ca.pem"))
-                .args(cert)
-                .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-                .args(["-H", &format!("authorization: Bearer {JOIN}")])
-                .args(["--data-binary", "", "-D", "-", "-o", "/dev/null"])
-                .arg(format!(
-                    "https://127.0.0.1:{}/caisson.v1.AgentService/Session",
-                    c.port
-                ))
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        let refused = session(&[]);
-        assert!(refused.contains("grpc-status: 16"), "{refused}");
-        assert!(refused.contains("client%20certificate"), "{refused}");
-        let agent_pem = certs.join("agent.pem");
-        let agent_key = certs.join("agent-key.pem");
-        let admitted = session(&[
-            "--cert",
-            agent_pem.to_str().unwrap(),
-            "--key",
-            agent_key.to_str().unwrap(),
-        ]);
-        assert!(admitted.contains("grpc-status: "), "{admitted}");
-        assert!(!admitted.contains("grpc-status: 16"), "{admitted}");
-    }
+    // The master refuses it too, not only our agent (which refuses to start without
+    // agent.pem): a plain gRPC client over TLS without a client certificate gets
+    // UNAUTHENTICATED; with the agent certificate the same call passes that check and fails
+    // later (its stream ends without a Register message).
+    let refused = agent_session_status(&certs, c.port, false);
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("client certificate"),
+        "{refused:?}"
+    );
+    let admitted = agent_session_status(&certs, c.port, true);
+    assert_eq!(
+        admitted.code(),
+        tonic::Code::FailedPrecondition,
+        "{admitted:?}"
+    );
     // Users over TLS; plaintext to the TLS port gets nothing.
     let out = std::process::Command::new(caisson_bin())
         .args([
