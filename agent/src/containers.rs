@@ -983,7 +983,10 @@ fn status_text(t: &TaskInfo) -> String {
             ago(s.finished_ms.unwrap_or(s.created_ms))
         ),
         Status::Failed => format!("Failed ({})", s.exit_code.unwrap_or(125)),
-        Status::Lost => "Lost (supervisor gone)".into(),
+        Status::Lost => format!(
+            "Lost ({})",
+            s.reason.as_deref().unwrap_or("supervisor gone")
+        ),
     }
 }
 

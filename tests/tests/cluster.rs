@@ -139,6 +139,72 @@ fn root_two_agents_survive_agent_kill9_and_master_restart() {
     }
 }
 
+/// A host that rebooted (simulated: a new boot id, the tasks' processes gone, one task's
+/// record cut short as a crash leaves it): the restarted agent reports every old task LOST
+/// (agent_rebooted) and removes what they held, the damaged one included.
+#[test]
+fn root_after_a_reboot_the_agent_reports_its_tasks_lost_and_removes_them() {
+    if !require_root() || !require_tool("umoci") {
+        return;
+    }
+    let c = Cluster::new(&[]);
+    let image = c.load_busybox("a1");
+    let _m = c.master();
+    let mut a1 = c.agent_with("a1", JOIN, &[], &[], &[("CAISSON_BOOT_ID", "boot-1")]);
+    c.wait_agents(1);
+    let ids = [
+        c.submit(&[image, "sleep", "60"]),
+        c.submit(&[image, "sleep", "60"]),
+    ];
+    c.wait_tasks("running", Duration::from_secs(30), |t| {
+        t["state"] == "RUNNING"
+    });
+    a1.kill9();
+    let root = c.agent_root("a1");
+    let containers = dir_entries(&root.join("containers"));
+    assert_eq!(containers.len(), 2, "{containers:?}");
+    // What the reboot ended: supervisors and tasks.
+    for id in &containers {
+        let out = run(Command::new(caisson_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["inspect", id]))
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for pid in ["shim_pid", "pid"] {
+            let pid = v[0]["state"][pid].as_i64().unwrap() as i32;
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    std::fs::write(
+        root.join("containers")
+            .join(&containers[0])
+            .join("state.json"),
+        b"",
+    )
+    .unwrap();
+    let _a1 = c.agent_with("a1", JOIN, &[], &[], &[("CAISSON_BOOT_ID", "boot-2")]);
+    c.wait_tasks("lost", Duration::from_secs(30), terminal);
+    for id in &ids {
+        let t = c.task(id);
+        assert_eq!(t["state"], "LOST", "{t}");
+        assert_eq!(t["reason"], "agent_rebooted", "{t}");
+    }
+    eventually("the old tasks' directories removed", || {
+        dir_entries(&root.join("containers")).is_empty()
+            && dir_entries(&root.join("rootfs")).is_empty()
+    });
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(root.to_str().unwrap()),
+        "mounts left under {}",
+        root.display()
+    );
+}
+
 #[test]
 fn root_silent_agent_loses_its_tasks_after_the_timeout() {
     if !require_root() || !require_tool("umoci") {

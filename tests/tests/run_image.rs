@@ -142,3 +142,81 @@ fn run_image_uses_config_pulls_on_demand_and_cleans_up() {
     c.ok(&["rmi", &image]);
     assert_eq!(c.layer_count(), 0);
 }
+
+/// Records cut short (a host crash: they are not fsynced) or damaged: the task still shows in
+/// `ps -a` as lost with what was wrong, and `rm` removes all it held (processes, cgroup,
+/// overlay root, directories, name); before, such a task vanished from every verb and leaked.
+#[test]
+fn root_tasks_with_unreadable_records_are_listed_and_removed() {
+    let Some((c, _work)) = busybox_store() else {
+        return;
+    };
+    let root = c.root.path();
+    let image = "localhost/oci:latest";
+    let running = c
+        .ok(&["run", "-d", "--name", "dmg-run", image, "sleep", "100"])
+        .trim()
+        .to_string();
+    let (code, _, err) = c.run(&["run", "--name", "dmg-ended", image, "true"]);
+    assert_eq!(code, 0, "{err}");
+    let ended = c.ok(&["ps", "-a", "-q", "--no-trunc"]);
+    let ended = ended
+        .lines()
+        .find(|id| *id != running)
+        .expect("the ended task's id")
+        .to_string();
+    let st: serde_json::Value =
+        serde_json::from_str(&c.ok(&["inspect", &running])).expect("inspect json");
+    let pid = st[0]["state"]["pid"].as_i64().expect("pid") as i32;
+    let cgroups: Vec<String> = st[0]["state"]["cgroup_paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert!(!cgroups.is_empty());
+    let dir = |id: &str| root.join("containers").join(id);
+    // The running task's config cut short, the ended task's state emptied.
+    let cfg = fs::read(dir(&running).join("config.json")).unwrap();
+    fs::write(dir(&running).join("config.json"), &cfg[..cfg.len() / 2]).unwrap();
+    fs::write(dir(&ended).join("state.json"), b"").unwrap();
+
+    let ps = c.ok(&["ps", "-a"]);
+    for id in [&running, &ended] {
+        let line = ps
+            .lines()
+            .find(|l| l.starts_with(&id[..12]))
+            .unwrap_or_else(|| panic!("{id} not listed:\n{ps}"));
+        assert!(line.contains("Lost (record unreadable)"), "{line}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&c.ok(&["inspect", "dmg-ended"])).unwrap();
+    assert_eq!(v[0]["state"]["status"], "lost");
+    assert_eq!(v[0]["state"]["reason"], "record unreadable");
+    let error = v[0]["state"]["error"].as_str().unwrap();
+    assert!(error.starts_with("state.json: "), "{error}");
+    let v: serde_json::Value = serde_json::from_str(&c.ok(&["inspect", &running])).unwrap();
+    let error = v[0]["state"]["error"].as_str().unwrap();
+    assert!(error.starts_with("config.json: "), "{error}");
+
+    c.ok(&["rm", &running, "dmg-ended"]);
+    assert_eq!(c.ok(&["ps", "-a", "-q"]), "");
+    for id in [&running, &ended] {
+        assert!(!dir(id).exists(), "{id}'s directory left");
+        assert!(!root.join("rootfs").join(id).exists(), "{id}'s root left");
+    }
+    assert_eq!(
+        mounts_under(root),
+        0,
+        "mounts left under {}",
+        root.display()
+    );
+    eventually("the running task's processes and cgroups gone", || {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.contains(") Z"))
+            && cgroups.iter().all(|p| !std::path::Path::new(p).exists())
+    });
+    assert!(dir_entries(&root.join("names")).is_empty());
+    // Their names are free again.
+    let (code, _, err) = c.run(&["run", "--rm", "--name", "dmg-run", image, "true"]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -938,20 +938,45 @@ impl Runtime {
     }
 
     /// The record of task `id` (a full id), with its liveness checked.
+    ///
+    /// A record that is there but does not parse (empty or cut short after a host crash: records
+    /// are not fsynced) still makes a task: lost, with [`state::RECORD_UNREADABLE`] as its
+    /// reason and what was wrong as its error, so that `ps -a` shows it and `rm` (or an
+    /// agent's recovery) removes what it holds. Without a readable config only its id and the
+    /// conventional `<root>/rootfs/<id>` are known. A missing record is no task yet (a launch
+    /// writes its directory's records after making it).
     pub fn info(&self, id: &str) -> Result<TaskInfo, LaunchError> {
         let td = self.task_dir(id);
-        let cfg = td
-            .read_config()
-            .map_err(|_| LaunchError::NotFound(id.into()))?;
-        let st = td
-            .read_state()
-            .map_err(|_| LaunchError::NotFound(id.into()))?;
+        let not_found = |_| LaunchError::NotFound(id.into());
+        let (spec, config_err) = match td.read_config() {
+            Ok(cfg) => (cfg.spec, None),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let rootfs = self.root.join("rootfs").join(id);
+                let spec = TaskSpec {
+                    id: id.to_string(),
+                    cleanup: rootfs.exists().then_some(rootfs).into_iter().collect(),
+                    ..Default::default()
+                };
+                (spec, Some(format!("config.json: {e}")))
+            }
+            Err(e) => return Err(not_found(e)),
+        };
+        let state = match (td.read_state(), config_err) {
+            (Ok(st), None) => refresh(st, &td),
+            (Ok(_), Some(why)) => state::unreadable_record(&td, why),
+            (Err(e), why) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let why = why.map_or(String::new(), |w| format!("{w}; "));
+                state::unreadable_record(&td, format!("{why}state.json: {e}"))
+            }
+            (Err(_), Some(why)) => state::unreadable_record(&td, why),
+            (Err(e), None) => return Err(not_found(e)),
+        };
         Ok(TaskInfo {
-            id: cfg.spec.id.clone(),
-            name: cfg.spec.name.clone(),
+            id: id.to_string(),
+            name: spec.name.clone(),
             dir: td.dir.clone(),
-            state: refresh(st, &td),
-            spec: cfg.spec,
+            state,
+            spec,
         })
     }
 
@@ -1060,8 +1085,13 @@ impl Runtime {
         let td = self.task_dir(id);
         let (doomed, dir_left) = shim::move_to_trash(&td, &info.spec);
         td.release_name(&info.name, id);
-        if info.spec.userns.is_some() {
-            userns::release(&self.root, &info.spec.id);
+        let unreadable = info.state.reason.as_deref() == Some(state::RECORD_UNREADABLE);
+        if unreadable {
+            // Its name and user-namespace slot, if it had them, are known only by their claims.
+            state::release_names_of(&self.root, id);
+        }
+        if info.spec.userns.is_some() || unreadable {
+            userns::release(&self.root, id);
         }
         // Its supervisor made the spares it could at the task's end: these are taken only
         // where there is room.

@@ -249,6 +249,38 @@ impl TaskDir {
     }
 }
 
+/// The reason of a task whose records are there but do not parse ([`crate::launch::Runtime::info`]).
+pub const RECORD_UNREADABLE: &str = "record unreadable";
+
+/// The state of a task whose records do not parse: lost, created when its directory last
+/// changed, `why` as its error.
+pub(crate) fn unreadable_record(td: &TaskDir, why: String) -> TaskState {
+    let created_ms = fs::metadata(&td.dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    TaskState {
+        status: Status::Lost,
+        reason: Some(RECORD_UNREADABLE.into()),
+        error: Some(why),
+        ..TaskState::created(created_ms)
+    }
+}
+
+/// Removes every name index entry that holds `id` (for a task whose config, and so its name,
+/// cannot be read).
+pub(crate) fn release_names_of(root: &Path, id: &str) {
+    let Ok(rd) = fs::read_dir(root.join("names")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if fs::read_to_string(e.path()).is_ok_and(|held| held == id) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 fn pretty<T: Serialize>(value: &T) -> std::io::Result<Vec<u8>> {
     serde_json::to_vec_pretty(value)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
