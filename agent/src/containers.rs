@@ -1142,7 +1142,7 @@ fn sweep_orphan_roots(root: &Path) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(root.join("rootfs")) else {
         return vec![];
     };
-    let grace = tasknet::orphan_grace();
+    let grace = containerizer::launch::state::orphan_grace();
     let now = std::time::SystemTime::now();
     let mut done = vec![];
     for e in rd.flatten() {

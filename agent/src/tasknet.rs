@@ -280,16 +280,6 @@ pub fn detach(cni: &Cni, root: &Path, id: &str) -> anyhow::Result<()> {
         .with_context(|| format!("releasing the networks of {id}"))
 }
 
-/// How old an unowned namespace or attachment must be before [`sweep_orphans`] releases it:
-/// longer than a launch (CNI ADD included) can take. `CAISSON_ORPHAN_GRACE_SECS` overrides.
-pub(crate) fn orphan_grace() -> std::time::Duration {
-    let secs = std::env::var("CAISSON_ORPHAN_GRACE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
-    std::time::Duration::from_secs(secs)
-}
-
 /// Releases the networks of launches that died half-way (the launcher killed between the
 /// namespace/ADD and the supervisor's start): namespaces and cached attachments with no task
 /// record, older than the grace period. Returns the ids released.
@@ -307,7 +297,7 @@ pub fn sweep_orphans(cni: &Cni, root: &Path) -> Vec<String> {
             ids.push((id, p));
         }
     }
-    let grace = orphan_grace();
+    let grace = containerizer::launch::state::orphan_grace();
     let now = std::time::SystemTime::now();
     let old_enough = |p: &Path| {
         std::fs::symlink_metadata(p)

@@ -219,4 +219,32 @@ fn root_tasks_with_unreadable_records_are_listed_and_removed() {
     // Their names are free again.
     let (code, _, err) = c.run(&["run", "--rm", "--name", "dmg-run", image, "true"]);
     assert_eq!(code, 0, "{err}");
+
+    // Name entries that hold their name for nobody: emptied by a crash before this boot, or
+    // naming a task that never came (a launcher killed half-way) long ago, give way; a young
+    // one may be a launch in progress and keeps its name.
+    let entry = |name: &str, held: &str, age: Option<std::time::SystemTime>| {
+        let p = root.join("names").join(name);
+        fs::write(&p, held).unwrap();
+        if let Some(t) = age {
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+    };
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    entry("crashed", "", Some(std::time::UNIX_EPOCH));
+    entry("half-way", &"e".repeat(64), Some(long_ago));
+    entry("young", "", None);
+    for name in ["crashed", "half-way"] {
+        let (code, _, err) = c.run(&["run", "--rm", "--name", name, image, "true"]);
+        assert_eq!(code, 0, "{name}: {err}");
+    }
+    let (code, _, err) = c.run(&["run", "--rm", "--name", "young", image, "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("young"), "{err}");
+    assert_eq!(dir_entries(&root.join("names")), ["young"]);
 }

@@ -13,7 +13,9 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use super::{Gpu, GpuError};
-use crate::launch::state::{now_ms, process_alive, process_start_ticks, write_json_atomic};
+use crate::launch::state::{
+    now_ms, process_alive, process_start_ticks, write_json_atomic, written_before_boot,
+};
 use crate::launch::Runtime;
 
 /// GPUs held by one task.
@@ -72,11 +74,23 @@ impl Allocator {
             .map_err(|(_, e)| io(format!("locking {}", path.display()))(e.into()))
     }
 
+    /// The record. One that does not parse but was last written before this boot (a host
+    /// crash cut it short: it is not fsynced) held only tasks that died with that boot: it
+    /// counts as empty. Damaged during this boot, it is an error (a live task may hold GPUs).
     fn load(&self) -> Result<Record, GpuError> {
         match fs::read(self.file()) {
-            Ok(data) => serde_json::from_slice(&data).map_err(|e| GpuError::Io {
-                context: format!("reading {}", self.file().display()),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            Ok(data) => serde_json::from_slice(&data).or_else(|e| {
+                if written_before_boot(&self.file()) {
+                    tracing::warn!(
+                        "{} does not parse ({e}) and predates this boot: starting empty",
+                        self.file().display()
+                    );
+                    return Ok(Record::default());
+                }
+                Err(GpuError::Io {
+                    context: format!("reading {}", self.file().display()),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::default()),
             Err(e) => Err(io(format!("reading {}", self.file().display()))(e)),
@@ -249,6 +263,25 @@ mod tests {
                 mig_devices: vec![],
             })
             .collect()
+    }
+
+    #[test]
+    fn a_damaged_record_counts_as_empty_only_when_it_predates_this_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path());
+        let all = gpus(2);
+        a.allocate("t1", 1, &all).unwrap();
+        // Cut short during this boot: an error naming the file, nothing allocated.
+        fs::write(a.file(), b"{\"allocations\": [").unwrap();
+        let err = a.allocate("t2", 1, &all).unwrap_err().to_string();
+        assert!(err.contains("allocations.json"), "{err}");
+        // The same, last written before this boot (a crash): empty, and written anew.
+        let f = File::options().write(true).open(a.file()).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+            .unwrap();
+        drop(f);
+        assert_eq!(a.allocate("t2", 2, &all).unwrap().len(), 2);
+        assert_eq!(Allocator::new(dir.path()).allocations().unwrap().len(), 1);
     }
 
     #[test]

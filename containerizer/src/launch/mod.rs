@@ -711,37 +711,46 @@ impl Runtime {
             return Err(LaunchError::Exists(spec.id.clone()));
         }
         // Names are unique through an index of files created (or linked) exclusively.
-        let name_file = td.name_file(&spec.name);
-        if let Some(ahead) = name_ahead {
-            match fs::hard_link(ahead, &name_file) {
-                Ok(()) => return Ok(td),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(LaunchError::NameInUse(spec.name.clone()))
-                }
+        let entry = td.name_file(&spec.name);
+        let claim = || self.claim_name(&entry, &spec.id, name_ahead);
+        let in_use = |e: &std::io::Error| e.kind() == std::io::ErrorKind::AlreadyExists;
+        match claim() {
+            // An entry that holds the name for nobody (its launch died half-way, or a host
+            // crash emptied it) gives way, once.
+            Err(e) if in_use(&e) && state::stale_name(&self.root, &entry) => {
+                tracing::info!("taking over the stale name entry {}", entry.display());
+                let _ = fs::remove_file(&entry);
+                claim()
+            }
+            r => r,
+        }
+        .map_err(|e| match in_use(&e) {
+            true => LaunchError::NameInUse(spec.name.clone()),
+            false => io_err("creating the name index entry")(e),
+        })?;
+        Ok(td)
+    }
+
+    /// Creates the name index entry `entry` holding `id` exclusively, or links the one a warm
+    /// sandbox made `ahead`. `AlreadyExists` when the name is taken.
+    fn claim_name(&self, entry: &Path, id: &str, ahead: Option<&Path>) -> std::io::Result<()> {
+        if let Some(ahead) = ahead {
+            match fs::hard_link(ahead, entry) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(e),
                 // (The index's directory gone, say: as without.)
                 Err(_) => {
-                    state::prepare_state_dirs(&self.root)
-                        .and_then(|()| fs::create_dir_all(self.containers()))
-                        .map_err(io_err("creating the state root"))?;
+                    state::prepare_state_dirs(&self.root)?;
+                    fs::create_dir_all(self.containers())?;
                 }
             }
         }
-        fs::create_dir_all(name_file.parent().expect("names dir"))
-            .map_err(io_err("creating the name index"))?;
-        match fs::OpenOptions::new()
+        fs::create_dir_all(entry.parent().expect("names dir"))?;
+        let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&name_file)
-        {
-            Ok(mut f) => f
-                .write_all(spec.id.as_bytes())
-                .map_err(io_err("writing the name index"))?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(LaunchError::NameInUse(spec.name.clone()))
-            }
-            Err(e) => return Err(io_err("creating the name index entry")(e)),
-        }
-        Ok(td)
+            .open(entry)?;
+        f.write_all(id.as_bytes())
     }
 
     fn launch_with(&self, mut spec: TaskSpec, attach: bool) -> Result<Launched, LaunchError> {

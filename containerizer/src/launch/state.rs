@@ -281,6 +281,52 @@ pub(crate) fn release_names_of(root: &Path, id: &str) {
     }
 }
 
+/// How old something a launch makes before its task exists (a name entry, a namespace, a
+/// network attachment) must be, with no task, before it counts as left by a launch that died
+/// half-way: longer than a launch (CNI ADD included) can take. `CAISSON_ORPHAN_GRACE_SECS`
+/// overrides (default 120).
+pub fn orphan_grace() -> std::time::Duration {
+    let secs = std::env::var("CAISSON_ORPHAN_GRACE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    std::time::Duration::from_secs(secs)
+}
+
+/// Whether `path` was last modified before the host booted (`btime` in /proc/stat): what it
+/// says of processes and tasks died with that boot.
+pub(crate) fn written_before_boot(path: &Path) -> bool {
+    let boot = fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    });
+    let modified = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    matches!((boot, modified), (Some(b), Some(m)) if m.as_secs() < b)
+}
+
+/// Whether the name index entry `entry` of `root` holds its name for nobody: no task
+/// directory of the id it holds (or it holds none: emptied by a host crash, as entries are not
+/// fsynced), and it was written before this boot or longer ago than [`orphan_grace`] (a
+/// launch claims the name just before it makes the task's directory, so a young one may be a
+/// launch in progress).
+pub(crate) fn stale_name(root: &Path, entry: &Path) -> bool {
+    let held = fs::read_to_string(entry).unwrap_or_default();
+    let valid_id = !held.is_empty() && held.bytes().all(|b| b.is_ascii_alphanumeric());
+    if valid_id && root.join("containers").join(&held).exists() {
+        return false;
+    }
+    let old = fs::metadata(entry)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= orphan_grace());
+    old || written_before_boot(entry)
+}
+
 fn pretty<T: Serialize>(value: &T) -> std::io::Result<Vec<u8>> {
     serde_json::to_vec_pretty(value)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
