@@ -492,7 +492,18 @@ impl Engine {
                 std::process::id(),
                 SEQ.fetch_add(1, Ordering::Relaxed)
             ));
-            std::fs::write(&tmp, &bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            // Synced before it is named: its code is mapped and run as is, so a crash must not
+            // leave a complete-looking file with blocks never written (a cut-short one is
+            // refused at load and compiled again). Once per module and engine.
+            let write = || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, &bytes)?;
+                f.sync_all()
+            };
+            write().map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                format!("{}: {e}", tmp.display())
+            })?;
             std::fs::rename(&tmp, path).map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 format!("{}: {e}", path.display())
