@@ -835,7 +835,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
             tracing::warn!("{} is not recorded as started yet", launched.id);
         }
         println!("{}", launched.id);
-        drop(launched);
+        launched.leave();
         return Ok(0);
     }
     // Forward the usual termination signals to the task (podman's --sig-proxy).
@@ -918,7 +918,7 @@ fn run_inner(root: &Path, cni_args: &CniArgs, a: RunArgs) -> anyhow::Result<i32>
     if let Some(at) = attached {
         at.finish();
     }
-    launched.finish();
+    launched.finish_before_exit();
     if gpus {
         crate::gpus::release(root, &id);
     }
