@@ -174,11 +174,12 @@ fn main() -> ExitCode {
     cdi::configure(&cli.globals.cdi);
     let code = |c: i32| ExitCode::from(c.clamp(0, 255) as u8);
     let result = match cli.command {
-        Command::Run(a) => Ok(code(containers::run(
-            &cli.globals.root,
-            &cli.globals.cni,
-            *a,
-        ))),
+        Command::Run(a) => {
+            let c = containers::run(&cli.globals.root, &cli.globals.cni, *a);
+            // The launch path: what the run made is dropped by now; leave without the
+            // allocator's exit work.
+            containerizer::sys::launch::exit_flushed(c.clamp(0, 255))
+        }
         Command::Ps(a) => Ok(code(containers::ps(&cli.globals.root, a))),
         Command::Logs(a) => Ok(code(containers::logs(&cli.globals.root, a))),
         Command::Kill(a) => Ok(code(containers::kill(&cli.globals.root, a))),

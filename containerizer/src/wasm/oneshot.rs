@@ -114,7 +114,7 @@ pub fn run_and_exit(
         Ok(s) => s,
         Err(e) => {
             eprintln!("caisson-wasm: {e}");
-            std::process::exit(e.exit_code())
+            crate::sys::launch::exit_flushed(e.exit_code())
         }
     };
     match &status {
@@ -156,7 +156,7 @@ fn finish(report: &Report, status: &ExitStatus) -> ! {
     static FINISHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _once = FINISHING.lock().unwrap_or_else(|e| e.into_inner());
     report.send(status);
-    std::process::exit(status.exit_code())
+    crate::sys::launch::exit_flushed(status.exit_code())
 }
 
 /// Stops the guest through `kill` on a signal of `set`, from a task on `rt`'s worker: Tokio's
