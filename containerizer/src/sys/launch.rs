@@ -461,6 +461,30 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Lets the thread of `handle` run only on the CPUs of `set` (`pthread_setaffinity_np`).
+pub fn set_thread_affinity<T>(
+    handle: &std::thread::JoinHandle<T>,
+    set: &nix::sched::CpuSet,
+) -> io::Result<()> {
+    use std::os::unix::thread::JoinHandleExt;
+    // std's raw handle is an integer; musl's pthread_t a pointer (glibc's the same integer).
+    #[allow(clippy::unnecessary_cast)]
+    let thread = handle.as_pthread_t() as libc::pthread_t;
+    // SAFETY: `thread` is a live thread (its JoinHandle is borrowed, so it is not joined or
+    // detached yet); nix's CpuSet is a `repr(transparent)` cpu_set_t, of the size passed.
+    let ret = unsafe {
+        libc::pthread_setaffinity_np(
+            thread,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            (set as *const nix::sched::CpuSet).cast::<libc::cpu_set_t>(),
+        )
+    };
+    match ret {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// Flushes Rust's stdout and stderr (as `std::process::exit` does), then [`exit_now`]: no
 /// atexit handlers. A short-lived process ends without its allocator's exit work (mimalloc
 /// returns its memory to the kernel then: a dozen `madvise` calls, for memory that goes
