@@ -759,9 +759,8 @@ impl Runtime {
         match claim() {
             // An entry that holds the name for nobody (its launch died half-way, or a host
             // crash emptied it) gives way, once.
-            Err(e) if in_use(&e) && state::stale_name(&self.root, &entry) => {
-                tracing::info!("taking over the stale name entry {}", entry.display());
-                let _ = fs::remove_file(&entry);
+            Err(e) if in_use(&e) && state::take_over_stale_name(&self.root, &entry) => {
+                tracing::info!("took over the stale name entry {}", entry.display());
                 claim()
             }
             r => r,

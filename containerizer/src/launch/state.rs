@@ -313,7 +313,7 @@ pub(crate) fn written_before_boot(path: &Path) -> bool {
 /// fsynced), and it was written before this boot or longer ago than [`orphan_grace`] (a
 /// launch claims the name just before it makes the task's directory, so a young one may be a
 /// launch in progress).
-pub(crate) fn stale_name(root: &Path, entry: &Path) -> bool {
+fn stale_name(root: &Path, entry: &Path) -> bool {
     let held = fs::read_to_string(entry).unwrap_or_default();
     let valid_id = !held.is_empty() && held.bytes().all(|b| b.is_ascii_alphanumeric());
     if valid_id && root.join("containers").join(&held).exists() {
@@ -325,6 +325,25 @@ pub(crate) fn stale_name(root: &Path, entry: &Path) -> bool {
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age >= orphan_grace());
     old || written_before_boot(entry)
+}
+
+/// Removes the name index entry `entry` if it is stale ([`stale_name`]), judged again under a
+/// lock (`<root>/locks/names.lock`): two launchers taking over the same entry at once must not
+/// remove each other's new one. True if it was removed.
+pub(crate) fn take_over_stale_name(root: &Path, entry: &Path) -> bool {
+    let locks = root.join("locks");
+    let lock = fs::create_dir_all(&locks).and_then(|()| {
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(locks.join("names.lock"))
+    });
+    let Ok(lock) = lock else { return false };
+    let Ok(_held) = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive) else {
+        return false;
+    };
+    stale_name(root, entry) && fs::remove_file(entry).is_ok()
 }
 
 fn pretty<T: Serialize>(value: &T) -> std::io::Result<Vec<u8>> {
