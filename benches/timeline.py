@@ -7,7 +7,8 @@ the task's clone, exec and exit, the launcher's exit. Run as root (perf).
 e.g.  benches/timeline.py 60 /opt/caisson/caisson run --rm localhost/oci:latest /bin/true
 Events are named by the process that makes them (`fork caisson` = the launcher's first thread
 or fork, `fork shim-standby` = the early supervisor's spawn, `fork caisson-shim` = the task's
-clone, `exec /bin/true`, `exit true`, `exit launcher`); only the first of each name counts.
+clone, `exec /bin/true`, `exit true`, `exit launcher`); later events of one name are numbered
+(`fork caisson #2`).
 """
 import os
 import re
@@ -60,7 +61,12 @@ for line in text.splitlines():
         name = "exit launcher" if (pid, tid) == (cur["pid"], cur["pid"]) else f"exit {comm}"
     else:
         continue
-    cur["seen"].setdefault(name, t - cur["t0"])
+    # The second and later events of one name are numbered (a fork of a fork).
+    k = 2
+    base = name
+    while name in cur["seen"]:
+        name, k = f"{base} #{k}", k + 1
+    cur["seen"][name] = t - cur["t0"]
 
 order = {}
 for tl in timelines:
