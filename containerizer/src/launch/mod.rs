@@ -446,9 +446,7 @@ impl Runtime {
                 let here = nix::sched::sched_getcpu().ok()?;
                 let mut others = all;
                 others.unset(here).ok()?;
-                let any =
-                    (0..nix::sched::CpuSet::count()).any(|c| others.is_set(c).unwrap_or(false));
-                any.then_some((all, others))
+                (others != nix::sched::CpuSet::new()).then_some((all, others))
             })
             .flatten();
         // The thread gives itself all CPUs back (its standby inherits its mask) once moved.

@@ -271,11 +271,17 @@ pub(crate) fn unreadable_record(td: &TaskDir, why: String) -> TaskState {
 /// Removes every name index entry that holds `id` (for a task whose config, and so its name,
 /// cannot be read).
 pub(crate) fn release_names_of(root: &Path, id: &str) {
-    let Ok(rd) = fs::read_dir(root.join("names")) else {
+    remove_claims(&root.join("names"), |held| held == id);
+}
+
+/// Removes the files of `dir` (claims: name entries, user-namespace slots) whose text `holds`
+/// says belong to whom is being released.
+pub(crate) fn remove_claims(dir: &Path, holds: impl Fn(&str) -> bool) {
+    let Ok(rd) = fs::read_dir(dir) else {
         return;
     };
     for e in rd.flatten() {
-        if fs::read_to_string(e.path()).is_ok_and(|held| held == id) {
+        if fs::read_to_string(e.path()).is_ok_and(|text| holds(&text)) {
             let _ = fs::remove_file(e.path());
         }
     }

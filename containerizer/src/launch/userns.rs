@@ -313,16 +313,9 @@ pub fn allocate_in(
 /// Gives back the `--userns=auto` slot claimed for task `id` (a launch that failed); a
 /// removed task's slot needs nothing (see [`claim_is_live`]).
 pub fn release(root: &Path, id: &str) {
-    let Ok(rd) = fs::read_dir(root.join(CLAIMS_DIR)) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let owned =
-            fs::read_to_string(e.path()).is_ok_and(|t| t.split_whitespace().next() == Some(id));
-        if owned {
-            let _ = fs::remove_file(e.path());
-        }
-    }
+    super::state::remove_claims(&root.join(CLAIMS_DIR), |t| {
+        t.split_whitespace().next() == Some(id)
+    });
 }
 
 /// A claim holds while its task exists or the launcher that made it still runs (between the
