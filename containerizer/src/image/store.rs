@@ -225,6 +225,12 @@ impl Store {
         res.ctx(|| format!("writing {}", dest.display()))
     }
 
+    /// Writes back everything not yet on disk in the store's filesystem.
+    fn sync_fs(&self) -> std::io::Result<()> {
+        let dir = File::open(&self.root)?;
+        nix::unistd::syncfs(&dir).map_err(std::io::Error::from)
+    }
+
     // ---- blobs ----
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -264,13 +270,19 @@ impl Store {
         self.layer_path(diff_id).join("layer.json").exists()
     }
 
-    /// Moves an unpacked, verified layer (`work/diff`) into place. Losing a race with another
-    /// pull of the same layer is fine: theirs is identical.
+    /// Moves an unpacked, verified layer (`work/diff`) into place, its content on disk first: a
+    /// layer in place is trusted by every later pull that has it, so a host crash must not leave
+    /// one whose files are empty or short (the page cache writes them back up to 30 s later).
+    /// One `syncfs` per layer, as containerd's `image_pull_with_sync_fs`: a layer has
+    /// thousands of files, one `fsync` each would flush the disk's cache thousands of times.
+    /// Losing a race with another pull of the same layer is fine: theirs is identical.
     pub fn commit_layer(&self, work: Work, meta: &LayerMeta) -> Result<()> {
         let diff_id = Digest::parse(&meta.diff_id).map_err(|e| self.store_err(e))?;
         let json = serde_json::to_vec_pretty(meta).expect("layer meta serializes");
         fs::write(work.path.join("layer.json"), json)
             .ctx(|| format!("writing layer meta in {}", work.path.display()))?;
+        self.sync_fs()
+            .ctx(|| format!("flushing layer {diff_id} to disk"))?;
         let dest = self.layer_path(&diff_id);
         match fs::rename(&work.path, &dest) {
             Ok(()) => Ok(()),
@@ -309,6 +321,10 @@ impl Store {
                 return Err(self.store_err(format!("layer {d} missing while recording {id}")));
             }
         }
+        // The renames that put the layers and blobs in place reach the disk before the record
+        // that names them (the layers' content already has; little is left to write).
+        self.sync_fs()
+            .ctx(|| format!("flushing the layers of {id} to disk"))?;
         let _meta = self.meta_lock()?;
         let mut record = record.clone();
         if let Ok(old) = self.record(&id) {

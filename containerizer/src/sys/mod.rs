@@ -79,3 +79,45 @@ pub fn rename2(from: &std::path::Path, to: &std::path::Path, how: Rename) -> std
     }
     Ok(())
 }
+
+/// Pages of `file` held in the page cache and not yet on disk (dirty or under writeback), by
+/// `cachestat(2)` (Linux 6.5): how the tests see that what a pull wrote has reached the disk.
+pub fn unwritten_pages(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        // 0: to the end of the file.
+        len: u64,
+    }
+    // The kernel's layout; two of its fields are read.
+    #[allow(dead_code)]
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    // Not in the libc crate for x86-64 yet; the same number on every architecture.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let range = Range { off: 0, len: 0 };
+    let mut stat = Stat::default();
+    // SAFETY: cachestat reads `range` and writes one `struct cachestat` into `stat`, both valid
+    // for the call and laid out as the kernel's (five and two u64 fields); the fd is open.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.nr_dirty + stat.nr_writeback)
+}
